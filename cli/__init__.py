@@ -1,0 +1,1 @@
+"""The ``dmfast`` command-line application (installed as the package ``dmfast.cli``)."""

@@ -1,0 +1,103 @@
+// Shared math of the affine_smooth op, compiled by the CPU and the CUDA kernels alike.
+//
+// The op is the eager chain
+//   interpolate(avg_pool2d(grid_sample(I, affine_grid(theta)), pool), size=(H, W), bilinear)
+// with align_corners=False everywhere and zero padding. Every helper here reproduces one step of that chain for
+// a single point so the kernels never build the sampling grid or the full-resolution warp.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define DMFAST_HD __host__ __device__ __forceinline__
+#else
+#define DMFAST_HD inline
+#endif
+
+namespace dmfast {
+
+// Source pixel coordinates of output pixel (i, j) are affine in (i, j):
+//   ix = x_col * j + x_row * i + x0,   iy = y_col * j + y_row * i + y0.
+// Folding affine_grid's normalised base grid and grid_sample's unnormalisation into one affine map gives these
+// coefficients; they are computed in double once per image so the per-pixel cost is two multiply-adds.
+template <typename T>
+struct PixelMap {
+  T x_col, x_row, x0;
+  T y_col, y_row, y0;
+
+  DMFAST_HD T x(int64_t i, int64_t j) const { return x_col * T(j) + (x_row * T(i) + x0); }
+  DMFAST_HD T y(int64_t i, int64_t j) const { return y_col * T(j) + (y_row * T(i) + y0); }
+};
+
+// theta (row-major 2x3) maps normalised output coordinates (xn, yn) to normalised input coordinates, with
+// xn = (2j + 1) / W - 1 and ix = ((gx + 1) W - 1) / 2 for align_corners=False.
+template <typename T>
+DMFAST_HD PixelMap<T> make_pixel_map(const double* t, int64_t H, int64_t W) {
+  const double h = double(H), w = double(W);
+  PixelMap<T> m;
+  m.x_col = T(t[0]);
+  m.x_row = T(t[1] * w / h);
+  m.x0 = T(0.5 * w * (t[0] * (1.0 / w - 1.0) + t[1] * (1.0 / h - 1.0) + t[2]) + 0.5 * (w - 1.0));
+  m.y_col = T(t[3] * h / w);
+  m.y_row = T(t[4]);
+  m.y0 = T(0.5 * h * (t[3] * (1.0 / w - 1.0) + t[4] * (1.0 / h - 1.0) + t[5]) + 0.5 * (h - 1.0));
+  return m;
+}
+
+// d(theta) from the sums over sample points of dL/dix and dL/diy weighted by 1, j and i:
+// dL/dt0k = W/2 * sum dL/dix * (xn, yn, 1), and xn, yn are affine in j, i.
+template <typename T>
+DMFAST_HD void theta_grad_from_moments(const T* m, int64_t H, int64_t W, T* grad) {
+  // m = [sum gx, sum gx*j, sum gx*i, sum gy, sum gy*j, sum gy*i]
+  const T h = T(H), w = T(W);
+  for (int r = 0; r < 2; ++r) {
+    const T g = m[3 * r], gj = m[3 * r + 1], gi = m[3 * r + 2];
+    const T half = r == 0 ? w / T(2) : h / T(2);
+    const T sum_xn = (T(2) * gj + g) / w - g;  // sum g * ((2j + 1) / W - 1)
+    const T sum_yn = (T(2) * gi + g) / h - g;
+    grad[3 * r + 0] = half * sum_xn;
+    grad[3 * r + 1] = half * sum_yn;
+    grad[3 * r + 2] = half * g;
+  }
+}
+
+// The four bilinear corners of a source point: (x0, y0) is the top-left pixel, fx, fy the fractions.
+template <typename T>
+struct Corners {
+  int64_t x0, y0;
+  T fx, fy;
+};
+
+template <typename T>
+DMFAST_HD Corners<T> corners_of(T ix, T iy) {
+  const T fx0 = floor(ix), fy0 = floor(iy);
+  return Corners<T>{int64_t(fx0), int64_t(fy0), ix - fx0, iy - fy0};
+}
+
+// One bilinear tap of the upsampling restore (interpolate, align_corners=False): output index dst takes
+// lambda0 * in[i0] + lambda1 * in[i1]. scale is in_size / out_size computed as ATen does.
+template <typename T>
+struct RestoreTap {
+  int64_t i0, i1;
+  T lambda0, lambda1;
+};
+
+template <typename T>
+DMFAST_HD RestoreTap<T> restore_tap(int64_t dst, int64_t in_size, T scale) {
+  T src = scale * (T(dst) + T(0.5)) - T(0.5);
+  if (src < T(0)) src = T(0);
+  const int64_t i0 = int64_t(src);
+  const int64_t i1 = i0 + (i0 < in_size - 1 ? 1 : 0);
+  const T lambda1 = src - T(i0);
+  return RestoreTap<T>{i0, i1, T(1) - lambda1, lambda1};
+}
+
+// Range of output indices whose restore taps can touch pooled index r (used by the gathering transpose).
+DMFAST_HD void restore_source_range(int64_t r, int64_t pool, int64_t out_size, int64_t* lo, int64_t* hi) {
+  int64_t a = (r - 1) * pool;
+  int64_t b = (r + 2) * pool;
+  *lo = a < 0 ? 0 : a;
+  *hi = b > out_size ? out_size : b;
+}
+
+}  // namespace dmfast

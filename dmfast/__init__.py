@@ -1,0 +1,10 @@
+"""dmfast: weakly supervised thoracic disease localization with disease masks, with fused C++/CUDA ops.
+
+Importing the package loads the compiled extension, which registers the ops under ``torch.ops.dmfast``;
+``dmfast.ops`` holds the documented Python entry points.
+"""
+
+__version__ = "0.1.0"
+
+from . import ops  # noqa: E402,F401  (registers fake kernels and autograd formulas)
+from .ops import affine_matrix, affine_smooth  # noqa: E402,F401
