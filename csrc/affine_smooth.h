@@ -6,6 +6,7 @@
 // a single point so the kernels never build the sampling grid or the full-resolution warp.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)

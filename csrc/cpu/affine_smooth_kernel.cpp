@@ -19,7 +19,9 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../affine_smooth.h"
@@ -44,106 +46,98 @@ T clamp_far(T v, int64_t size) {
   return v;
 }
 
-// Whether every corner of every sample of cell (r, q) lies in the image. The coordinates are monotone in i and
-// j, so the four extreme samples decide; the margin absorbs rounding differences with the sample loops.
+// Samples of output row i with all four corners inside the image form one interval of j (the coordinates are
+// affine in j). inside_span returns it, shrunk by the worst rounding of the sample loops, so the fast loops need
+// no bounds checks; the few samples near the border take the checked path.
 template <typename T>
-inline bool cell_inside(const PixelMap<T>& map, int64_t r, int64_t q, int64_t pool, int64_t H, int64_t W) {
-  const int64_t i_lo = r * pool, i_hi = i_lo + pool - 1, j_lo = q * pool, j_hi = j_lo + pool - 1;
-  const T xs[4] = {map.x(i_lo, j_lo), map.x(i_lo, j_hi), map.x(i_hi, j_lo), map.x(i_hi, j_hi)};
-  const T ys[4] = {map.y(i_lo, j_lo), map.y(i_lo, j_hi), map.y(i_hi, j_lo), map.y(i_hi, j_hi)};
-  const T margin = T(1e-3);
-  return *std::min_element(xs, xs + 4) >= T(0) && *std::max_element(xs, xs + 4) <= T(W - 1) - margin &&
-         *std::min_element(ys, ys + 4) >= T(0) && *std::max_element(ys, ys + 4) <= T(H - 1) - margin;
+inline std::pair<int64_t, int64_t> inside_span(const PixelMap<T>& map, int64_t i, int64_t H, int64_t W) {
+  double lo = 0, hi = double(W - 1);
+  const auto clip = [&](double slope, double base, double size) {
+    // The loops compute slope * j + base in T: allow for its rounding at the largest term, plus a small margin.
+    const double err = 1e-3 + 8 * double(std::numeric_limits<T>::epsilon()) *
+                                  (std::abs(slope) * double(W) + std::abs(base) + size);
+    const double v_lo = err, v_hi = size - 1 - err;  // need v_lo <= slope * j + base <= v_hi
+    if (slope == 0) {
+      if (base < v_lo || base > v_hi) lo = 1, hi = 0;
+      return;
+    }
+    double j0 = (v_lo - base) / slope, j1 = (v_hi - base) / slope;
+    if (j0 > j1) std::swap(j0, j1);
+    lo = std::max(lo, j0), hi = std::min(hi, j1);
+  };
+  clip(double(map.x_col), double(map.x_row) * double(i) + double(map.x0), double(W));
+  clip(double(map.y_col), double(map.y_row) * double(i) + double(map.y0), double(H));
+  if (!(lo <= hi)) return {0, 0};
+  const int64_t begin = int64_t(std::ceil(lo)) + 1, end = int64_t(std::floor(hi));  // one sample of slack each side
+  return begin < end ? std::make_pair(begin, end) : std::make_pair<int64_t, int64_t>(0, 0);
 }
 
-// Calls fn(inside, i, j, corners) for the pool x pool samples of cell (r, q), with `inside` a std::bool_constant
-// (see cell_inside) so the callee can skip bounds checks. The hot kernels below have their own vectorisable
-// loops for inside cells and use this for border cells and the image-gradient scatter.
+// Calls fn(inside, j, corners) for samples j in [j_begin, j_end) of row i, with `inside` a std::bool_constant
+// telling whether the corners may be read without bounds checks.
 template <typename T, typename Fn>
-inline void for_each_sample(const PixelMap<T>& map, int64_t r, int64_t q, int64_t pool, int64_t H, int64_t W,
-                            Fn&& fn) {
-  const int64_t i_lo = r * pool, j_lo = q * pool;
-  const bool inside = cell_inside(map, r, q, pool, H, W);
-  for (int64_t i = i_lo; i < i_lo + pool; ++i) {
-    const T x_base = map.x_row * T(i) + map.x0, y_base = map.y_row * T(i) + map.y0;
-    if (inside) {
-      for (int64_t j = j_lo; j < j_lo + pool; ++j) {
-        const T ix = map.x_col * T(j) + x_base, iy = map.y_col * T(j) + y_base;
-        const int64_t x0 = int64_t(ix), y0 = int64_t(iy);  // non-negative here: truncation is floor
-        fn(std::true_type{}, i, j, Corners<T>{x0, y0, ix - T(x0), iy - T(y0)});
-      }
+inline void for_each_row_sample(const PixelMap<T>& map, int64_t i, int64_t j_begin, int64_t j_end, int64_t H,
+                                int64_t W, Fn&& fn) {
+  const auto [span_begin, span_end] = inside_span(map, i, H, W);
+  const T x_base = map.x_row * T(i) + map.x0, y_base = map.y_row * T(i) + map.y0;
+  for (int64_t j = j_begin; j < j_end; ++j) {
+    if (j >= span_begin && j < span_end) {
+      const T ix = map.x_col * T(j) + x_base, iy = map.y_col * T(j) + y_base;
+      const int64_t x0 = int64_t(ix), y0 = int64_t(iy);  // positive here: truncation is floor
+      fn(std::true_type{}, j, Corners<T>{x0, y0, ix - T(x0), iy - T(y0)});
     } else {
-      for (int64_t j = j_lo; j < j_lo + pool; ++j) {
-        const T ix = clamp_far(map.x_col * T(j) + x_base, W), iy = clamp_far(map.y_col * T(j) + y_base, H);
-        fn(std::false_type{}, i, j, corners_of(ix, iy));
-      }
+      const T ix = clamp_far(map.x_col * T(j) + x_base, W), iy = clamp_far(map.y_col * T(j) + y_base, H);
+      fn(std::false_type{}, j, corners_of(ix, iy));
     }
   }
 }
 
-// Inside-cell sum of the bilinear samples of channels [0, kChannels) into acc, written so the compiler turns the
-// j loop into vector gathers (32-bit offsets; the caller checked H * W < 2^31). Per-column partial sums in
-// `columns` (kChannels * pool scratch) keep horizontal reductions out of the row loop.
+// Inside span of row i: adds the bilinear samples of channels [0, kChannels) to columns[c * W + j]. Written so
+// the compiler turns the j loop into vector gathers (32-bit offsets; the caller checked H * W < 2^31).
 template <int kChannels, typename scalar_t, typename T>
-inline void inside_cell_sum(const scalar_t* img, int64_t HW, int64_t W, const PixelMap<T>& map, int64_t r, int64_t q,
-                            int64_t pool, T* columns, T* acc) {
-  const int w = int(W), n = int(pool), j_lo = int(q * pool);
-  std::fill(columns, columns + kChannels * n, T(0));
-  for (int64_t i = r * pool; i < (r + 1) * pool; ++i) {
-    const T x_base = map.x_row * T(i) + map.x0, y_base = map.y_row * T(i) + map.y0;
+inline void add_inside_samples(const scalar_t* img, int64_t HW, int64_t W, const PixelMap<T>& map, int64_t i,
+                               int64_t j_begin, int64_t j_end, T* columns) {
+  const int w = int(W);
+  const T x_base = map.x_row * T(i) + map.x0, y_base = map.y_row * T(i) + map.y0;
 #pragma omp simd
-    for (int k = 0; k < n; ++k) {
-      const T ix = map.x_col * T(j_lo + k) + x_base, iy = map.y_col * T(j_lo + k) + y_base;
-      const int x0 = int(ix), y0 = int(iy);
-      const T fx = ix - T(x0), fy = iy - T(y0);
-      const T w00 = (T(1) - fx) * (T(1) - fy), w01 = fx * (T(1) - fy), w10 = (T(1) - fx) * fy, w11 = fx * fy;
-      const int off = y0 * w + x0;
-      for (int c = 0; c < kChannels; ++c) {
-        const scalar_t* p = img + c * HW;
-        columns[c * n + k] += w00 * T(p[off]) + w01 * T(p[off + 1]) + w10 * T(p[off + w]) + w11 * T(p[off + w + 1]);
-      }
+  for (int j = int(j_begin); j < int(j_end); ++j) {
+    const T ix = map.x_col * T(j) + x_base, iy = map.y_col * T(j) + y_base;
+    const int x0 = int(ix), y0 = int(iy);
+    const T fx = ix - T(x0), fy = iy - T(y0);
+    const T w00 = (T(1) - fx) * (T(1) - fy), w01 = fx * (T(1) - fy), w10 = (T(1) - fx) * fy, w11 = fx * fy;
+    const int off = y0 * w + x0;
+    for (int c = 0; c < kChannels; ++c) {
+      const scalar_t* p = img + c * HW;
+      columns[c * W + j] +=
+          w00 * T(p[off]) + w01 * T(p[off + 1]) + w10 * T(p[off + w]) + w11 * T(p[off + w + 1]);
     }
-  }
-  for (int c = 0; c < kChannels; ++c) {
-    T s = 0;
-    for (int k = 0; k < n; ++k) s += columns[c * n + k];
-    acc[c] += s;
   }
 }
 
-// Inside-cell theta moments (see add_moments) of the gradient-weighted image J = sum_c g[c] I_c, accumulated per
-// column in `columns` (6 * pool scratch) like inside_cell_sum.
+// Inside span of row i: theta moments (see add_moments) of the gradient-weighted image J = sum_c g_c I_c, where
+// g[c * W + j] is the gradient of sample j of channel c.
 template <int kChannels, typename scalar_t, typename T>
-inline void inside_cell_moments(const scalar_t* img, int64_t HW, int64_t W, const PixelMap<T>& map, int64_t r,
-                                int64_t q, int64_t pool, const T* g, T* columns, T* m) {
-  const int w = int(W), n = int(pool), j_lo = int(q * pool);
-  std::fill(columns, columns + 6 * n, T(0));
-  for (int64_t i = r * pool; i < (r + 1) * pool; ++i) {
-    const T x_base = map.x_row * T(i) + map.x0, y_base = map.y_row * T(i) + map.y0;
-#pragma omp simd
-    for (int k = 0; k < n; ++k) {
-      const T j = T(j_lo + k);
-      const T ix = map.x_col * j + x_base, iy = map.y_col * j + y_base;
-      const int x0 = int(ix), y0 = int(iy);
-      const T fx = ix - T(x0), fy = iy - T(y0);
-      const int off = y0 * w + x0;
-      T v00 = 0, v01 = 0, v10 = 0, v11 = 0;
-      for (int c = 0; c < kChannels; ++c) {
-        const scalar_t* p = img + c * HW;
-        v00 += g[c] * T(p[off]), v01 += g[c] * T(p[off + 1]);
-        v10 += g[c] * T(p[off + w]), v11 += g[c] * T(p[off + w + 1]);
-      }
-      const T gx = (T(1) - fy) * (v01 - v00) + fy * (v11 - v10);
-      const T gy = (T(1) - fx) * (v10 - v00) + fx * (v11 - v01);
-      columns[k] += gx, columns[n + k] += gx * j, columns[2 * n + k] += gx * T(i);
-      columns[3 * n + k] += gy, columns[4 * n + k] += gy * j, columns[5 * n + k] += gy * T(i);
+inline void add_inside_moments(const scalar_t* img, int64_t HW, int64_t W, const PixelMap<T>& map, int64_t i,
+                               int64_t j_begin, int64_t j_end, const T* g, T* m) {
+  const int w = int(W);
+  const T x_base = map.x_row * T(i) + map.x0, y_base = map.y_row * T(i) + map.y0;
+  T sx = 0, sxj = 0, sy = 0, syj = 0;
+#pragma omp simd reduction(+ : sx, sxj, sy, syj)
+  for (int j = int(j_begin); j < int(j_end); ++j) {
+    const T ix = map.x_col * T(j) + x_base, iy = map.y_col * T(j) + y_base;
+    const int x0 = int(ix), y0 = int(iy);
+    const T fx = ix - T(x0), fy = iy - T(y0);
+    const int off = y0 * w + x0;
+    T v00 = 0, v01 = 0, v10 = 0, v11 = 0;
+    for (int c = 0; c < kChannels; ++c) {
+      const scalar_t* p = img + c * HW;
+      const T gc = g[c * W + j];
+      v00 += gc * T(p[off]), v01 += gc * T(p[off + 1]), v10 += gc * T(p[off + w]), v11 += gc * T(p[off + w + 1]);
     }
+    const T gx = (T(1) - fy) * (v01 - v00) + fy * (v11 - v10);
+    const T gy = (T(1) - fx) * (v10 - v00) + fx * (v11 - v01);
+    sx += gx, sxj += gx * T(j), sy += gy, syj += gy * T(j);
   }
-  for (int e = 0; e < 6; ++e) {
-    T s = 0;
-    for (int k = 0; k < n; ++k) s += columns[e * n + k];
-    m[e] += s;
-  }
+  m[0] += sx, m[1] += sxj, m[2] += sx * T(i), m[3] += sy, m[4] += syj, m[5] += sy * T(i);
 }
 
 // The four corner values of one channel plane at a sample.
@@ -176,7 +170,8 @@ std::vector<RestoreTap<T>> restore_taps(int64_t in_size, int64_t out_size) {
 }
 
 // Forward, stage 1: pooled[b, c, r, q] = mean of the cell's bilinear samples (the output itself when pool == 1).
-// kChannels > 0 fixes the channel count at compile time (all channels share one sample loop); 0 loops channels.
+// One task per (image, cell row) sums its pool rows of samples per column, then per cell. kChannels > 0 fixes the
+// channel count at compile time (all channels share one sample loop); 0 loops over channels.
 template <int kChannels, typename scalar_t>
 void pooled_warp(const scalar_t* images, const std::vector<PixelMap<at::opmath_type<scalar_t>>>& maps, int64_t B,
                  int64_t C, int64_t H, int64_t W, int64_t pool, scalar_t* pooled) {
@@ -184,47 +179,65 @@ void pooled_warp(const scalar_t* images, const std::vector<PixelMap<at::opmath_t
   const int64_t Hp = H / pool, Wp = W / pool, HW = H * W;
   const T inv_area = T(1) / T(pool * pool);
   at::parallel_for(0, B * Hp, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> acc(C), columns(C * pool);
+    std::vector<T> columns(C * W);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hp, r = task % Hp;
       const scalar_t* img = images + b * C * HW;
-      for (int64_t q = 0; q < Wp; ++q) {
-        std::fill(acc.begin(), acc.end(), T(0));
-        if (cell_inside(maps[b], r, q, pool, H, W)) {
-          if constexpr (kChannels > 0) {
-            inside_cell_sum<kChannels>(img, HW, W, maps[b], r, q, pool, columns.data(), acc.data());
-          } else {
-            for (int64_t ch = 0; ch < C; ++ch) {
-              inside_cell_sum<1>(img + ch * HW, HW, W, maps[b], r, q, pool, columns.data(), &acc[ch]);
-            }
-          }
+      const auto& map = maps[b];
+      std::fill(columns.begin(), columns.end(), T(0));
+      for (int64_t i = r * pool; i < (r + 1) * pool; ++i) {
+        const auto [span_begin, span_end] = inside_span(map, i, H, W);
+        if constexpr (kChannels > 0) {
+          add_inside_samples<kChannels>(img, HW, W, map, i, span_begin, span_end, columns.data());
         } else {
-          for_each_sample(maps[b], r, q, pool, H, W, [&](auto, int64_t, int64_t, const Corners<T>& c) {
-            const T w00 = (T(1) - c.fx) * (T(1) - c.fy), w01 = c.fx * (T(1) - c.fy);
-            const T w10 = (T(1) - c.fx) * c.fy, w11 = c.fx * c.fy;
-            for (int64_t ch = 0; ch < C; ++ch) {
-              const auto v = corner_values<false, T>(img + ch * HW, c, H, W);
-              acc[ch] += w00 * v[0] + w01 * v[1] + w10 * v[2] + w11 * v[3];
-            }
-          });
+          for (int64_t ch = 0; ch < C; ++ch) {
+            add_inside_samples<1>(img + ch * HW, HW, W, map, i, span_begin, span_end, columns.data() + ch * W);
+          }
         }
-        for (int64_t ch = 0; ch < C; ++ch) pooled[((b * C + ch) * Hp + r) * Wp + q] = scalar_t(acc[ch] * inv_area);
+        const auto border = [&](auto inside, int64_t j, const Corners<T>& c) {
+          if constexpr (decltype(inside)::value) return;  // done by the vector loop above
+          const T w00 = (T(1) - c.fx) * (T(1) - c.fy), w01 = c.fx * (T(1) - c.fy);
+          const T w10 = (T(1) - c.fx) * c.fy, w11 = c.fx * c.fy;
+          for (int64_t ch = 0; ch < C; ++ch) {
+            const auto v = corner_values<false, T>(img + ch * HW, c, H, W);
+            columns[ch * W + j] += w00 * v[0] + w01 * v[1] + w10 * v[2] + w11 * v[3];
+          }
+        };
+        for_each_row_sample(map, i, 0, span_begin, H, W, border);
+        for_each_row_sample(map, i, span_end, W, H, W, border);
+      }
+      for (int64_t ch = 0; ch < C; ++ch) {
+        scalar_t* out = pooled + ((b * C + ch) * Hp + r) * Wp;
+        const T* col = columns.data() + ch * W;
+        for (int64_t q = 0; q < Wp; ++q) {
+          T sum = 0;
+          for (int64_t k = q * pool; k < (q + 1) * pool; ++k) sum += col[k];
+          out[q] = scalar_t(sum * inv_area);
+        }
       }
     }
   });
 }
 
-// The restore's taps as arrays (index and weight of both neighbours per output index) for vectorised loops.
+// The restore's taps along one axis grouped into runs of outputs that read the same two inputs, so the inner loop
+// broadcasts both inputs instead of gathering them.
 template <typename T>
-struct TapTable {
-  std::vector<int32_t> i0, i1;
+struct TapRuns {
+  struct Run {
+    int64_t begin, end, i0, i1;
+  };
+  std::vector<Run> runs;
   std::vector<T> lambda0, lambda1;
 
-  TapTable(int64_t in_size, int64_t out_size) : i0(out_size), i1(out_size), lambda0(out_size), lambda1(out_size) {
+  TapRuns(int64_t in_size, int64_t out_size) : lambda0(out_size), lambda1(out_size) {
     const auto taps = restore_taps<T>(in_size, out_size);
     for (int64_t d = 0; d < out_size; ++d) {
-      i0[d] = int32_t(taps[d].i0), i1[d] = int32_t(taps[d].i1);
       lambda0[d] = taps[d].lambda0, lambda1[d] = taps[d].lambda1;
+      if (runs.empty() || runs.back().i0 != taps[d].i0 || runs.back().i1 != taps[d].i1) {
+        runs.push_back({d, d + 1, taps[d].i0, taps[d].i1});
+      } else {
+        runs.back().end = d + 1;
+      }
     }
   }
 };
@@ -233,20 +246,22 @@ struct TapTable {
 template <typename scalar_t>
 void restore(const scalar_t* pooled, int64_t planes, int64_t Hp, int64_t Wp, int64_t H, int64_t W, scalar_t* out) {
   using T = at::opmath_type<scalar_t>;
-  const TapTable<T> ty(Hp, H), tx(Wp, W);
+  const auto ty = restore_taps<T>(Hp, H);
+  const TapRuns<T> tx(Wp, W);
   at::parallel_for(0, planes * H, kRowGrain * 4, [&](int64_t begin, int64_t end) {
     std::vector<T> blended(Wp);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t plane = row / H, y = row % H;
-      const scalar_t* p0 = pooled + (plane * Hp + ty.i0[y]) * Wp;
-      const scalar_t* p1 = pooled + (plane * Hp + ty.i1[y]) * Wp;
-      for (int64_t q = 0; q < Wp; ++q) blended[q] = ty.lambda0[y] * T(p0[q]) + ty.lambda1[y] * T(p1[q]);
+      const scalar_t* p0 = pooled + (plane * Hp + ty[y].i0) * Wp;
+      const scalar_t* p1 = pooled + (plane * Hp + ty[y].i1) * Wp;
+      for (int64_t q = 0; q < Wp; ++q) blended[q] = ty[y].lambda0 * T(p0[q]) + ty[y].lambda1 * T(p1[q]);
       scalar_t* o = out + row * W;
-      const T* bl = blended.data();
-      const int32_t *x0 = tx.i0.data(), *x1 = tx.i1.data();
       const T *l0 = tx.lambda0.data(), *l1 = tx.lambda1.data();
+      for (const auto& run : tx.runs) {
+        const T a = blended[run.i0], b = blended[run.i1];
 #pragma omp simd
-      for (int64_t x = 0; x < W; ++x) o[x] = scalar_t(l0[x] * bl[x0[x]] + l1[x] * bl[x1[x]]);
+        for (int64_t x = run.begin; x < run.end; ++x) o[x] = scalar_t(l0[x] * a + l1[x] * b);
+      }
     }
   });
 }
@@ -333,31 +348,36 @@ std::vector<Moments> theta_moments(const scalar_t* images, const std::vector<at:
   const int64_t Hp = H / pool, Wp = W / pool, HW = H * W;
   std::vector<Moments> partial(B * Hp, Moments{});
   at::parallel_for(0, B * Hp, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> g(C), columns(6 * pool);
+    std::vector<T> g(C * W);  // each sample's gradient: its cell's, spread over the cell's columns
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hp, r = task % Hp;
       const scalar_t* img = images + b * C * HW;
-      for (int64_t q = 0; q < Wp; ++q) {
-        for (int64_t ch = 0; ch < C; ++ch) g[ch] = cells[((b * C + ch) * Hp + r) * Wp + q];
+      const auto& map = maps[b];
+      for (int64_t ch = 0; ch < C; ++ch) {
+        const T* cell_row = cells.data() + ((b * C + ch) * Hp + r) * Wp;
+        for (int64_t j = 0; j < W; ++j) g[ch * W + j] = cell_row[j / pool];
+      }
+      for (int64_t i = r * pool; i < (r + 1) * pool; ++i) {
         T m[6] = {0, 0, 0, 0, 0, 0};
-        if (cell_inside(maps[b], r, q, pool, H, W)) {
-          if constexpr (kChannels > 0) {
-            inside_cell_moments<kChannels>(img, HW, W, maps[b], r, q, pool, g.data(), columns.data(), m);
-          } else {
-            for (int64_t ch = 0; ch < C; ++ch) {
-              inside_cell_moments<1>(img + ch * HW, HW, W, maps[b], r, q, pool, &g[ch], columns.data(), m);
-            }
-          }
+        const auto [span_begin, span_end] = inside_span(map, i, H, W);
+        if constexpr (kChannels > 0) {
+          add_inside_moments<kChannels>(img, HW, W, map, i, span_begin, span_end, g.data(), m);
         } else {
-          for_each_sample(maps[b], r, q, pool, H, W, [&](auto, int64_t i, int64_t j, const Corners<T>& c) {
-            std::array<T, 4> weighted{0, 0, 0, 0};
-            for (int64_t ch = 0; ch < C; ++ch) {
-              const auto v = corner_values<false, T>(img + ch * HW, c, H, W);
-              for (int k = 0; k < 4; ++k) weighted[k] += g[ch] * v[k];
-            }
-            add_moments(weighted, c, i, j, m);
-          });
+          for (int64_t ch = 0; ch < C; ++ch) {
+            add_inside_moments<1>(img + ch * HW, HW, W, map, i, span_begin, span_end, g.data() + ch * W, m);
+          }
         }
+        const auto border = [&](auto inside, int64_t j, const Corners<T>& c) {
+          if constexpr (decltype(inside)::value) return;
+          std::array<T, 4> weighted{0, 0, 0, 0};
+          for (int64_t ch = 0; ch < C; ++ch) {
+            const auto v = corner_values<false, T>(img + ch * HW, c, H, W);
+            for (int k = 0; k < 4; ++k) weighted[k] += g[ch * W + j] * v[k];
+          }
+          add_moments(weighted, c, i, j, m);
+        };
+        for_each_row_sample(map, i, 0, span_begin, H, W, border);
+        for_each_row_sample(map, i, span_end, W, H, W, border);
         add_to(partial[task], m);
       }
     }
@@ -380,27 +400,25 @@ std::vector<Moments> image_grad_and_moments(const scalar_t* images, const std::v
       const int64_t b = plane / C;
       const scalar_t* img = images + plane * HW;
       scalar_t* gi = grad_images + plane * HW;
-      for (int64_t r = 0; r < Hp; ++r) {
-        for (int64_t q = 0; q < Wp; ++q) {
-          const T g = cells[(plane * Hp + r) * Wp + q];
-          T m[6] = {0, 0, 0, 0, 0, 0};
-          for_each_sample(maps[b], r, q, pool, H, W, [&](auto inside, int64_t i, int64_t j, const Corners<T>& c) {
-            const T w[4] = {(T(1) - c.fx) * (T(1) - c.fy), c.fx * (T(1) - c.fy), (T(1) - c.fx) * c.fy, c.fx * c.fy};
-            const int64_t dx[4] = {0, 1, 0, 1}, dy[4] = {0, 0, 1, 1};
-            for (int k = 0; k < 4; ++k) {
-              const int64_t x = c.x0 + dx[k], y = c.y0 + dy[k];
-              if (decltype(inside)::value || (x >= 0 && x < W && y >= 0 && y < H)) {
-                gi[y * W + x] = scalar_t(T(gi[y * W + x]) + g * w[k]);
-              }
+      for (int64_t i = 0; i < H; ++i) {
+        const T* g = cells.data() + (plane * Hp + i / pool) * Wp;
+        T m[6] = {0, 0, 0, 0, 0, 0};
+        for_each_row_sample(maps[b], i, 0, W, H, W, [&](auto inside, int64_t j, const Corners<T>& c) {
+          const T gj = g[j / pool];
+          const T w[4] = {(T(1) - c.fx) * (T(1) - c.fy), c.fx * (T(1) - c.fy), (T(1) - c.fx) * c.fy, c.fx * c.fy};
+          for (int k = 0; k < 4; ++k) {
+            const int64_t x = c.x0 + (k & 1), y = c.y0 + (k >> 1);
+            if (decltype(inside)::value || (x >= 0 && x < W && y >= 0 && y < H)) {
+              gi[y * W + x] = scalar_t(T(gi[y * W + x]) + gj * w[k]);
             }
-            if (need_theta) {
-              auto v = corner_values<decltype(inside)::value, T>(img, c, H, W);
-              for (auto& e : v) e *= g;
-              add_moments(v, c, i, j, m);
-            }
-          });
-          add_to(partial[plane], m);
-        }
+          }
+          if (need_theta) {
+            auto v = corner_values<decltype(inside)::value, T>(img, c, H, W);
+            for (auto& e : v) e *= gj;
+            add_moments(v, c, i, j, m);
+          }
+        });
+        add_to(partial[plane], m);
       }
     }
   });

@@ -1,0 +1,73 @@
+"""Timing and reporting shared by the benchmark scripts: torch.utils.benchmark timers at an explicit thread count,
+each implementation measured in interleaved rounds and reported at its best, JSON results with versions."""
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.utils.benchmark as tb
+from rich.console import Console
+from rich.table import Table
+
+import dmfast
+from dmfast.io import atomic_write_bytes
+
+
+def environment(device: str, threads: int) -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    env = {
+        "dmfast": dmfast.__version__,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "threads": threads,
+        "device": device,
+        "built_with_cuda": dmfast._C.built_with_cuda(),
+        "built_with_openmp": dmfast._C.built_with_openmp(),
+    }
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def best_median_ms(statements: dict, threads: int, min_run_time: float, rounds: int) -> dict:
+    """Median time (ms) of each named zero-argument callable, the best over ``rounds`` interleaved rounds so
+    that every implementation is measured at its best under the same conditions."""
+    best = {name: float("inf") for name in statements}
+    for _ in range(rounds):
+        for name, fn in statements.items():
+            timer = tb.Timer("fn()", globals={"fn": fn}, num_threads=threads, label=name)
+            best[name] = min(best[name], timer.blocked_autorange(min_run_time=min_run_time).median * 1e3)
+    return best
+
+
+def report(title: str, cases: dict, reference_name: str, env: dict, config: dict, out: str | None,
+           console: Console | None = None) -> dict:
+    """Print a table of ``cases = {case: {impl: ms}}`` with speed-ups of ``reference_name`` over each
+    implementation, and write the JSON to ``out``."""
+    console = console or Console()
+    table = Table(title=f"{title}  ({env['device']}, {env['threads']} threads)")
+    for column in ("case", "implementation", "median ms", f"{reference_name} speed-up"):
+        table.add_column(column, justify="left" if column in ("case", "implementation") else "right")
+    results = []
+    for case, times in cases.items():
+        for impl, ms in times.items():
+            ratio = ms / times[reference_name]
+            table.add_row(case, impl, f"{ms:.3f}", "-" if impl == reference_name else f"{ratio:.2f}x")
+            results.append({"case": case, "implementation": impl, "median_ms": ms,
+                            f"{reference_name}_speedup": ratio})
+    console.print(table)
+    payload = {"benchmark": title, "environment": env, "config": config, "results": results}
+    if out:
+        atomic_write_bytes(out, (json.dumps(payload, indent=2) + "\n").encode())
+        console.print(f"results written to {Path(out)}")
+    return payload

@@ -1,0 +1,45 @@
+"""Atomic file writes and image files."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename, so readers
+    never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def to_uint8(image: torch.Tensor, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    """Map values in [low, high] to uint8, clamping outside."""
+    scaled = (image.detach().float().cpu() - low) / (high - low)
+    return (scaled.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def save_png(path, image: torch.Tensor) -> Path:
+    """Save a uint8 image ``[H, W]`` or ``[C, H, W]`` (C = 1 or 3) as PNG, atomically."""
+    from torchvision.io import encode_png
+
+    if image.dtype != torch.uint8:
+        raise TypeError(f"save_png: expected a uint8 image, got {image.dtype}")
+    if image.dim() == 2:
+        image = image.unsqueeze(0)
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"save_png: expected [H, W] or [C, H, W] with C in (1, 3), got {tuple(image.shape)}")
+    return atomic_write_bytes(path, encode_png(image.contiguous()).numpy().tobytes())

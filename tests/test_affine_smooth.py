@@ -1,0 +1,248 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dmfast import ops, reference
+from dmfast.testing import FLOAT_DTYPES, REDUCED_DTYPES, tolerance
+
+THETA_KINDS = ["identity", "rotation", "scale", "shift", "out_of_frame", "generic"]
+
+
+def make_theta(kind: str, batch: int, gen: torch.Generator, dtype=torch.float64) -> torch.Tensor:
+    u = lambda *shape: torch.rand(*shape, generator=gen, dtype=torch.float64) * 2 - 1  # noqa: E731
+    one = torch.ones(batch, dtype=torch.float64)
+    zero = torch.zeros(batch, dtype=torch.float64)
+    if kind == "identity":
+        theta = ops.affine_matrix(one, one, zero, zero, zero)
+    elif kind == "rotation":
+        theta = ops.affine_matrix(one, one, zero, zero, u(batch) * math.pi)
+    elif kind == "scale":
+        theta = ops.affine_matrix(1 + 0.5 * u(batch), 1 + 0.5 * u(batch), zero, zero, zero)
+    elif kind == "shift":
+        theta = ops.affine_matrix(one, one, 0.4 * u(batch), 0.4 * u(batch), zero)
+    elif kind == "out_of_frame":  # partly and wholly outside the image
+        theta = ops.affine_matrix(1 + 0.3 * u(batch), one, 1.2 + 0.8 * u(batch), 0.9 * u(batch), 0.3 * u(batch))
+    else:
+        theta = torch.eye(2, 3, dtype=torch.float64).expand(batch, 2, 3) + 0.3 * u(batch, 2, 3)
+    return theta.to(dtype)
+
+
+def rand_images(shape, gen, dtype, device):
+    return torch.rand(*shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("pool", [1, 2, 4, 16])
+@pytest.mark.parametrize("channels", [1, 3, 5])
+@pytest.mark.parametrize("kind", THETA_KINDS)
+def test_forward_matches_reference(device, dtype, pool, channels, kind, gen):
+    images = rand_images((3, channels, 32, 48), gen, dtype, device)
+    theta = make_theta(kind, 3, gen, dtype).to(device)
+    torch.testing.assert_close(
+        ops.affine_smooth(images, theta, pool), reference.affine_smooth(images, theta, pool), **tolerance(dtype)
+    )
+
+
+@pytest.mark.parametrize("pool", [1, 4])
+def test_pool_one_is_the_plain_warp(device, pool, gen):
+    images = rand_images((2, 2, 16, 16), gen, torch.float64, device)
+    theta = make_theta("generic", 2, gen).to(device)
+    warped = F.grid_sample(images, F.affine_grid(theta, [2, 2, 16, 16], align_corners=False), align_corners=False)
+    if pool == 1:
+        torch.testing.assert_close(ops.affine_smooth(images, theta, 1), warped, **tolerance(torch.float64))
+    else:  # a constant image stays constant where the warp stays inside the frame
+        flat = torch.full((1, 1, 16, 16), 0.25, dtype=torch.float64, device=device)
+        out = ops.affine_smooth(flat, make_theta("identity", 1, gen).to(device), pool)
+        torch.testing.assert_close(out, flat, **tolerance(torch.float64))
+
+
+def test_far_out_of_frame_is_zero(device, gen):
+    images = rand_images((2, 3, 16, 16), gen, torch.float64, device)
+    theta = torch.tensor([[[1.0, 0.0, 1e6], [0.0, 1.0, 0.0]], [[1e8, 0.0, 0.0], [0.0, -1e8, 0.0]]], device=device,
+                         dtype=torch.float64)
+    out = ops.affine_smooth(images, theta, 4)
+    torch.testing.assert_close(out, reference.affine_smooth(images, theta, 4), **tolerance(torch.float64))
+    assert torch.all(out[0] == 0)
+
+
+@pytest.mark.parametrize("dtype", REDUCED_DTYPES, ids=str)
+def test_reduced_precision_cuda(dtype, gen):
+    if not torch.cuda.is_available():
+        pytest.skip("float16/bfloat16 run on CUDA only; no CUDA GPU here")
+    images = rand_images((2, 3, 32, 32), gen, torch.float32, "cuda")
+    theta = make_theta("generic", 2, gen, torch.float32).cuda()
+    expected = reference.affine_smooth(images, theta, 4)
+    torch.testing.assert_close(ops.affine_smooth(images.to(dtype), theta, 4).float(), expected, **tolerance(dtype))
+    images_r = images.to(dtype).requires_grad_()
+    theta_r = theta.clone().requires_grad_()
+    ops.affine_smooth(images_r, theta_r, 4).float().square().sum().backward()
+    assert images_r.grad.dtype == dtype and theta_r.grad.dtype == torch.float32
+    assert torch.isfinite(theta_r.grad).all()
+
+
+def test_non_contiguous_inputs(device, gen):
+    base = rand_images((2, 3, 32, 32), gen, torch.float64, device)
+    images = base.transpose(2, 3)
+    theta = make_theta("generic", 2, gen).to(device).transpose(1, 2).contiguous().transpose(1, 2)
+    assert not images.is_contiguous() and not theta.is_contiguous()
+    torch.testing.assert_close(
+        ops.affine_smooth(images, theta, 4), reference.affine_smooth(images, theta, 4), **tolerance(torch.float64)
+    )
+
+
+@pytest.mark.parametrize("pool", [1, 2, 4])
+@pytest.mark.parametrize("kind", ["generic", "out_of_frame"])
+def test_gradcheck(device, pool, kind, gen):
+    images = rand_images((2, 2, 8, 12), gen, torch.float64, device).requires_grad_()
+    theta = make_theta(kind, 2, gen).to(device).requires_grad_()
+    fn = lambda i, t: ops.affine_smooth(i, t, pool)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (images, theta), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pool", [1, 4, 16])
+@pytest.mark.parametrize("need", ["theta", "images", "both"])
+def test_float32_gradient_matches_reference(device, pool, need, gen):
+    images = rand_images((2, 3, 32, 48), gen, torch.float32, device)
+    theta = make_theta("generic", 2, gen, torch.float32).to(device)
+    grad_out = torch.randn(images.shape, generator=gen).to(device)
+
+    def grads(fn):
+        i = images.clone().requires_grad_(need in ("images", "both"))
+        t = theta.clone().requires_grad_(need in ("theta", "both"))
+        inputs = [x for x in (i, t) if x.requires_grad]
+        return torch.autograd.grad(fn(i, t, pool), inputs, grad_out)
+
+    for got, want in zip(grads(ops.affine_smooth), grads(reference.affine_smooth)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_theta_only_and_full_backward_agree(device, gen):
+    images = rand_images((2, 3, 32, 32), gen, torch.float64, device)
+    theta = make_theta("out_of_frame", 2, gen).to(device)
+    grad = torch.randn(images.shape, generator=gen, dtype=torch.float64).to(device)
+    bw = torch.ops.dmfast.affine_smooth_backward.default
+    gi, gt = bw(grad, images, theta, 4, [True, True])
+    gi_only, empty_t = bw(grad, images, theta, 4, [True, False])
+    empty_i, gt_only = bw(grad, images, theta, 4, [False, True])
+    torch.testing.assert_close(gt_only, gt, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gi_only, gi, rtol=0, atol=0)
+    assert empty_t.numel() == 0 and empty_i.numel() == 0
+
+
+def test_cpu_backward_is_deterministic_across_thread_counts(gen):
+    images = rand_images((2, 3, 64, 64), gen, torch.float32, "cpu")
+    theta = make_theta("generic", 2, gen, torch.float32)
+    grad = torch.randn(images.shape, generator=gen)
+    bw = torch.ops.dmfast.affine_smooth_backward.default
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(bw(grad, images, theta, 16, [True, True]))
+            results.append(bw(grad, images, theta, 16, [False, True]))
+    finally:
+        torch.set_num_threads(threads)
+    for gi, gt in results[2::2]:
+        assert torch.equal(gi, results[0][0]) and torch.equal(gt, results[0][1])
+    for _, gt in results[3::2]:
+        assert torch.equal(gt, results[1][1])
+
+
+def test_double_backward_raises(device, gen):
+    images = rand_images((1, 1, 8, 8), gen, torch.float64, device)
+    theta = make_theta("generic", 1, gen).to(device).requires_grad_()
+    (g,) = torch.autograd.grad(ops.affine_smooth(images, theta, 2).square().sum(), theta, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("pool", [1, 4])
+def test_opcheck(device, pool, gen):
+    images = rand_images((2, 3, 16, 16), gen, torch.float64, device)
+    theta = make_theta("generic", 2, gen).to(device)
+    grad = torch.randn(images.shape, generator=gen, dtype=torch.float64).to(device)
+    torch.library.opcheck(torch.ops.dmfast.affine_smooth.default, (images, theta, pool))
+    torch.library.opcheck(
+        torch.ops.dmfast.affine_smooth.default, (images.requires_grad_(), theta.requires_grad_(), pool)
+    )
+    for mask in ([True, True], [False, True], [True, False]):
+        torch.library.opcheck(
+            torch.ops.dmfast.affine_smooth_backward.default,
+            (grad, images.detach(), theta.detach(), pool, mask),
+            test_utils=("test_schema", "test_faketensor"),
+        )
+
+
+def test_torch_compile_fullgraph(device, gen):
+    images = rand_images((2, 3, 32, 32), gen, torch.float32, device)
+    params = torch.tensor([1.1, 0.9, 0.05, -0.1, 0.2], device=device)
+
+    def loss(p, img):
+        theta = ops.affine_matrix(*p).expand(img.shape[0], 2, 3)
+        return (ops.affine_smooth(img * 2 - 1, theta, 8) - img).square().mean()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    p_eager = params.clone().requires_grad_()
+    p_comp = params.clone().requires_grad_()
+    eager_value = loss(p_eager, images)
+    compiled_value = compiled(p_comp, images)
+    eager_value.backward()
+    compiled_value.backward()
+    torch.testing.assert_close(compiled_value, eager_value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p_comp.grad, p_eager.grad, rtol=1e-4, atol=1e-6)
+
+
+ERRORS = [
+    ("rank", lambda i, t: (i[0], t, 4), "images must be \\[B, C, H, W\\]"),
+    ("theta shape", lambda i, t: (i, t[:, :, :2], 4), "theta must be \\[B, 2, 3\\]"),
+    ("batch", lambda i, t: (i, t[:1], 4), "batch sizes differ"),
+    ("divisible", lambda i, t: (i, t, 5), "divisible by pool=5"),
+    ("pool < 1", lambda i, t: (i, t, 0), "pool must be >= 1"),
+    ("dtype mismatch", lambda i, t: (i, t.float(), 4), "theta dtype"),
+    ("integer images", lambda i, t: (i.long(), t, 4), "must be float32 or float64"),
+    ("nan theta", lambda i, t: (i, t * float("nan"), 4), "NaN or infinite"),
+    ("inf theta", lambda i, t: (i, t + float("inf"), 4), "NaN or infinite"),
+]
+
+
+@pytest.mark.parametrize("name,args,message", ERRORS, ids=[e[0] for e in ERRORS])
+def test_bad_input_errors(device, name, args, message, gen):
+    images = rand_images((2, 3, 16, 16), gen, torch.float64, device)
+    theta = make_theta("generic", 2, gen).to(device)
+    with pytest.raises(RuntimeError, match=message):
+        ops.affine_smooth(*args(images, theta))
+
+
+def test_bad_pool_type_and_device_mismatch(gen):
+    images = rand_images((1, 1, 16, 16), gen, torch.float64, "cpu")
+    theta = make_theta("identity", 1, gen)
+    with pytest.raises(TypeError, match="pool must be an int"):
+        ops.affine_smooth(images, theta, 4.0)
+    if torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="same device"):
+            ops.affine_smooth(images, theta.cuda(), 4)
+
+
+def test_backward_grad_shape_error(gen):
+    images = rand_images((1, 1, 16, 16), gen, torch.float64, "cpu")
+    theta = make_theta("identity", 1, gen)
+    with pytest.raises(RuntimeError, match="grad_output shape"):
+        torch.ops.dmfast.affine_smooth_backward.default(images[:, :, :8], images, theta, 4, [True, True])
+
+
+def test_affine_matrix(gen):
+    sx, sy, tx, ty, angle = (torch.rand(4, generator=gen, dtype=torch.float64) for _ in range(5))
+    theta = ops.affine_matrix(sx, sy, tx, ty, angle)
+    rotation = torch.stack([torch.stack([angle.cos(), -angle.sin()], -1), torch.stack([angle.sin(), angle.cos()], -1)],
+                           -2)
+    expected_linear = rotation @ torch.diag_embed(torch.stack([sx, sy], -1))
+    torch.testing.assert_close(theta[:, :, :2], expected_linear)
+    torch.testing.assert_close(theta[:, :, 2], torch.stack([tx, ty], -1))
+    identity = ops.affine_matrix(1.0, 1.0, 0.0, 0.0, 0.0)
+    torch.testing.assert_close(identity, torch.eye(2, 3))
+    assert ops.affine_matrix(torch.ones(3), 1.0, 0.0, 0.0, torch.zeros(3, 1)).shape == (3, 3, 2, 3)
+    inputs = tuple(v.clone().requires_grad_() for v in (sx, sy, tx, ty, angle))
+    assert torch.autograd.gradcheck(ops.affine_matrix, inputs)
