@@ -16,7 +16,7 @@ $(DEPS): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q "setuptools>=77" wheel ninja pybind11 numpy scipy click rich pytest pytest-benchmark
+	$(PY) -m pip install -q "setuptools>=77" wheel ninja pybind11 numpy scipy pillow click rich pytest pytest-benchmark
 	touch $@
 
 EDITABLE := $(VENV)/.dmfast-editable

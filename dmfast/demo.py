@@ -27,7 +27,7 @@ def chest_like_image(size: int, generator: torch.Generator) -> torch.Tensor:
     heart = ellipse(0.12, 0.3, 0.28, 0.22)
     spine = torch.sigmoid((0.07 - x.abs()) / 0.02) * body
     ribs = 0.5 + 0.5 * torch.cos(2 * math.pi * (y * 5.5 + 0.6 * x.abs() ** 2))
-    image = 0.15 + 0.55 * body - 0.45 * lungs * (1 - 0.35 * ribs) + 0.35 * heart * lungs.clamp(max=1) + 0.2 * spine
+    image = 0.15 + 0.55 * body - 0.45 * lungs * (1 - 0.35 * ribs) * (1 - heart) + 0.1 * heart + 0.2 * spine
     image = image + 0.02 * torch.randn(image.shape, generator=generator)
     return image.clamp(0, 1)[None, None]
 

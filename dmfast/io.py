@@ -1,5 +1,6 @@
 """Atomic file writes and image files."""
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -34,12 +35,15 @@ def to_uint8(image: torch.Tensor, low: float = 0.0, high: float = 1.0) -> torch.
 
 def save_png(path, image: torch.Tensor) -> Path:
     """Save a uint8 image ``[H, W]`` or ``[C, H, W]`` (C = 1 or 3) as PNG, atomically."""
-    from torchvision.io import encode_png
-
     if image.dtype != torch.uint8:
         raise TypeError(f"save_png: expected a uint8 image, got {image.dtype}")
     if image.dim() == 2:
         image = image.unsqueeze(0)
     if image.dim() != 3 or image.shape[0] not in (1, 3):
         raise ValueError(f"save_png: expected [H, W] or [C, H, W] with C in (1, 3), got {tuple(image.shape)}")
-    return atomic_write_bytes(path, encode_png(image.contiguous()).numpy().tobytes())
+    from PIL import Image
+
+    array = image.permute(1, 2, 0).contiguous().numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buffer, format="PNG")
+    return atomic_write_bytes(path, buffer.getvalue())

@@ -1,0 +1,63 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import dmfast
+from dmfast.cli.main import main
+
+
+def test_version_and_help():
+    runner = CliRunner()
+    result = runner.invoke(main, ["--version"])
+    assert result.exit_code == 0 and dmfast.__version__ in result.output
+    result = runner.invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for command in ("align", "train", "masks", "eval", "demo"):
+        assert command in result.output
+
+
+@pytest.mark.parametrize("command", ["align", "train", "masks", "eval"])
+def test_pending_commands_say_so(command):
+    result = CliRunner().invoke(main, [command, "--some-option"])
+    assert result.exit_code == 2
+    assert "not implemented yet" in result.output
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "dmfast.cli.main", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and dmfast.__version__ in out.stdout
+
+
+def test_demo_writes_figure(tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--size", "64", "--pool", "8"])
+    assert result.exit_code == 0, result.output
+    import numpy as np
+    from PIL import Image
+
+    image = np.asarray(Image.open(tmp_path / "affine_smooth_before_after.png"))
+    assert image.shape == (64, 3 * 64) and image.dtype == np.uint8
+    original, warped = image[:, :64].astype(float), image[:, 64:128].astype(float)
+    assert np.abs(original - warped).mean() > 1  # the warp moved the anatomy
+    assert "speed-up" in result.output
+
+
+def test_demo_rejects_bad_size(tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--size", "60", "--pool", "16"])
+    assert result.exit_code != 0 and "multiple of --pool" in str(result.exception)
+
+
+def test_benchmark_script_writes_json(tmp_path):
+    from benchmarks.affine_smooth import main as bench_main
+
+    out = tmp_path / "bench.json"
+    bench_main(["--batch", "1", "--size", "32", "--pool", "4", "--min-run-time", "0.01", "--rounds", "1",
+                "--no-compile", "--threads", str(torch.get_num_threads()), "--out", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["environment"]["torch"] == torch.__version__
+    impls = {(r["case"], r["implementation"]) for r in payload["results"]}
+    assert ("forward", "fused") in impls and ("forward+backward (theta)", "eager") in impls
+    assert all(r["median_ms"] > 0 for r in payload["results"])
