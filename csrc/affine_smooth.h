@@ -9,11 +9,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define DMFAST_HD __host__ __device__ __forceinline__
-#else
-#define DMFAST_HD inline
-#endif
+#include "common.h"
 
 namespace dmfast {
 

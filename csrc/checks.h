@@ -6,6 +6,8 @@
 #include <ATen/ops/isfinite.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
+
 namespace dmfast {
 
 inline void check_affine_smooth_args(const at::Tensor& images, const at::Tensor& theta, int64_t pool,
@@ -40,6 +42,60 @@ inline void check_affine_smooth_grad(const at::Tensor& grad, const at::Tensor& i
   TORCH_CHECK(grad.scalar_type() == images.scalar_type() && grad.device() == images.device(),
               "affine_smooth_backward: grad_output must have the dtype and device of images, got ",
               grad.scalar_type(), " on ", grad.device());
+}
+
+// Float dtypes the kernels take: float32/float64, plus float16/bfloat16 on CUDA.
+inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  const bool cuda = t.device().is_cuda();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || (cuda && (dtype == at::kHalf || dtype == at::kBFloat16)),
+              op, ": ", name, " must be float32 or float64", cuda ? " (or float16/bfloat16)" : " on CPU", ", got ",
+              dtype);
+}
+
+inline void check_same(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                       const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+              ref.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
+              ref_name, " has dtype ", ref.scalar_type());
+}
+
+inline void check_mask_attention_args(const at::Tensor& features, const at::Tensor& masks) {
+  const char* op = "mask_attention";
+  TORCH_CHECK(features.dim() == 4, op, ": features must be [B, K, h, w], got shape ", features.sizes());
+  TORCH_CHECK(masks.dim() == 4, op, ": masks must be [B or 1, K or 1, h, w], got shape ", masks.sizes());
+  TORCH_CHECK((masks.size(0) == 1 || masks.size(0) == features.size(0)) &&
+                  (masks.size(1) == 1 || masks.size(1) == features.size(1)) && masks.size(2) == features.size(2) &&
+                  masks.size(3) == features.size(3),
+              op, ": masks of shape ", masks.sizes(), " do not broadcast to features of shape ", features.sizes(),
+              " (expected [B or 1, K or 1, h, w])");
+  check_float_dtype(op, "features", features);
+  check_same(op, "masks", masks, "features", features);
+}
+
+inline void check_attention_cam_args(const at::Tensor& features, const at::Tensor& weight, const at::Tensor& bias,
+                                     const std::optional<at::Tensor>& masks) {
+  const char* op = "attention_cam";
+  TORCH_CHECK(features.dim() == 4, op, ": features must be [B, K, h, w], got shape ", features.sizes());
+  TORCH_CHECK(features.size(2) > 0 && features.size(3) > 0, op, ": features need h, w > 0, got shape ",
+              features.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == features.size(1), op, ": weight must be [C, K] with K = ",
+              features.size(1), " (the features' channels), got shape ", weight.sizes());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0), op, ": bias must be [C] with C = ", weight.size(0),
+              ", got shape ", bias.sizes());
+  check_float_dtype(op, "features", features);
+  check_same(op, "weight", weight, "features", features);
+  check_same(op, "bias", bias, "features", features);
+  if (masks.has_value()) {
+    const auto& m = *masks;
+    const bool shared = m.dim() == 3 && m.size(0) == weight.size(0);
+    const bool per_image = m.dim() == 4 && m.size(0) == features.size(0) && m.size(1) == weight.size(0);
+    TORCH_CHECK((shared || per_image) && m.size(-2) == features.size(2) && m.size(-1) == features.size(3), op,
+                ": masks must be [C, h, w] or [B, C, h, w] = [", features.size(0), ", ", weight.size(0), ", ",
+                features.size(2), ", ", features.size(3), "], got shape ", m.sizes());
+    check_same(op, "masks", m, "features", features);
+  }
 }
 
 }  // namespace dmfast

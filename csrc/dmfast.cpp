@@ -9,4 +9,19 @@ TORCH_LIBRARY(dmfast, m) {
   m.def(
       "affine_smooth_backward(Tensor grad_output, Tensor images, Tensor theta, int pool, bool[2] output_mask)"
       " -> (Tensor, Tensor)");
+
+  // The paper's Eq. 4, f' = psi * f + f = (1 + masks) * features, masks broadcast over batch and/or channels.
+  m.def("mask_attention(Tensor features, Tensor masks) -> Tensor");
+  m.def(
+      "mask_attention_backward(Tensor grad_output, Tensor features, Tensor masks, bool[2] output_mask)"
+      " -> (Tensor, Tensor)");
+  // Class-specific attention CAM head (Eq. 5): plain_cams = weight . features over channels (BLAS), cams =
+  // (1 + masks) * plain_cams, logits = spatial mean of cams + bias. plain_cams is returned for the backward,
+  // whose missing (None) output gradients count as zero and select cheaper paths.
+  m.def(
+      "attention_cam(Tensor features, Tensor weight, Tensor bias, Tensor? masks)"
+      " -> (Tensor logits, Tensor cams, Tensor plain_cams)");
+  m.def(
+      "attention_cam_backward(Tensor? grad_logits, Tensor? grad_cams, Tensor? grad_plain_cams, Tensor features,"
+      " Tensor weight, Tensor plain_cams, Tensor? masks, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }

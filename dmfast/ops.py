@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (loading the extension registers the ops)
 
-__all__ = ["affine_smooth", "affine_matrix"]
+__all__ = ["affine_smooth", "affine_matrix", "mask_attention", "attention_cam"]
 
 
 def affine_smooth(images: Tensor, theta: Tensor, pool: int = 16) -> Tensor:
@@ -50,6 +50,41 @@ def affine_matrix(sx: Tensor, sy: Tensor, tx: Tensor, ty: Tensor, angle: Tensor)
     row0 = torch.stack([sx * cos, -sy * sin, tx], dim=-1)
     row1 = torch.stack([sx * sin, sy * cos, ty], dim=-1)
     return torch.stack([row0, row1], dim=-2)
+
+
+def mask_attention(features: Tensor, masks: Tensor) -> Tensor:
+    """Spatial attention of the paper's Eq. 4, fused: ``f' = psi * f + f = (1 + masks) * features``.
+
+    Args:
+        features: ``[B, K, h, w]`` feature map.
+        masks: ``[B or 1, K or 1, h, w]``, broadcast over the batch and/or channels; same dtype and device.
+
+    Returns:
+        ``[B, K, h, w]``, differentiable in both inputs (the mask gradient is summed over the broadcast
+        dimensions in a fixed order, so it is deterministic).
+    """
+    return torch.ops.dmfast.mask_attention.default(features, masks)
+
+
+def attention_cam(features: Tensor, weight: Tensor, bias: Tensor, masks: Tensor | None = None):
+    """Class activation maps and logits of the mask-attention classifier head (the paper's Eqs. 4-5), fused.
+
+    With one mask per class, ``f'_c = (1 + psi_c) f`` depends on the class; since ``psi_c`` does not depend on the
+    channel, ``S_c = sum_k w_ck f'_k = (1 + psi_c) (W f)_c``: the attended CAM is the plain CAM scaled per class,
+    so no ``[B, C, K, h, w]`` tensor is ever built. Without masks this is a ResNet head's global average pooling
+    and fully connected layer in one call, with the CAMs as a by-product.
+
+    Args:
+        features: ``[B, K, h, w]`` last feature map.
+        weight: ``[C, K]`` classifier weight (``nn.Linear(K, C).weight``); bias: ``[C]``.
+        masks: ``[C, h, w]`` (shared by the batch), ``[B, C, h, w]`` (per image), or ``None`` (plain CAM).
+
+    Returns:
+        ``(logits [B, C], cams [B, C, h, w])`` with ``cams_c = (1 + psi_c) * sum_k weight[c, k] features[:, k]``
+        and ``logits_c = mean over (h, w) of cams_c + bias_c``. Differentiable in every tensor argument.
+    """
+    logits, cams, _ = torch.ops.dmfast.attention_cam.default(features, weight, bias, masks)
+    return logits, cams
 
 
 def _check_affine_smooth_shapes(images: Tensor, theta: Tensor, pool: int) -> None:
@@ -96,9 +131,86 @@ def _affine_smooth_backward(ctx, grad_output):
 
 
 def _no_double_backward(ctx, *grads):
-    raise RuntimeError("dmfast.affine_smooth: double backward (gradient of the gradient) is not supported")
+    raise RuntimeError("dmfast: double backward (gradient of the gradient) of the fused ops is not supported")
 
 
+@torch.library.register_fake("dmfast::mask_attention")
+def _mask_attention_fake(features, masks):
+    torch._check(features.dim() == 4 and masks.dim() == 4, lambda: "mask_attention: features and masks must be 4-d")
+    return features.new_empty(features.shape)
+
+
+@torch.library.register_fake("dmfast::mask_attention_backward")
+def _mask_attention_backward_fake(grad_output, features, masks, output_mask):
+    return (features.new_empty(features.shape if output_mask[0] else (0,)),
+            masks.new_empty(masks.shape if output_mask[1] else (0,)))
+
+
+def _mask_attention_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _mask_attention_backward(ctx, grad_output):
+    features, masks = ctx.saved_tensors
+    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
+    grads = torch.ops.dmfast.mask_attention_backward.default(grad_output, features, masks, need)
+    return tuple(g if n else None for g, n in zip(grads, need))
+
+
+@torch.library.register_fake("dmfast::attention_cam")
+def _attention_cam_fake(features, weight, bias, masks):
+    torch._check(features.dim() == 4 and weight.dim() == 2, lambda: "attention_cam: features [B,K,h,w], weight [C,K]")
+    batch, _, height, width = features.shape
+    classes = weight.shape[0]
+    cams = features.new_empty((batch, classes, height, width))
+    return features.new_empty((batch, classes)), cams, features.new_empty((batch, classes, height, width))
+
+
+@torch.library.register_fake("dmfast::attention_cam_backward")
+def _attention_cam_backward_fake(grad_logits, grad_cams, grad_plain_cams, features, weight, plain_cams, masks,
+                                 output_mask):
+    empty = features.new_empty((0,))
+    if masks is None and grad_cams is None and grad_plain_cams is None and output_mask[0]:
+        # logits-only plain head: d features is constant over the pixels and comes back broadcast
+        batch, channels, height, width = features.shape
+        grad_features = features.new_empty((batch, channels, 1, 1)).expand(batch, channels, height, width)
+    else:
+        grad_features = features.new_empty(features.shape) if output_mask[0] else empty
+    return (
+        grad_features,
+        weight.new_empty(weight.shape) if output_mask[1] else empty,
+        weight.new_empty(weight.shape[:1]) if output_mask[2] else empty,
+        masks.new_empty(masks.shape) if output_mask[3] and masks is not None else empty,
+    )
+
+
+def _attention_cam_setup_context(ctx, inputs, output):
+    features, weight, bias, masks = inputs
+    ctx.save_for_backward(features, weight, output[2], masks)
+    ctx.set_materialize_grads(False)  # unused outputs give None: the kernel then skips their paths
+
+
+def _attention_cam_backward(ctx, grad_logits, grad_cams, grad_plain_cams):
+    features, weight, plain_cams, masks = ctx.saved_tensors
+    need = [bool(ctx.needs_input_grad[i]) for i in range(4)]
+    grads = torch.ops.dmfast.attention_cam_backward.default(
+        grad_logits, grad_cams, grad_plain_cams, features, weight, plain_cams, masks, need
+    )
+    return tuple(g if n else None for g, n in zip(grads, need))
+
+
+torch.library.register_autograd(
+    "dmfast::mask_attention", _mask_attention_backward, setup_context=_mask_attention_setup_context
+)
+torch.library.register_autograd(
+    "dmfast::mask_attention_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+)
+torch.library.register_autograd(
+    "dmfast::attention_cam", _attention_cam_backward, setup_context=_attention_cam_setup_context
+)
+torch.library.register_autograd(
+    "dmfast::attention_cam_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+)
 torch.library.register_autograd(
     "dmfast::affine_smooth", _affine_smooth_backward, setup_context=_affine_smooth_setup_context
 )

@@ -14,3 +14,40 @@ def affine_smooth(images: Tensor, theta: Tensor, pool: int = 16) -> Tensor:
         return warped
     pooled = F.avg_pool2d(warped, pool)
     return F.interpolate(pooled, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def mask_attention(features: Tensor, masks: Tensor) -> Tensor:
+    """Eq. 4: f' = psi * f + f, with masks broadcast over batch and/or channels."""
+    return masks * features + features
+
+
+def attention_cam_literal(features: Tensor, weight: Tensor, bias: Tensor, masks: Tensor | None = None):
+    """Eq. 4 then Eq. 5 as written: one attended copy of the features per class ([B, C, K, h, w]), then
+    S_c = sum_k w_kc f'_k and the logit is its spatial mean plus bias. Memory grows with C * K."""
+    if masks is None:
+        attended = features[:, None].expand(-1, weight.shape[0], -1, -1, -1)
+    else:
+        psi = masks if masks.dim() == 4 else masks.unsqueeze(0)
+        attended = psi[:, :, None] * features[:, None] + features[:, None]  # [B, C, K, h, w]
+    cams = (weight[None, :, :, None, None] * attended).sum(2)
+    return cams.mean((2, 3)) + bias, cams
+
+
+def attention_cam(features: Tensor, weight: Tensor, bias: Tensor, masks: Tensor | None = None):
+    """The best eager form of the attention CAM head: contraction over channels first (einsum on BLAS), then
+    the per-class mask scaling S_c = (1 + psi_c) (W f)_c, then the spatial mean plus bias."""
+    cams = torch.einsum("ck,bkhw->bchw", weight, features)
+    if masks is not None:
+        cams = cams * (1 + masks)
+    return cams.mean((2, 3)) + bias, cams
+
+
+def attention_cam_batched_matmul(features: Tensor, weight: Tensor, bias: Tensor, masks: Tensor | None = None):
+    """The same head with the contraction as one batched matmul (the weight broadcast over the batch), the
+    fastest eager formulation we found on CPU: a stronger baseline than the einsum form."""
+    batch, channels, height, width = features.shape
+    cams = torch.bmm(weight.expand(batch, -1, -1), features.reshape(batch, channels, -1))
+    cams = cams.view(batch, -1, height, width)
+    if masks is not None:
+        cams = torch.addcmul(cams, cams, masks)
+    return cams.mean((2, 3)) + bias, cams

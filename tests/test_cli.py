@@ -50,6 +50,18 @@ def test_demo_rejects_bad_size(tmp_path):
     assert result.exit_code != 0 and "multiple of --pool" in str(result.exception)
 
 
+def test_attention_cam_benchmark_script_writes_json(tmp_path):
+    from benchmarks.attention_cam import main as bench_main
+
+    out = tmp_path / "bench.json"
+    bench_main(["--batch", "2", "--channels", "8", "--size", "4", "--classes", "3", "--min-run-time", "0.01",
+                "--rounds", "1", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    impls = {r["implementation"] for r in payload["results"]}
+    assert impls == {"fused", "eager einsum", "eager bmm", "literal"}
+    assert len(payload["results"]) == 4 * 4
+
+
 def test_benchmark_script_writes_json(tmp_path):
     from benchmarks.affine_smooth import main as bench_main
 

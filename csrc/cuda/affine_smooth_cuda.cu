@@ -4,8 +4,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
@@ -14,12 +12,10 @@
 
 #include "../affine_smooth.h"
 #include "../checks.h"
+#include "launch.cuh"
 
 namespace dmfast {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int kWarp = 32;
 
 template <typename T>
 __device__ __forceinline__ T value_or_zero(const T* plane, int64_t y, int64_t x, int64_t H, int64_t W) {
@@ -46,12 +42,6 @@ __device__ __forceinline__ void corner_values(const scalar_t* plane, const Corne
   v[1] = T(value_or_zero(plane, c.y0, c.x0 + 1, H, W));
   v[2] = T(value_or_zero(plane, c.y0 + 1, c.x0, H, W));
   v[3] = T(value_or_zero(plane, c.y0 + 1, c.x0 + 1, H, W));
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-  return v;
 }
 
 // One (image, channel, cell) per group of `lanes` threads (1, or a whole warp for large pools); the lanes stride
@@ -191,8 +181,6 @@ __global__ void theta_grad_kernel(const T* __restrict__ partial, int64_t B, int6
   }
   theta_grad_from_moments(total, H, W, grad_theta + 6 * b);
 }
-
-int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
 
 at::Tensor affine_smooth_cuda(const at::Tensor& images_in, const at::Tensor& theta, int64_t pool) {
   check_affine_smooth_args(images_in, theta, pool, c10::DeviceType::CUDA);

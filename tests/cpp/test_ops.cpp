@@ -58,6 +58,26 @@ int main() {
     std::snprintf(what, sizeof what, "backward theta, pool %lld", static_cast<long long>(pool));
     expect_close(grad_theta, theta_var.grad(), what);
   }
+  {
+    const auto mask_attention = c10::Dispatcher::singleton()
+                                    .findSchemaOrThrow("dmfast::mask_attention", "")
+                                    .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+    const auto features = at::randn({2, 5, 4, 6}, options), masks = at::rand({1, 5, 4, 6}, options);
+    expect_close(mask_attention.call(features, masks), features * (1 + masks), "mask_attention");
+
+    const auto attention_cam =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("dmfast::attention_cam", "")
+            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                  const at::Tensor&, const std::optional<at::Tensor>&)>();
+    const auto weight = at::randn({3, 5}, options), bias = at::randn({3}, options);
+    const auto class_masks = at::rand({3, 4, 6}, options);
+    const auto [logits, cams, plain] = attention_cam.call(features, weight, bias, class_masks);
+    const auto expected_plain = at::einsum("ck,bkhw->bchw", {weight, features});
+    expect_close(plain, expected_plain, "attention_cam plain maps");
+    expect_close(cams, expected_plain * (1 + class_masks), "attention_cam attended maps");
+    expect_close(logits, cams.mean({2, 3}) + bias, "attention_cam logits");
+  }
   bool rejected = false;
   try {
     forward.call(at::rand({1, 1, 30, 30}, options), at::eye(3, options).narrow(0, 0, 2).unsqueeze(0), 16);
