@@ -37,8 +37,10 @@ test: build
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 bench: build
+	$(PY) -m pip install -q opencv-python-headless
 	$(PY) -m benchmarks.affine_smooth
 	$(PY) -m benchmarks.attention_cam
+	$(PY) -m benchmarks.cam_boxes
 	$(PY) -m pytest benchmarks --benchmark-enable --benchmark-only -q
 
 # Compile (and link) the CUDA kernels for sm_80 and sm_90 without a GPU, into build-cuda/, so they never rot.

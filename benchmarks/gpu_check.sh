@@ -18,5 +18,6 @@ make build
 "$PY" -c 'import dmfast, torch; assert dmfast._C.built_with_cuda() and torch.cuda.is_available(), "no CUDA build/GPU"; print("GPU:", torch.cuda.get_device_name())'
 "$PY" -m pytest tests -q -k "cuda" -p no:cacheprovider
 "$PY" -m benchmarks.affine_smooth --device cuda --min-run-time 0.5
-"$PY" -m benchmarks.attention_cam --device cuda --min-run-time 0.5
+"$PY" -m benchmarks.attention_cam --device cuda --min-run-time 0.5 --skip-literal
+"$PY" -m benchmarks.cam_boxes --device cuda --min-run-time 0.5 --rounds 1
 echo "gpu_check: done in $(( $(date +%s) - start )) s"

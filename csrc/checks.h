@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/all.h>
 #include <ATen/ops/isfinite.h>
+#include <ATen/ops/nonzero.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -95,6 +96,32 @@ inline void check_attention_cam_args(const at::Tensor& features, const at::Tenso
                 ": masks must be [C, h, w] or [B, C, h, w] = [", features.size(0), ", ", weight.size(0), ", ",
                 features.size(2), ", ", features.size(3), "], got shape ", m.sizes());
     check_same(op, "masks", m, "features", features);
+  }
+}
+
+// cams [N, h, w] or [B, C, h, w] of finite floats (the first bad map is named), size (H, W) >= 1, thresholds in
+// [0, 1], max_boxes >= 1, score "max" or "mean".
+inline void check_cam_boxes_args(const at::Tensor& cams, at::IntArrayRef size, at::ArrayRef<double> thresholds,
+                                 int64_t max_boxes, c10::string_view score) {
+  const char* op = "cam_boxes";
+  TORCH_CHECK(cams.dim() == 3 || cams.dim() == 4, op, ": cams must be [N, h, w] or [B, C, h, w], got shape ",
+              cams.sizes());
+  TORCH_CHECK(cams.size(-1) > 0 && cams.size(-2) > 0, op, ": maps must have h, w > 0, got shape ", cams.sizes());
+  check_float_dtype(op, "cams", cams);
+  TORCH_CHECK(size.size() == 2 && size[0] > 0 && size[1] > 0, op, ": size must be (H, W) with H, W >= 1, got ",
+              size);
+  TORCH_CHECK(!thresholds.empty(), op, ": give at least one threshold");
+  for (const double t : thresholds) {
+    TORCH_CHECK(t >= 0.0 && t <= 1.0, op, ": thresholds are fractions of the normalised range, in [0, 1]; got ", t);
+  }
+  TORCH_CHECK(max_boxes >= 1, op, ": max_boxes must be >= 1, got ", max_boxes);
+  TORCH_CHECK(score == "max" || score == "mean", op, ": score must be \"max\" or \"mean\", got \"", score, "\"");
+  if (cams.numel() == 0) return;
+  const at::Tensor finite = at::isfinite(cams.reshape({-1, cams.size(-2) * cams.size(-1)})).all(1);
+  if (!finite.all().item<bool>()) {
+    const int64_t bad = (~finite).nonzero()[0][0].item<int64_t>();
+    TORCH_CHECK(false, op, ": map ", bad, " (flattened index over the leading dimensions) contains NaN or infinite "
+                "values");
   }
 }
 

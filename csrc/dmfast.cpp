@@ -24,4 +24,12 @@ TORCH_LIBRARY(dmfast, m) {
   m.def(
       "attention_cam_backward(Tensor? grad_logits, Tensor? grad_cams, Tensor? grad_plain_cams, Tensor features,"
       " Tensor weight, Tensor plain_cams, Tensor? masks, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // CAMs -> boxes (Wang et al., CVPR 2017): per map, min-max normalise, bilinearly upsample to size (on the fly),
+  // threshold at each level, label 8-connected components and box them. cams is [N, h, w]; returns boxes
+  // [N, max_boxes, 4] (x0, y0, x1, y1; int64, padded with 0), scores [N, max_boxes] (float64, padded with 0),
+  // counts [N] (all components found, also beyond max_boxes). score is "max" or "mean".
+  m.def(
+      "cam_boxes(Tensor cams, int[2] size, float[] thresholds, int max_boxes, str score)"
+      " -> (Tensor boxes, Tensor scores, Tensor counts)");
 }

@@ -7,4 +7,4 @@ Importing the package loads the compiled extension, which registers the ops unde
 __version__ = "0.1.0"
 
 from . import ops  # noqa: E402,F401  (registers fake kernels and autograd formulas)
-from .ops import affine_matrix, affine_smooth, attention_cam, mask_attention  # noqa: E402,F401
+from .ops import affine_matrix, affine_smooth, attention_cam, cam_boxes, mask_attention  # noqa: E402,F401

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (loading the extension registers the ops)
 
-__all__ = ["affine_smooth", "affine_matrix", "mask_attention", "attention_cam"]
+__all__ = ["affine_smooth", "affine_matrix", "mask_attention", "attention_cam", "cam_boxes"]
 
 
 def affine_smooth(images: Tensor, theta: Tensor, pool: int = 16) -> Tensor:
@@ -87,6 +87,34 @@ def attention_cam(features: Tensor, weight: Tensor, bias: Tensor, masks: Tensor 
     return logits, cams
 
 
+def cam_boxes(cams: Tensor, size, threshold, max_boxes: int = 16, score: str = "max"):
+    """Turn class activation maps into boxes, the ChestX-ray8 way (Wang et al., CVPR 2017), for a whole batch.
+
+    Each map is min-max normalised to [0, 1], bilinearly upsampled to ``size`` (``align_corners=False``; computed
+    row by row, never materialised), thresholded (a pixel is foreground when its value is ``>= threshold``), and
+    every 8-connected foreground region gives a box. Wang et al. normalise to [0, 255] and threshold at 60 and 180:
+    pass ``threshold=(60/255, 180/255)`` for their two-level scheme, whose boxes are pooled per map.
+
+    Args:
+        cams: ``[N, h, w]`` or ``[B, C, h, w]`` finite float maps (NaN or inf raise an error naming the map).
+        size: ``(H, W)`` of the image the boxes are reported in (pixels of the upsampled map).
+        threshold: a fraction in [0, 1] or a sequence of them.
+        max_boxes: boxes kept per map (the best by score).
+        score: ``"max"`` (default; the peak normalised activation inside the region, robust to region size) or
+            ``"mean"`` (the mean normalised activation inside it).
+
+    Returns:
+        ``boxes [..., max_boxes, 4]`` int64 ``(x0, y0, x1, y1)``, inclusive-exclusive pixels; ``scores
+        [..., max_boxes]`` float64; ``counts [...]`` int64, the number of regions found (may exceed ``max_boxes``).
+        Boxes are sorted by score (highest first; ties by threshold level, then raster order of the region's first
+        pixel). Entries past ``min(count, max_boxes)`` are zero. A constant map has no region: count 0.
+        Not differentiable.
+    """
+    levels = [float(threshold)] if isinstance(threshold, (int, float)) else [float(t) for t in threshold]
+    height, width = (int(v) for v in size)
+    return torch.ops.dmfast.cam_boxes.default(cams.detach(), [height, width], levels, int(max_boxes), score)
+
+
 def _check_affine_smooth_shapes(images: Tensor, theta: Tensor, pool: int) -> None:
     torch._check(images.dim() == 4, lambda: f"affine_smooth: images must be [B, C, H, W], got {tuple(images.shape)}")
     torch._check(
@@ -132,6 +160,15 @@ def _affine_smooth_backward(ctx, grad_output):
 
 def _no_double_backward(ctx, *grads):
     raise RuntimeError("dmfast: double backward (gradient of the gradient) of the fused ops is not supported")
+
+
+@torch.library.register_fake("dmfast::cam_boxes")
+def _cam_boxes_fake(cams, size, thresholds, max_boxes, score):
+    torch._check(cams.dim() in (3, 4), lambda: "cam_boxes: cams must be [N, h, w] or [B, C, h, w]")
+    lead = tuple(cams.shape[:-2])
+    return (cams.new_empty((*lead, max_boxes, 4), dtype=torch.long),
+            cams.new_empty((*lead, max_boxes), dtype=torch.float64),
+            cams.new_empty(lead, dtype=torch.long))
 
 
 @torch.library.register_fake("dmfast::mask_attention")

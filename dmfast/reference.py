@@ -51,3 +51,41 @@ def attention_cam_batched_matmul(features: Tensor, weight: Tensor, bias: Tensor,
     if masks is not None:
         cams = torch.addcmul(cams, cams, masks)
     return cams.mean((2, 3)) + bias, cams
+
+
+def cam_boxes(cams: Tensor, size, thresholds, max_boxes: int, score: str = "max"):
+    """CAM -> boxes the ChestX-ray8 way, step by step: min-max normalise each map, ``F.interpolate`` it to ``size``
+    (bilinear, align_corners=False), threshold (``>=``), label 8-connected components with ``scipy.ndimage.label``
+    and box them with ``find_objects``. Same outputs and ranking as :func:`dmfast.ops.cam_boxes`."""
+    import numpy as np
+    from scipy import ndimage
+
+    thresholds = [float(thresholds)] if isinstance(thresholds, (int, float)) else [float(t) for t in thresholds]
+    lead, (h, w) = cams.shape[:-2], cams.shape[-2:]
+    maps = cams.detach().reshape(-1, h, w).to("cpu", torch.float64)
+    low, high = maps.amin((1, 2), keepdim=True), maps.amax((1, 2), keepdim=True)
+    normalised = (maps - low) / (high - low).clamp_min(torch.finfo(torch.float64).tiny)
+    upsampled = F.interpolate(normalised[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    n = maps.shape[0]
+    boxes = torch.zeros(n, max_boxes, 4, dtype=torch.long)
+    scores = torch.zeros(n, max_boxes, dtype=torch.float64)
+    counts = torch.zeros(n, dtype=torch.long)
+    for i in range(n):
+        if not high[i] > low[i]:
+            continue
+        image = upsampled[i].numpy()
+        found = []
+        for level, threshold in enumerate(thresholds):
+            labels, count = ndimage.label(image >= threshold, structure=np.ones((3, 3), dtype=int))
+            if count == 0:
+                continue
+            index = np.arange(1, count + 1)
+            values = (ndimage.maximum if score == "max" else ndimage.mean)(image, labels, index)
+            for label, (rows, cols) in enumerate(ndimage.find_objects(labels)):
+                found.append((-float(values[label]), level, label, (cols.start, rows.start, cols.stop, rows.stop)))
+        found.sort()
+        counts[i] = len(found)
+        for k, (neg_score, _, _, box) in enumerate(found[:max_boxes]):
+            boxes[i, k] = torch.tensor(box)
+            scores[i, k] = -neg_score
+    return (boxes.view(*lead, max_boxes, 4), scores.view(*lead, max_boxes), counts.view(lead))

@@ -62,6 +62,18 @@ def test_attention_cam_benchmark_script_writes_json(tmp_path):
     assert len(payload["results"]) == 4 * 4
 
 
+def test_cam_boxes_benchmark_script_writes_json(tmp_path):
+    from benchmarks.cam_boxes import main as bench_main
+
+    out = tmp_path / "bench.json"
+    bench_main(["--batch", "2", "--classes", "2", "--image-size", "64", "--min-run-time", "0.01", "--rounds", "1",
+                "--out", str(out)])
+    payload = json.loads(out.read_text())
+    impls = {r["implementation"] for r in payload["results"]}
+    assert {"fused", "scipy label + find_objects"} <= impls
+    assert payload["config"]["fused_ms_per_megapixel"] > 0
+
+
 def test_benchmark_script_writes_json(tmp_path):
     from benchmarks.affine_smooth import main as bench_main
 

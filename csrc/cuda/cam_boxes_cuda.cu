@@ -1,0 +1,289 @@
+// CUDA kernel of dmfast::cam_boxes: one launch over all maps. A block takes one map at a time (grid-stride) and
+// works in its own slice of a global scratch buffer: normalise the map, then per threshold level label the
+// thresholded upsampled image with lock-free union-find (atomicMin on parent links, so every root is its
+// component's raster-first pixel, the order scipy numbers components in), gather each component's box and
+// activation statistics at its root with atomics, and merge the level's best components into the map's ranked
+// output. The only host synchronisation is the finiteness check of the arguments.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../cam_boxes.h"
+#include "../checks.h"
+#include "launch.cuh"
+
+namespace dmfast {
+namespace {
+
+constexpr int kBlock = 512;
+constexpr int64_t kMaxSlots = 64;                 // maps processed at once (each with its own scratch)
+constexpr int64_t kScratchBudget = int64_t(1) << 30;  // bytes of scratch at most
+
+// Per-slot scratch, laid out as separate arrays of length H * W (pixels) or h * w (the normalised map).
+struct Scratch {
+  double* map;
+  int32_t* parent;
+  int32_t *x0, *y0, *x1, *y1, *count;
+  unsigned long long* max_bits;  // non-negative doubles order like their bit patterns
+  double* sum;
+  int32_t* roots;  // the level's component roots, compacted
+  double* rank_score;
+
+  static int64_t bytes_per_pixel() { return 4 * 7 + 8 * 3; }
+};
+
+__device__ __forceinline__ int32_t find_root(const int32_t* parent, int32_t p) {
+  while (true) {
+    const int32_t q = static_cast<const volatile int32_t*>(parent)[p];
+    if (q == p) return p;
+    p = q;
+  }
+}
+
+__device__ __forceinline__ void unite(int32_t* parent, int32_t a, int32_t b) {
+  while (true) {
+    a = find_root(parent, a), b = find_root(parent, b);
+    if (a == b) return;
+    if (a > b) {
+      const int32_t t = a;
+      a = b, b = t;
+    }
+    const int32_t old = atomicMin(parent + b, a);
+    if (old == b) return;
+    b = old;
+  }
+}
+
+__device__ __forceinline__ double pixel_value(const double* map, int64_t h, int64_t w, int64_t H, int64_t W,
+                                              int64_t y, int64_t x) {
+  return bilinear(map, w, upsample_tap(y, h, H), upsample_tap(x, w, W));
+}
+
+struct Candidate {
+  double score;
+  int64_t level, first;
+  int64_t box[4];
+};
+
+__device__ __forceinline__ bool better(const Candidate& a, const Candidate& b) {
+  if (a.score != b.score) return a.score > b.score;
+  if (a.level != b.level) return a.level < b.level;
+  return a.first < b.first;
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kBlock) cam_boxes_kernel(const scalar_t* __restrict__ cams, int64_t N, int64_t h,
+                                                            int64_t w, int64_t H, int64_t W,
+                                                            const double* __restrict__ levels, int64_t num_levels,
+                                                            int64_t max_boxes, bool mean, Scratch* scratch,
+                                                            int64_t* __restrict__ boxes, double* __restrict__ scores,
+                                                            int64_t* __restrict__ counts) {
+  __shared__ double reduce_a[kBlock], reduce_b[kBlock];
+  __shared__ int32_t reduce_i[kBlock];
+  __shared__ int32_t num_roots;
+  __shared__ int64_t kept;
+  __shared__ bool stop;
+  const Scratch s = scratch[blockIdx.x];
+  const int64_t P = H * W, tid = threadIdx.x;
+
+  for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
+    // Normalise the map (min-max) into scratch.
+    const scalar_t* m = cams + n * h * w;
+    double lo = INFINITY, hi = -INFINITY;
+    for (int64_t k = tid; k < h * w; k += kBlock) lo = fmin(lo, double(m[k])), hi = fmax(hi, double(m[k]));
+    reduce_a[tid] = lo, reduce_b[tid] = hi;
+    __syncthreads();
+    for (int stride = kBlock / 2; stride > 0; stride /= 2) {
+      if (tid < stride) {
+        reduce_a[tid] = fmin(reduce_a[tid], reduce_a[tid + stride]);
+        reduce_b[tid] = fmax(reduce_b[tid], reduce_b[tid + stride]);
+      }
+      __syncthreads();
+    }
+    lo = reduce_a[0], hi = reduce_b[0];
+    __syncthreads();
+    if (!(hi > lo)) continue;  // constant map: no region (outputs are pre-zeroed); uniform over the block
+    for (int64_t k = tid; k < h * w; k += kBlock) s.map[k] = (double(m[k]) - lo) / (hi - lo);
+    if (tid == 0) kept = 0;
+    int64_t total = 0;
+    __syncthreads();
+
+    for (int64_t level = 0; level < num_levels; ++level) {
+      const double threshold = levels[level];
+      for (int64_t p = tid; p < P; p += kBlock) {
+        const bool fg = pixel_value(s.map, h, w, H, W, p / W, p % W) >= threshold;
+        s.parent[p] = fg ? int32_t(p) : -1;
+      }
+      __syncthreads();
+      // 8-connectivity: link to the foreground among left, up-left, up, up-right.
+      for (int64_t p = tid; p < P; p += kBlock) {
+        if (s.parent[p] < 0) continue;
+        const int64_t y = p / W, x = p % W;
+        if (x > 0 && s.parent[p - 1] >= 0) unite(s.parent, int32_t(p), int32_t(p - 1));
+        if (y > 0) {
+          for (int64_t dx = -1; dx <= 1; ++dx) {
+            const int64_t nx = x + dx;
+            if (nx >= 0 && nx < W && s.parent[p - W + dx] >= 0) unite(s.parent, int32_t(p), int32_t(p - W + dx));
+          }
+        }
+      }
+      if (tid == 0) num_roots = 0;
+      __syncthreads();
+      for (int64_t p = tid; p < P; p += kBlock) {
+        if (s.parent[p] < 0) continue;
+        const int32_t root = find_root(s.parent, int32_t(p));
+        s.parent[p] = root;
+        if (root == p) {
+          s.x0[p] = int32_t(W), s.y0[p] = int32_t(H), s.x1[p] = 0, s.y1[p] = 0, s.count[p] = 0;
+          s.max_bits[p] = 0ull, s.sum[p] = 0.0;
+          s.roots[atomicAdd(&num_roots, 1)] = int32_t(p);
+        }
+      }
+      __syncthreads();
+      for (int64_t p = tid; p < P; p += kBlock) {
+        const int32_t root = s.parent[p];
+        if (root < 0) continue;
+        const int64_t y = p / W, x = p % W;
+        const double value = pixel_value(s.map, h, w, H, W, y, x);
+        atomicMin(s.x0 + root, int32_t(x)), atomicMin(s.y0 + root, int32_t(y));
+        atomicMax(s.x1 + root, int32_t(x + 1)), atomicMax(s.y1 + root, int32_t(y + 1));
+        atomicAdd(s.count + root, 1);
+        atomicMax(s.max_bits + root, static_cast<unsigned long long>(__double_as_longlong(value)));
+        atomicAdd(s.sum + root, value);
+      }
+      __syncthreads();
+      const int32_t roots = num_roots;
+      total += roots;
+      for (int64_t c = tid; c < roots; c += kBlock) {
+        const int32_t r = s.roots[c];
+        s.rank_score[c] = mean ? s.sum[r] / double(s.count[r]) : __longlong_as_double(s.max_bits[r]);
+      }
+      __syncthreads();
+      // Take the level's components best first and insert them into the map's ranked list until one would fall
+      // outside it.
+      for (int64_t round = 0; round < max_boxes && round < roots; ++round) {
+        int32_t best = -1;
+        for (int64_t c = tid; c < roots; c += kBlock) {
+          if (s.rank_score[c] < 0) continue;  // taken
+          if (best < 0 || s.rank_score[c] > s.rank_score[best] ||
+              (s.rank_score[c] == s.rank_score[best] && s.roots[c] < s.roots[best])) {
+            best = int32_t(c);
+          }
+        }
+        reduce_i[tid] = best;
+        __syncthreads();
+        for (int stride = kBlock / 2; stride > 0; stride /= 2) {
+          if (tid < stride) {
+            const int32_t a = reduce_i[tid], b = reduce_i[tid + stride];
+            if (b >= 0 && (a < 0 || s.rank_score[b] > s.rank_score[a] ||
+                           (s.rank_score[b] == s.rank_score[a] && s.roots[b] < s.roots[a]))) {
+              reduce_i[tid] = b;
+            }
+          }
+          __syncthreads();
+        }
+        if (tid == 0) {
+          const int32_t winner = reduce_i[0];
+          const int32_t r = s.roots[winner];
+          const Candidate cand{s.rank_score[winner], level, int64_t(r), {s.x0[r], s.y0[r], s.x1[r], s.y1[r]}};
+          s.rank_score[winner] = -1.0;
+          int64_t* out_boxes = boxes + n * max_boxes * 4;
+          double* out_scores = scores + n * max_boxes;
+          // Existing entries come from earlier levels, so they win ties on level; compare on score only.
+          int64_t pos = kept;
+          while (pos > 0 && cand.score > out_scores[pos - 1]) --pos;
+          if (pos < max_boxes) {
+            for (int64_t k = kept < max_boxes - 1 ? kept : max_boxes - 1; k > pos; --k) {
+              out_scores[k] = out_scores[k - 1];
+              for (int e = 0; e < 4; ++e) out_boxes[k * 4 + e] = out_boxes[(k - 1) * 4 + e];
+            }
+            out_scores[pos] = cand.score;
+            for (int e = 0; e < 4; ++e) out_boxes[pos * 4 + e] = cand.box[e];
+            kept = kept + 1 < max_boxes ? kept + 1 : max_boxes;
+          }
+          stop = pos >= max_boxes;
+        }
+        __syncthreads();
+        if (stop) break;
+      }
+      __syncthreads();
+    }
+    if (tid == 0) counts[n] = total;
+    __syncthreads();
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_boxes_cuda(const at::Tensor& cams_in, at::IntArrayRef size,
+                                                              at::ArrayRef<double> thresholds, int64_t max_boxes,
+                                                              c10::string_view score) {
+  check_cam_boxes_args(cams_in, size, thresholds, max_boxes, score);
+  const c10::cuda::CUDAGuard guard(cams_in.device());
+  const at::Tensor cams = cams_in.reshape({-1, cams_in.size(-2), cams_in.size(-1)}).contiguous();
+  const int64_t N = cams.size(0), h = cams.size(1), w = cams.size(2), H = size[0], W = size[1];
+  TORCH_CHECK(H * W < (int64_t(1) << 31), "cam_boxes: the CUDA kernel labels images of fewer than 2^31 pixels");
+  const auto options = cams.options();
+  at::Tensor boxes = at::zeros({N, max_boxes, 4}, options.dtype(at::kLong));
+  at::Tensor scores = at::zeros({N, max_boxes}, options.dtype(at::kDouble));
+  at::Tensor counts = at::zeros({N}, options.dtype(at::kLong));
+  const auto lead = cams_in.sizes().slice(0, cams_in.dim() - 2);
+  std::vector<int64_t> box_shape(lead.begin(), lead.end()), score_shape(lead.begin(), lead.end());
+  box_shape.insert(box_shape.end(), {max_boxes, 4});
+  score_shape.push_back(max_boxes);
+  if (N == 0) return {boxes.view(box_shape), scores.view(score_shape), counts.view(lead)};
+
+  const int64_t pixels = H * W;
+  const int64_t slot_bytes = pixels * Scratch::bytes_per_pixel() + h * w * 8;
+  const int64_t slots = std::max<int64_t>(1, std::min({N, kMaxSlots, kScratchBudget / slot_bytes}));
+  at::Tensor arena = at::empty({slots * (slot_bytes + 64)}, options.dtype(at::kByte));
+  std::vector<Scratch> host(slots);
+  uint8_t* base = arena.mutable_data_ptr<uint8_t>();
+  for (int64_t k = 0; k < slots; ++k) {
+    // Eight-byte arrays first keep every array aligned.
+    uint8_t* p = base + k * (slot_bytes + 64);
+    const auto take = [&](int64_t bytes) {
+      uint8_t* q = p;
+      p += bytes;
+      return q;
+    };
+    host[k].map = reinterpret_cast<double*>(take(h * w * 8));
+    host[k].max_bits = reinterpret_cast<unsigned long long*>(take(pixels * 8));
+    host[k].sum = reinterpret_cast<double*>(take(pixels * 8));
+    host[k].rank_score = reinterpret_cast<double*>(take(pixels * 8));
+    host[k].parent = reinterpret_cast<int32_t*>(take(pixels * 4));
+    host[k].x0 = reinterpret_cast<int32_t*>(take(pixels * 4));
+    host[k].y0 = reinterpret_cast<int32_t*>(take(pixels * 4));
+    host[k].x1 = reinterpret_cast<int32_t*>(take(pixels * 4));
+    host[k].y1 = reinterpret_cast<int32_t*>(take(pixels * 4));
+    host[k].count = reinterpret_cast<int32_t*>(take(pixels * 4));
+    host[k].roots = reinterpret_cast<int32_t*>(take(pixels * 4));
+  }
+  // The slot table and the levels travel in small stream-ordered host-to-device copies.
+  at::Tensor table = at::empty({int64_t(slots * sizeof(Scratch))}, at::TensorOptions().dtype(at::kByte));
+  std::memcpy(table.mutable_data_ptr<uint8_t>(), host.data(), slots * sizeof(Scratch));
+  const at::Tensor table_d = table.to(cams.device(), /*non_blocking=*/false);
+  at::Tensor levels_host = at::empty({int64_t(thresholds.size())}, at::TensorOptions().dtype(at::kDouble));
+  std::copy(thresholds.begin(), thresholds.end(), levels_host.mutable_data_ptr<double>());
+  const at::Tensor levels = levels_host.to(cams.device());
+  const bool mean = score == "mean";
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cams.scalar_type(), "cam_boxes_cuda", [&] {
+    cam_boxes_kernel<scalar_t><<<slots, kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        cams.const_data_ptr<scalar_t>(), N, h, w, H, W, levels.const_data_ptr<double>(), levels.numel(), max_boxes,
+        mean, reinterpret_cast<Scratch*>(const_cast<uint8_t*>(table_d.const_data_ptr<uint8_t>())),
+        boxes.mutable_data_ptr<int64_t>(), scores.mutable_data_ptr<double>(), counts.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {boxes.view(box_shape), scores.view(score_shape), counts.view(lead)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dmfast, CUDA, m) { m.impl("cam_boxes", &cam_boxes_cuda); }
+
+}  // namespace dmfast

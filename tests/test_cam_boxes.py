@@ -1,0 +1,122 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dmfast import ops, reference
+
+
+def smooth_maps(n, h, w, gen):
+    """CAM-like maps: white noise blurred twice, so regions are blob-shaped."""
+    x = torch.randn(n, 1, h, w, generator=gen, dtype=torch.float64)
+    for _ in range(2):
+        x = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    return x[:, 0]
+
+
+def noise_maps(n, h, w, gen):
+    return torch.rand(n, h, w, generator=gen, dtype=torch.float64)
+
+
+def assert_same(got, want):
+    boxes, scores, counts = got
+    want_boxes, want_scores, want_counts = want
+    assert torch.equal(counts, want_counts)
+    assert torch.equal(boxes, want_boxes)
+    torch.testing.assert_close(scores, want_scores, rtol=1e-12, atol=1e-12)
+
+
+SIZES = [(16, 16, 512, 512), (16, 16, 64, 48), (7, 9, 70, 90), (32, 32, 32, 32), (1, 5, 8, 20), (13, 3, 13, 3)]
+
+
+@pytest.mark.parametrize("maps", [smooth_maps, noise_maps], ids=["smooth", "noise"])
+@pytest.mark.parametrize("h,w,H,W", SIZES, ids=[str(s) for s in SIZES])
+@pytest.mark.parametrize("score", ["max", "mean"])
+def test_matches_scipy_reference(device, maps, h, w, H, W, score, gen):
+    cams = maps(6, h, w, gen).to(device)
+    for thresholds in ([0.5], [60 / 255, 180 / 255], [0.0, 0.999]):
+        got = ops.cam_boxes(cams, (H, W), thresholds, max_boxes=5, score=score)
+        want = reference.cam_boxes(cams, (H, W), thresholds, max_boxes=5, score=score)
+        assert_same(tuple(t.cpu() for t in got), want)
+
+
+def test_all_4x4_binary_patterns_pass_through(device):
+    # Every 4x4 binary image, thresholded as is (the map already has the output size).
+    bits = torch.tensor(list(itertools.product([0.0, 1.0], repeat=16)), dtype=torch.float64)
+    cams = bits.view(-1, 4, 4).to(device)
+    boxes, scores, counts = ops.cam_boxes(cams, (4, 4), 0.5, max_boxes=8)
+    want_boxes, want_scores, want_counts = reference.cam_boxes(cams, (4, 4), 0.5, max_boxes=8)
+    assert torch.equal(counts.cpu(), want_counts) and torch.equal(boxes.cpu(), want_boxes)
+    constant = (bits.sum(1) == 0) | (bits.sum(1) == 16)
+    assert (counts.cpu()[constant] == 0).all() and (counts.cpu()[~constant] > 0).all()
+    assert counts.max() == 4  # 8-connectivity: at most 4 separate regions fit in 4x4 (e.g. pixels two apart)
+
+
+def test_batched_shape_float32_and_order(device, gen):
+    cams = smooth_maps(2 * 3, 16, 16, gen).view(2, 3, 16, 16).float().to(device)
+    boxes, scores, counts = ops.cam_boxes(cams, (128, 128), [0.3, 0.7], max_boxes=4)
+    assert boxes.shape == (2, 3, 4, 4) and scores.shape == (2, 3, 4) and counts.shape == (2, 3)
+    assert boxes.dtype == torch.long and scores.dtype == torch.float64
+    want = reference.cam_boxes(cams, (128, 128), [0.3, 0.7], max_boxes=4)
+    assert_same((boxes.cpu(), scores.cpu(), counts.cpu()), want)
+    valid = torch.arange(4, device=device) < counts.clamp(max=4)[..., None]
+    assert (scores[..., :-1] >= scores[..., 1:]).logical_or(~valid[..., 1:]).all()
+    assert (boxes[~valid] == 0).all() and (scores[~valid] == 0).all()
+
+
+def test_peak_is_found_where_planted(device):
+    cam = torch.zeros(1, 16, 16, dtype=torch.float64)
+    cam[0, 4:7, 10:13] = 1.0
+    boxes, scores, counts = ops.cam_boxes(cam.to(device), (512, 512), 0.5, max_boxes=2)
+    assert counts.item() == 1 and scores[0, 0].item() == 1.0
+    x0, y0, x1, y1 = boxes[0, 0].tolist()
+    # cells 10..12 of 16 cover pixels 320..415; bilinear ramps add up to half a cell each side
+    assert 304 <= x0 <= 320 and 416 <= x1 <= 432 and 112 <= y0 <= 128 and 224 <= y1 <= 240
+
+
+def test_constant_map_has_no_box(device):
+    boxes, scores, counts = ops.cam_boxes(torch.full((2, 8, 8), 3.0, device=device), (32, 32), 0.5)
+    assert (counts == 0).all() and (boxes == 0).all()
+
+
+def test_count_beyond_max_boxes(device, gen):
+    cams = noise_maps(1, 32, 32, gen).to(device)
+    _, _, counts = ops.cam_boxes(cams, (32, 32), 0.6, max_boxes=1)
+    _, _, want = reference.cam_boxes(cams, (32, 32), 0.6, max_boxes=1)
+    assert counts.item() == want.item() > 1
+
+
+def test_opcheck(device, gen):
+    cams = smooth_maps(3, 8, 8, gen).to(device)
+    torch.library.opcheck(torch.ops.dmfast.cam_boxes.default, (cams, [32, 32], [0.3, 0.6], 4, "max"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+BAD = [
+    ("rank", lambda c: (c[0], (8, 8), 0.5), "cams must be \\[N, h, w\\] or \\[B, C, h, w\\]"),
+    ("nan", lambda c: (c.index_fill(0, torch.tensor([1], device=c.device), float("nan")), (8, 8), 0.5),
+     "map 1 .* NaN or infinite"),
+    ("inf", lambda c: (c.index_fill(0, torch.tensor([2], device=c.device), float("inf")), (8, 8), 0.5),
+     "map 2 .* NaN or infinite"),
+    ("size", lambda c: (c, (0, 8), 0.5), "size must be \\(H, W\\)"),
+    ("threshold", lambda c: (c, (8, 8), 1.5), "thresholds are fractions"),
+    ("no threshold", lambda c: (c, (8, 8), []), "at least one threshold"),
+    ("integer", lambda c: (c.long(), (8, 8), 0.5), "must be float32 or float64"),
+]
+
+
+@pytest.mark.parametrize("name,args,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_inputs(device, name, args, message, gen):
+    cams = smooth_maps(3, 4, 4, gen).to(device)
+    with pytest.raises(RuntimeError, match=message):
+        ops.cam_boxes(*args(cams))
+
+
+def test_bad_score_and_max_boxes(gen):
+    cams = smooth_maps(1, 4, 4, gen)
+    with pytest.raises(RuntimeError, match='score must be "max" or "mean"'):
+        ops.cam_boxes(cams, (8, 8), 0.5, score="median")
+    with pytest.raises(RuntimeError, match="max_boxes must be >= 1"):
+        ops.cam_boxes(cams, (8, 8), 0.5, max_boxes=0)
