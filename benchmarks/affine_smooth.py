@@ -5,13 +5,11 @@
 Cases: forward, and forward + backward to theta (the alignment module's training step: images need no grad).
 """
 
-import argparse
-
 import torch
 
 from dmfast import ops, reference
 
-from .common import best_median_ms, environment, report
+from .common import best_median_ms, environment, parse, parser, report
 
 
 def make_inputs(batch, channels, size, device, dtype=torch.float32, seed=0):
@@ -30,8 +28,7 @@ def implementations(compile_reference: bool) -> dict:
 
 
 def run(args) -> dict:
-    threads = args.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
+    threads = args.threads
     images, theta, grad = make_inputs(args.batch, args.channels, args.size, args.device)
     theta_var = theta.clone().requires_grad_()
     pool = args.pool
@@ -50,21 +47,13 @@ def run(args) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's current count)")
+    p = parser(__doc__)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--channels", type=int, default=3)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--pool", type=int, default=16)
-    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each implementation's best is kept")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/affine_smooth-<device>.json)")
-    args = p.parse_args(argv)
-    if args.out is None:
-        args.out = f"benchmarks/results/affine_smooth-{args.device}.json"
-    return args
+    return parse(p, "affine_smooth", argv)
 
 
 def main(argv=None):

@@ -6,13 +6,11 @@ B=32, K=2048, 16x16, C=14 (a ResNet-50 head at 512 px) in float32. The loss is t
 logits (and, in the "+cams" case, also the maps). The literal form builds a [B, C, K, h, w] tensor (~0.9 GB).
 """
 
-import argparse
-
 import torch
 
 from dmfast import ops, reference
 
-from .common import best_median_ms, environment, report
+from .common import best_median_ms, environment, parse, parser, report
 
 IMPLEMENTATIONS = {
     "fused": ops.attention_cam,
@@ -32,8 +30,7 @@ def make_inputs(batch, channels, size, classes, device, seed=0):
 
 
 def run(args) -> dict:
-    threads = args.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
+    threads = args.threads
     features, weight, bias, masks = make_inputs(args.batch, args.channels, args.size, args.classes, args.device)
     leaves = [t.clone().requires_grad_() for t in (features, weight, bias, masks)]
     cases = {}
@@ -61,21 +58,13 @@ def run(args) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's current count)")
+    p = parser(__doc__)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--channels", type=int, default=2048)
     p.add_argument("--size", type=int, default=16)
     p.add_argument("--classes", type=int, default=14)
-    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each implementation's best is kept")
     p.add_argument("--skip-literal", action="store_true", help="skip the (slow, memory-hungry) literal form")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attention_cam-<device>.json)")
-    args = p.parse_args(argv)
-    if args.out is None:
-        args.out = f"benchmarks/results/attention_cam-{args.device}.json"
-    return args
+    return parse(p, "attention_cam", argv)
 
 
 def main(argv=None):

@@ -8,15 +8,13 @@ maps, then per map and level (a) cv2.connectedComponentsWithStats or (b) scipy.n
 np.maximum.at for the regions' peaks.
 """
 
-import argparse
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dmfast import ops, reference
 
-from .common import best_median_ms, environment, report
+from .common import best_median_ms, environment, parse, parser, report
 
 THRESHOLDS = (60 / 255, 180 / 255)
 
@@ -69,8 +67,7 @@ def eager_boxes(cams, image_size, thresholds, max_boxes, label):
 
 
 def run(args) -> dict:
-    threads = args.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
+    threads = args.threads
     cams = make_cams(args.batch, args.classes, args.cam_size, args.device)
     size = (args.image_size, args.image_size)
     impls = {
@@ -103,21 +100,13 @@ def run(args) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's current count)")
+    p = parser(__doc__, rounds=2)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--classes", type=int, default=8)
     p.add_argument("--cam-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=512)
     p.add_argument("--max-boxes", type=int, default=8)
-    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each implementation's best is kept")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/cam_boxes-<device>.json)")
-    args = p.parse_args(argv)
-    if args.out is None:
-        args.out = f"benchmarks/results/cam_boxes-{args.device}.json"
-    return args
+    return parse(p, "cam_boxes", argv)
 
 
 def main(argv=None):

@@ -1,6 +1,7 @@
 """Timing and reporting shared by the benchmark scripts: torch.utils.benchmark timers at an explicit thread count,
 each implementation measured in interleaved rounds and reported at its best, JSON results with versions."""
 
+import argparse
 import json
 import platform
 import sys
@@ -13,6 +14,26 @@ from rich.table import Table
 
 import dmfast
 from dmfast.io import atomic_write_bytes
+
+
+def parser(doc: str, rounds: int = 3) -> argparse.ArgumentParser:
+    """The options every benchmark script takes; scripts add their own sizes."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's current count)")
+    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
+    p.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds; each implementation's best is kept")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<benchmark>-<device>.json)")
+    return p
+
+
+def parse(p: argparse.ArgumentParser, name: str, argv=None) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = f"benchmarks/results/{name}-{args.device}.json"
+    args.threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def environment(device: str, threads: int) -> dict:

@@ -31,4 +31,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_cam_backwar
     const at::Tensor& plain_cams, const std::optional<at::Tensor>& masks, std::array<bool, 4> output_mask,
     const AttentionCamPasses& passes);
 
+// Kernel entry points for TORCH_LIBRARY_IMPL, one instantiation per device's passes.
+template <const AttentionCamPasses* kPasses>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cam_kernel(const at::Tensor& features, const at::Tensor& weight,
+                                                                    const at::Tensor& bias,
+                                                                    const std::optional<at::Tensor>& masks) {
+  return attention_cam_forward(features, weight, bias, masks, *kPasses);
+}
+
+template <const AttentionCamPasses* kPasses>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_cam_backward_kernel(
+    const std::optional<at::Tensor>& grad_logits, const std::optional<at::Tensor>& grad_cams,
+    const std::optional<at::Tensor>& grad_plain_cams, const at::Tensor& features, const at::Tensor& weight,
+    const at::Tensor& plain_cams, const std::optional<at::Tensor>& masks, std::array<bool, 4> output_mask) {
+  return attention_cam_backward(grad_logits, grad_cams, grad_plain_cams, features, weight, plain_cams, masks,
+                                output_mask, *kPasses);
+}
+
 }  // namespace dmfast

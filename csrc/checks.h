@@ -75,6 +75,12 @@ inline void check_mask_attention_args(const at::Tensor& features, const at::Tens
   check_same(op, "masks", masks, "features", features);
 }
 
+inline void check_mask_attention_grad(const at::Tensor& grad, const at::Tensor& features) {
+  TORCH_CHECK(grad.sizes() == features.sizes(), "mask_attention_backward: grad_output shape ", grad.sizes(),
+              " does not match features shape ", features.sizes());
+  check_same("mask_attention_backward", "grad_output", grad, "features", features);
+}
+
 inline void check_attention_cam_args(const at::Tensor& features, const at::Tensor& weight, const at::Tensor& bias,
                                      const std::optional<at::Tensor>& masks) {
   const char* op = "attention_cam";

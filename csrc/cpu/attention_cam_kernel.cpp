@@ -127,17 +127,8 @@ constexpr AttentionCamPasses kCpuPasses{&scale_and_mean_cpu, &scale_and_mean_bac
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dmfast, CPU, m) {
-  m.impl("attention_cam", [](const at::Tensor& features, const at::Tensor& weight, const at::Tensor& bias,
-                             const std::optional<at::Tensor>& masks) {
-    return attention_cam_forward(features, weight, bias, masks, kCpuPasses);
-  });
-  m.impl("attention_cam_backward",
-         [](const std::optional<at::Tensor>& grad_logits, const std::optional<at::Tensor>& grad_cams,
-            const std::optional<at::Tensor>& grad_plain_cams, const at::Tensor& features, const at::Tensor& weight,
-            const at::Tensor& plain_cams, const std::optional<at::Tensor>& masks, std::array<bool, 4> output_mask) {
-           return attention_cam_backward(grad_logits, grad_cams, grad_plain_cams, features, weight, plain_cams, masks,
-                                         output_mask, kCpuPasses);
-         });
+  m.impl("attention_cam", &attention_cam_kernel<&kCpuPasses>);
+  m.impl("attention_cam_backward", &attention_cam_backward_kernel<&kCpuPasses>);
 }
 
 }  // namespace dmfast

@@ -124,17 +124,8 @@ constexpr AttentionCamPasses kCudaPasses{&scale_and_mean_cuda, &scale_and_mean_b
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dmfast, CUDA, m) {
-  m.impl("attention_cam", [](const at::Tensor& features, const at::Tensor& weight, const at::Tensor& bias,
-                             const std::optional<at::Tensor>& masks) {
-    return attention_cam_forward(features, weight, bias, masks, kCudaPasses);
-  });
-  m.impl("attention_cam_backward",
-         [](const std::optional<at::Tensor>& grad_logits, const std::optional<at::Tensor>& grad_cams,
-            const std::optional<at::Tensor>& grad_plain_cams, const at::Tensor& features, const at::Tensor& weight,
-            const at::Tensor& plain_cams, const std::optional<at::Tensor>& masks, std::array<bool, 4> output_mask) {
-           return attention_cam_backward(grad_logits, grad_cams, grad_plain_cams, features, weight, plain_cams, masks,
-                                         output_mask, kCudaPasses);
-         });
+  m.impl("attention_cam", &attention_cam_kernel<&kCudaPasses>);
+  m.impl("attention_cam_backward", &attention_cam_backward_kernel<&kCudaPasses>);
 }
 
 }  // namespace dmfast

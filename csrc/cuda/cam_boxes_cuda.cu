@@ -72,12 +72,6 @@ struct Candidate {
   int64_t box[4];
 };
 
-__device__ __forceinline__ bool better(const Candidate& a, const Candidate& b) {
-  if (a.score != b.score) return a.score > b.score;
-  if (a.level != b.level) return a.level < b.level;
-  return a.first < b.first;
-}
-
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBlock) cam_boxes_kernel(const scalar_t* __restrict__ cams, int64_t N, int64_t h,
                                                             int64_t w, int64_t H, int64_t W,

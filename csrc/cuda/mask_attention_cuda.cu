@@ -75,9 +75,7 @@ std::tuple<at::Tensor, at::Tensor> mask_attention_backward_cuda(const at::Tensor
                                                                 const at::Tensor& masks_in,
                                                                 std::array<bool, 2> output_mask) {
   check_mask_attention_args(features_in, masks_in);
-  TORCH_CHECK(grad_in.sizes() == features_in.sizes(), "mask_attention_backward: grad_output shape ", grad_in.sizes(),
-              " does not match features shape ", features_in.sizes());
-  check_same("mask_attention_backward", "grad_output", grad_in, "features", features_in);
+  check_mask_attention_grad(grad_in, features_in);
   const c10::cuda::CUDAGuard guard(features_in.device());
   const at::Tensor grad = grad_in.contiguous(), features = features_in.contiguous(), masks = masks_in.contiguous();
   const int64_t B = features.size(0), K = features.size(1), S = features.size(2) * features.size(3);
