@@ -56,7 +56,7 @@ def extension():
 
 
 setup(
-    packages=["dmfast", "dmfast.cli"],
+    packages=["dmfast", "dmfast.data", "dmfast.cli"],
     package_dir={"dmfast": "dmfast", "dmfast.cli": "cli"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -1,5 +1,6 @@
 """Atomic file writes and image files."""
 
+import contextlib
 import io
 import os
 import tempfile
@@ -8,23 +9,44 @@ from pathlib import Path
 import torch
 
 
-def atomic_write_bytes(path, data: bytes) -> Path:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path, data: bytes, durable: bool = True) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename, so readers
-    never see a half-written file."""
+    never see a half-written file. ``durable`` also flushes it to disk before the rename (checkpoints, indexes);
+    bulk files that can be regenerated skip that."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Run a block with ``count`` intra-op threads (restored after): small tensors gain nothing from more, and
+    thread barriers cost a lot when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def to_uint8(image: torch.Tensor, low: float = 0.0, high: float = 1.0) -> torch.Tensor:

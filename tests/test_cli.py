@@ -74,6 +74,27 @@ def test_cam_boxes_benchmark_script_writes_json(tmp_path):
     assert payload["config"]["fused_ms_per_megapixel"] > 0
 
 
+def test_data_loading_benchmark_and_data_commands(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["synth", str(tmp_path / "ph"), "--count", "40", "--size", "64", "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["prepare", str(tmp_path / "ph"), "--size", "32", "--cache", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["prepare", str(tmp_path / "missing-folder")])
+    assert result.exit_code != 0
+    (tmp_path / "ph" / "Data_Entry_2017.csv").write_text("Image Index\n")
+    result = runner.invoke(main, ["prepare", str(tmp_path / "ph"), "--cache", str(tmp_path / "c2")])
+    assert result.exit_code == 1 and "header lacks the columns" in result.output
+    from benchmarks.data_loading import main as bench_main
+
+    runner.invoke(main, ["synth", str(tmp_path / "ph2"), "--count", "40", "--size", "64"])
+    out = tmp_path / "bench.json"
+    bench_main(["--data", str(tmp_path / "ph2"), "--size", "32", "--batch", "8", "--min-run-time", "0.05",
+                "--out", str(out)])
+    rates = json.loads(out.read_text())["config"]["images_per_second"]
+    assert rates["cache"] > 0 and rates["decode PNGs"] > 0
+
+
 def test_benchmark_script_writes_json(tmp_path):
     from benchmarks.affine_smooth import main as bench_main
 

@@ -1,0 +1,73 @@
+"""Images per second of loading training batches of 32 at 512 px: from the image cache (``dmfast prepare``)
+against decoding the PNGs every time.
+
+    python -m benchmarks.data_loading [--data DIR] [--out results.json]
+
+Uses ../shared/data/chestxray14-sample when present (else a 512 px phantom); the cache is built in a temporary
+folder. Both paths end in the float [-1, 1] batch the model takes.
+"""
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmfast.data.cache import ImageCache, prepare
+from dmfast.data.chestxray14 import open_dataset
+from dmfast.data.images import load_gray, to_model_input
+
+from .common import environment, parse, parser, report
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "chestxray14-sample"
+
+
+def images_per_second(load, names, batch, seconds) -> float:
+    rng = np.random.default_rng(0)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        chosen = [names[i] for i in rng.choice(len(names), batch, replace=False)]
+        to_model_input(load(chosen))
+        count += batch
+    return count / (time.perf_counter() - start)
+
+
+def run(args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(args.data) if args.data else SAMPLE
+        if not (data / "Data_Entry_2017.csv").exists():
+            from dmfast.data.phantom import synthesize
+
+            data = synthesize(Path(tmp) / "phantom", count=256, size=args.size)
+        dataset = open_dataset(data, skip_problems=True)
+        cache = ImageCache(prepare(data, Path(tmp) / "cache", size=args.size))
+        names = [n for n in dataset.images if n in cache]
+
+        def decode(chosen):
+            return torch.from_numpy(np.stack([load_gray(dataset.paths[n], args.size) for n in chosen])).unsqueeze(1)
+
+        rates = {impl: images_per_second(fn, names, args.batch, args.min_run_time * 3)
+                 for impl, fn in (("cache", cache.batch), ("decode PNGs", decode))}
+    # report() ranks by time: use milliseconds per batch.
+    cases = {f"batch of {args.batch} at {args.size}px": {k: args.batch / v * 1e3 for k, v in rates.items()}}
+    for impl, rate in rates.items():
+        print(f"{impl}: {rate:.0f} images/s")
+    config = {"data": str(data), "batch": args.batch, "size": args.size, "images_per_second": rates}
+    return report("data loading (ms per batch)", cases, "cache", environment("cpu", args.threads), config, args.out)
+
+
+def parse_args(argv=None):
+    p = parser(__doc__, rounds=1)
+    p.add_argument("--data", default=None, help="a ChestX-ray14-format folder")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=512)
+    return parse(p, "data_loading", argv)
+
+
+def main(argv=None):
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

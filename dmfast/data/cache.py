@@ -1,0 +1,178 @@
+"""The image cache (``dmfast prepare``): every image decoded and resized once to the working size, stored in one
+memory-mapped uint8 array with an index, so training reads batches with random access and no decoding.
+
+Layout of a cache folder: ``images.u8`` (``[N, size, size]`` uint8), ``done.u8`` (one byte per image, set once its
+pixels are flushed: an interrupted ``prepare`` resumes from there) and ``index.json`` (size, image names, each
+source file's byte size and mtime, images that could not be decoded, and ``complete``, written atomically last, so
+a half-written cache is never taken for a complete one). Opening a cache checks the sources' sizes and mtimes and
+refuses a stale cache.
+"""
+
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..io import atomic_write_bytes
+from .chestxray14 import DataError, Problems, open_dataset
+from .images import ImageError, load_gray
+
+CACHE_VERSION = 1
+
+
+def default_cache_dir(data_dir, size: int) -> Path:
+    """``<data_dir>/cache-<size>`` when the data folder is writable, else under ``~/.cache/dmfast``."""
+    data_dir = Path(data_dir).resolve()
+    if os.access(data_dir, os.W_OK):
+        return data_dir / f"cache-{size}"
+    digest = hashlib.sha1(str(data_dir).encode()).hexdigest()[:8]
+    return Path.home() / ".cache" / "dmfast" / f"{data_dir.name}-{digest}-{size}"
+
+
+def _source_stamp(path) -> list:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _decode(task):
+    index, path, size = task
+    try:
+        return index, load_gray(path, size).tobytes(), None
+    except ImageError as error:
+        return index, None, str(error)
+
+
+class ImageCache:
+    """A complete image cache, opened read-only."""
+
+    def __init__(self, folder, check_sources: bool = True, data_dir=None):
+        self.folder = Path(folder)
+        index_file = self.folder / "index.json"
+        if not index_file.is_file():
+            raise DataError(f"{self.folder}: no image cache here (run `dmfast prepare DATA_DIR`)")
+        with open(index_file) as f:
+            index = json.load(f)
+        if index.get("version") != CACHE_VERSION:
+            raise DataError(f"{self.folder}: cache format {index.get('version')} is not {CACHE_VERSION}; prepare it again")
+        if not index.get("complete"):
+            raise DataError(f"{self.folder}: the cache is incomplete (interrupted); run `dmfast prepare` to resume")
+        self.size = int(index["size"])
+        self.names = list(index["names"])
+        self.bad = dict(index.get("bad", {}))
+        self.data_dir = Path(data_dir or index["data_dir"])
+        self.sources = index["sources"]
+        self.rows = {name: i for i, name in enumerate(self.names) if name not in self.bad}
+        self.array = np.memmap(self.folder / "images.u8", dtype=np.uint8, mode="r",
+                               shape=(len(self.names), self.size, self.size))
+        if check_sources:
+            stale = self.stale_sources()
+            if stale:
+                shown = ", ".join(stale[:5]) + (f", ... ({len(stale) - 5} more)" if len(stale) > 5 else "")
+                raise DataError(f"{self.folder}: the cache is stale: {len(stale)} source images changed or vanished "
+                                f"since it was built ({shown}); run `dmfast prepare` again")
+
+    def stale_sources(self) -> list:
+        from .chestxray14 import find_images
+
+        paths = find_images(self.data_dir)
+        stale = []
+        for name, stamp in zip(self.names, self.sources):
+            path = paths.get(name)
+            if path is None or _source_stamp(path) != stamp:
+                stale.append(name)
+        return stale
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __contains__(self, name) -> bool:
+        return name in self.rows
+
+    def batch(self, names) -> torch.Tensor:
+        """uint8 ``[len(names), 1, size, size]`` (normalise on the batch with
+        :func:`dmfast.data.images.to_model_input`)."""
+        missing = [n for n in names if n not in self.rows]
+        if missing:
+            raise KeyError(f"{self.folder}: not in the cache: {missing[:5]}")
+        rows = np.fromiter((self.rows[n] for n in names), dtype=np.int64, count=len(names))
+        order = np.argsort(rows, kind="stable")  # read the memory map in order
+        out = np.empty((len(rows), self.size, self.size), np.uint8)
+        out[order] = self.array[rows[order]]
+        return torch.from_numpy(out).unsqueeze(1)
+
+
+def prepare(data_dir, cache_dir=None, size: int = 512, workers: int | None = None, skip_problems: bool = False,
+            console: Console | None = None, limit_chunks: int | None = None) -> Path:
+    """Build (or resume, or refresh) the cache of ``data_dir`` at ``size``; returns the cache folder.
+
+    ``limit_chunks`` stops after that many chunks of work without completing (used to test resuming)."""
+    console = console or Console(stderr=True)
+    dataset = open_dataset(data_dir, skip_problems=skip_problems)
+    if dataset.problems:
+        console.print(f"[yellow]left out:[/yellow]\n{dataset.problems.report()}")
+    folder = Path(cache_dir) if cache_dir else default_cache_dir(data_dir, size)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = dataset.images
+    sources = [_source_stamp(dataset.paths[n]) for n in names]
+    index = {"version": CACHE_VERSION, "size": size, "data_dir": str(Path(data_dir).resolve()), "names": names,
+             "sources": sources, "bad": {}, "complete": False}
+    index_file, images_file, done_file = folder / "index.json", folder / "images.u8", folder / "done.u8"
+    previous = json.loads(index_file.read_text()) if index_file.is_file() else None
+    same = previous is not None and all(previous.get(k) == index[k] for k in ("version", "size", "names", "sources"))
+    if same and previous.get("complete"):
+        console.print(f"cache {folder} is up to date ({len(names)} images at {size}px)")
+        return folder
+    shape = (len(names), size, size)
+    if not same or not images_file.is_file() or not done_file.is_file():
+        atomic_write_bytes(index_file, (json.dumps(index) + "\n").encode())  # marks any older content invalid
+        np.memmap(images_file, dtype=np.uint8, mode="w+", shape=shape).flush()
+        np.memmap(done_file, dtype=np.uint8, mode="w+", shape=(len(names),)).flush()
+    else:
+        index["bad"] = previous.get("bad", {})
+    images = np.memmap(images_file, dtype=np.uint8, mode="r+", shape=shape)
+    done = np.memmap(done_file, dtype=np.uint8, mode="r+", shape=(len(names),))
+    todo = [i for i in range(len(names)) if not done[i]]
+    bad = Problems()
+    workers = workers or os.cpu_count() or 1
+    chunk = max(16, min(512, len(todo) // (workers * 4) + 1))
+    columns = (TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+               TimeRemainingColumn())
+    context = multiprocessing.get_context("fork")
+    with Progress(*columns, console=console, transient=False) as progress, context.Pool(workers) as pool:
+        task = progress.add_task("prepare", total=len(names), completed=len(names) - len(todo), rate="")
+        started = time.perf_counter()
+        for start in range(0, len(todo), chunk):
+            if limit_chunks is not None and start // chunk >= limit_chunks:
+                return folder
+            batch = todo[start:start + chunk]
+            results = pool.map(_decode, [(i, dataset.paths[names[i]], size) for i in batch])
+            for i, pixels, error in results:
+                if error is None:
+                    images[i] = np.frombuffer(pixels, np.uint8).reshape(size, size)
+                else:
+                    index["bad"][names[i]] = error
+            images.flush()
+            for i, _, _ in results:
+                done[i] = 1
+            done.flush()
+            elapsed = time.perf_counter() - started
+            progress.update(task, advance=len(batch), rate=f"{(start + len(batch)) / max(elapsed, 1e-9):.0f} images/s")
+    if index["bad"]:
+        for error in index["bad"].values():
+            bad.add("images that could not be decoded", error)
+        atomic_write_bytes(index_file, (json.dumps(index) + "\n").encode())
+        if not skip_problems:
+            raise DataError(f"{data_dir}: {bad.report()}\n(the cache stays incomplete; pass --skip-problems to leave "
+                            "these images out)")
+        console.print(f"[yellow]left out:[/yellow]\n{bad.report()}")
+    index["complete"] = True
+    atomic_write_bytes(index_file, (json.dumps(index) + "\n").encode())
+    console.print(f"cache {folder}: {len(names) - len(index['bad'])} images at {size}px")
+    return folder

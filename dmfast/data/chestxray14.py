@@ -1,0 +1,249 @@
+"""Reader of the NIH ChestX-ray14 release as downloaded: images, ``Data_Entry_2017.csv`` (original or v2020),
+``BBox_List_2017.csv`` and the official split lists.
+
+Problems (images listed but missing, unknown labels, malformed rows) are collected in a :class:`Problems` report;
+the reader raises :class:`DataError` with that report unless the caller allows skipping, in which case the affected
+rows are left out and the report says which. Nothing is dropped silently.
+"""
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# The 14 findings in the order every label vector, logit and mask uses.
+FINDINGS = (
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
+    "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+)
+NO_FINDING = "No Finding"
+# BBox_List_2017.csv spells one finding differently from Data_Entry_2017.csv.
+BOX_LABEL_ALIASES = {"Infiltrate": "Infiltration"}
+# Boxes are given in the pixel space of the released 1024 x 1024 PNGs.
+RELEASE_SIZE = 1024
+
+
+class DataError(RuntimeError):
+    """The dataset has problems and the caller did not allow skipping them."""
+
+
+@dataclass
+class Problems:
+    """Named lists of problem items (image names, or 'file:line' for rows)."""
+
+    items: dict = field(default_factory=dict)
+
+    def add(self, kind: str, item: str) -> None:
+        self.items.setdefault(kind, []).append(item)
+
+    def __bool__(self) -> bool:
+        return any(self.items.values())
+
+    def count(self, kind: str | None = None) -> int:
+        return sum(len(v) for k, v in self.items.items() if kind is None or k == kind)
+
+    def report(self, first: int = 5) -> str:
+        lines = []
+        for kind, items in self.items.items():
+            shown = ", ".join(items[:first]) + (f", ... ({len(items) - first} more)" if len(items) > first else "")
+            lines.append(f"{len(items)} {kind}: {shown}")
+        return "\n".join(lines)
+
+    def merge(self, other: "Problems") -> None:
+        for kind, items in other.items.items():
+            self.items.setdefault(kind, []).extend(items)
+
+
+@dataclass
+class Record:
+    image: str  # "Image Index", e.g. 00000001_000.png
+    labels: np.ndarray  # [14] uint8 in FINDINGS order
+    patient: int
+    view: str
+    follow_up: int
+
+
+@dataclass
+class Box:
+    image: str
+    finding: int  # index into FINDINGS
+    xywh_release: tuple  # as listed, in the 1024 x 1024 release space
+
+
+def find_images(root) -> dict:
+    """Map image name -> path for PNGs under ``root/images`` and the release's ``root/images_NNN/images``."""
+    root = Path(root)
+    folders = [root / "images"] + sorted(p / "images" for p in root.glob("images_*") if p.is_dir())
+    found = {}
+    for folder in folders:
+        if folder.is_dir():
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.name.lower().endswith(".png"):
+                        found.setdefault(entry.name, Path(entry.path))
+    return found
+
+
+def _csv_table(path: Path) -> tuple:
+    """(header, [(line number, row)]) of a CSV file."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path}: empty file, expected a header row")
+        return header, list(enumerate(reader, start=2))
+
+
+def read_data_entry(path, problems: Problems) -> list:
+    """Rows of Data_Entry_2017.csv as :class:`Record`; malformed rows and unknown labels go to ``problems``."""
+    path = Path(path)
+    header, rows = _csv_table(path)
+    column = {name.strip(): i for i, name in enumerate(header)}
+    missing = {"Image Index", "Finding Labels", "Patient ID"} - set(column)
+    if missing:
+        raise DataError(f"{path}: header lacks the columns {sorted(missing)} (got {header})")
+    records = []
+    for line, row in rows:
+        where = f"{path.name}:{line}"
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) <= max(column["Image Index"], column["Finding Labels"], column["Patient ID"]):
+            problems.add("malformed rows", f"{where} (too few columns)")
+            continue
+        image, findings = row[column["Image Index"]].strip(), row[column["Finding Labels"]].strip()
+        try:
+            patient = int(row[column["Patient ID"]])
+        except ValueError:
+            problems.add("malformed rows", f"{where} (Patient ID {row[column['Patient ID']]!r})")
+            continue
+        if not image:
+            problems.add("malformed rows", f"{where} (empty Image Index)")
+            continue
+        labels = np.zeros(len(FINDINGS), np.uint8)
+        unknown = []
+        for token in findings.split("|"):
+            token = token.strip()
+            if token == NO_FINDING:
+                continue
+            if token in FINDINGS:
+                labels[FINDINGS.index(token)] = 1
+            else:
+                unknown.append(token)
+        if unknown or not findings:
+            problems.add("rows with unknown labels", f"{where} ({image}: {'|'.join(unknown) or 'empty'})")
+            continue
+        view = row[column["View Position"]].strip() if "View Position" in column and len(row) > column[
+            "View Position"] else ""
+        follow = row[column["Follow-up #"]].strip() if "Follow-up #" in column and len(row) > column[
+            "Follow-up #"] else ""
+        records.append(Record(image, labels, patient, view, int(follow) if follow.isdigit() else 0))
+    return records
+
+
+def read_boxes(path, problems: Problems) -> list:
+    """Rows of BBox_List_2017.csv (header ``Image Index,Finding Label,Bbox [x,y,w,h],,,``) as :class:`Box`."""
+    path = Path(path)
+    boxes = []
+    for line, row in _csv_table(path)[1]:
+        where = f"{path.name}:{line}"
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) < 6:
+            problems.add("malformed box rows", f"{where} (too few columns)")
+            continue
+        label = BOX_LABEL_ALIASES.get(row[1].strip(), row[1].strip())
+        if label not in FINDINGS:
+            problems.add("box rows with unknown labels", f"{where} ({row[1]!r})")
+            continue
+        try:
+            x, y, w, h = (float(v) for v in row[2:6])
+        except ValueError:
+            problems.add("malformed box rows", f"{where} (non-numeric box {row[2:6]})")
+            continue
+        if not (w > 0 and h > 0) or not np.isfinite([x, y, w, h]).all():
+            problems.add("malformed box rows", f"{where} (box {x, y, w, h})")
+            continue
+        boxes.append(Box(row[0].strip(), FINDINGS.index(label), (x, y, w, h)))
+    return boxes
+
+
+def read_list(path) -> list:
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def image_size(path) -> tuple:
+    """(width, height) from the PNG header, without decoding the pixels."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size
+
+
+@dataclass
+class ChestXray14:
+    """An index of a ChestX-ray14-format directory (no pixels are read here)."""
+
+    root: Path
+    records: list  # [Record], in Data_Entry order, only those with an image file
+    paths: dict  # image -> Path
+    boxes: list  # [Box] of records kept
+    train_val: set
+    test: set
+    problems: Problems
+
+    @property
+    def images(self) -> list:
+        return [r.image for r in self.records]
+
+    def labels(self) -> np.ndarray:
+        return np.stack([r.labels for r in self.records]) if self.records else np.zeros((0, len(FINDINGS)), np.uint8)
+
+    def patients(self) -> np.ndarray:
+        return np.array([r.patient for r in self.records], dtype=np.int64)
+
+    def boxes_xyxy(self, image_sizes: dict | None = None) -> dict:
+        """Boxes per image as ``(finding, x0, y0, x1, y1)`` rows in the pixel space of the stored image (or of
+        ``image_sizes[image] = (width, height)``, e.g. a resized cache), mapped from the 1024 x 1024 release space."""
+        out = {}
+        for box in self.boxes:
+            width, height = (image_sizes or {}).get(box.image) or image_size(self.paths[box.image])
+            sx, sy = width / RELEASE_SIZE, height / RELEASE_SIZE
+            x, y, w, h = box.xywh_release
+            out.setdefault(box.image, []).append((box.finding, x * sx, y * sy, (x + w) * sx, (y + h) * sy))
+        return out
+
+
+def open_dataset(root, skip_problems: bool = False) -> ChestXray14:
+    """Index a ChestX-ray14-format directory. Raises :class:`DataError` naming every problem unless
+    ``skip_problems`` (then rows with problems are left out and ``dataset.problems`` lists them)."""
+    root = Path(root)
+    entry = root / "Data_Entry_2017.csv"
+    if not entry.is_file():
+        raise DataError(f"{root}: no Data_Entry_2017.csv (is this a ChestX-ray14 download?)")
+    problems = Problems()
+    records = read_data_entry(entry, problems)
+    paths = find_images(root)
+    kept = []
+    for r in records:
+        if r.image in paths:
+            kept.append(r)
+        else:
+            problems.add("images listed in Data_Entry_2017.csv but missing", r.image)
+    names = {r.image for r in kept}
+    boxes = []
+    box_file = root / "BBox_List_2017.csv"
+    if box_file.is_file():
+        for box in read_boxes(box_file, problems):
+            if box.image in names:
+                boxes.append(box)
+            else:
+                problems.add("boxes of images missing or not in Data_Entry_2017.csv", box.image)
+    train_val = set(read_list(root / "train_val_list.txt")) if (root / "train_val_list.txt").is_file() else set()
+    test = set(read_list(root / "test_list.txt")) if (root / "test_list.txt").is_file() else set()
+    dataset = ChestXray14(root, kept, paths, boxes, train_val, test, problems)
+    if problems and not skip_problems:
+        raise DataError(f"{root}: problems found (pass --skip-problems to leave them out):\n{problems.report()}")
+    return dataset

@@ -1,0 +1,78 @@
+"""Reproducible splits of a ChestX-ray14 index: the official patient-wise train/test lists, a patient-grouped
+validation split carved from train_val, and a patient-grouped k-fold over the images with boxes (the protocol of
+the CIA-Net line of work). Saved with a run as JSON so the run can be resumed or audited."""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..io import atomic_write_bytes
+
+
+@dataclass
+class Splits:
+    train: list
+    val: list
+    test: list
+    seed: int
+    val_fraction: float
+    folds: list = field(default_factory=list)  # k lists of box images, patient-disjoint
+
+    def save(self, path) -> Path:
+        return atomic_write_bytes(path, (json.dumps(asdict(self), indent=1) + "\n").encode())
+
+    @classmethod
+    def load(cls, path) -> "Splits":
+        with open(path) as f:
+            return cls(**json.load(f))
+
+
+def _patient(image: str) -> int:
+    return int(image.split("_", 1)[0])
+
+
+def patient_groups(images, fraction: float, seed: int) -> tuple:
+    """Split ``images`` into (rest, held_out) so that every patient falls on one side and about ``fraction`` of the
+    patients are held out; deterministic for a seed."""
+    patients = sorted({_patient(i) for i in images})
+    rng = np.random.default_rng(seed)
+    held = set(rng.permutation(patients)[: int(round(fraction * len(patients)))].tolist())
+    rest = [i for i in images if _patient(i) not in held]
+    return rest, [i for i in images if _patient(i) in held]
+
+
+def kfold_by_patient(images, k: int, seed: int) -> list:
+    """``k`` patient-disjoint folds of ``images`` (patients shuffled with the seed, dealt round-robin)."""
+    if k < 2:
+        raise ValueError(f"k-fold needs k >= 2, got {k}")
+    patients = np.random.default_rng(seed).permutation(sorted({_patient(i) for i in images})).tolist()
+    fold_of = {p: n % k for n, p in enumerate(patients)}
+    folds = [[] for _ in range(k)]
+    for image in images:
+        folds[fold_of[_patient(image)]].append(image)
+    return folds
+
+
+def make_splits(dataset, val_fraction: float = 0.1, seed: int = 0, box_folds: int = 0,
+                split: str = "official") -> Splits:
+    """Splits of ``dataset`` (a :class:`~dmfast.data.chestxray14.ChestXray14`).
+
+    ``split="official"`` uses train_val_list.txt / test_list.txt (images in neither are left out and reported by
+    the caller); ``split="patients"`` ignores the lists and holds out ``val_fraction`` of the patients for test as
+    well (for small directories whose images all sit in one official list). ``box_folds=k`` adds a patient-grouped
+    k-fold over the images that have boxes.
+    """
+    images = dataset.images
+    if split == "official":
+        train_val = [i for i in images if i in dataset.train_val]
+        test = [i for i in images if i in dataset.test]
+    elif split == "patients":
+        train_val, test = patient_groups(images, val_fraction, seed + 1)
+    else:
+        raise ValueError(f"split must be 'official' or 'patients', got {split!r}")
+    train, val = patient_groups(train_val, val_fraction, seed)
+    boxed = sorted({b.image for b in dataset.boxes})
+    folds = kfold_by_patient(boxed, box_folds, seed) if box_folds else []
+    return Splits(train, val, test, seed, val_fraction, folds)
