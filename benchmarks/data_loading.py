@@ -17,10 +17,11 @@ import torch
 from dmfast.data.cache import ImageCache, prepare
 from dmfast.data.chestxray14 import open_dataset
 from dmfast.data.images import load_gray, to_model_input
+from dmfast.testing import shared_data
 
 from .common import environment, parse, parser, report
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "chestxray14-sample"
+SAMPLE = shared_data("chestxray14-sample")
 
 
 def images_per_second(load, names, batch, seconds) -> float:

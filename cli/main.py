@@ -8,7 +8,6 @@ import dmfast
 
 PENDING = {
     "align": "train the alignment module and warp X-rays onto the canonical chest",
-    "train": "train the CAM classifier with weighted BCE (optionally with disease-mask attention)",
     "masks": "average confident class activation maps into per-disease masks",
     "eval": "score AUROC and box localization accuracy",
 }
@@ -61,13 +60,43 @@ def prepare(data_dir, size, cache_dir, workers, skip_problems):
     _run(lambda: prepare_cache(data_dir, cache_dir, size=size, workers=workers or None, skip_problems=skip_problems))
 
 
+@main.command()
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoints, metrics).")
+@click.option("--cache", type=click.Path(file_okay=False), default=None, help="Image cache [default: see prepare].")
+@click.option("--arch", default="resnet50", show_default=True, type=click.Choice(["resnet18", "resnet34", "resnet50"]))
+@click.option("--size", default=512, show_default=True, help="Image size.")
+@click.option("--epochs", default=5, show_default=True)
+@click.option("--batch", default=32, show_default=True, help="Global batch size.")
+@click.option("--lr", default=1e-4, show_default=True, help="Adam learning rate.")
+@click.option("--lr-decay", default=1.0, show_default=True, help="Per-epoch learning-rate factor.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--val-fraction", default=0.1, show_default=True, help="Patients of train_val held out for validation.")
+@click.option("--split", default="official", show_default=True, type=click.Choice(["official", "patients"]))
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="torchvision-format state dict.")
+@click.option("--pretrained", is_flag=True, help="Ask torchvision for ImageNet weights (needs a network).")
+@click.option("--amp", is_flag=True, help="Mixed precision (CUDA).")
+@click.option("--aligned", type=click.Path(exists=True, dir_okay=False), help="Alignment checkpoint.")
+@click.option("--init", type=click.Path(exists=True, dir_okay=False), help="Start from a classifier checkpoint.")
+@click.option("--masks", type=click.Path(exists=True, dir_okay=False), help="Disease masks: attention retraining.")
+@click.option("--freeze-bn", is_flag=True, help="Keep BatchNorm statistics fixed.")
+@click.option("--max-steps", type=int, default=None, help="Steps per epoch at most (quick runs).")
+@click.option("--skip-problems", is_flag=True, help="Leave out missing or unreadable images.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
+def train(data_dir, out, resume, **options):
+    """Train the CAM classifier with weighted BCE on DATA_DIR (runs under torchrun for DDP)."""
+    from dmfast.train import TrainConfig, train as run_training
+
+    _run(lambda: run_training(TrainConfig(data=data_dir, out=out, **options), resume=resume))
+
+
 def _run(job):
     """Run a command's job, turning data problems into a clear message and exit status 1."""
     from dmfast.data.chestxray14 import DataError
 
     try:
         return job()
-    except (DataError, ValueError) as error:
+    except (DataError, ValueError, FileNotFoundError) as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(1)
 

@@ -1,5 +1,8 @@
 """Device and dtype lists and tolerances shared by the tests and the benchmarks."""
 
+import os
+from pathlib import Path
+
 import torch
 
 DEVICES = ["cpu", "cuda"]
@@ -24,3 +27,10 @@ def cuda_available() -> bool:
 def tolerance(dtype: torch.dtype) -> dict:
     rtol, atol = TOLERANCES[dtype]
     return {"rtol": rtol, "atol": atol}
+
+
+def shared_data(name: str) -> Path:
+    """A folder of the project's shared data: ``$DMFAST_SHARED_DATA/<name>``, by default ``../shared/data/<name>``
+    beside the repository."""
+    root = os.environ.get("DMFAST_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(root) / name

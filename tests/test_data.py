@@ -12,8 +12,9 @@ from dmfast.data.cache import ImageCache, prepare
 from dmfast.data.chestxray14 import FINDINGS, DataError, open_dataset
 from dmfast.data.images import ImageError, load_gray, to_model_input
 from dmfast.data.splits import Splits, kfold_by_patient, make_splits
+from dmfast.testing import shared_data
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "chestxray14-sample"
+SAMPLE = shared_data("chestxray14-sample")
 needs_sample = pytest.mark.skipif(not (SAMPLE / "Data_Entry_2017.csv").exists(),
                                   reason=f"ChestX-ray14 sample not found at {SAMPLE}")
 

@@ -1,6 +1,5 @@
 import csv
 import gzip
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,8 +7,9 @@ import torch
 
 from dmfast import ops
 from dmfast.metrics import box_overlap, localization, predictions_from_padded, roc_auc
+from dmfast.testing import shared_data
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "reference-predictions"
+REFERENCE = shared_data("reference-predictions")
 
 
 def test_box_overlap_by_hand():

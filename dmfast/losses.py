@@ -1,0 +1,28 @@
+"""Training losses."""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def weighted_bce(logits: Tensor, targets: Tensor, counts: tuple | None = None) -> Tensor:
+    """The paper's Eq. 10: binary cross-entropy with per-batch, per-class weights against label imbalance,
+    ``w_P = (|P| + |N|) / |P|`` on positives and ``w_N = (|P| + |N|) / |N|`` on negatives, averaged over the batch
+    and the classes. A class without positives (or negatives) in the batch has only negative (positive) terms, with
+    weight 1 - the count it divides by is the whole batch.
+
+    Args:
+        logits: ``[B, C]``; targets: ``[B, C]`` in {0, 1} (any float or integer dtype).
+        counts: ``(positives [C], batch)`` of the whole batch when this is one shard of it (data parallel), so every
+            shard weighs its terms as the global batch does.
+    """
+    if logits.shape != targets.shape or logits.dim() != 2:
+        raise ValueError(f"weighted_bce: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must both "
+                         "be [B, C]")
+    y = targets.to(logits.dtype)
+    positives, batch = counts if counts is not None else (y.sum(0), y.shape[0])
+    negatives = batch - positives
+    w_pos = torch.where(positives > 0, batch / positives.clamp(min=1), torch.zeros_like(positives))
+    w_neg = torch.where(negatives > 0, batch / negatives.clamp(min=1), torch.zeros_like(negatives))
+    weights = y * w_pos + (1 - y) * w_neg
+    return F.binary_cross_entropy_with_logits(logits, y, weight=weights, reduction="mean")

@@ -1,0 +1,69 @@
+"""The CAM classifier: a torchvision ResNet backbone whose global-average-pooling + fc head is the fused
+``attention_cam`` op, optionally with per-class disease masks (the paper's attention retraining)."""
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from . import ops
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+
+
+class CAMClassifier(nn.Module):
+    """ResNet-18/34/50 on grayscale X-rays (replicated to 3 channels) with the fused CAM head.
+
+    ``forward`` returns logits ``[B, C]``; ``forward(images, cams=True)`` also returns the class activation maps
+    ``[B, C, h, w]`` (attended by the disease masks when the model has them).
+    """
+
+    def __init__(self, arch: str = "resnet50", classes: int = 14, pretrained: bool = False):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+        net = getattr(torchvision.models, arch)(weights="DEFAULT" if pretrained else None)
+        self.arch = arch
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.fc = nn.Linear(net.fc.in_features, classes)
+        self.register_buffer("masks", None)
+
+    def load_torchvision_weights(self, path) -> list:
+        """Load a torchvision-format ResNet state dict (e.g. ImageNet weights a user downloaded); the fc layer is
+        kept when its shape fits. Returns the keys that were not loaded."""
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        mapping = {"conv1.": "stem.0.", "bn1.": "stem.1."}
+        renamed = {}
+        for key, value in state.items():
+            for old, new in mapping.items():
+                if key.startswith(old):
+                    key = new + key[len(old):]
+            renamed[key] = value
+        own = self.state_dict()
+        usable = {k: v for k, v in renamed.items() if k in own and own[k].shape == v.shape}
+        self.load_state_dict(usable, strict=False)
+        return sorted(set(own) - set(usable) - {"masks"})
+
+    def set_masks(self, masks: Tensor | None) -> None:
+        """Disease masks ``[C, h, w]`` (resized to the feature map on use); classes without a mask should hold 0."""
+        self.masks = None if masks is None else masks.detach().to(self.fc.weight)
+
+    def stages(self, images: Tensor) -> list:
+        """Feature maps of conv2_x .. conv5_x (layer1 .. layer4)."""
+        x = self.stem(images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images)
+        out = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            out.append(x)
+        return out
+
+    def forward(self, images: Tensor, cams: bool = False):
+        features = self.stages(images)[-1].to(self.fc.weight.dtype)  # the head runs in full precision under AMP
+        masks = self.masks
+        if masks is not None and masks.shape[-2:] != features.shape[-2:]:
+            masks = F.interpolate(masks[None], size=features.shape[-2:], mode="bilinear", align_corners=False)[0]
+        logits, maps = ops.attention_cam(features, self.fc.weight, self.fc.bias, masks)
+        return (logits, maps) if cams else logits

@@ -1,0 +1,254 @@
+"""``dmfast train``: the weighted-BCE CAM classifier (optionally on aligned images, optionally with disease-mask
+attention), with per-epoch validation AUROC, atomic resumable checkpoints and DistributedDataParallel scale-out.
+
+Under ``torchrun --nproc_per_node=N`` the same command trains with DDP (NCCL on GPUs, gloo on CPU): every rank
+takes its share of each global batch of ``--batch`` images, and only rank 0 logs and writes checkpoints.
+"""
+
+import io
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .data.cache import ImageCache, default_cache_dir, prepare
+from .data.chestxray14 import FINDINGS, open_dataset
+from .data.images import to_model_input
+from .data.splits import Splits, make_splits
+from .io import atomic_write_bytes
+from .losses import weighted_bce
+from .metrics import roc_auc
+from .models import CAMClassifier
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    cache: str | None = None
+    arch: str = "resnet50"
+    size: int = 512
+    epochs: int = 5
+    batch: int = 32
+    lr: float = 1e-4
+    lr_decay: float = 1.0  # per-epoch multiplicative decay (1 = constant, the paper's)
+    seed: int = 0
+    val_fraction: float = 0.1
+    split: str = "official"
+    weights: str | None = None  # torchvision-format state dict
+    pretrained: bool = False
+    amp: bool = False
+    aligned: str | None = None  # alignment checkpoint: train on aligned images
+    init: str | None = None  # start from this classifier checkpoint
+    masks: str | None = None  # disease masks file: attention retraining
+    skip_problems: bool = False
+    freeze_bn: bool = False  # BatchNorm in inference mode (statistics from the loaded weights)
+    max_steps: int | None = None  # stop each epoch after this many steps (quick runs and tests)
+    extra: dict = field(default_factory=dict)
+
+
+def _distributed() -> tuple:
+    """(rank, world size), initialising the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, payload: dict) -> Path:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def build_model(config: TrainConfig, console: Console) -> CAMClassifier:
+    model = CAMClassifier(config.arch, len(FINDINGS), pretrained=config.pretrained)
+    if config.weights:
+        skipped = model.load_torchvision_weights(config.weights)
+        console.print(f"loaded {config.weights}" + (f" (not in it: {', '.join(skipped)})" if skipped else ""))
+    elif config.pretrained:
+        console.print(f"{config.arch}: torchvision ImageNet weights")
+    else:
+        console.print(f"{config.arch}: random initialisation (no --weights or --pretrained given)")
+    if config.init:
+        model.load_state_dict(load_checkpoint(config.init)["model"], strict=False)
+        console.print(f"initialised from {config.init}")
+    if config.masks:
+        masks = torch.load(config.masks, map_location="cpu", weights_only=False)
+        model.set_masks(masks["masks"] if isinstance(masks, dict) else masks)
+    return model
+
+
+class Aligner:
+    """Applies a trained alignment module to batches on the fly (the fused warp, pool 1)."""
+
+    def __init__(self, checkpoint, device):
+        from .align import AlignmentNet
+
+        state = load_checkpoint(checkpoint)
+        self.net = AlignmentNet(**state["net_config"]).to(device).eval()
+        self.net.load_state_dict(state["model"])
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.align(images)
+
+
+def set_train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
+    model.train()
+    if freeze_bn:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def evaluate_auroc(model, cache: ImageCache, names, labels: np.ndarray, batch: int, device, aligner=None) -> dict:
+    model.eval()
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(names), batch):
+            images = to_model_input(cache.batch(names[start:start + batch])).to(device)
+            if aligner is not None:
+                images = aligner(images)
+            scores.append(torch.sigmoid(model(images)).float().cpu())
+    result = roc_auc(labels, torch.cat(scores).numpy()) if scores else None
+    return {"auroc": dict(zip(FINDINGS, result.per_class.tolist())), "mean_auroc": result.mean} if result else {}
+
+
+def train(config: TrainConfig, resume: bool = False, console: Console | None = None) -> Path:
+    """Train (or resume) and return the path of the last checkpoint."""
+    rank, world = _distributed()
+    console = console or Console(stderr=True, quiet=rank != 0)
+    device = _device()
+    out = Path(config.out)
+    last = out / "checkpoint.pt"
+    state = load_checkpoint(last) if resume else None
+    if state is not None:
+        config = TrainConfig(**{**asdict(config), **state["config"], "epochs": config.epochs})
+    if config.batch % world:
+        raise ValueError(f"--batch {config.batch} must be divisible by the number of processes ({world})")
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    random.seed(config.seed)
+
+    dataset = open_dataset(config.data, skip_problems=config.skip_problems)
+    cache_dir = Path(config.cache) if config.cache else default_cache_dir(config.data, config.size)
+    if rank == 0 and not (cache_dir / "index.json").is_file():
+        prepare(config.data, cache_dir, size=config.size, skip_problems=config.skip_problems, console=console)
+    if world > 1:
+        dist.barrier()
+    cache = ImageCache(cache_dir)
+    splits = Splits(**state["splits"]) if state else make_splits(dataset, config.val_fraction, config.seed,
+                                                                   split=config.split)
+    train_names = [n for n in splits.train if n in cache]
+    val_names = [n for n in splits.val if n in cache]
+    label_of = {r.image: r.labels for r in dataset.records}
+    if not train_names:
+        raise ValueError(f"{config.data}: no training images in the {config.split!r} split")
+
+    model = build_model(config, console).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
+    start_epoch = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = state["epoch"] + 1
+        _set_rng_state(state["rng"])
+        console.print(f"resumed from {last} after epoch {state['epoch'] + 1}")
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    aligner = Aligner(config.aligned, device) if config.aligned else None
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        splits.save(out / "splits.json")
+
+    per_rank = config.batch // world
+    steps = len(train_names) // config.batch
+    if config.max_steps:
+        steps = min(steps, config.max_steps)
+    if steps == 0:
+        raise ValueError(f"{len(train_names)} training images are fewer than one batch of {config.batch}")
+    columns = (TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} img/s"), TimeRemainingColumn())
+    for epoch in range(start_epoch, config.epochs):
+        set_train_mode(model, config.freeze_bn)
+        order = torch.randperm(len(train_names), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+        with Progress(*columns, console=console, disable=rank != 0) as progress:
+            task = progress.add_task("train", total=steps, epoch=f"{epoch + 1}/{config.epochs}", loss=0.0, rate=0.0)
+            started, total_loss = time.perf_counter(), 0.0
+            for step in range(steps):
+                chosen = order[step * config.batch:(step + 1) * config.batch].tolist()
+                mine = [train_names[i] for i in chosen[rank * per_rank:(rank + 1) * per_rank]]
+                images = to_model_input(cache.batch(mine)).to(device, non_blocking=True)
+                targets = torch.from_numpy(np.stack([label_of[n] for n in mine])).to(device)
+                if aligner is not None:
+                    images = aligner(images)
+                counts = None
+                if world > 1:  # Eq. 10's weights come from the global batch
+                    counts = torch.cat([targets.sum(0).float(), torch.tensor([float(len(mine))], device=device)])
+                    dist.all_reduce(counts)
+                    counts = (counts[:-1], counts[-1])
+                with torch.autocast(device.type, enabled=scaler.is_enabled()):
+                    loss = weighted_bce(ddp(images).float(), targets, counts)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                total_loss += loss.item()
+                rate = (step + 1) * config.batch / (time.perf_counter() - started)
+                progress.update(task, advance=1, loss=total_loss / (step + 1), rate=rate)
+        scheduler.step()
+        if rank == 0:
+            labels = np.stack([label_of[n] for n in val_names]) if val_names else np.zeros((0, len(FINDINGS)))
+            metrics = {"epoch": epoch + 1, "loss": total_loss / steps, "images_per_second": rate,
+                       "lr": optimizer.param_groups[0]["lr"]}
+            metrics.update(evaluate_auroc(model, cache, val_names, labels, config.batch, device, aligner))
+            payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": _rng_state(),
+                       "config": asdict(config), "splits": asdict(splits), "metrics": metrics}
+            save_checkpoint(last, payload)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            console.print(f"epoch {epoch + 1}: loss {metrics['loss']:.4f}, validation mean AUROC "
+                          f"{metrics.get('mean_auroc', float('nan')):.3f}, {rate:.1f} images/s")
+        if world > 1:
+            dist.barrier()
+    return last
