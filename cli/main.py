@@ -7,7 +7,6 @@ import click
 import dmfast
 
 PENDING = {
-    "align": "train the alignment module and warp X-rays onto the canonical chest",
     "masks": "average confident class activation maps into per-disease masks",
     "eval": "score AUROC and box localization accuracy",
 }
@@ -88,6 +87,32 @@ def train(data_dir, out, resume, **options):
     from dmfast.train import TrainConfig, train as run_training
 
     _run(lambda: run_training(TrainConfig(data=data_dir, out=out, **options), resume=resume))
+
+
+@main.command()
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--cache", type=click.Path(file_okay=False), default=None, help="Image cache [default: see prepare].")
+@click.option("--size", default=512, show_default=True, help="Image size.")
+@click.option("--anchor-images", default=2000, show_default=True, help="No Finding images averaged into the anchor.")
+@click.option("--epochs", default=5, show_default=True)
+@click.option("--batch", default=16, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--optimizer", default="adam", show_default=True, type=click.Choice(["adam", "sgd"]))
+@click.option("--pool", default=16, show_default=True, help="Smoothing pool of the loss (phi = B(G(affine(I)))).")
+@click.option("--perceptual", type=click.Path(exists=True, dir_okay=False),
+              help="Classifier checkpoint (dmfast train) for the perceptual loss.")
+@click.option("--perceptual-weight", default=1.0, show_default=True)
+@click.option("--input-size", default=128, show_default=True, help="Resolution the alignment network sees.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--split", default="official", show_default=True, type=click.Choice(["official", "patients"]))
+@click.option("--max-steps", type=int, default=None, help="Steps per epoch at most (quick runs).")
+@click.option("--skip-problems", is_flag=True, help="Leave out missing or unreadable images.")
+def align(data_dir, out, **options):
+    """Train the alignment module on DATA_DIR: anchor image, checkpoint, before/after grid, statistics."""
+    from dmfast.align import AlignConfig, align as run_alignment
+
+    _run(lambda: run_alignment(AlignConfig(data=data_dir, out=out, **options)))
 
 
 def _run(job):

@@ -1,0 +1,259 @@
+"""``dmfast align``: the alignment module. A ResNet-18 predicts scale, shift and rotation (sx, sy, tx, ty, angle) per
+X-ray; the image warped by them and smoothed (the paper's phi(I) = B(G(affine(I))), 16x16 pooling and bilinear
+restore, one fused op) is pulled towards the anchor, the mean of ``No Finding`` training images, by a Euclidean loss
+(Eq. 8) plus a perceptual loss (Eq. 7) over conv2_x..conv5_x of a frozen classifier.
+
+Stability: the network's last layer starts at zero, so training starts from the identity transform, and the five
+parameters pass through tanh into bounded ranges (scale 1 +- 0.3, shift +- 0.3, rotation +- 25 degrees), so no step
+can collapse or flip the image; the perceptual term is normalised per stage by the anchor's feature energy, so its
+scale does not depend on the classifier.
+"""
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from . import ops
+from .data.cache import ImageCache, default_cache_dir, prepare
+from .data.chestxray14 import open_dataset
+from .data.images import to_model_input
+from .data.splits import make_splits
+from .io import atomic_write_bytes, save_png, to_uint8
+from .train import build_model, load_checkpoint, save_checkpoint, TrainConfig
+
+LIMITS = {"scale": 0.3, "shift": 0.3, "angle": math.radians(25)}
+
+
+class AlignmentNet(nn.Module):
+    """ResNet-18 -> (sx, sy, tx, ty, angle), bounded, identity at initialisation."""
+
+    def __init__(self, input_size: int = 128):
+        super().__init__()
+        self.input_size = input_size
+        net = torchvision.models.resnet18(weights=None)
+        net.fc = nn.Linear(net.fc.in_features, 5)
+        nn.init.zeros_(net.fc.weight)
+        nn.init.zeros_(net.fc.bias)
+        self.net = net
+
+    def parameters_of(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 5]``: sx, sy, tx, ty, angle (radians)."""
+        x = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
+                          antialias=True) if images.shape[-1] != self.input_size else images
+        raw = torch.tanh(self.net(x.expand(-1, 3, -1, -1)))
+        scale = 1 + LIMITS["scale"] * raw[:, :2]
+        return torch.cat([scale, LIMITS["shift"] * raw[:, 2:4], LIMITS["angle"] * raw[:, 4:]], 1)
+
+    def theta(self, images: torch.Tensor) -> torch.Tensor:
+        p = self.parameters_of(images)
+        return ops.affine_matrix(p[:, 0], p[:, 1], p[:, 2], p[:, 3], p[:, 4])
+
+    def align(self, images: torch.Tensor) -> torch.Tensor:
+        """The aligned images (plain bilinear warp; float images in [-1, 1] map to the background -1 outside)."""
+        return ops.affine_smooth(images + 1, self.theta(images).to(images.dtype), 1) - 1
+
+
+@dataclass
+class AlignConfig:
+    data: str
+    out: str
+    cache: str | None = None
+    size: int = 512
+    anchor_images: int = 2000
+    epochs: int = 5
+    batch: int = 16
+    lr: float = 1e-3
+    momentum: float = 0.9  # SGD only
+    optimizer: str = "adam"  # or "sgd" (the paper's; converged far slower here, see the README)
+    clip: float = 1.0  # gradient-norm clipping: no single batch can throw the transform to its bounds
+    pool: int = 16
+    perceptual: str | None = None  # classifier checkpoint for the perceptual loss
+    perceptual_weight: float = 1.0
+    input_size: int = 128
+    seed: int = 0
+    val_fraction: float = 0.1
+    split: str = "official"
+    max_steps: int | None = None
+    grid_images: int = 8
+    skip_problems: bool = False
+
+
+def make_anchor(cache: ImageCache, dataset, names, count: int) -> torch.Tensor:
+    """Pixel mean of up to ``count`` No Finding images among ``names``, as a float [-1, 1] image [1, 1, S, S]."""
+    healthy = [r.image for r in dataset.records if r.labels.sum() == 0 and r.image in set(names)][:count]
+    if not healthy:
+        raise ValueError("no 'No Finding' training images to build the anchor from")
+    total = torch.zeros(1, 1, cache.size, cache.size, dtype=torch.float64)
+    for start in range(0, len(healthy), 64):
+        total += to_model_input(cache.batch(healthy[start:start + 64])).double().sum(0, keepdim=True)
+    return (total / len(healthy)).float()
+
+
+def standardize(images: torch.Tensor) -> torch.Tensor:
+    """Per-image zero mean, unit variance: the distance then measures structure, not exposure or contrast."""
+    mean = images.mean((1, 2, 3), keepdim=True)
+    return (images - mean) / images.std((1, 2, 3), keepdim=True).clamp_min(1e-6)
+
+
+class AlignmentLoss:
+    """Euclidean + perceptual distance between phi(image) and phi(anchor), both standardised per image."""
+
+    def __init__(self, anchor: torch.Tensor, pool: int, classifier=None, weight: float = 1.0):
+        identity = torch.eye(2, 3, dtype=anchor.dtype, device=anchor.device)[None]
+        self.pool = pool
+        self.target = standardize(ops.affine_smooth(anchor + 1, identity, pool))
+        self.classifier = classifier
+        self.weight = weight
+        if classifier is not None:
+            with torch.no_grad():
+                self.target_features = classifier.stages(self.target)
+            self.feature_scale = [f.square().mean().clamp_min(1e-12) for f in self.target_features]
+
+    def __call__(self, images: torch.Tensor, theta: torch.Tensor) -> tuple:
+        # +1: the warp's zero padding is then the black background
+        smoothed = standardize(ops.affine_smooth(images + 1, theta, self.pool))
+        euclidean = (smoothed - self.target).square().mean()
+        perceptual = torch.zeros((), device=images.device)
+        if self.classifier is not None:
+            for f, t, s in zip(self.classifier.stages(smoothed), self.target_features, self.feature_scale):
+                perceptual = perceptual + (f - t).square().mean() / s
+        return euclidean + self.weight * perceptual, euclidean.detach(), perceptual.detach()
+
+
+def read_transforms(data_dir) -> dict:
+    """The phantom's known misalignments: image -> theta [2, 3] (output -> input), if the side file exists."""
+    path = Path(data_dir) / "phantom_transforms.csv"
+    if not path.is_file():
+        return {}
+    with open(path) as f:
+        return {r["Image Index"]: torch.tensor([float(r[f"theta{i}{j}"]) for i in range(2) for j in range(3)])
+                .view(2, 3) for r in csv.DictReader(f)}
+
+
+def misalignment_error(theta_true: torch.Tensor, theta_pred: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean displacement (in half-widths, the normalised unit) of a 9x9 grid of points between the canonical chest
+    and the image (``theta_pred`` None) or the aligned image (composite of the misalignment and the alignment)."""
+    lin = torch.linspace(-0.8, 0.8, 9, dtype=torch.float64)
+    y, x = torch.meshgrid(lin, lin, indexing="ij")
+    points = torch.stack([x.reshape(-1), y.reshape(-1), torch.ones(81, dtype=torch.float64)])  # [3, 81]
+    full = lambda t: torch.cat([t.double(), torch.tensor([[0, 0, 1.0]], dtype=torch.float64).expand(len(t), 1, 3)], 1)  # noqa: E731
+    composite = full(theta_true)
+    if theta_pred is not None:
+        composite = composite @ full(theta_pred)
+    moved = composite @ points
+    return (moved[:, :2] - points[:2]).norm(dim=1).mean(1)
+
+
+def _grid(originals, aligned, anchor) -> torch.Tensor:
+    top = torch.cat(list(originals[:, 0]) + [anchor[0, 0]], 1)
+    bottom = torch.cat(list(aligned[:, 0]) + [anchor[0, 0]], 1)
+    return to_uint8(torch.cat([top, bottom], 0), -1, 1)
+
+
+def align(config: AlignConfig, console: Console | None = None) -> Path:
+    """Train the alignment module; returns the checkpoint path. Writes the anchor, a grid of original (top) vs
+    aligned (bottom) images with the anchor on the right, and alignment statistics."""
+    console = console or Console(stderr=True)
+    torch.manual_seed(config.seed)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = open_dataset(config.data, skip_problems=config.skip_problems)
+    cache_dir = Path(config.cache) if config.cache else default_cache_dir(config.data, config.size)
+    if not (cache_dir / "index.json").is_file():
+        prepare(config.data, cache_dir, size=config.size, skip_problems=config.skip_problems, console=console)
+    cache = ImageCache(cache_dir)
+    splits = make_splits(dataset, config.val_fraction, config.seed, split=config.split)
+    train_names = [n for n in splits.train if n in cache]
+    val_names = [n for n in splits.val + splits.test if n in cache]
+    anchor = make_anchor(cache, dataset, train_names, config.anchor_images)
+    save_png(out / "anchor.png", to_uint8(anchor[0, 0], -1, 1))
+    buffer = io.BytesIO()
+    torch.save(anchor, buffer)
+    atomic_write_bytes(out / "anchor.pt", buffer.getvalue())
+
+    classifier = None
+    if config.perceptual:
+        state = load_checkpoint(config.perceptual)
+        classifier = build_model(TrainConfig(**{**state["config"], "init": None, "masks": None, "weights": None,
+                                                "pretrained": False}), console)
+        classifier.load_state_dict(state["model"], strict=False)
+        classifier.eval().requires_grad_(False)
+        console.print(f"perceptual loss on conv2_x..conv5_x of {config.perceptual}")
+    else:
+        console.print("no --perceptual classifier given: Euclidean loss only")
+    loss_fn = AlignmentLoss(anchor, config.pool, classifier, config.perceptual_weight)
+    net = AlignmentNet(config.input_size)
+    if config.optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum)
+    else:
+        optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    steps = len(train_names) // config.batch
+    if config.max_steps:
+        steps = min(steps, config.max_steps)
+    if steps == 0:
+        raise ValueError(f"{len(train_names)} training images are fewer than one batch of {config.batch}")
+    history = []
+    columns = (TextColumn("align epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} img/s"), TimeRemainingColumn())
+    for epoch in range(config.epochs):
+        order = torch.randperm(len(train_names), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+        net.train()
+        totals = np.zeros(3)
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("align", total=steps, epoch=f"{epoch + 1}/{config.epochs}", loss=0.0, rate=0.0)
+            started = time.perf_counter()
+            for step in range(steps):
+                names = [train_names[i] for i in order[step * config.batch:(step + 1) * config.batch].tolist()]
+                images = to_model_input(cache.batch(names))
+                loss, euclidean, perceptual = loss_fn(images, net.theta(images))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), config.clip)
+                optimizer.step()
+                totals += [loss.item(), euclidean.item(), perceptual.item()]
+                progress.update(task, advance=1, loss=totals[0] / (step + 1),
+                                rate=(step + 1) * config.batch / (time.perf_counter() - started))
+        history.append(dict(zip(("loss", "euclidean", "perceptual"), (totals / steps).tolist()), epoch=epoch + 1))
+        console.print(f"epoch {epoch + 1}: loss {history[-1]['loss']:.5f} (euclidean {history[-1]['euclidean']:.5f}, "
+                      f"perceptual {history[-1]['perceptual']:.5f})")
+    net.eval()
+    checkpoint = save_checkpoint(out / "alignment.pt", {"model": net.state_dict(),
+                                                       "net_config": {"input_size": config.input_size},
+                                                       "config": asdict(config), "history": history})
+    stats = {"history": history}
+    with torch.no_grad():
+        shown = val_names[: config.grid_images]
+        originals = to_model_input(cache.batch(shown))
+        save_png(out / "alignment_grid.png", _grid(originals, net.align(originals), anchor))
+        params = torch.cat([net.parameters_of(to_model_input(cache.batch(val_names[i:i + 64])))
+                            for i in range(0, len(val_names), 64)])
+        stats["parameters_mean"] = dict(zip(("sx", "sy", "tx", "ty", "angle"), params.mean(0).tolist()))
+        stats["parameters_std"] = dict(zip(("sx", "sy", "tx", "ty", "angle"), params.std(0).tolist()))
+        truth = read_transforms(config.data)
+        known = [n for n in val_names if n in truth]
+        if known:
+            true = torch.stack([truth[n] for n in known])
+            predicted = torch.cat([net.theta(to_model_input(cache.batch(known[i:i + 64])))
+                                   for i in range(0, len(known), 64)])
+            before, after = misalignment_error(true), misalignment_error(true, predicted)
+            stats["misalignment_error"] = {"images": len(known), "before": before.mean().item(),
+                                           "after": after.mean().item(), "unit": "half image widths"}
+            console.print(f"known misalignment on {len(known)} held-out images: mean displacement "
+                          f"{before.mean():.4f} before, {after.mean():.4f} after alignment")
+    atomic_write_bytes(out / "alignment_stats.json", (json.dumps(stats, indent=1) + "\n").encode())
+    console.print(f"alignment checkpoint {checkpoint}, grid {out / 'alignment_grid.png'}")
+    return checkpoint

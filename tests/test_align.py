@@ -1,0 +1,66 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dmfast.align import AlignConfig, AlignmentNet, align, misalignment_error
+from dmfast.cli.main import main
+from dmfast.data.cache import prepare
+from dmfast.data.phantom import synthesize
+from dmfast.ops import affine_matrix
+from dmfast.train import TrainConfig, load_checkpoint, train
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    root = tmp_path_factory.mktemp("align")
+    data = synthesize(root / "data", count=320, size=96, seed=11)
+    prepare(data, root / "cache", size=96, workers=2)
+    return data, root / "cache"
+
+
+def test_alignment_net_starts_at_the_identity():
+    net = AlignmentNet(input_size=32)
+    images = torch.rand(3, 1, 64, 64) * 2 - 1
+    torch.testing.assert_close(net.theta(images), torch.eye(2, 3).expand(3, 2, 3))
+    torch.testing.assert_close(net.align(images), images, atol=1e-6, rtol=0)
+
+
+def test_misalignment_error_of_inverse_transforms_is_zero():
+    theta = affine_matrix(torch.tensor([1.1]), torch.tensor([0.9]), torch.tensor([0.05]), torch.tensor([-0.1]),
+                          torch.tensor([0.2]))
+    full = torch.cat([theta[0].double(), torch.tensor([[0, 0, 1.0]], dtype=torch.float64)])
+    inverse = torch.linalg.inv(full)[:2][None]
+    assert misalignment_error(theta).item() > 0.05
+    assert misalignment_error(theta, inverse).item() < 1e-12
+
+
+def test_end_to_end_train_align_resume(phantom, tmp_path):
+    data, cache = phantom
+    common = dict(data=str(data), cache=str(cache), size=96, batch=16, split="patients", val_fraction=0.15)
+    checkpoint = train(TrainConfig(out=str(tmp_path / "base"), arch="resnet18", epochs=1, **common))
+    checkpoint = train(TrainConfig(out=str(tmp_path / "base"), arch="resnet18", epochs=2, **common), resume=True)
+    assert load_checkpoint(checkpoint)["epoch"] == 1
+    # Euclidean alignment: the known misalignment of held-out images must shrink substantially.
+    aligned = align(AlignConfig(out=str(tmp_path / "align"), epochs=6, input_size=64, anchor_images=500, **common))
+    stats = json.loads((tmp_path / "align" / "alignment_stats.json").read_text())
+    error = stats["misalignment_error"]
+    assert error["images"] > 20 and error["after"] < 0.8 * error["before"], error
+    # The perceptual loss over that classifier's conv2_x..conv5_x runs and contributes.
+    align(AlignConfig(out=str(tmp_path / "perceptual"), epochs=1, max_steps=3, input_size=64, anchor_images=500,
+                      perceptual=str(checkpoint), perceptual_weight=0.1, **common))
+    history = json.loads((tmp_path / "perceptual" / "alignment_stats.json").read_text())["history"]
+    assert history[0]["perceptual"] > 0 and all(map(lambda v: v == v, history[0].values()))
+    assert (tmp_path / "align" / "alignment_grid.png").is_file() and (tmp_path / "align" / "anchor.png").is_file()
+    # Training on aligned images applies the alignment on the fly.
+    on_aligned = train(TrainConfig(out=str(tmp_path / "aligned"), arch="resnet18", epochs=1, max_steps=2,
+                                   aligned=str(aligned), **common))
+    assert load_checkpoint(on_aligned)["config"]["aligned"] == str(aligned)
+
+
+def test_align_command_reports_bad_options(phantom, tmp_path):
+    data, cache = phantom
+    result = CliRunner().invoke(main, ["align", str(data), "--out", str(tmp_path), "--cache", str(cache), "--size",
+                                       "96", "--batch", "4096"])
+    assert result.exit_code == 1 and "fewer than one batch" in result.output
