@@ -6,18 +6,15 @@ from click.testing import CliRunner
 
 from dmfast.align import AlignConfig, AlignmentNet, align, misalignment_error
 from dmfast.cli.main import main
-from dmfast.data.cache import prepare
-from dmfast.data.phantom import synthesize
 from dmfast.ops import affine_matrix
 from dmfast.train import TrainConfig, load_checkpoint, train
+
+from .conftest import phantom_with_cache
 
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
-    root = tmp_path_factory.mktemp("align")
-    data = synthesize(root / "data", count=320, size=96, seed=11)
-    prepare(data, root / "cache", size=96, workers=2)
-    return data, root / "cache"
+    return phantom_with_cache(tmp_path_factory, "align", count=320, size=96, seed=11)
 
 
 def test_alignment_net_starts_at_the_identity():

@@ -4,17 +4,14 @@ import socket
 import pytest
 import torch
 
-from dmfast.data.cache import prepare
-from dmfast.data.phantom import synthesize
 from dmfast.train import TrainConfig, load_checkpoint, train
+
+from .conftest import phantom_with_cache
 
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom")
-    data = synthesize(root / "data", count=96, size=64, seed=3)
-    prepare(data, root / "cache", size=64, workers=1)
-    return data, root / "cache"
+    return phantom_with_cache(tmp_path_factory, "phantom", count=96, size=64, seed=3)
 
 
 def config(phantom, out, **overrides):
