@@ -3,7 +3,7 @@
 // thresholded upsampled image with lock-free union-find (atomicMin on parent links, so every root is its
 // component's raster-first pixel, the order scipy numbers components in), gather each component's box and
 // activation statistics at its root with atomics, and merge the level's best components into the map's ranked
-// output. The only host synchronisation is the finiteness check of the arguments.
+// output. The only host synchronisation is the finiteness check of the arguments (it names the bad map).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -12,7 +12,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "../cam_boxes.h"
@@ -26,7 +25,8 @@ constexpr int kBlock = 512;
 constexpr int64_t kMaxSlots = 64;                 // maps processed at once (each with its own scratch)
 constexpr int64_t kScratchBudget = int64_t(1) << 30;  // bytes of scratch at most
 
-// Per-slot scratch, laid out as separate arrays of length H * W (pixels) or h * w (the normalised map).
+// Per-slot scratch: separate arrays of length H * W (pixels) or h * w (the normalised map), at the same offsets in
+// every slot of the arena, so the kernel derives them from its block index (no table to upload).
 struct Scratch {
   double* map;
   int32_t* parent;
@@ -37,6 +37,26 @@ struct Scratch {
   double* rank_score;
 
   static int64_t bytes_per_pixel() { return 4 * 7 + 8 * 3; }
+
+  // Eight-byte arrays first keep every array aligned.
+  __host__ __device__ static Scratch at(uint8_t* slot, int64_t pixels, int64_t map_size) {
+    Scratch s;
+    uint8_t* p = slot;
+    s.map = reinterpret_cast<double*>(p), p += map_size * 8;
+    s.max_bits = reinterpret_cast<unsigned long long*>(p), p += pixels * 8;
+    s.sum = reinterpret_cast<double*>(p), p += pixels * 8;
+    s.rank_score = reinterpret_cast<double*>(p), p += pixels * 8;
+    int32_t** ints[] = {&s.parent, &s.x0, &s.y0, &s.x1, &s.y1, &s.count, &s.roots};
+    for (int32_t** field : ints) *field = reinterpret_cast<int32_t*>(p), p += pixels * 4;
+    return s;
+  }
+};
+
+constexpr int kMaxLevels = 8;
+
+struct Levels {  // passed by value: no upload
+  double value[kMaxLevels];
+  int64_t count;
 };
 
 __device__ __forceinline__ int32_t find_root(const int32_t* parent, int32_t p) {
@@ -75,8 +95,8 @@ struct Candidate {
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBlock) cam_boxes_kernel(const scalar_t* __restrict__ cams, int64_t N, int64_t h,
                                                             int64_t w, int64_t H, int64_t W,
-                                                            const double* __restrict__ levels, int64_t num_levels,
-                                                            int64_t max_boxes, bool mean, Scratch* scratch,
+                                                            Levels levels, int64_t max_boxes, bool mean,
+                                                            uint8_t* arena, int64_t slot_bytes,
                                                             int64_t* __restrict__ boxes, double* __restrict__ scores,
                                                             int64_t* __restrict__ counts) {
   __shared__ double reduce_a[kBlock], reduce_b[kBlock];
@@ -84,7 +104,7 @@ __global__ void __launch_bounds__(kBlock) cam_boxes_kernel(const scalar_t* __res
   __shared__ int32_t num_roots;
   __shared__ int64_t kept;
   __shared__ bool stop;
-  const Scratch s = scratch[blockIdx.x];
+  const Scratch s = Scratch::at(arena + blockIdx.x * slot_bytes, H * W, h * w);
   const int64_t P = H * W, tid = threadIdx.x;
 
   for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
@@ -109,8 +129,8 @@ __global__ void __launch_bounds__(kBlock) cam_boxes_kernel(const scalar_t* __res
     int64_t total = 0;
     __syncthreads();
 
-    for (int64_t level = 0; level < num_levels; ++level) {
-      const double threshold = levels[level];
+    for (int64_t level = 0; level < levels.count; ++level) {
+      const double threshold = levels.value[level];
       for (int64_t p = tid; p < P; p += kBlock) {
         const bool fg = pixel_value(s.map, h, w, H, W, p / W, p % W) >= threshold;
         s.parent[p] = fg ? int32_t(p) : -1;
@@ -222,6 +242,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_boxes_cuda(const at::Tensor& 
   const at::Tensor cams = cams_in.reshape({-1, cams_in.size(-2), cams_in.size(-1)}).contiguous();
   const int64_t N = cams.size(0), h = cams.size(1), w = cams.size(2), H = size[0], W = size[1];
   TORCH_CHECK(H * W < (int64_t(1) << 31), "cam_boxes: the CUDA kernel labels images of fewer than 2^31 pixels");
+  TORCH_CHECK(int64_t(thresholds.size()) <= kMaxLevels, "cam_boxes: the CUDA kernel takes at most ", kMaxLevels,
+              " thresholds, got ", thresholds.size());
   const auto options = cams.options();
   at::Tensor boxes = at::zeros({N, max_boxes, 4}, options.dtype(at::kLong));
   at::Tensor scores = at::zeros({N, max_boxes}, options.dtype(at::kDouble));
@@ -235,42 +257,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_boxes_cuda(const at::Tensor& 
   const int64_t pixels = H * W;
   const int64_t slot_bytes = pixels * Scratch::bytes_per_pixel() + h * w * 8;
   const int64_t slots = std::max<int64_t>(1, std::min({N, kMaxSlots, kScratchBudget / slot_bytes}));
-  at::Tensor arena = at::empty({slots * (slot_bytes + 64)}, options.dtype(at::kByte));
-  std::vector<Scratch> host(slots);
-  uint8_t* base = arena.mutable_data_ptr<uint8_t>();
-  for (int64_t k = 0; k < slots; ++k) {
-    // Eight-byte arrays first keep every array aligned.
-    uint8_t* p = base + k * (slot_bytes + 64);
-    const auto take = [&](int64_t bytes) {
-      uint8_t* q = p;
-      p += bytes;
-      return q;
-    };
-    host[k].map = reinterpret_cast<double*>(take(h * w * 8));
-    host[k].max_bits = reinterpret_cast<unsigned long long*>(take(pixels * 8));
-    host[k].sum = reinterpret_cast<double*>(take(pixels * 8));
-    host[k].rank_score = reinterpret_cast<double*>(take(pixels * 8));
-    host[k].parent = reinterpret_cast<int32_t*>(take(pixels * 4));
-    host[k].x0 = reinterpret_cast<int32_t*>(take(pixels * 4));
-    host[k].y0 = reinterpret_cast<int32_t*>(take(pixels * 4));
-    host[k].x1 = reinterpret_cast<int32_t*>(take(pixels * 4));
-    host[k].y1 = reinterpret_cast<int32_t*>(take(pixels * 4));
-    host[k].count = reinterpret_cast<int32_t*>(take(pixels * 4));
-    host[k].roots = reinterpret_cast<int32_t*>(take(pixels * 4));
-  }
-  // The slot table and the levels travel in small stream-ordered host-to-device copies.
-  at::Tensor table = at::empty({int64_t(slots * sizeof(Scratch))}, at::TensorOptions().dtype(at::kByte));
-  std::memcpy(table.mutable_data_ptr<uint8_t>(), host.data(), slots * sizeof(Scratch));
-  const at::Tensor table_d = table.to(cams.device(), /*non_blocking=*/false);
-  at::Tensor levels_host = at::empty({int64_t(thresholds.size())}, at::TensorOptions().dtype(at::kDouble));
-  std::copy(thresholds.begin(), thresholds.end(), levels_host.mutable_data_ptr<double>());
-  const at::Tensor levels = levels_host.to(cams.device());
+  const int64_t aligned_bytes = (slot_bytes + 63) / 64 * 64;
+  at::Tensor arena = at::empty({slots * aligned_bytes}, options.dtype(at::kByte));
+  Levels levels{};
+  levels.count = int64_t(thresholds.size());
+  std::copy(thresholds.begin(), thresholds.end(), levels.value);
   const bool mean = score == "mean";
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cams.scalar_type(), "cam_boxes_cuda", [&] {
     cam_boxes_kernel<scalar_t><<<slots, kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        cams.const_data_ptr<scalar_t>(), N, h, w, H, W, levels.const_data_ptr<double>(), levels.numel(), max_boxes,
-        mean, reinterpret_cast<Scratch*>(const_cast<uint8_t*>(table_d.const_data_ptr<uint8_t>())),
-        boxes.mutable_data_ptr<int64_t>(), scores.mutable_data_ptr<double>(), counts.mutable_data_ptr<int64_t>());
+        cams.const_data_ptr<scalar_t>(), N, h, w, H, W, levels, max_boxes, mean, arena.mutable_data_ptr<uint8_t>(),
+        aligned_bytes, boxes.mutable_data_ptr<int64_t>(), scores.mutable_data_ptr<double>(), counts.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {boxes.view(box_shape), scores.view(score_shape), counts.view(lead)};
