@@ -40,7 +40,8 @@ def test_end_to_end_train_align_resume(phantom, tmp_path):
     checkpoint = train(TrainConfig(out=str(tmp_path / "base"), arch="resnet18", epochs=2, **common), resume=True)
     assert load_checkpoint(checkpoint)["epoch"] == 1
     # Euclidean alignment: the known misalignment of held-out images must shrink substantially.
-    aligned = align(AlignConfig(out=str(tmp_path / "align"), epochs=6, input_size=64, anchor_images=500, **common))
+    aligned = align(AlignConfig(out=str(tmp_path / "align"), epochs=6, input_size=64, anchor_images=500,
+                                optimizer="adam", **common))
     stats = json.loads((tmp_path / "align" / "alignment_stats.json").read_text())
     error = stats["misalignment_error"]
     assert error["images"] > 20 and error["after"] < 0.8 * error["before"], error
