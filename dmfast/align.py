@@ -62,7 +62,11 @@ class AlignmentNet(nn.Module):
 
     def align(self, images: torch.Tensor) -> torch.Tensor:
         """The aligned images (plain bilinear warp; float images in [-1, 1] map to the background -1 outside)."""
-        return ops.affine_smooth(images + 1, self.theta(images).to(images.dtype), 1) - 1
+        return self.warp(images, self.theta(images))
+
+    @staticmethod
+    def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return ops.affine_smooth(images + 1, theta.to(images.dtype), 1) - 1
 
 
 @dataclass

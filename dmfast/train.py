@@ -35,6 +35,7 @@ class TrainConfig:
     out: str
     cache: str | None = None
     arch: str = "resnet50"
+    cam_stride: int = 32  # 16: finer CAMs (conv5_x without downsampling)
     size: int = 512
     epochs: int = 5
     batch: int = 32
@@ -97,8 +98,22 @@ def load_checkpoint(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def read_masks(path) -> dict:
+    """A masks file of ``dmfast masks`` (a dict with ``masks [C, h, w]`` and metadata), checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"masks file {path} not found")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    masks = payload.get("masks") if isinstance(payload, dict) else None
+    if not isinstance(masks, torch.Tensor) or masks.dim() != 3 or masks.shape[0] != len(FINDINGS):
+        raise ValueError(f"{path}: not a dmfast masks file (expected a dict with 'masks' [{len(FINDINGS)}, h, w])")
+    if not torch.isfinite(masks).all():
+        raise ValueError(f"{path}: the masks contain NaN or infinite values")
+    return payload
+
+
 def build_model(config: TrainConfig, console: Console) -> CAMClassifier:
-    model = CAMClassifier(config.arch, len(FINDINGS), pretrained=config.pretrained)
+    model = CAMClassifier(config.arch, len(FINDINGS), pretrained=config.pretrained, cam_stride=config.cam_stride)
     if config.weights:
         skipped = model.load_torchvision_weights(config.weights)
         console.print(f"loaded {config.weights}" + (f" (not in it: {', '.join(skipped)})" if skipped else ""))
@@ -107,12 +122,34 @@ def build_model(config: TrainConfig, console: Console) -> CAMClassifier:
     else:
         console.print(f"{config.arch}: random initialisation (no --weights or --pretrained given)")
     if config.init:
-        model.load_state_dict(load_checkpoint(config.init)["model"], strict=False)
+        state = load_checkpoint(config.init)
+        previous = state["config"]
+        if (previous.get("arch"), previous.get("cam_stride", 32)) != (config.arch, config.cam_stride):
+            raise ValueError(f"--init {config.init} is a {previous.get('arch')} with CAM stride "
+                             f"{previous.get('cam_stride', 32)}; this run asks for {config.arch} with "
+                             f"{config.cam_stride}")
+        model.load_state_dict({k: v for k, v in state["model"].items() if k != "masks"}, strict=False)
         console.print(f"initialised from {config.init}")
     if config.masks:
-        masks = torch.load(config.masks, map_location="cpu", weights_only=False)
-        model.set_masks(masks["masks"] if isinstance(masks, dict) else masks)
+        payload = read_masks(config.masks)
+        model.set_masks(payload["masks"])
+        named = [c for c, has in zip(FINDINGS, payload.get("has_mask", [True] * len(FINDINGS))) if has]
+        console.print(f"attention with the {payload.get('kind', 'disease')} masks of {config.masks} "
+                      f"({len(named)} of {len(FINDINGS)} classes have one)")
     return model
+
+
+def load_classifier(path, device="cpu") -> tuple:
+    """A trained classifier from a ``dmfast train`` checkpoint, in eval mode with its disease masks (if it was
+    trained with some): ``(model, config, state)``."""
+    state = load_checkpoint(path)
+    if "model" not in state or "config" not in state:
+        raise ValueError(f"{path}: not a dmfast train checkpoint (no 'model' / 'config')")
+    config = TrainConfig(**state["config"])
+    model = CAMClassifier(config.arch, len(FINDINGS), cam_stride=config.cam_stride)
+    model.set_masks(state["model"].get("masks"))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), config, state
 
 
 class Aligner:
@@ -161,6 +198,9 @@ def train(config: TrainConfig, resume: bool = False, console: Console | None = N
     state = load_checkpoint(last) if resume else None
     if state is not None:
         config = TrainConfig(**{**asdict(config), **state["config"], "epochs": config.epochs})
+    # The checkpoint records where the alignment and masks came from; absolute, so it works from any folder.
+    config = TrainConfig(**{**asdict(config), **{k: str(Path(getattr(config, k)).resolve())
+                                                 for k in ("aligned", "init", "masks") if getattr(config, k)}})
     if config.batch % world:
         raise ValueError(f"--batch {config.batch} must be divisible by the number of processes ({world})")
     torch.manual_seed(config.seed)

@@ -1,0 +1,321 @@
+"""``dmfast eval``: classification and weakly supervised localization of one or more trained classifiers on the
+test split, side by side (the paper's Tables 1, 2 and 4), with a mask-only baseline for every set of disease masks.
+
+Classification: AUROC of the 14 classes and their mean over the test images. Localization, on the test images with
+ground-truth boxes, for each (image, class) box pair: the class's CAM (in the image's own frame: CAMs of a model
+trained on aligned images are warped back with the inverse alignment) becomes boxes through the fused ``cam_boxes``
+(min-max normalised, upsampled to the image, thresholded at ``box_thresholds``; 0.5 by default, Wang et al.'s
+two-level 60/255 and 180/255 with ``wang``), and a ground-truth box counts as found when a predicted box of its
+class overlaps it by more than T, for T(IoU) and T(IoBB) in 0.1..0.7. AFP, the false-positive boxes per image,
+stands next to every accuracy, since more boxes can only raise accuracy.
+
+The mask-only baseline scores the boxes of a disease mask alone: the same boxes for every image of a class. A pure
+location prior does well at low IoU on ChestX-ray14 (cardiomegaly almost always), so the tables show what the
+image-specific CAM adds beyond it.
+"""
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+import dmfast
+
+from . import ops
+from .data.cache import ImageCache, default_cache_dir, prepare
+from .data.chestxray14 import FINDINGS, open_dataset
+from .figures import BLACK, RED, draw, grid, heat_overlay
+from .inference import Classifier, to_image_frame
+from .io import atomic_write_bytes, save_png
+from .metrics import DEFAULT_THRESHOLDS, localization, predictions_from_padded, roc_auc
+
+WANG_THRESHOLDS = (60 / 255, 180 / 255)
+REPORTED = (0.3, 0.5, 0.7)  # the paper's T(IoU) columns
+
+
+@dataclass
+class EvalConfig:
+    data: str
+    out: str
+    checkpoints: list  # [(name, path)] of dmfast train checkpoints, in table order
+    masks: list = field(default_factory=list)  # [(name, path)] extra masks files for mask-only rows
+    cache: str | None = None
+    box_thresholds: tuple = (0.5,)
+    max_boxes: int = 1
+    batch: int = 32
+    overlays: int = 2  # images per class in the overlay figures
+    overlap_thresholds: tuple = DEFAULT_THRESHOLDS
+    skip_problems: bool = False
+
+
+@dataclass
+class Method:
+    """One row of the tables: a checkpoint, or the mask-only baseline of a set of masks."""
+
+    name: str
+    kind: str  # "checkpoint" or "mask-only"
+    source: str
+    localization: dict  # metric -> metrics.Localization
+    auroc: np.ndarray | None = None
+    mean_auroc: float | None = None
+    seconds: float | None = None
+    images: int = 0
+
+    def summary(self) -> dict:
+        out = {"kind": self.kind, "source": self.source}
+        if self.auroc is not None:
+            out["auroc"] = {c: _number(v) for c, v in zip(FINDINGS, self.auroc)}
+            out["mean_auroc"] = _number(self.mean_auroc)
+            out["seconds"], out["images"] = self.seconds, self.images
+            out["images_per_second"] = self.images / self.seconds if self.seconds else None
+        for metric, result in self.localization.items():
+            out[metric] = {"thresholds": list(result.thresholds),
+                           "accuracy": {c: [_number(v) for v in result.accuracy[:, i]] for i, c in enumerate(FINDINGS)},
+                           "afp": {c: [_number(v) for v in result.afp[:, i]] for i, c in enumerate(FINDINGS)},
+                           "mean_accuracy": [_number(v) for v in result.mean_accuracy],
+                           "mean_afp": [_number(v) for v in result.mean_afp]}
+        return out
+
+
+def _number(value):
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+class GroundTruth:
+    """The test images with boxes and their (image, class) pairs, boxes in the pixels of ``size``-px images."""
+
+    def __init__(self, dataset, test_names: list, size: int):
+        boxes = dataset.boxes_xyxy({n: (size, size) for n in test_names})
+        self.images = [n for n in test_names if n in boxes]
+        rows = [(n, int(b[0]), b[1:]) for n in self.images for b in boxes[n]]
+        self.image = np.array([r[0] for r in rows], dtype=object)
+        self.cls = np.array([r[1] for r in rows], dtype=np.int64)
+        self.boxes = np.array([r[2] for r in rows], dtype=np.float64).reshape(-1, 4)
+        self.pairs = {n: sorted({c for c in self.cls[self.image == n]}) for n in self.images}
+        self.size = size
+
+    def score(self, pred_image, pred_class, pred_boxes, thresholds) -> dict:
+        return {metric: localization(self.image, self.cls, self.boxes, pred_image, pred_class, pred_boxes,
+                                     len(FINDINGS), thresholds, metric) for metric in ("iou", "iobb")}
+
+
+def _chosen_for_overlays(truth: GroundTruth, per_class: int) -> set:
+    chosen = set()
+    for c in range(len(FINDINGS)):
+        chosen.update((n, c) for n in sorted({n for n, k in zip(truth.image, truth.cls) if k == c})[:per_class])
+    return chosen
+
+
+def evaluate_checkpoint(name: str, classifier: Classifier, cache: ImageCache, test_names: list, labels: np.ndarray,
+                        truth: GroundTruth, config: EvalConfig, keep: set, console: Console) -> tuple:
+    """One pass over the test images: probabilities for AUROC and, on images with boxes, CAM boxes of each
+    ground-truth class. Returns the :class:`Method` and the maps/boxes of the (image, class) pairs in ``keep``."""
+    resolution = max(cache.size // 4, 8)  # CAMs are warped back to the image frame at a quarter of its size
+    started = time.perf_counter()
+    scores, predicted, kept = [], [], {}
+    columns = (TextColumn(f"eval {name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("eval", total=len(test_names))
+        for start in range(0, len(test_names), config.batch):
+            names = test_names[start:start + config.batch]
+            prediction = classifier(cache.batch(names))
+            scores.append(prediction.probabilities.cpu())
+            rows = [(b, n, c) for b, n in enumerate(names) for c in truth.pairs.get(n, ())]
+            if rows:
+                b_index = torch.tensor([r[0] for r in rows])
+                c_index = torch.tensor([r[2] for r in rows])
+                maps = prediction.cams[b_index.to(prediction.cams.device), c_index.to(prediction.cams.device)]
+                theta = prediction.theta[b_index.to(prediction.theta.device)] if prediction.theta is not None else None
+                maps = to_image_frame(maps, theta, resolution)
+                boxes, _, counts = ops.cam_boxes(maps, (cache.size, cache.size), config.box_thresholds,
+                                                 config.max_boxes)
+                image_ids = np.array([r[1] for r in rows], dtype=object)
+                predicted.append(predictions_from_padded(boxes.cpu(), counts.cpu(), image_ids, c_index.numpy()))
+                for i, (_, n, c) in enumerate(rows):
+                    if (n, c) in keep:
+                        shown = int(min(counts[i].item(), config.max_boxes))
+                        kept[(n, c)] = (maps[i].cpu(), boxes[i, :shown].cpu().numpy())
+            progress.update(task, advance=len(names))
+    seconds = time.perf_counter() - started
+    auroc = roc_auc(labels, torch.cat(scores).numpy())
+    if predicted:
+        pred_image = np.concatenate([p[0] for p in predicted])
+        pred_class = np.concatenate([p[1] for p in predicted])
+        pred_boxes = np.concatenate([p[2] for p in predicted])
+    else:
+        pred_image, pred_class, pred_boxes = np.zeros(0, dtype=object), np.zeros(0, np.int64), np.zeros((0, 4))
+    result = truth.score(pred_image, pred_class, pred_boxes, config.overlap_thresholds)
+    method = Method(name, "checkpoint", str(classifier.path), result, auroc.per_class, auroc.mean, seconds,
+                    len(test_names))
+    return method, kept
+
+
+def mask_only(name: str, masks: torch.Tensor, truth: GroundTruth, config: EvalConfig) -> Method:
+    """The baseline of a set of masks ``[C, h, w]``: each class's mask boxes, predicted for every image of it."""
+    boxes, _, counts = ops.cam_boxes(masks.float(), (truth.size, truth.size), config.box_thresholds,
+                                     config.max_boxes)
+    pred_image, pred_class, pred_boxes = [], [], []
+    for image, classes in truth.pairs.items():
+        for c in classes:
+            shown = int(min(counts[c].item(), config.max_boxes))
+            pred_image += [image] * shown
+            pred_class += [c] * shown
+            pred_boxes += boxes[c, :shown].tolist()
+    result = truth.score(np.array(pred_image, dtype=object), np.array(pred_class, np.int64),
+                         np.array(pred_boxes, np.float64).reshape(-1, 4), config.overlap_thresholds)
+    return Method(name, "mask-only", "", result)
+
+
+def _cell(accuracy, afp) -> str:
+    return "-" if not np.isfinite(accuracy) else f"{accuracy:.2f} ({afp:.2f})"
+
+
+def tables(methods: list, truth: GroundTruth, test_images: int) -> list:
+    """(title, header, rows) of every results table, shared by the console and the Markdown file."""
+    out = []
+    checkpoints = [m for m in methods if m.auroc is not None]
+    rows = [[c] + [f"{m.auroc[i]:.3f}" if np.isfinite(m.auroc[i]) else "-" for m in checkpoints]
+            for i, c in enumerate(FINDINGS)]
+    rows.append(["Mean"] + [f"{m.mean_auroc:.3f}" for m in checkpoints])
+    out.append((f"Classification AUROC ({test_images} test images)", ["class"] + [m.name for m in checkpoints], rows))
+    for metric, label in (("iou", "T(IoU)"), ("iobb", "T(IoBB)")):
+        thresholds = methods[0].localization[metric].thresholds
+        rows = [[m.name] + [_cell(a, f) for a, f in zip(m.localization[metric].mean_accuracy,
+                                                         m.localization[metric].mean_afp)] for m in methods]
+        out.append((f"Mean localization accuracy (AFP) at {label}, {len(truth.boxes)} boxes on {len(truth.images)} "
+                    "test images", ["method"] + [f"{t:g}" for t in thresholds], rows))
+    has = np.bincount(truth.cls, minlength=len(FINDINGS)) > 0
+    thresholds = list(methods[0].localization["iou"].thresholds)
+    for t in REPORTED:
+        if t not in thresholds:
+            continue
+        k = thresholds.index(t)
+        rows = [[f"{c} ({int((truth.cls == i).sum())})"] + [_cell(m.localization["iou"].accuracy[k, i],
+                                                                  m.localization["iou"].afp[k, i]) for m in methods]
+                for i, c in enumerate(FINDINGS) if has[i]]
+        rows.append(["Mean"] + [_cell(m.localization["iou"].mean_accuracy[k], m.localization["iou"].mean_afp[k])
+                                for m in methods])
+        out.append((f"Localization accuracy (AFP) per class at T(IoU) = {t:g}", ["class (boxes)"] +
+                    [m.name for m in methods], rows))
+    rows = [[m.name, str(m.images), f"{m.seconds:.1f}", f"{m.images / m.seconds:.1f}"] for m in checkpoints]
+    out.append(("Evaluation throughput (whole pass: load, align, classify, CAM boxes)",
+                ["checkpoint", "images", "seconds", "images/s"], rows))
+    return out
+
+
+def markdown(tables_: list) -> str:
+    lines = [f"# dmfast eval\n\ndmfast {dmfast.__version__}, torch {torch.__version__}\n"]
+    for title, header, rows in tables_:
+        lines += [f"## {title}\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def overlay_figures(out: Path, kept_by_method: dict, truth: GroundTruth, cache: ImageCache, tile: int = 256) -> list:
+    """Per class: rows of images, one column per checkpoint; the X-ray with the CAM as heat, ground-truth boxes
+    red, predicted boxes black (the paper's Fig. 6)."""
+    paths = []
+    names = list(kept_by_method)
+    pairs = sorted({p for kept in kept_by_method.values() for p in kept}, key=lambda p: (p[1], p[0]))
+    scale = tile / cache.size
+    for c, finding in enumerate(FINDINGS):
+        mine = [p for p in pairs if p[1] == c]
+        if not mine:
+            continue
+        tiles = []
+        for image, _ in mine:
+            gray = F.interpolate(cache.batch([image]).float()[None, 0] / 255, size=(tile, tile), mode="bilinear",
+                                 align_corners=False, antialias=True)[0, 0]
+            gt = [b * scale for b in truth.boxes[(truth.image == image) & (truth.cls == c)]]
+            for method in names:
+                heat, boxes = kept_by_method[method].get((image, c), (None, np.zeros((0, 4))))
+                picture = draw(heat_overlay(gray, heat), gt, RED)
+                tiles.append(draw(picture, [b * scale for b in boxes], BLACK, text=f"{method}: {image}"))
+        paths.append(save_png(out / "overlays" / f"{finding}.png", grid(tiles, columns=len(names))))
+    return paths
+
+
+def evaluate(config: EvalConfig, console: Console | None = None) -> dict:
+    """Evaluate every checkpoint; print the tables, write ``eval.json``, ``eval.md`` and overlay figures."""
+    console = console or Console(stderr=True)
+    if not config.checkpoints:
+        raise ValueError("dmfast eval needs at least one --checkpoint")
+    if config.max_boxes < 1:
+        raise ValueError(f"max_boxes must be >= 1, got {config.max_boxes}")
+    levels = tuple(float(t) for t in config.box_thresholds)
+    if not levels or any(not 0 <= t <= 1 for t in levels):
+        raise ValueError(f"box thresholds must lie in [0, 1], got {list(levels)}")
+    out = Path(config.out)
+    dataset = open_dataset(config.data, skip_problems=config.skip_problems)
+    label_of = {r.image: r.labels for r in dataset.records}
+    classifiers = [(name, Classifier(path)) for name, path in config.checkpoints]
+    caches = {}
+    for _, classifier in classifiers:
+        size = classifier.config.size
+        if size not in caches:
+            folder = Path(config.cache) if config.cache else default_cache_dir(config.data, size)
+            if not (folder / "index.json").is_file():
+                prepare(config.data, folder, size=size, skip_problems=config.skip_problems, console=console)
+            caches[size] = ImageCache(folder)
+            if caches[size].size != size:
+                raise ValueError(f"cache {folder} holds {caches[size].size} px images; a checkpoint needs {size} px")
+    first = classifiers[0][1]
+    test_names = [n for n in first.splits.test if n in caches[first.config.size]]
+    for name, classifier in classifiers[1:]:
+        if set(classifier.splits.test) != set(first.splits.test):
+            console.print(f"[yellow]{name} was trained with a different test split; all are scored on the test "
+                          f"split of {classifiers[0][0]}")
+    if not test_names:
+        raise ValueError(f"no test images of {config.checkpoints[0][1]} are in the data directory {config.data}")
+    labels = np.stack([label_of[n] for n in test_names])
+
+    methods, kept_by_method, truth_at = [], {}, {}
+    keep = None
+    for name, classifier in classifiers:
+        cache = caches[classifier.config.size]
+        if cache.size not in truth_at:
+            truth_at[cache.size] = GroundTruth(dataset, test_names, cache.size)
+        truth = truth_at[cache.size]
+        keep = _chosen_for_overlays(truth, config.overlays) if keep is None else keep
+        method, kept = evaluate_checkpoint(name, classifier, cache, test_names, labels, truth, config, keep, console)
+        methods.append(method)
+        kept_by_method[name] = kept
+        if classifier.masks is not None:
+            methods.append(mask_only(f"{name} mask only", classifier.masks.cpu(), truth, config))
+    truth = truth_at[first.config.size]
+    for name, path in config.masks:
+        from .train import read_masks
+
+        methods.append(mask_only(f"{name} mask only", read_masks(path)["masks"], truth, config))
+    if not len(truth.images):
+        console.print("[yellow]no test image has a ground-truth box: localization is not scored")
+
+    results = tables(methods, truth, len(test_names))
+    for title, header, rows in results:
+        table = Table(title=title)
+        for i, column in enumerate(header):
+            table.add_column(column, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    figures = overlay_figures(out, kept_by_method, truth, caches[first.config.size]) \
+        if config.overlays > 0 and len(truth.images) else []
+    report = {"config": {**asdict(config), "box_thresholds": list(levels)}, "test_images": len(test_names),
+              "box_images": len(truth.images), "gt_boxes": len(truth.boxes),
+              "methods": {m.name: m.summary() for m in methods}, "overlays": [str(p) for p in figures],
+              "versions": {"dmfast": dmfast.__version__, "torch": torch.__version__, "python": platform.python_version(),
+                           "numpy": np.__version__}}
+    atomic_write_bytes(out / "eval.json", (json.dumps(report, indent=1) + "\n").encode())
+    atomic_write_bytes(out / "eval.md", markdown(results).encode())
+    console.print(f"results {out / 'eval.json'}, {out / 'eval.md'}" +
+                  (f"; overlays in {out / 'overlays'}" if figures else ""))
+    return report

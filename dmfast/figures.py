@@ -1,0 +1,66 @@
+"""Figures of the masks and evaluation stages: heat maps over X-rays, boxes, labelled tiles. RGB uint8 tensors
+``[3, H, W]`` throughout, drawn with PIL (no plotting library needed)."""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Anchor points of the heat colour map (dark blue -> blue -> cyan -> yellow -> red), as in the paper's figures.
+_HEAT = torch.tensor([[0.0, 0.0, 0.5], [0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+
+RED = (255, 0, 0)
+BLACK = (0, 0, 0)
+
+
+def heat_colors(values: torch.Tensor) -> torch.Tensor:
+    """Values in [0, 1] ``[H, W]`` -> colours ``[3, H, W]`` in [0, 1]."""
+    position = values.clamp(0, 1) * (len(_HEAT) - 1)
+    low = position.floor().long().clamp(max=len(_HEAT) - 2)
+    frac = (position - low)[..., None]
+    return ((1 - frac) * _HEAT[low] + frac * _HEAT[low + 1]).permute(2, 0, 1)
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    low, high = image.min(), image.max()
+    return (image - low) / (high - low) if high > low else torch.zeros_like(image)
+
+
+def heat_overlay(gray: torch.Tensor, heat: torch.Tensor | None, alpha: float = 0.45,
+                 where: torch.Tensor | None = None) -> torch.Tensor:
+    """A grayscale image ``[H, W]`` in [0, 1] with ``heat`` (any size, min-max normalised here) blended over it;
+    ``where`` ([H, W] in [0, 1]) limits the blend (e.g. to a mask). Returns RGB uint8 ``[3, H, W]``."""
+    rgb = gray.float().clamp(0, 1)[None].expand(3, -1, -1)
+    if heat is not None:
+        heat = F.interpolate(heat.float()[None, None], size=gray.shape, mode="bilinear", align_corners=False)[0, 0]
+        weight = alpha * (where.float() if where is not None else torch.ones_like(gray, dtype=torch.float32))
+        rgb = (1 - weight) * rgb + weight * heat_colors(normalize(heat))
+    return (rgb * 255).round().to(torch.uint8)
+
+
+def draw(image: torch.Tensor, boxes=(), color=BLACK, width: int = 2, text: str | None = None) -> torch.Tensor:
+    """Rectangles ``(x0, y0, x1, y1)`` (inclusive-exclusive pixels) and a caption drawn onto an RGB uint8 image."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    pen = ImageDraw.Draw(canvas)
+    for x0, y0, x1, y1 in boxes:
+        pen.rectangle([float(x0), float(y0), max(float(x1) - 1, float(x0)), max(float(y1) - 1, float(y0))],
+                      outline=color, width=width)
+    if text:
+        left, top, right, bottom = pen.textbbox((3, 2), text)
+        pen.rectangle([left - 2, top - 1, right + 2, bottom + 1], fill=(0, 0, 0))
+        pen.text((3, 2), text, fill=(255, 255, 255))
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
+
+
+def grid(tiles: list, columns: int, gap: int = 4) -> torch.Tensor:
+    """Equal-size RGB uint8 tiles in rows of ``columns``, on a white background."""
+    if not tiles:
+        raise ValueError("grid: no tiles")
+    _, height, width = tiles[0].shape
+    rows = (len(tiles) + columns - 1) // columns
+    out = torch.full((3, rows * (height + gap) - gap, columns * (width + gap) - gap), 255, dtype=torch.uint8)
+    for index, tile in enumerate(tiles):
+        r, c = divmod(index, columns)
+        out[:, r * (height + gap):r * (height + gap) + height, c * (width + gap):c * (width + gap) + width] = tile
+    return out

@@ -1,0 +1,64 @@
+"""A trained classifier at inference: uint8 image batches in, probabilities and class activation maps out, on
+aligned images when it was trained on them (shared by ``dmfast masks`` and ``dmfast eval``)."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .data.images import to_model_input
+from .data.splits import Splits
+from .train import Aligner, load_classifier
+
+
+@dataclass
+class Prediction:
+    probabilities: torch.Tensor  # [B, C]
+    cams: torch.Tensor  # [B, C, h, w], in the frame the model saw (aligned when it was trained aligned)
+    theta: torch.Tensor | None  # [B, 2, 3] alignment transforms (aligned frame -> image frame), or None
+
+
+class Classifier:
+    """``Classifier(checkpoint)(pixels)`` -> :class:`Prediction` for a ``dmfast train`` checkpoint."""
+
+    def __init__(self, checkpoint, device=None):
+        self.path = Path(checkpoint)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, self.config, state = load_classifier(checkpoint, self.device)
+        self.splits = Splits(**state["splits"])
+        self.epoch = state.get("epoch", -1) + 1
+        self.aligner = None
+        if self.config.aligned:
+            if not Path(self.config.aligned).is_file():
+                raise FileNotFoundError(f"{checkpoint} was trained on aligned images, but its alignment checkpoint "
+                                        f"{self.config.aligned} is missing")
+            self.aligner = Aligner(self.config.aligned, self.device)
+
+    @property
+    def masks(self) -> torch.Tensor | None:
+        return self.model.masks
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor) -> Prediction:
+        images = to_model_input(pixels).to(self.device)
+        theta = None
+        if self.aligner is not None:
+            theta = self.aligner.net.theta(images)
+            images = self.aligner.net.warp(images, theta)
+        logits, cams = self.model(images, cams=True)
+        return Prediction(torch.sigmoid(logits).float(), cams.float(), theta)
+
+
+def to_image_frame(maps: torch.Tensor, theta: torch.Tensor | None, resolution: int) -> torch.Tensor:
+    """Maps ``[N, h, w]`` upsampled to ``resolution`` and, for maps of aligned images (``theta [N, 2, 3]``, aligned
+    -> image frame), warped back onto the original image, so boxes drawn from them land on the X-ray itself.
+    Outside the aligned field of view the map takes its own minimum (it says nothing there)."""
+    up = F.interpolate(maps[:, None].float(), size=(resolution, resolution), mode="bilinear", align_corners=False)
+    if theta is None:
+        return up[:, 0]
+    low = up.amin((2, 3), keepdim=True)
+    full = torch.cat([theta.double(), theta.new_tensor([0.0, 0.0, 1.0]).double().expand(len(theta), 1, 3)], 1)
+    inverse = torch.linalg.inv(full)[:, :2].to(up.dtype)
+    return (ops.affine_smooth((up - low).contiguous(), inverse, 1) + low)[:, 0]

@@ -1,0 +1,84 @@
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from rich.console import Console
+
+from dmfast.cli.main import main
+from dmfast.demo import DemoConfig, mean_accuracy, run_demo
+from dmfast.testing import shared_data
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The whole chain on a small phantom with a fixed seed (about two minutes on 2 cores)."""
+    out = tmp_path_factory.mktemp("demo")
+    config = DemoConfig(out=str(out), count=700, size=96, epochs=3, attention_epochs=2, align_epochs=1, seed=1,
+                        overlays=1)
+    return out, run_demo(config, Console(quiet=True))
+
+
+def test_attention_localizes_better_than_the_base_model(demo):
+    _, report = demo
+    base = mean_accuracy(report, "base")
+    attention = max(mean_accuracy(report, "+DM"), mean_accuracy(report, "+PDM"))
+    assert attention > base, {name: mean_accuracy(report, name) for name in report["methods"]}
+
+
+def test_demo_writes_every_stage_and_a_consistent_report(demo):
+    out, report = demo
+    for path in ("base/checkpoint.pt", "align/alignment.pt", "align/alignment_grid.png", "aligned/checkpoint.pt",
+                 "masks-dm/masks.pt", "masks-dm/masks.png", "masks-pdm/masks.pt", "dm/checkpoint.pt",
+                 "pdm/checkpoint.pt", "eval/eval.json", "eval/eval.md"):
+        assert (out / path).is_file(), path
+    assert list(report["methods"]) == ["base", "+align", "+DM", "+DM mask only", "+PDM", "+PDM mask only"]
+    assert set(report["stage_seconds"]) >= {"train base", "align", "masks (DM)", "train +PDM", "eval"}
+    on_disk = json.loads((out / "eval" / "eval.json").read_text())
+    assert on_disk["methods"]["+DM"]["mean_auroc"] == report["methods"]["+DM"]["mean_auroc"]
+    for name, method in report["methods"].items():
+        iou = method["iou"]
+        assert iou["thresholds"] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+        accuracy = [a for a in iou["mean_accuracy"]]
+        assert all(0 <= a <= 1 for a in accuracy) and accuracy == sorted(accuracy, reverse=True), name
+        if method["kind"] == "checkpoint":
+            assert 0.5 < method["mean_auroc"] <= 1 and method["images_per_second"] > 0
+    overlays = report["overlays"]
+    assert overlays and all(p.endswith(".png") for p in overlays)
+    picture = np.asarray(Image.open(overlays[0]))
+    assert picture.ndim == 3 and picture.shape[2] == 3
+    assert ((picture[..., 0] == 255) & (picture[..., 1] == 0) & (picture[..., 2] == 0)).any()  # a red GT box
+    markdown = (out / "eval" / "eval.md").read_text()
+    assert "Classification AUROC" in markdown and "| +PDM mask only |" in markdown
+
+
+def test_masks_and_eval_commands_on_the_demo_checkpoints(demo, tmp_path):
+    out, _ = demo
+    runner = CliRunner()
+    data, cache = out / "phantom", out / "cache-96"
+    result = runner.invoke(main, ["masks", str(data), "--checkpoint", str(out / "aligned" / "checkpoint.pt"),
+                                  "--out", str(tmp_path / "m"), "--confidence", "0.6", "--asymmetric", "",
+                                  "--cache", str(cache)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["eval", str(data), "--checkpoint", f"mine={out / 'dm' / 'checkpoint.pt'}",
+                                  "--masks", f"sym={tmp_path / 'm' / 'masks.pt'}", "--box-threshold", "wang",
+                                  "--max-boxes", "3", "--overlays", "0", "--out", str(tmp_path / "e"),
+                                  "--cache", str(cache)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert list(report["methods"]) == ["mine", "mine mask only", "sym mask only"]
+    assert report["config"]["box_thresholds"] == pytest.approx([60 / 255, 180 / 255])
+    assert not (tmp_path / "e" / "overlays").exists()
+
+
+def test_pseudo_masks_of_the_real_sample_find_two_lungs(tmp_path):
+    sample = shared_data("chestxray14-sample")
+    if not (sample / "Data_Entry_2017.csv").is_file():
+        pytest.skip("../shared/data/chestxray14-sample is absent (set DMFAST_SHARED_DATA)")
+    result = CliRunner().invoke(main, ["masks", str(sample), "--pseudo", "--size", "128", "--out", str(tmp_path),
+                                       "--cache", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "masks.json").read_text())
+    assert summary["lungs_segmented"] and summary["anchor"] == "mean of the No Finding training images"
+    assert 0.1 < summary["mask_area"]["Infiltration"] < 0.5 and summary["mask_area"]["Cardiomegaly"] > 0.03

@@ -1,0 +1,68 @@
+import numpy as np
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from dmfast.cli.main import main
+from dmfast.data.chestxray14 import FINDINGS
+from dmfast.eval import EvalConfig, GroundTruth, mask_only
+from dmfast.inference import to_image_frame
+from dmfast.ops import affine_matrix
+
+C = len(FINDINGS)
+
+
+def test_to_image_frame_inverts_the_alignment(gen):
+    maps = torch.randn(5, 6, 6, generator=gen)
+    theta = affine_matrix(1 + 0.1 * torch.randn(5, generator=gen), 1 + 0.1 * torch.randn(5, generator=gen),
+                          0.1 * torch.randn(5, generator=gen), 0.1 * torch.randn(5, generator=gen),
+                          0.2 * torch.randn(5, generator=gen))
+    resolution = 24
+    up = F.interpolate(maps[:, None], size=(resolution, resolution), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(to_image_frame(maps, None, resolution), up[:, 0])
+    # reference: sample the aligned map where the inverse transform sends each image pixel; outside, the minimum
+    full = torch.cat([theta.double(), torch.tensor([[[0, 0, 1.0]]], dtype=torch.float64).expand(5, 1, 3)], 1)
+    inverse = torch.linalg.inv(full)[:, :2]
+    low = up.double().amin((2, 3), keepdim=True)
+    grid = F.affine_grid(inverse, (5, 1, resolution, resolution), align_corners=False)
+    expected = F.grid_sample(up.double() - low, grid, align_corners=False, padding_mode="zeros") + low
+    torch.testing.assert_close(to_image_frame(maps, theta, resolution).double(), expected[:, 0], atol=1e-5, rtol=0)
+
+
+class _Dataset:
+    def __init__(self, boxes):
+        self._boxes = boxes
+
+    def boxes_xyxy(self, sizes):
+        return self._boxes
+
+
+def test_mask_only_baseline_predicts_the_mask_boxes_for_every_image():
+    masks = torch.zeros(C, 16, 16)
+    masks[1, 4:12, 8:14] = 1  # cardiomegaly: one rectangle (x 8..14, y 4..12 on the 16-grid)
+    masks[2, 10:14, 1:5] = 1
+    size = 64  # x4: the rectangle is x 32..56, y 16..48
+    boxes = {"a.png": [(1, 32.0, 16.0, 56.0, 48.0), (2, 0.0, 0.0, 10.0, 10.0)],
+             "b.png": [(1, 30.0, 16.0, 56.0, 50.0)], "c.png": [(0, 1.0, 1.0, 5.0, 5.0)]}
+    truth = GroundTruth(_Dataset(boxes), ["a.png", "b.png", "c.png", "d.png"], size)
+    assert truth.images == ["a.png", "b.png", "c.png"] and len(truth.boxes) == 4
+    config = EvalConfig(data="", out="", checkpoints=[])
+    method = mask_only("m", masks, truth, config)
+    iou = method.localization["iou"]
+    k = iou.thresholds.index(0.7)
+    assert iou.accuracy[k, 1] == 1.0  # both cardiomegaly boxes found at IoU 0.7 (the second: 768/884 = 0.87)
+    assert iou.accuracy[k, 2] == 0.0 and iou.afp[k, 2] == 1.0  # the effusion mask is elsewhere: 1 false positive
+    assert iou.accuracy[k, 0] == 0.0 and iou.afp[k, 0] == 0.0  # no atelectasis mask: no boxes at all
+    assert np.isnan(iou.accuracy[k, 3])  # no ground truth: not scored, not in the mean
+    assert np.isclose(iou.mean_accuracy[k], 1 / 3)
+
+
+def test_eval_command_reports_bad_options(tmp_path):
+    runner = CliRunner()
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    result = runner.invoke(main, ["eval", str(tmp_path), "--checkpoint", f"x={tmp_path / 'ckpt.pt'}", "--out",
+                                  str(tmp_path / "o"), "--box-threshold", "half"])
+    assert result.exit_code == 2 and "--box-threshold" in result.output
+    result = runner.invoke(main, ["eval", str(tmp_path), "--checkpoint", f"x={tmp_path / 'missing.pt'}", "--out",
+                                  str(tmp_path / "o")])
+    assert result.exit_code == 2 and "missing.pt is not a file" in result.output
