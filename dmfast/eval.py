@@ -255,9 +255,9 @@ def evaluate(config: EvalConfig, console: Console | None = None) -> dict:
     if not levels or any(not 0 <= t <= 1 for t in levels):
         raise ValueError(f"box thresholds must lie in [0, 1], got {list(levels)}")
     out = Path(config.out)
+    classifiers = [(name, Classifier(path)) for name, path in config.checkpoints]
     dataset = open_dataset(config.data, skip_problems=config.skip_problems)
     label_of = {r.image: r.labels for r in dataset.records}
-    classifiers = [(name, Classifier(path)) for name, path in config.checkpoints]
     caches = {}
     for _, classifier in classifiers:
         size = classifier.config.size

@@ -95,7 +95,14 @@ def load_checkpoint(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return _load(path, "checkpoint")
+
+
+def _load(path: Path, what: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a truncated or foreign file: say which and why, not a pickle traceback
+        raise ValueError(f"{path}: not a readable {what} ({type(error).__name__}: {error})") from None
 
 
 def read_masks(path) -> dict:
@@ -103,7 +110,7 @@ def read_masks(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"masks file {path} not found")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = _load(path, "masks file")
     masks = payload.get("masks") if isinstance(payload, dict) else None
     if not isinstance(masks, torch.Tensor) or masks.dim() != 3 or masks.shape[0] != len(FINDINGS):
         raise ValueError(f"{path}: not a dmfast masks file (expected a dict with 'masks' [{len(FINDINGS)}, h, w])")

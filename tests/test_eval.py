@@ -66,3 +66,6 @@ def test_eval_command_reports_bad_options(tmp_path):
     result = runner.invoke(main, ["eval", str(tmp_path), "--checkpoint", f"x={tmp_path / 'missing.pt'}", "--out",
                                   str(tmp_path / "o")])
     assert result.exit_code == 2 and "missing.pt is not a file" in result.output
+    result = runner.invoke(main, ["eval", str(tmp_path), "--checkpoint", f"x={tmp_path / 'ckpt.pt'}", "--out",
+                                  str(tmp_path / "o")])
+    assert result.exit_code == 1 and "ckpt.pt: not a readable checkpoint" in result.output

@@ -4,7 +4,7 @@ import socket
 import pytest
 import torch
 
-from dmfast.train import TrainConfig, load_checkpoint, train
+from dmfast.train import TrainConfig, load_checkpoint, load_classifier, read_masks, train
 
 from .conftest import phantom_with_cache
 
@@ -66,3 +66,36 @@ def test_two_process_ddp_step_matches_one_process(phantom, tmp_path):
         close += int(((ddp["model"][key].double() - value.double()).abs() <= 1e-7).sum())
         total += value.numel()
     assert close >= 0.999 * total
+
+
+def test_attention_retraining_starts_from_init_and_keeps_its_masks(phantom, tmp_path):
+    base = train(config(phantom, tmp_path / "base", epochs=1, max_steps=1))
+    masks = torch.zeros(14, 16, 16)
+    masks[1, 4:12, 6:14] = 1  # only cardiomegaly has a mask
+    torch.save({"masks": masks, "kind": "DM", "has_mask": [i == 1 for i in range(14)]}, tmp_path / "masks.pt")
+    retrained = train(config(phantom, tmp_path / "dm", epochs=1, max_steps=1, init=str(base),
+                             masks=str(tmp_path / "masks.pt")))
+    model, cfg, _ = load_classifier(retrained)
+    assert torch.equal(model.masks, masks) and cfg.init == str(base)
+    # the retraining started from the base weights: one Adam step of 1e-3 moves no weight further than ~1e-3
+    start = load_checkpoint(base)["model"]["layer1.0.conv1.weight"]
+    assert (model.layer1[0].conv1.weight - start).abs().max() < 2e-3
+    images = torch.rand(2, 1, 64, 64) * 2 - 1
+    plain = load_classifier(base)[0]
+    with torch.no_grad():  # classes without a mask are unchanged by attention at equal weights
+        model.load_state_dict({**plain.state_dict(), "masks": model.masks})
+        attended, plain_cams = model(images, cams=True)[1], plain(images, cams=True)[1]
+    torch.testing.assert_close(attended[:, [0, 2]], plain_cams[:, [0, 2]])
+    assert not torch.allclose(attended[:, 1], plain_cams[:, 1])
+
+
+def test_bad_init_and_masks_files_are_named(phantom, tmp_path):
+    base = train(config(phantom, tmp_path / "base", epochs=1, max_steps=1))
+    with pytest.raises(ValueError, match="resnet18 with CAM stride 32; this run asks for resnet34"):
+        train(config(phantom, tmp_path / "x", arch="resnet34", init=str(base)))
+    torch.save({"masks": torch.zeros(3, 8, 8)}, tmp_path / "wrong.pt")
+    with pytest.raises(ValueError, match="not a dmfast masks file"):
+        read_masks(tmp_path / "wrong.pt")
+    (tmp_path / "junk.pt").write_bytes(b"\x00junk")
+    with pytest.raises(ValueError, match="junk.pt: not a readable masks file"):
+        read_masks(tmp_path / "junk.pt")
