@@ -277,7 +277,10 @@ def _anchor_for(config: MasksConfig, classifier, cache: ImageCache, dataset, tra
         candidates.append(Path(classifier.config.aligned).parent / "anchor.pt")
     for path in candidates:
         if path.is_file():
-            anchor = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                anchor = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:
+                raise ValueError(f"{path}: not a readable anchor ({type(error).__name__})") from None
             if not isinstance(anchor, torch.Tensor) or anchor.dim() != 4 or anchor.shape[:2] != (1, 1):
                 raise ValueError(f"{path}: not an anchor image (expected a [1, 1, S, S] tensor)")
             return anchor[0, 0], str(path)

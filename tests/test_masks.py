@@ -120,3 +120,17 @@ def test_anatomy_falls_back_to_canonical_lungs_on_a_featureless_anchor():
 def test_masks_command_needs_a_checkpoint_or_pseudo(tmp_path):
     result = CliRunner().invoke(main, ["masks", str(tmp_path), "--out", str(tmp_path / "m")])
     assert result.exit_code == 1 and "--checkpoint" in result.output
+
+
+def test_masks_command_names_a_bad_anchor(tmp_path):
+    from dmfast.data.phantom import synthesize
+
+    data = synthesize(tmp_path / "data", count=12, size=64, seed=5, console=Console(quiet=True))
+    (tmp_path / "anchor.pt").write_bytes(b"junk")
+    result = CliRunner().invoke(main, ["masks", str(data), "--pseudo", "--size", "64", "--anchor",
+                                       str(tmp_path / "anchor.pt"), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 1 and "anchor.pt: not a readable anchor" in result.output
+    torch.save(torch.zeros(64, 64), tmp_path / "flat.pt")
+    result = CliRunner().invoke(main, ["masks", str(data), "--pseudo", "--size", "64", "--anchor",
+                                       str(tmp_path / "flat.pt"), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 1 and "expected a [1, 1, S, S] tensor" in result.output
