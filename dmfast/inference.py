@@ -59,6 +59,5 @@ def to_image_frame(maps: torch.Tensor, theta: torch.Tensor | None, resolution: i
     if theta is None:
         return up[:, 0]
     low = up.amin((2, 3), keepdim=True)
-    full = torch.cat([theta.double(), theta.new_tensor([0.0, 0.0, 1.0]).double().expand(len(theta), 1, 3)], 1)
-    inverse = torch.linalg.inv(full)[:, :2].to(up.dtype)
+    inverse = ops.affine_inverse(theta).to(up.dtype)
     return (ops.affine_smooth((up - low).contiguous(), inverse, 1) + low)[:, 0]

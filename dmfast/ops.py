@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (loading the extension registers the ops)
 
-__all__ = ["affine_smooth", "affine_matrix", "mask_attention", "attention_cam", "cam_boxes"]
+__all__ = ["affine_smooth", "affine_matrix", "affine_inverse", "mask_attention", "attention_cam", "cam_boxes"]
 
 
 def affine_smooth(images: Tensor, theta: Tensor, pool: int = 16) -> Tensor:
@@ -50,6 +50,14 @@ def affine_matrix(sx: Tensor, sy: Tensor, tx: Tensor, ty: Tensor, angle: Tensor)
     row0 = torch.stack([sx * cos, -sy * sin, tx], dim=-1)
     row1 = torch.stack([sx * sin, sy * cos, ty], dim=-1)
     return torch.stack([row0, row1], dim=-2)
+
+
+def affine_inverse(theta: Tensor) -> Tensor:
+    """The inverse of affine matrices ``theta [..., 2, 3]`` (as 3 x 3 homogeneous transforms), in float64: maps the
+    other way between the two frames, e.g. from an image back to its aligned version."""
+    theta = theta.double()
+    last = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64, device=theta.device).expand(*theta.shape[:-2], 1, 3)
+    return torch.linalg.inv(torch.cat([theta, last], -2))[..., :2, :]
 
 
 def mask_attention(features: Tensor, masks: Tensor) -> Tensor:

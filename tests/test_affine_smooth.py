@@ -259,3 +259,13 @@ def test_affine_matrix(gen):
     assert ops.affine_matrix(torch.ones(3), 1.0, 0.0, 0.0, torch.zeros(3, 1)).shape == (3, 3, 2, 3)
     inputs = tuple(v.clone().requires_grad_() for v in (sx, sy, tx, ty, angle))
     assert torch.autograd.gradcheck(ops.affine_matrix, inputs)
+
+
+def test_affine_inverse_undoes_the_transform(gen):
+    theta = ops.affine_matrix(*(0.5 + torch.rand(2, 3, generator=gen, dtype=torch.float64) for _ in range(5)))
+    inverse = ops.affine_inverse(theta)
+    assert inverse.shape == (2, 3, 2, 3) and inverse.dtype == torch.float64
+    points = torch.randn(2, 3, 2, generator=gen, dtype=torch.float64)
+    moved = (theta[..., :2] @ points[..., None])[..., 0] + theta[..., 2]
+    back = (inverse[..., :2] @ moved[..., None])[..., 0] + inverse[..., 2]
+    torch.testing.assert_close(back, points)

@@ -251,8 +251,7 @@ def random_misalignment(rng: np.random.Generator) -> Misalignment:
 
 def warp_box(box, theta: torch.Tensor) -> tuple:
     """Canonical box -> box in the warped image (affine_grid maps output to input, so invert theta)."""
-    full = torch.cat([theta.double(), torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)])
-    inverse = torch.linalg.inv(full)[:2]
+    inverse = ops.affine_inverse(theta)
     x0, y0, x1, y1 = box
     corners = torch.tensor([[x0, y0, 1], [x1, y0, 1], [x0, y1, 1], [x1, y1, 1]], dtype=torch.float64)
     moved = corners @ inverse.T
