@@ -31,7 +31,7 @@ from .data.chestxray14 import open_dataset
 from .data.images import to_model_input
 from .data.splits import make_splits
 from .io import atomic_write_bytes, save_png, to_uint8
-from .train import build_model, load_checkpoint, save_checkpoint, TrainConfig
+from .train import load_classifier, save_checkpoint
 
 LIMITS = {"scale": 0.3, "shift": 0.3, "angle": math.radians(25)}
 
@@ -189,11 +189,7 @@ def align(config: AlignConfig, console: Console | None = None) -> Path:
 
     classifier = None
     if config.perceptual:
-        state = load_checkpoint(config.perceptual)
-        classifier = build_model(TrainConfig(**{**state["config"], "init": None, "masks": None, "weights": None,
-                                                "pretrained": False}), console)
-        classifier.load_state_dict(state["model"], strict=False)
-        classifier.eval().requires_grad_(False)
+        classifier = load_classifier(config.perceptual)[0].requires_grad_(False)
         console.print(f"perceptual loss on conv2_x..conv5_x of {config.perceptual}")
     else:
         console.print("no --perceptual classifier given: Euclidean loss only")
