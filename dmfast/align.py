@@ -10,7 +10,6 @@ scale does not depend on the classifier.
 """
 
 import csv
-import io
 import json
 import math
 import time
@@ -30,7 +29,7 @@ from .data.cache import ImageCache, default_cache_dir, prepare
 from .data.chestxray14 import open_dataset
 from .data.images import to_model_input
 from .data.splits import make_splits
-from .io import atomic_write_bytes, save_png, to_uint8
+from .io import atomic_torch_save, atomic_write_bytes, save_png, to_uint8
 from .train import load_classifier, save_checkpoint
 
 LIMITS = {"scale": 0.3, "shift": 0.3, "angle": math.radians(25)}
@@ -183,9 +182,7 @@ def align(config: AlignConfig, console: Console | None = None) -> Path:
     val_names = [n for n in splits.val + splits.test if n in cache]
     anchor = make_anchor(cache, dataset, train_names, config.anchor_images)
     save_png(out / "anchor.png", to_uint8(anchor[0, 0], -1, 1))
-    buffer = io.BytesIO()
-    torch.save(anchor, buffer)
-    atomic_write_bytes(out / "anchor.pt", buffer.getvalue())
+    atomic_torch_save(out / "anchor.pt", anchor)
 
     classifier = None
     if config.perceptual:

@@ -37,6 +37,13 @@ def atomic_write_bytes(path, data: bytes, durable: bool = True) -> Path:
     return path
 
 
+def atomic_torch_save(path, obj) -> Path:
+    """``torch.save`` through :func:`atomic_write_bytes` (checkpoints, masks, anchors: never half written)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
 @contextlib.contextmanager
 def torch_threads(count: int):
     """Run a block with ``count`` intra-op threads (restored after): small tensors gain nothing from more, and

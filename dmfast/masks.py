@@ -15,7 +15,6 @@ dark pixels), and each disease gets the region
 where it is found clinically (lungs, lower or upper zones, costophrenic angles, periphery, heart, hila, hiatus).
 """
 
-import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from scipy import ndimage
 from .data.cache import ImageCache, default_cache_dir, prepare
 from .data.chestxray14 import FINDINGS, open_dataset
 from .figures import draw, grid, heat_overlay
-from .io import atomic_write_bytes, save_png
+from .io import atomic_torch_save, atomic_write_bytes, save_png
 
 MASK_SIZE = 64  # side of the stored masks; the classifier resizes them to its feature map
 ASYMMETRIC = ("Cardiomegaly",)
@@ -331,9 +330,7 @@ def masks(config: MasksConfig, console: Console | None = None) -> Path:
                     "checkpoint": str(Path(config.checkpoint).resolve()) if config.checkpoint else None,
                     "config": asdict(config)})
 
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    path = atomic_write_bytes(out / "masks.pt", buffer.getvalue())
+    path = atomic_torch_save(out / "masks.pt", payload)
     picture = save_png(out / "masks.png", figure(anchor, payload))
     summary = {k: v for k, v in payload.items() if k not in ("masks", "average")}
     summary["mask_area"] = dict(zip(FINDINGS, payload["masks"].mean((1, 2)).tolist()))

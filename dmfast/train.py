@@ -5,7 +5,6 @@ Under ``torchrun --nproc_per_node=N`` the same command trains with DDP (NCCL on 
 takes its share of each global batch of ``--batch`` images, and only rank 0 logs and writes checkpoints.
 """
 
-import io
 import json
 import os
 import random
@@ -23,7 +22,7 @@ from .data.cache import ImageCache, default_cache_dir, prepare
 from .data.chestxray14 import FINDINGS, open_dataset
 from .data.images import to_model_input
 from .data.splits import Splits, make_splits
-from .io import atomic_write_bytes
+from .io import atomic_torch_save
 from .losses import weighted_bce
 from .metrics import roc_auc
 from .models import CAMClassifier
@@ -86,9 +85,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path, payload: dict) -> Path:
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_torch_save(path, payload)
 
 
 def load_checkpoint(path) -> dict:
