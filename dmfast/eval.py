@@ -36,6 +36,7 @@ from .figures import BLACK, RED, draw, grid, heat_overlay
 from .inference import Classifier, to_image_frame
 from .io import atomic_write_bytes, save_png
 from .metrics import DEFAULT_THRESHOLDS, localization, predictions_from_padded, roc_auc
+from .train import read_masks
 
 WANG_THRESHOLDS = (60 / 255, 180 / 255)
 REPORTED = (0.3, 0.5, 0.7)  # the paper's T(IoU) columns
@@ -99,7 +100,10 @@ class GroundTruth:
         self.image = np.array([r[0] for r in rows], dtype=object)
         self.cls = np.array([r[1] for r in rows], dtype=np.int64)
         self.boxes = np.array([r[2] for r in rows], dtype=np.float64).reshape(-1, 4)
-        self.pairs = {n: sorted({c for c in self.cls[self.image == n]}) for n in self.images}
+        self.pairs = {}  # image -> its classes with boxes, sorted
+        for image, cls, _ in rows:
+            self.pairs.setdefault(image, set()).add(cls)
+        self.pairs = {n: sorted(self.pairs[n]) for n in self.images}
         self.size = size
 
     def score(self, pred_image, pred_class, pred_boxes, thresholds) -> dict:
@@ -293,8 +297,6 @@ def evaluate(config: EvalConfig, console: Console | None = None) -> dict:
             methods.append(mask_only(f"{name} mask only", classifier.masks.cpu(), truth, config))
     truth = truth_at[first.config.size]
     for name, path in config.masks:
-        from .train import read_masks
-
         methods.append(mask_only(f"{name} mask only", read_masks(path)["masks"], truth, config))
     if not len(truth.images):
         console.print("[yellow]no test image has a ground-truth box: localization is not scored")

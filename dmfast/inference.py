@@ -28,7 +28,6 @@ class Classifier:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.config, state = load_classifier(checkpoint, self.device)
         self.splits = Splits(**state["splits"])
-        self.epoch = state.get("epoch", -1) + 1
         self.aligner = None
         if self.config.aligned:
             if not Path(self.config.aligned).is_file():

@@ -37,6 +37,7 @@ def test_demo_writes_every_stage_and_a_consistent_report(demo):
     assert set(report["stage_seconds"]) >= {"train base", "align", "masks (DM)", "train +PDM", "eval"}
     on_disk = json.loads((out / "eval" / "eval.json").read_text())
     assert on_disk["methods"]["+DM"]["mean_auroc"] == report["methods"]["+DM"]["mean_auroc"]
+    assert json.loads((out / "demo.json").read_text())["stage_seconds"] == report["stage_seconds"]
     for name, method in report["methods"].items():
         iou = method["iou"]
         assert iou["thresholds"] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
