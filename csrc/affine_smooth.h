@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "common.h"
+#include "interpolate.h"
 
 namespace dmfast {
 
@@ -71,22 +72,31 @@ DMFAST_HD Corners<T> corners_of(T ix, T iy) {
   return Corners<T>{int64_t(fx0), int64_t(fy0), ix - fx0, iy - fy0};
 }
 
-// One bilinear tap of the upsampling restore (interpolate, align_corners=False): output index dst takes
-// lambda0 * in[i0] + lambda1 * in[i1]. scale is in_size / out_size computed as ATen does.
+// Zero padding: a corner outside the image reads 0.
 template <typename T>
-struct RestoreTap {
-  int64_t i0, i1;
-  T lambda0, lambda1;
-};
+DMFAST_HD T value_or_zero(const T* plane, int64_t y, int64_t x, int64_t H, int64_t W) {
+  return (y >= 0 && y < H && x >= 0 && x < W) ? plane[y * W + x] : T(0);
+}
 
+// Keeps far out-of-frame coordinates finite and integral-castable; beyond [-2, size + 1] every corner is outside
+// the image, so value and gradient stay exactly zero.
 template <typename T>
-DMFAST_HD RestoreTap<T> restore_tap(int64_t dst, int64_t in_size, T scale) {
-  T src = scale * (T(dst) + T(0.5)) - T(0.5);
-  if (src < T(0)) src = T(0);
-  const int64_t i0 = int64_t(src);
-  const int64_t i1 = i0 + (i0 < in_size - 1 ? 1 : 0);
-  const T lambda1 = src - T(i0);
-  return RestoreTap<T>{i0, i1, T(1) - lambda1, lambda1};
+DMFAST_HD T clamp_far(T v, int64_t size) {
+  if (!(v > T(-2))) return T(-2);
+  if (!(v < T(size + 1))) return T(size + 1);
+  return v;
+}
+
+// A theta with a NaN or infinite entry gives its image an all-NaN output and NaN gradients. The kernels test it
+// per image where they read theta, so no op waits for the device to check its arguments.
+DMFAST_HD bool theta_is_finite(const double* t) {
+  bool finite = true;
+#if defined(__CUDA_ARCH__)
+  for (int k = 0; k < 6; ++k) finite = finite && isfinite(t[k]);
+#else
+  for (int k = 0; k < 6; ++k) finite = finite && std::isfinite(t[k]);
+#endif
+  return finite;
 }
 
 // Range of output indices whose restore taps can touch pooled index r (used by the gathering transpose).

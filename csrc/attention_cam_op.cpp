@@ -16,7 +16,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cam_forward(const at::T
                                                                      const at::Tensor& weight, const at::Tensor& bias,
                                                                      const std::optional<at::Tensor>& masks,
                                                                      const AttentionCamPasses& passes) {
-  check_attention_cam_args(features, weight, bias, masks);
+  check_attention_cam_args(features, weight, masks);
+  check_attention_cam_bias(bias, weight);
   const int64_t B = features.size(0), K = features.size(1), h = features.size(2), w = features.size(3);
   const int64_t C = weight.size(0);
   // [C, K] x [B, K, h w] -> [B, C, h w]: one batched BLAS call, the weight broadcast with a zero batch stride.
@@ -33,9 +34,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_cam_backwar
     const std::optional<at::Tensor>& grad_plain_in, const at::Tensor& features, const at::Tensor& weight,
     const at::Tensor& plain_in, const std::optional<at::Tensor>& masks_in, std::array<bool, 4> output_mask,
     const AttentionCamPasses& passes) {
-  const int64_t C = weight.size(0);
-  check_attention_cam_args(features, weight, at::empty({C}, weight.options()), masks_in);
+  check_attention_cam_args(features, weight, masks_in);
   const int64_t B = features.size(0), K = features.size(1), h = features.size(2), w = features.size(3);
+  const int64_t C = weight.size(0);
   const char* op = "attention_cam_backward";
   const std::array<int64_t, 4> cam_dims{B, C, h, w};
   const at::IntArrayRef cam_shape(cam_dims);

@@ -1,29 +1,15 @@
-// Shared math of dmfast::cam_boxes: the upsampling taps (interpolate, bilinear, align_corners=False, in double)
-// and the component record both kernels fill.
+// Shared math of dmfast::cam_boxes: the upsampling (interpolate, bilinear, align_corners=False, in double) and the
+// component record both kernels fill.
 #pragma once
 
 #include <cstdint>
 
 #include "common.h"
+#include "interpolate.h"
 
 namespace dmfast {
 
-// Output index dst of an upsampling from in_size to out_size reads lambda0 * in[i0] + lambda1 * in[i1], with
-// ATen's source-index rule for align_corners=False.
-struct UpsampleTap {
-  int64_t i0, i1;
-  double lambda0, lambda1;
-};
-
-DMFAST_HD UpsampleTap upsample_tap(int64_t dst, int64_t in_size, int64_t out_size) {
-  const double scale = double(in_size) / double(out_size);
-  double src = scale * (double(dst) + 0.5) - 0.5;
-  if (src < 0) src = 0;
-  const int64_t i0 = int64_t(src);
-  const int64_t i1 = i0 + (i0 < in_size - 1 ? 1 : 0);
-  const double lambda1 = src - double(i0);
-  return UpsampleTap{i0, i1, 1.0 - lambda1, lambda1};
-}
+using UpsampleTap = LinearTap<double>;
 
 // Bilinear value as ATen computes it: rows first, then columns.
 DMFAST_HD double bilinear(const double* map, int64_t w, const UpsampleTap& ty, const UpsampleTap& tx) {

@@ -1,15 +1,31 @@
-// Argument checks shared by the CPU and CUDA kernels: every message names the argument and what was wrong.
+// Argument checks shared by the CPU and CUDA kernels: every message names the argument and what was wrong. They
+// read only shapes, dtypes and devices, never tensor values, so no check waits for the GPU (non-finite values are
+// the kernels' business: see theta_is_finite and cam_boxes' count -1).
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/all.h>
-#include <ATen/ops/isfinite.h>
-#include <ATen/ops/nonzero.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
 
 namespace dmfast {
+
+// Float dtypes the kernels take: float32/float64, plus float16/bfloat16 on CUDA.
+inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  const bool cuda = t.device().is_cuda();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || (cuda && (dtype == at::kHalf || dtype == at::kBFloat16)),
+              op, ": ", name, " must be float32 or float64", cuda ? " (or float16/bfloat16)" : " on CPU", ", got ",
+              dtype);
+}
+
+inline void check_same(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                       const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+              ref.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
+              ref_name, " has dtype ", ref.scalar_type());
+}
 
 inline void check_affine_smooth_args(const at::Tensor& images, const at::Tensor& theta, int64_t pool,
                                      c10::DeviceType device_type) {
@@ -27,14 +43,11 @@ inline void check_affine_smooth_args(const at::Tensor& images, const at::Tensor&
   TORCH_CHECK(images.device().type() == device_type && theta.device() == images.device(),
               "affine_smooth: images and theta must be on the same device, got images on ", images.device(),
               " and theta on ", theta.device());
+  check_float_dtype("affine_smooth", "images", images);
   const auto dtype = images.scalar_type();
   const bool reduced = dtype == at::kHalf || dtype == at::kBFloat16;
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || (reduced && device_type == c10::DeviceType::CUDA),
-              "affine_smooth: images must be float32 or float64", device_type == c10::DeviceType::CUDA ?
-              " (or float16/bfloat16 on CUDA)" : " on CPU", ", got ", dtype);
   TORCH_CHECK(theta.scalar_type() == dtype || (reduced && theta.scalar_type() == at::kFloat),
               "affine_smooth: theta dtype ", theta.scalar_type(), " does not match images dtype ", dtype);
-  TORCH_CHECK(at::isfinite(theta).all().item<bool>(), "affine_smooth: theta contains NaN or infinite values");
 }
 
 inline void check_affine_smooth_grad(const at::Tensor& grad, const at::Tensor& images) {
@@ -43,23 +56,6 @@ inline void check_affine_smooth_grad(const at::Tensor& grad, const at::Tensor& i
   TORCH_CHECK(grad.scalar_type() == images.scalar_type() && grad.device() == images.device(),
               "affine_smooth_backward: grad_output must have the dtype and device of images, got ",
               grad.scalar_type(), " on ", grad.device());
-}
-
-// Float dtypes the kernels take: float32/float64, plus float16/bfloat16 on CUDA.
-inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
-  const auto dtype = t.scalar_type();
-  const bool cuda = t.device().is_cuda();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || (cuda && (dtype == at::kHalf || dtype == at::kBFloat16)),
-              op, ": ", name, " must be float32 or float64", cuda ? " (or float16/bfloat16)" : " on CPU", ", got ",
-              dtype);
-}
-
-inline void check_same(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
-                       const at::Tensor& ref) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
-              ref.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
-              ref_name, " has dtype ", ref.scalar_type());
 }
 
 inline void check_mask_attention_args(const at::Tensor& features, const at::Tensor& masks) {
@@ -81,7 +77,8 @@ inline void check_mask_attention_grad(const at::Tensor& grad, const at::Tensor& 
   check_same("mask_attention_backward", "grad_output", grad, "features", features);
 }
 
-inline void check_attention_cam_args(const at::Tensor& features, const at::Tensor& weight, const at::Tensor& bias,
+// features, weight and masks of attention_cam and its backward; the forward also checks bias.
+inline void check_attention_cam_args(const at::Tensor& features, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& masks) {
   const char* op = "attention_cam";
   TORCH_CHECK(features.dim() == 4, op, ": features must be [B, K, h, w], got shape ", features.sizes());
@@ -89,11 +86,8 @@ inline void check_attention_cam_args(const at::Tensor& features, const at::Tenso
               features.sizes());
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == features.size(1), op, ": weight must be [C, K] with K = ",
               features.size(1), " (the features' channels), got shape ", weight.sizes());
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0), op, ": bias must be [C] with C = ", weight.size(0),
-              ", got shape ", bias.sizes());
   check_float_dtype(op, "features", features);
   check_same(op, "weight", weight, "features", features);
-  check_same(op, "bias", bias, "features", features);
   if (masks.has_value()) {
     const auto& m = *masks;
     const bool shared = m.dim() == 3 && m.size(0) == weight.size(0);
@@ -105,8 +99,14 @@ inline void check_attention_cam_args(const at::Tensor& features, const at::Tenso
   }
 }
 
-// cams [N, h, w] or [B, C, h, w] of finite floats (the first bad map is named), size (H, W) >= 1, thresholds in
-// [0, 1], max_boxes >= 1, score "max" or "mean".
+inline void check_attention_cam_bias(const at::Tensor& bias, const at::Tensor& weight) {
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0), "attention_cam: bias must be [C] with C = ",
+              weight.size(0), ", got shape ", bias.sizes());
+  check_same("attention_cam", "bias", bias, "weight", weight);
+}
+
+// cams [N, h, w] or [B, C, h, w] floats, size (H, W) >= 1, thresholds in [0, 1], max_boxes >= 1, score "max" or
+// "mean".
 inline void check_cam_boxes_args(const at::Tensor& cams, at::IntArrayRef size, at::ArrayRef<double> thresholds,
                                  int64_t max_boxes, c10::string_view score) {
   const char* op = "cam_boxes";
@@ -122,13 +122,6 @@ inline void check_cam_boxes_args(const at::Tensor& cams, at::IntArrayRef size, a
   }
   TORCH_CHECK(max_boxes >= 1, op, ": max_boxes must be >= 1, got ", max_boxes);
   TORCH_CHECK(score == "max" || score == "mean", op, ": score must be \"max\" or \"mean\", got \"", score, "\"");
-  if (cams.numel() == 0) return;
-  const at::Tensor finite = at::isfinite(cams.reshape({-1, cams.size(-2) * cams.size(-1)})).all(1);
-  if (!finite.all().item<bool>()) {
-    const int64_t bad = (~finite).nonzero()[0][0].item<int64_t>();
-    TORCH_CHECK(false, op, ": map ", bad, " (flattened index over the leading dimensions) contains NaN or infinite "
-                "values");
-  }
 }
 
 }  // namespace dmfast

@@ -32,20 +32,6 @@ namespace {
 
 constexpr int64_t kRowGrain = 4;
 
-template <typename T>
-T value_or_zero(const T* plane, int64_t y, int64_t x, int64_t H, int64_t W) {
-  return (y >= 0 && y < H && x >= 0 && x < W) ? plane[y * W + x] : T(0);
-}
-
-// Keeps far out-of-frame coordinates finite and integral-castable; beyond [-2, size + 1] every corner is outside
-// the image, so value and gradient stay exactly zero.
-template <typename T>
-T clamp_far(T v, int64_t size) {
-  if (!(v > T(-2))) return T(-2);
-  if (!(v < T(size + 1))) return T(size + 1);
-  return v;
-}
-
 // Samples of output row i with all four corners inside the image form one interval of j (the coordinates are
 // affine in j). inside_span returns it, shrunk by the worst rounding of the sample loops, so the fast loops need
 // no bounds checks; the few samples near the border take the checked path.
@@ -152,20 +138,38 @@ inline std::array<T, 4> corner_values(const scalar_t* plane, const Corners<T>& c
   }
 }
 
+// An image with a non-finite theta is computed with the identity instead (its result is then set to NaN), so no
+// NaN coordinate ever reaches the unchecked loops.
 template <typename T>
 std::vector<PixelMap<T>> pixel_maps(const at::Tensor& theta, int64_t H, int64_t W) {
   const at::Tensor t = theta.to(at::kDouble).contiguous();
   const double* data = t.data_ptr<double>();
+  constexpr double kIdentity[6] = {1, 0, 0, 0, 1, 0};
   std::vector<PixelMap<T>> maps(t.size(0));
-  for (int64_t b = 0; b < t.size(0); ++b) maps[b] = make_pixel_map<T>(data + 6 * b, H, W);
+  for (int64_t b = 0; b < t.size(0); ++b) {
+    maps[b] = make_pixel_map<T>(theta_is_finite(data + 6 * b) ? data + 6 * b : kIdentity, H, W);
+  }
   return maps;
 }
 
+// Images whose theta has a NaN or infinite entry: their outputs and gradients are NaN (see theta_is_finite).
+std::vector<int64_t> non_finite_images(const at::Tensor& theta) {
+  const at::Tensor t = theta.to(at::kDouble).contiguous();
+  std::vector<int64_t> bad;
+  for (int64_t b = 0; b < t.size(0); ++b) {
+    if (!theta_is_finite(t.const_data_ptr<double>() + 6 * b)) bad.push_back(b);
+  }
+  return bad;
+}
+
+void fill_nan(at::Tensor& t, const std::vector<int64_t>& images) {
+  for (const int64_t b : images) t.select(0, b).fill_(std::numeric_limits<double>::quiet_NaN());
+}
+
 template <typename T>
-std::vector<RestoreTap<T>> restore_taps(int64_t in_size, int64_t out_size) {
-  std::vector<RestoreTap<T>> taps(out_size);
-  const T scale = T(in_size) / T(out_size);
-  for (int64_t d = 0; d < out_size; ++d) taps[d] = restore_tap<T>(d, in_size, scale);
+std::vector<LinearTap<T>> restore_taps(int64_t in_size, int64_t out_size) {
+  std::vector<LinearTap<T>> taps(out_size);
+  for (int64_t d = 0; d < out_size; ++d) taps[d] = upsample_tap<T>(d, in_size, out_size);
   return taps;
 }
 
@@ -456,6 +460,7 @@ at::Tensor affine_smooth_cpu(const at::Tensor& images_in, const at::Tensor& thet
     });
     if (pool > 1) restore(pooled.const_data_ptr<scalar_t>(), B * C, Hp, Wp, H, W, out.data_ptr<scalar_t>());
   });
+  fill_nan(out, non_finite_images(theta));
   return out;
 }
 
@@ -503,6 +508,9 @@ std::tuple<at::Tensor, at::Tensor> affine_smooth_backward_cpu(const at::Tensor& 
       grad_theta.copy_(out.view({B, 2, 3}));
     }
   });
+  const auto bad = non_finite_images(theta);
+  if (need_images) fill_nan(grad_images, bad);
+  if (need_theta) fill_nan(grad_theta, bad);
   return {grad_images, grad_theta};
 }
 

@@ -5,13 +5,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/all.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/isfinite.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <numeric>
 #include <string>
@@ -141,12 +140,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_boxes_cpu(const at::Tensor& c
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     Scratch s;
     s.map.resize(h * w), s.taps_x.resize(W), s.taps_y.resize(H);
-    for (int64_t x = 0; x < W; ++x) s.taps_x[x] = upsample_tap(x, w, W);
-    for (int64_t y = 0; y < H; ++y) s.taps_y[y] = upsample_tap(y, h, H);
+    for (int64_t x = 0; x < W; ++x) s.taps_x[x] = upsample_tap<double>(x, w, W);
+    for (int64_t y = 0; y < H; ++y) s.taps_y[y] = upsample_tap<double>(y, h, H);
     std::vector<Component> components;
     std::vector<int64_t> order;
     for (int64_t n = begin; n < end; ++n) {
       const double* m = data + n * h * w;
+      if (!std::all_of(m, m + h * w, [](double v) { return std::isfinite(v); })) {
+        count_out[n] = -1;  // NaN or inf: no boxes, and the caller can tell
+        continue;
+      }
       const auto [lo, hi] = std::minmax_element(m, m + h * w);
       if (!(*hi > *lo)) continue;  // a constant map has no region to box
       const double low = *lo, range = *hi - *lo;

@@ -10,24 +10,14 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "../affine_smooth.h"
 #include "../checks.h"
 #include "launch.cuh"
 
 namespace dmfast {
 namespace {
-
-template <typename T>
-__device__ __forceinline__ T value_or_zero(const T* plane, int64_t y, int64_t x, int64_t H, int64_t W) {
-  return (y >= 0 && y < H && x >= 0 && x < W) ? plane[y * W + x] : T(0);
-}
-
-template <typename T>
-__device__ __forceinline__ T clamp_far(T v, int64_t size) {
-  if (!(v > T(-2))) return T(-2);
-  if (!(v < T(size + 1))) return T(size + 1);
-  return v;
-}
 
 template <typename T>
 __device__ __forceinline__ Corners<T> sample_corners(const PixelMap<T>& map, int64_t i, int64_t j, int64_t H,
@@ -60,12 +50,16 @@ __global__ void pooled_warp_kernel(const scalar_t* __restrict__ images, const do
     const int64_t q = cell % Wp, r = (cell / Wp) % Hp, plane = cell / (Wp * Hp), b = plane / C;
     const PixelMap<T> map = make_pixel_map<T>(theta + 6 * b, H, W);
     const scalar_t* img = images + plane * H * W;
-    for (int64_t k = lane; k < pool * pool; k += lanes) {
-      const int64_t i = r * pool + k / pool, j = q * pool + k % pool;
-      const Corners<T> c = sample_corners(map, i, j, H, W);
-      T v[4];
-      corner_values(img, c, H, W, v);
-      acc += (T(1) - c.fy) * ((T(1) - c.fx) * v[0] + c.fx * v[1]) + c.fy * ((T(1) - c.fx) * v[2] + c.fx * v[3]);
+    if (!theta_is_finite(theta + 6 * b)) {
+      acc = std::numeric_limits<T>::quiet_NaN();
+    } else {
+      for (int64_t k = lane; k < pool * pool; k += lanes) {
+        const int64_t i = r * pool + k / pool, j = q * pool + k % pool;
+        const Corners<T> c = sample_corners(map, i, j, H, W);
+        T v[4];
+        corner_values(img, c, H, W, v);
+        acc += (T(1) - c.fy) * ((T(1) - c.fx) * v[0] + c.fx * v[1]) + c.fy * ((T(1) - c.fx) * v[2] + c.fx * v[3]);
+      }
     }
   }
   if (lanes == kWarp) acc = warp_sum(acc);  // lanes == 32 groups are whole, aligned warps
@@ -78,8 +72,8 @@ __global__ void restore_kernel(const scalar_t* __restrict__ pooled, int64_t plan
   const int64_t index = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (index >= planes * H * W) return;
   const int64_t x = index % W, y = (index / W) % H, plane = index / (W * H);
-  const auto tx = restore_tap<T>(x, Wp, T(Wp) / T(W));
-  const auto ty = restore_tap<T>(y, Hp, T(Hp) / T(H));
+  const auto tx = upsample_tap<T>(x, Wp, W);
+  const auto ty = upsample_tap<T>(y, Hp, H);
   const scalar_t* p = pooled + plane * Hp * Wp;
   const T top = tx.lambda0 * T(p[ty.i0 * Wp + tx.i0]) + tx.lambda1 * T(p[ty.i0 * Wp + tx.i1]);
   const T bottom = tx.lambda0 * T(p[ty.i1 * Wp + tx.i0]) + tx.lambda1 * T(p[ty.i1 * Wp + tx.i1]);
@@ -88,8 +82,8 @@ __global__ void restore_kernel(const scalar_t* __restrict__ pooled, int64_t plan
 
 // Weight of pooled index r in the restore tap of output index d.
 template <typename T>
-__device__ __forceinline__ T tap_weight(int64_t d, int64_t r, int64_t in_size, T scale) {
-  const auto t = restore_tap<T>(d, in_size, scale);
+__device__ __forceinline__ T tap_weight(int64_t d, int64_t r, int64_t in_size, int64_t out_size) {
+  const auto t = upsample_tap<T>(d, in_size, out_size);
   return (t.i0 == r ? t.lambda0 : T(0)) + (t.i1 == r ? t.lambda1 : T(0));
 }
 
@@ -104,14 +98,13 @@ __global__ void restore_transposed_kernel(const scalar_t* __restrict__ grad, int
   int64_t y_lo, y_hi, x_lo, x_hi;
   restore_source_range(r, pool, H, &y_lo, &y_hi);
   restore_source_range(q, pool, W, &x_lo, &x_hi);
-  const T sy = T(Hp) / T(H), sx = T(Wp) / T(W);
   const scalar_t* g = grad + plane * H * W;
   T acc = 0;
   for (int64_t y = y_lo; y < y_hi; ++y) {
-    const T wy = tap_weight(y, r, Hp, sy);
+    const T wy = tap_weight<T>(y, r, Hp, H);
     if (wy == T(0)) continue;
     T row = 0;
-    for (int64_t x = x_lo; x < x_hi; ++x) row += tap_weight(x, q, Wp, sx) * T(g[y * W + x]);
+    for (int64_t x = x_lo; x < x_hi; ++x) row += tap_weight<T>(x, q, Wp, W) * T(g[y * W + x]);
     acc += wy * row;
   }
   cells[cell] = acc / T(pool * pool);
@@ -129,7 +122,12 @@ __global__ void sample_backward_kernel(const scalar_t* __restrict__ images, cons
   const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t Hp = H / pool, Wp = W / pool, HW = H * W;
   T m[6] = {0, 0, 0, 0, 0, 0};
-  if (k < HW) {
+  if (k < HW && !theta_is_finite(theta + 6 * b)) {
+    // Each thread owns pixel k of every channel here: no atomics touch this image.
+    for (int64_t ch = 0; need_images && ch < C; ++ch) {
+      grad_images[(b * C + ch) * HW + k] = std::numeric_limits<T>::quiet_NaN();
+    }
+  } else if (k < HW) {
     const int64_t i = k / W, j = k % W, r = i / pool, q = j / pool;
     const PixelMap<T> map = make_pixel_map<T>(theta + 6 * b, H, W);
     const Corners<T> c = sample_corners(map, i, j, H, W);
@@ -171,10 +169,14 @@ __global__ void sample_backward_kernel(const scalar_t* __restrict__ images, cons
 
 // Sums each image's block partials in a fixed order (deterministic) and turns the moments into d theta.
 template <typename T>
-__global__ void theta_grad_kernel(const T* __restrict__ partial, int64_t B, int64_t blocks, int64_t H, int64_t W,
-                                  double* __restrict__ grad_theta) {
+__global__ void theta_grad_kernel(const T* __restrict__ partial, const double* __restrict__ theta, int64_t B,
+                                  int64_t blocks, int64_t H, int64_t W, double* __restrict__ grad_theta) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= B) return;
+  if (!theta_is_finite(theta + 6 * b)) {
+    for (int e = 0; e < 6; ++e) grad_theta[6 * b + e] = std::numeric_limits<double>::quiet_NaN();
+    return;
+  }
   double total[6] = {0, 0, 0, 0, 0, 0};
   for (int64_t k = 0; k < blocks; ++k) {
     for (int e = 0; e < 6; ++e) total[e] += double(partial[(b * blocks + k) * 6 + e]);
@@ -249,8 +251,9 @@ std::tuple<at::Tensor, at::Tensor> affine_smooth_backward_cuda(const at::Tensor&
     if (need_images) grad_images = grad_acc.to(images.scalar_type());
     if (need_theta) {
       at::Tensor grad_d = at::empty({B, 6}, images.options().dtype(at::kDouble));
-      theta_grad_kernel<T><<<blocks_for(B), kThreads, 0, stream>>>(partial.const_data_ptr<T>(), B, blocks, H, W,
-                                                                   grad_d.mutable_data_ptr<double>());
+      theta_grad_kernel<T><<<blocks_for(B), kThreads, 0, stream>>>(
+          partial.const_data_ptr<T>(), theta_d.const_data_ptr<double>(), B, blocks, H, W,
+          grad_d.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       grad_theta = grad_d.view({B, 2, 3}).to(theta.scalar_type());
     }

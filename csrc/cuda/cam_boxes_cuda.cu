@@ -3,7 +3,7 @@
 // thresholded upsampled image with lock-free union-find (atomicMin on parent links, so every root is its
 // component's raster-first pixel, the order scipy numbers components in), gather each component's box and
 // activation statistics at its root with atomics, and merge the level's best components into the map's ranked
-// output. The only host synchronisation is the finiteness check of the arguments (it names the bad map).
+// output. No host synchronisation: a map with NaN or inf is reported by its count, -1.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -83,7 +83,7 @@ __device__ __forceinline__ void unite(int32_t* parent, int32_t a, int32_t b) {
 
 __device__ __forceinline__ double pixel_value(const double* map, int64_t h, int64_t w, int64_t H, int64_t W,
                                               int64_t y, int64_t x) {
-  return bilinear(map, w, upsample_tap(y, h, H), upsample_tap(x, w, W));
+  return bilinear(map, w, upsample_tap<double>(y, h, H), upsample_tap<double>(x, w, W));
 }
 
 struct Candidate {
@@ -111,19 +111,26 @@ __global__ void __launch_bounds__(kBlock) cam_boxes_kernel(const scalar_t* __res
     // Normalise the map (min-max) into scratch.
     const scalar_t* m = cams + n * h * w;
     double lo = INFINITY, hi = -INFINITY;
-    for (int64_t k = tid; k < h * w; k += kBlock) lo = fmin(lo, double(m[k])), hi = fmax(hi, double(m[k]));
-    reduce_a[tid] = lo, reduce_b[tid] = hi;
+    int32_t finite = 1;
+    for (int64_t k = tid; k < h * w; k += kBlock) {
+      const double v = double(m[k]);
+      finite &= int32_t(isfinite(v)), lo = fmin(lo, v), hi = fmax(hi, v);
+    }
+    reduce_a[tid] = lo, reduce_b[tid] = hi, reduce_i[tid] = finite;
     __syncthreads();
     for (int stride = kBlock / 2; stride > 0; stride /= 2) {
       if (tid < stride) {
         reduce_a[tid] = fmin(reduce_a[tid], reduce_a[tid + stride]);
         reduce_b[tid] = fmax(reduce_b[tid], reduce_b[tid + stride]);
+        reduce_i[tid] = min(reduce_i[tid], reduce_i[tid + stride]);
       }
       __syncthreads();
     }
-    lo = reduce_a[0], hi = reduce_b[0];
+    lo = reduce_a[0], hi = reduce_b[0], finite = reduce_i[0];
     __syncthreads();
-    if (!(hi > lo)) continue;  // constant map: no region (outputs are pre-zeroed); uniform over the block
+    // Uniform over the block: a map with NaN or inf gets count -1, a constant map none (outputs are pre-zeroed).
+    if (!finite && tid == 0) counts[n] = -1;
+    if (!finite || !(hi > lo)) continue;
     for (int64_t k = tid; k < h * w; k += kBlock) s.map[k] = (double(m[k]) - lo) / (hi - lo);
     if (tid == 0) kept = 0;
     int64_t total = 0;
