@@ -2,7 +2,6 @@
 each implementation measured in interleaved rounds and reported at its best, JSON results with versions."""
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 import dmfast
-from dmfast.io import atomic_write_bytes
+from dmfast.io import atomic_write_json
 
 
 def parser(doc: str, rounds: int = 3) -> argparse.ArgumentParser:
@@ -89,6 +88,6 @@ def report(title: str, cases: dict, reference_name: str, env: dict, config: dict
     console.print(table)
     payload = {"benchmark": title, "environment": env, "config": config, "results": results}
     if out:
-        atomic_write_bytes(out, (json.dumps(payload, indent=2) + "\n").encode())
+        atomic_write_json(out, payload, indent=2)
         console.print(f"results written to {Path(out)}")
     return payload

@@ -9,99 +9,26 @@ can collapse or flip the image; the perceptual term is normalised per stage by t
 scale does not depend on the classifier.
 """
 
-import csv
-import json
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-import torchvision
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch import nn
 
-from . import ops
-from .data.cache import ImageCache, default_cache_dir, prepare
+from . import checkpoints, ops
+from .anatomy import make_anchor
+from .config import AlignConfig
+from .data.cache import open_or_prepare
 from .data.chestxray14 import open_dataset
 from .data.images import to_model_input
+from .data.phantom import read_transforms
 from .data.splits import make_splits
-from .io import atomic_torch_save, atomic_write_bytes, save_png, to_uint8
-from .train import load_classifier, save_checkpoint
-
-LIMITS = {"scale": 0.3, "shift": 0.3, "angle": math.radians(25)}
-
-
-class AlignmentNet(nn.Module):
-    """ResNet-18 -> (sx, sy, tx, ty, angle), bounded, identity at initialisation."""
-
-    def __init__(self, input_size: int = 128):
-        super().__init__()
-        self.input_size = input_size
-        net = torchvision.models.resnet18(weights=None)
-        net.fc = nn.Linear(net.fc.in_features, 5)
-        nn.init.zeros_(net.fc.weight)
-        nn.init.zeros_(net.fc.bias)
-        self.net = net
-
-    def parameters_of(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 5]``: sx, sy, tx, ty, angle (radians)."""
-        x = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
-                          antialias=True) if images.shape[-1] != self.input_size else images
-        raw = torch.tanh(self.net(x.expand(-1, 3, -1, -1)))
-        scale = 1 + LIMITS["scale"] * raw[:, :2]
-        return torch.cat([scale, LIMITS["shift"] * raw[:, 2:4], LIMITS["angle"] * raw[:, 4:]], 1)
-
-    def theta(self, images: torch.Tensor) -> torch.Tensor:
-        p = self.parameters_of(images)
-        return ops.affine_matrix(p[:, 0], p[:, 1], p[:, 2], p[:, 3], p[:, 4])
-
-    def align(self, images: torch.Tensor) -> torch.Tensor:
-        """The aligned images (plain bilinear warp; float images in [-1, 1] map to the background -1 outside)."""
-        return self.warp(images, self.theta(images))
-
-    @staticmethod
-    def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        return ops.affine_smooth(images + 1, theta.to(images.dtype), 1) - 1
-
-
-@dataclass
-class AlignConfig:
-    data: str
-    out: str
-    cache: str | None = None
-    size: int = 512
-    anchor_images: int = 2000
-    epochs: int = 5
-    batch: int = 16
-    lr: float = 1e-3
-    momentum: float = 0.9  # SGD only
-    optimizer: str = "sgd"  # the paper's; "adam" converges faster on the phantom (see the README)
-    clip: float = 1.0  # gradient-norm clipping: no single batch can throw the transform to its bounds
-    pool: int = 16
-    perceptual: str | None = None  # classifier checkpoint for the perceptual loss
-    perceptual_weight: float = 1.0
-    input_size: int = 128
-    seed: int = 0
-    val_fraction: float = 0.1
-    split: str = "official"
-    max_steps: int | None = None
-    grid_images: int = 8
-    skip_problems: bool = False
-
-
-def make_anchor(cache: ImageCache, dataset, names, count: int) -> torch.Tensor:
-    """Pixel mean of up to ``count`` No Finding images among ``names``, as a float [-1, 1] image [1, 1, S, S]."""
-    healthy = [r.image for r in dataset.records if r.labels.sum() == 0 and r.image in set(names)][:count]
-    if not healthy:
-        raise ValueError("no 'No Finding' training images to build the anchor from")
-    total = torch.zeros(1, 1, cache.size, cache.size, dtype=torch.float64)
-    for start in range(0, len(healthy), 64):
-        total += to_model_input(cache.batch(healthy[start:start + 64])).double().sum(0, keepdim=True)
-    return (total / len(healthy)).float()
+from .inference import load_classifier
+from .io import atomic_write_json, save_png, to_uint8
+from .models import AlignmentNet
 
 
 def standardize(images: torch.Tensor) -> torch.Tensor:
@@ -135,16 +62,6 @@ class AlignmentLoss:
         return euclidean + self.weight * perceptual, euclidean.detach(), perceptual.detach()
 
 
-def read_transforms(data_dir) -> dict:
-    """The phantom's known misalignments: image -> theta [2, 3] (output -> input), if the side file exists."""
-    path = Path(data_dir) / "phantom_transforms.csv"
-    if not path.is_file():
-        return {}
-    with open(path) as f:
-        return {r["Image Index"]: torch.tensor([float(r[f"theta{i}{j}"]) for i in range(2) for j in range(3)])
-                .view(2, 3) for r in csv.DictReader(f)}
-
-
 def misalignment_error(theta_true: torch.Tensor, theta_pred: torch.Tensor | None = None) -> torch.Tensor:
     """Mean displacement (in half-widths, the normalised unit) of a 9x9 grid of points between the canonical chest
     and the image (``theta_pred`` None) or the aligned image (composite of the misalignment and the alignment)."""
@@ -165,7 +82,7 @@ def _grid(originals, aligned, anchor) -> torch.Tensor:
     return to_uint8(torch.cat([top, bottom], 0), -1, 1)
 
 
-def align(config: AlignConfig, console: Console | None = None) -> Path:
+def run(config: AlignConfig, console: Console | None = None) -> Path:
     """Train the alignment module; returns the checkpoint path. Writes the anchor, a grid of original (top) vs
     aligned (bottom) images with the anchor on the right, and alignment statistics."""
     console = console or Console(stderr=True)
@@ -173,16 +90,13 @@ def align(config: AlignConfig, console: Console | None = None) -> Path:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     dataset = open_dataset(config.data, skip_problems=config.skip_problems)
-    cache_dir = Path(config.cache) if config.cache else default_cache_dir(config.data, config.size)
-    if not (cache_dir / "index.json").is_file():
-        prepare(config.data, cache_dir, size=config.size, skip_problems=config.skip_problems, console=console)
-    cache = ImageCache(cache_dir)
+    cache = open_or_prepare(config.data, config.cache, config.size, config.skip_problems, console)
     splits = make_splits(dataset, config.val_fraction, config.seed, split=config.split)
     train_names = [n for n in splits.train if n in cache]
     val_names = [n for n in splits.val + splits.test if n in cache]
     anchor = make_anchor(cache, dataset, train_names, config.anchor_images)
     save_png(out / "anchor.png", to_uint8(anchor[0, 0], -1, 1))
-    atomic_torch_save(out / "anchor.pt", anchor)
+    checkpoints.save_anchor(out / "anchor.pt", anchor)
 
     classifier = None
     if config.perceptual:
@@ -228,9 +142,9 @@ def align(config: AlignConfig, console: Console | None = None) -> Path:
         console.print(f"epoch {epoch + 1}: loss {history[-1]['loss']:.5f} (euclidean {history[-1]['euclidean']:.5f}, "
                       f"perceptual {history[-1]['perceptual']:.5f})")
     net.eval()
-    checkpoint = save_checkpoint(out / "alignment.pt", {"model": net.state_dict(),
-                                                       "net_config": {"input_size": config.input_size},
-                                                       "config": asdict(config), "history": history})
+    checkpoint = checkpoints.save_alignment(out / "alignment.pt", {
+        "model": net.state_dict(), "net_config": {"input_size": config.input_size}, "config": asdict(config),
+        "history": history})
     stats = {"history": history}
     with torch.no_grad():
         shown = val_names[: config.grid_images]
@@ -251,6 +165,6 @@ def align(config: AlignConfig, console: Console | None = None) -> Path:
                                            "after": after.mean().item(), "unit": "half image widths"}
             console.print(f"known misalignment on {len(known)} held-out images: mean displacement "
                           f"{before.mean():.4f} before, {after.mean():.4f} after alignment")
-    atomic_write_bytes(out / "alignment_stats.json", (json.dumps(stats, indent=1) + "\n").encode())
+    atomic_write_json(out / "alignment_stats.json", stats)
     console.print(f"alignment checkpoint {checkpoint}, grid {out / 'alignment_grid.png'}")
     return checkpoint

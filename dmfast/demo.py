@@ -11,34 +11,18 @@ The defaults fit about 15 minutes on 2 CPU cores: 1,600 phantom images at 128 px
 512 px, 5 + 5 epochs) is what ``dmfast train`` defaults to on a GPU.
 """
 
-import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from .io import atomic_write_bytes
-
-
-@dataclass
-class DemoConfig:
-    out: str = "out/demo"
-    data: str | None = None  # a ChestX-ray14-format directory instead of the phantom
-    count: int = 1600  # phantom images
-    size: int = 128
-    arch: str = "resnet18"
-    cam_stride: int = 16
-    epochs: int = 3
-    attention_epochs: int = 2
-    align_epochs: int = 3
-    batch: int = 32
-    lr: float = 1e-3
-    seed: int = 0
-    val_fraction: float = 0.15
-    max_steps: int | None = None  # per epoch, for quick runs
-    overlays: int = 2
+from . import align, eval, masks, train
+from .config import AlignConfig, DemoConfig, EvalConfig, MasksConfig, TrainConfig
+from .data.cache import prepare
+from .data.phantom import synthesize
+from .io import atomic_write_json
 
 
 def _stage(console: Console, times: dict, name: str, job):
@@ -50,16 +34,9 @@ def _stage(console: Console, times: dict, name: str, job):
     return result
 
 
-def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
+def run(config: DemoConfig, console: Console | None = None) -> dict:
     """Run every stage; returns the evaluation report with the stage times under ``"stage_seconds"`` (also written
     to ``OUT/demo.json``)."""
-    from .align import AlignConfig, align
-    from .data.cache import prepare
-    from .data.phantom import synthesize
-    from .eval import EvalConfig, evaluate
-    from .masks import MasksConfig, masks
-    from .train import TrainConfig, train
-
     console = console or Console()
     out = Path(config.out)
     times = {}
@@ -76,30 +53,30 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> dict:
     classifier = dict(common, arch=config.arch, cam_stride=config.cam_stride, batch=config.batch, lr=config.lr)
 
     def fit(name, epochs, **extra):
-        return train(TrainConfig(out=str(out / name), epochs=epochs, **classifier, **extra), console=console)
+        return train.run(TrainConfig(out=str(out / name), epochs=epochs, **classifier, **extra), console=console)
 
     base = _stage(console, times, "train base", lambda: fit("base", config.epochs))
-    alignment = _stage(console, times, "align", lambda: align(AlignConfig(
+    alignment = _stage(console, times, "align", lambda: align.run(AlignConfig(
         out=str(out / "align"), epochs=config.align_epochs, batch=16, optimizer="adam", lr=1e-3,
         perceptual=str(base), perceptual_weight=0.1, input_size=min(config.size, 128), **common), console=console))
     aligned = _stage(console, times, "train aligned", lambda: fit("aligned", config.epochs, aligned=str(alignment)))
     masks_common = dict(data=str(data), cache=str(cache), checkpoint=str(aligned))
-    dm = _stage(console, times, "masks (DM)", lambda: masks(MasksConfig(out=str(out / "masks-dm"), **masks_common),
+    dm = _stage(console, times, "masks (DM)", lambda: masks.run(MasksConfig(out=str(out / "masks-dm"), **masks_common),
                                                             console=console))
     with_dm = _stage(console, times, "train +DM", lambda: fit("dm", config.attention_epochs, aligned=str(alignment),
                                                               init=str(aligned), masks=str(dm)))
-    pdm = _stage(console, times, "masks (PDM)", lambda: masks(MasksConfig(out=str(out / "masks-pdm"), pseudo=True,
+    pdm = _stage(console, times, "masks (PDM)", lambda: masks.run(MasksConfig(out=str(out / "masks-pdm"), pseudo=True,
                                                                           **masks_common), console=console))
     with_pdm = _stage(console, times, "train +PDM", lambda: fit("pdm", config.attention_epochs,
                                                                 aligned=str(alignment), init=str(aligned),
                                                                 masks=str(pdm)))
     checkpoints = [("base", str(base)), ("+align", str(aligned)), ("+DM", str(with_dm)), ("+PDM", str(with_pdm))]
-    report = _stage(console, times, "eval", lambda: evaluate(EvalConfig(
+    report = _stage(console, times, "eval", lambda: eval.run(EvalConfig(
         data=str(data), out=str(out / "eval"), checkpoints=checkpoints, cache=str(cache), batch=config.batch,
         overlays=config.overlays), console=console))
     report["stage_seconds"] = times
     report["demo_config"] = asdict(config)
-    atomic_write_bytes(out / "demo.json", (json.dumps(report, indent=1) + "\n").encode())
+    atomic_write_json(out / "demo.json", report)
     _print_ablation(console, report, out)
     return report
 

@@ -14,10 +14,9 @@ location prior does well at low IoU on ChestX-ray14 (cardiomegaly almost always)
 image-specific CAM adds beyond it.
 """
 
-import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,32 +28,17 @@ from rich.table import Table
 
 import dmfast
 
-from . import ops
-from .data.cache import ImageCache, default_cache_dir, prepare
+from . import checkpoints, ops
+from .config import EvalConfig
+from .data.cache import ImageCache, open_or_prepare
 from .data.chestxray14 import FINDINGS, open_dataset
 from .figures import BLACK, RED, draw, grid, heat_overlay
 from .inference import Classifier, to_image_frame
-from .io import atomic_write_bytes, save_png
-from .metrics import DEFAULT_THRESHOLDS, localization, predictions_from_padded, roc_auc
-from .train import read_masks
+from .io import atomic_write_bytes, atomic_write_json, save_png
+from .metrics import localization, predictions_from_padded, roc_auc
 
 WANG_THRESHOLDS = (60 / 255, 180 / 255)
 REPORTED = (0.3, 0.5, 0.7)  # the paper's T(IoU) columns
-
-
-@dataclass
-class EvalConfig:
-    data: str
-    out: str
-    checkpoints: list  # [(name, path)] of dmfast train checkpoints, in table order
-    masks: list = field(default_factory=list)  # [(name, path)] extra masks files for mask-only rows
-    cache: str | None = None
-    box_thresholds: tuple = (0.5,)
-    max_boxes: int = 1
-    batch: int = 32
-    overlays: int = 2  # images per class in the overlay figures
-    overlap_thresholds: tuple = DEFAULT_THRESHOLDS
-    skip_problems: bool = False
 
 
 @dataclass
@@ -73,21 +57,16 @@ class Method:
     def summary(self) -> dict:
         out = {"kind": self.kind, "source": self.source}
         if self.auroc is not None:
-            out["auroc"] = {c: _number(v) for c, v in zip(FINDINGS, self.auroc)}
-            out["mean_auroc"] = _number(self.mean_auroc)
+            out["auroc"] = dict(zip(FINDINGS, self.auroc.tolist()))
+            out["mean_auroc"] = float(self.mean_auroc)
             out["seconds"], out["images"] = self.seconds, self.images
             out["images_per_second"] = self.images / self.seconds if self.seconds else None
         for metric, result in self.localization.items():
             out[metric] = {"thresholds": list(result.thresholds),
-                           "accuracy": {c: [_number(v) for v in result.accuracy[:, i]] for i, c in enumerate(FINDINGS)},
-                           "afp": {c: [_number(v) for v in result.afp[:, i]] for i, c in enumerate(FINDINGS)},
-                           "mean_accuracy": [_number(v) for v in result.mean_accuracy],
-                           "mean_afp": [_number(v) for v in result.mean_afp]}
-        return out
-
-
-def _number(value):
-    return None if value is None or not np.isfinite(value) else float(value)
+                           "accuracy": dict(zip(FINDINGS, result.accuracy.T.tolist())),
+                           "afp": dict(zip(FINDINGS, result.afp.T.tolist())),
+                           "mean_accuracy": result.mean_accuracy.tolist(), "mean_afp": result.mean_afp.tolist()}
+        return out  # NaN (nothing to score) is written as null
 
 
 class GroundTruth:
@@ -141,8 +120,13 @@ def evaluate_checkpoint(name: str, classifier: Classifier, cache: ImageCache, te
                 maps = to_image_frame(maps, theta, resolution)
                 boxes, _, counts = ops.cam_boxes(maps, (cache.size, cache.size), config.box_thresholds,
                                                  config.max_boxes)
+                counts = counts.cpu()
+                if (counts < 0).any():
+                    i = int(torch.nonzero(counts < 0)[0, 0])
+                    raise ValueError(f"{classifier.path}: the {FINDINGS[rows[i][2]]} CAM of {rows[i][1]} contains NaN "
+                                     "or infinite values (a diverged model?)")
                 image_ids = np.array([r[1] for r in rows], dtype=object)
-                predicted.append(predictions_from_padded(boxes.cpu(), counts.cpu(), image_ids, c_index.numpy()))
+                predicted.append(predictions_from_padded(boxes.cpu(), counts, image_ids, c_index.numpy()))
                 for i, (_, n, c) in enumerate(rows):
                     if (n, c) in keep:
                         shown = int(min(counts[i].item(), config.max_boxes))
@@ -248,7 +232,7 @@ def overlay_figures(out: Path, kept_by_method: dict, truth: GroundTruth, cache: 
     return paths
 
 
-def evaluate(config: EvalConfig, console: Console | None = None) -> dict:
+def run(config: EvalConfig, console: Console | None = None) -> dict:
     """Evaluate every checkpoint; print the tables, write ``eval.json``, ``eval.md`` and overlay figures."""
     console = console or Console(stderr=True)
     if not config.checkpoints:
@@ -266,12 +250,7 @@ def evaluate(config: EvalConfig, console: Console | None = None) -> dict:
     for _, classifier in classifiers:
         size = classifier.config.size
         if size not in caches:
-            folder = Path(config.cache) if config.cache else default_cache_dir(config.data, size)
-            if not (folder / "index.json").is_file():
-                prepare(config.data, folder, size=size, skip_problems=config.skip_problems, console=console)
-            caches[size] = ImageCache(folder)
-            if caches[size].size != size:
-                raise ValueError(f"cache {folder} holds {caches[size].size} px images; a checkpoint needs {size} px")
+            caches[size] = open_or_prepare(config.data, config.cache, size, config.skip_problems, console)
     first = classifiers[0][1]
     test_names = [n for n in first.splits.test if n in caches[first.config.size]]
     for name, classifier in classifiers[1:]:
@@ -297,7 +276,7 @@ def evaluate(config: EvalConfig, console: Console | None = None) -> dict:
             methods.append(mask_only(f"{name} mask only", classifier.masks.cpu(), truth, config))
     truth = truth_at[first.config.size]
     for name, path in config.masks:
-        methods.append(mask_only(f"{name} mask only", read_masks(path)["masks"], truth, config))
+        methods.append(mask_only(f"{name} mask only", checkpoints.load_masks(path)["masks"], truth, config))
     if not len(truth.images):
         console.print("[yellow]no test image has a ground-truth box: localization is not scored")
 
@@ -316,7 +295,7 @@ def evaluate(config: EvalConfig, console: Console | None = None) -> dict:
               "methods": {m.name: m.summary() for m in methods}, "overlays": [str(p) for p in figures],
               "versions": {"dmfast": dmfast.__version__, "torch": torch.__version__, "python": platform.python_version(),
                            "numpy": np.__version__}}
-    atomic_write_bytes(out / "eval.json", (json.dumps(report, indent=1) + "\n").encode())
+    atomic_write_json(out / "eval.json", report)
     atomic_write_bytes(out / "eval.md", markdown(results).encode())
     console.print(f"results {out / 'eval.json'}, {out / 'eval.md'}" +
                   (f"; overlays in {out / 'overlays'}" if figures else ""))

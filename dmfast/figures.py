@@ -5,6 +5,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data.chestxray14 import FINDINGS
+
 # Anchor points of the heat colour map (dark blue -> blue -> cyan -> yellow -> red), as in the paper's figures.
 _HEAT = torch.tensor([[0.0, 0.0, 0.5], [0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
 
@@ -64,3 +66,19 @@ def grid(tiles: list, columns: int, gap: int = 4) -> torch.Tensor:
         r, c = divmod(index, columns)
         out[:, r * (height + gap):r * (height + gap) + height, c * (width + gap):c * (width + gap) + width] = tile
     return out
+
+
+def masks_figure(anchor: torch.Tensor, payload: dict, tile: int = 192) -> torch.Tensor:
+    """The masks over the anchor image, one labelled tile per class (the paper's Fig. 3): the averaged map as heat
+    inside the mask, the anchor elsewhere."""
+    gray = F.interpolate(anchor.float().reshape(1, 1, *anchor.shape[-2:]), size=(tile, tile), mode="bilinear",
+                         align_corners=False, antialias=True)[0, 0]
+    gray = (gray - gray.min()) / (gray.max() - gray.min()).clamp_min(1e-12)
+    tiles = []
+    for c, name in enumerate(FINDINGS):
+        mask = F.interpolate(payload["masks"][c][None, None], size=(tile, tile), mode="nearest")[0, 0]
+        heat = payload["average"][c] if payload["kind"] == "DM" else payload["masks"][c]
+        count = payload.get("counts", {}).get(name)
+        label = name if count is None else f"{name} ({count})"
+        tiles.append(draw(heat_overlay(gray, heat, 0.55, where=mask), text=label))
+    return grid(tiles, columns=7)

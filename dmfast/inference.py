@@ -1,5 +1,6 @@
-"""A trained classifier at inference: uint8 image batches in, probabilities and class activation maps out, on
-aligned images when it was trained on them (shared by ``dmfast masks`` and ``dmfast eval``)."""
+"""Trained models at inference: loading a classifier or an alignment module from its checkpoint, and running a
+classifier on uint8 image batches (probabilities and class activation maps, on aligned images when it was trained
+on them). Shared by ``dmfast train`` (validation), ``align`` (perceptual loss), ``masks`` and ``eval``."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -7,10 +8,31 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import checkpoints, ops
+from .config import TrainConfig, from_dict
+from .data.chestxray14 import FINDINGS
 from .data.images import to_model_input
 from .data.splits import Splits
-from .train import Aligner, load_classifier
+from .models import AlignmentNet, CAMClassifier
+
+
+def load_classifier(path, device="cpu") -> tuple:
+    """A trained classifier from a ``dmfast train`` checkpoint, in eval mode with its disease masks (if it was
+    trained with some): ``(model, config, state)``."""
+    state = checkpoints.load_classifier(path)
+    config = from_dict(TrainConfig, state["config"])
+    model = CAMClassifier(config.arch, len(FINDINGS), cam_stride=config.cam_stride)
+    model.set_masks(state["model"].get("masks"))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), config, state
+
+
+def load_aligner(path, device="cpu") -> AlignmentNet:
+    """A trained alignment module from a ``dmfast align`` checkpoint, in eval mode."""
+    state = checkpoints.load_alignment(path)
+    net = AlignmentNet(**state["net_config"])
+    net.load_state_dict(state["model"])
+    return net.to(device).eval()
 
 
 @dataclass
@@ -33,7 +55,7 @@ class Classifier:
             if not Path(self.config.aligned).is_file():
                 raise FileNotFoundError(f"{checkpoint} was trained on aligned images, but its alignment checkpoint "
                                         f"{self.config.aligned} is missing")
-            self.aligner = Aligner(self.config.aligned, self.device)
+            self.aligner = load_aligner(self.config.aligned, self.device)
 
     @property
     def masks(self) -> torch.Tensor | None:
@@ -44,8 +66,8 @@ class Classifier:
         images = to_model_input(pixels).to(self.device)
         theta = None
         if self.aligner is not None:
-            theta = self.aligner.net.theta(images)
-            images = self.aligner.net.warp(images, theta)
+            theta = self.aligner.theta(images)
+            images = self.aligner.warp(images, theta)
         logits, cams = self.model(images, cams=True)
         return Prediction(torch.sigmoid(logits).float(), cams.float(), theta)
 

@@ -2,6 +2,8 @@
 
 import contextlib
 import io
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -35,6 +37,26 @@ def atomic_write_bytes(path, data: bytes, durable: bool = True) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_text(value, indent: int | None = None) -> str:
+    """Strict JSON: NaN and infinities become ``null`` (bare ``NaN`` is not JSON and strict readers reject it)."""
+    return json.dumps(_finite(value), indent=indent, allow_nan=False)
+
+
+def atomic_write_json(path, value, indent: int | None = 1) -> Path:
+    """:func:`json_text` of ``value`` written atomically, with a final newline."""
+    return atomic_write_bytes(path, (json_text(value, indent) + "\n").encode())
 
 
 def atomic_torch_save(path, obj) -> Path:

@@ -1,6 +1,8 @@
-"""The CAM classifier: a torchvision ResNet backbone whose global-average-pooling + fc head is the fused
-``attention_cam`` op, optionally with per-class disease masks (the paper's attention retraining)."""
+"""The two networks: the CAM classifier (a torchvision ResNet whose global-average-pooling + fc head is the fused
+``attention_cam`` op, optionally with per-class disease masks: the paper's attention retraining) and the alignment
+network (a ResNet-18 that predicts scale, shift and rotation, applied with the fused warp)."""
 
+import math
 from pathlib import Path
 
 import torch
@@ -9,8 +11,10 @@ import torchvision
 from torch import Tensor, nn
 
 from . import ops
+from .config import ARCHS
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
+# Bounds of the alignment parameters: scale 1 +- 0.3, shift +- 0.3 (half-widths), rotation +- 25 degrees.
+LIMITS = {"scale": 0.3, "shift": 0.3, "angle": math.radians(25)}
 
 
 def _dilate_last_stage(layer: nn.Sequential) -> None:
@@ -90,3 +94,39 @@ class CAMClassifier(nn.Module):
                                   antialias=True)[0]
         logits, maps = ops.attention_cam(features, self.fc.weight, self.fc.bias, masks)
         return (logits, maps) if cams else logits
+
+
+class AlignmentNet(nn.Module):
+    """ResNet-18 -> (sx, sy, tx, ty, angle), bounded, identity at initialisation.
+
+    The last layer starts at zero, so training starts from the identity transform, and the five parameters pass
+    through tanh into the :data:`LIMITS`, so no step can collapse or flip the image."""
+
+    def __init__(self, input_size: int = 128):
+        super().__init__()
+        self.input_size = input_size
+        net = torchvision.models.resnet18(weights=None)
+        net.fc = nn.Linear(net.fc.in_features, 5)
+        nn.init.zeros_(net.fc.weight)
+        nn.init.zeros_(net.fc.bias)
+        self.net = net
+
+    def parameters_of(self, images: Tensor) -> Tensor:
+        """``[B, 5]``: sx, sy, tx, ty, angle (radians)."""
+        x = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
+                          antialias=True) if images.shape[-1] != self.input_size else images
+        raw = torch.tanh(self.net(x.expand(-1, 3, -1, -1)))
+        scale = 1 + LIMITS["scale"] * raw[:, :2]
+        return torch.cat([scale, LIMITS["shift"] * raw[:, 2:4], LIMITS["angle"] * raw[:, 4:]], 1)
+
+    def theta(self, images: Tensor) -> Tensor:
+        p = self.parameters_of(images)
+        return ops.affine_matrix(p[:, 0], p[:, 1], p[:, 2], p[:, 3], p[:, 4])
+
+    def align(self, images: Tensor) -> Tensor:
+        """The aligned images (plain bilinear warp; float images in [-1, 1] map to the background -1 outside)."""
+        return self.warp(images, self.theta(images))
+
+    @staticmethod
+    def warp(images: Tensor, theta: Tensor) -> Tensor:
+        return ops.affine_smooth(images + 1, theta.to(images.dtype), 1) - 1

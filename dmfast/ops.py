@@ -26,7 +26,9 @@ def affine_smooth(images: Tensor, theta: Tensor, pool: int = 16) -> Tensor:
     Args:
         images: ``[B, C, H, W]`` float32 or float64 (float16/bfloat16 too on CUDA); H and W divisible by ``pool``.
         theta: ``[B, 2, 3]`` affine matrices in the normalised coordinates of ``F.affine_grid`` (output -> input),
-            same dtype as ``images`` (float32 is also accepted with reduced-precision images). Must be finite.
+            same dtype as ``images`` (float32 is also accepted with reduced-precision images). An image whose theta
+            has a NaN or infinite entry gets an all-NaN output and NaN gradients (no error: checking the values
+            would make every CUDA call wait for the GPU).
         pool: pooling window; ``1`` gives the plain bilinear warp.
 
     Returns:
@@ -104,7 +106,8 @@ def cam_boxes(cams: Tensor, size, threshold, max_boxes: int = 16, score: str = "
     pass ``threshold=(60/255, 180/255)`` for their two-level scheme, whose boxes are pooled per map.
 
     Args:
-        cams: ``[N, h, w]`` or ``[B, C, h, w]`` finite float maps (NaN or inf raise an error naming the map).
+        cams: ``[N, h, w]`` or ``[B, C, h, w]`` float maps. A map with NaN or inf gets no boxes and count -1 (no
+            error, so the CUDA kernel never waits for the device; the caller checks ``counts < 0``).
         size: ``(H, W)`` of the image the boxes are reported in (pixels of the upsampled map).
         threshold: a fraction in [0, 1] or a sequence of them.
         max_boxes: boxes kept per map (the best by score).
@@ -113,7 +116,8 @@ def cam_boxes(cams: Tensor, size, threshold, max_boxes: int = 16, score: str = "
 
     Returns:
         ``boxes [..., max_boxes, 4]`` int64 ``(x0, y0, x1, y1)``, inclusive-exclusive pixels; ``scores
-        [..., max_boxes]`` float64; ``counts [...]`` int64, the number of regions found (may exceed ``max_boxes``).
+        [..., max_boxes]`` float64; ``counts [...]`` int64, the number of regions found (may exceed ``max_boxes``;
+        -1 for a non-finite map).
         Boxes are sorted by score (highest first; ties by threshold level, then raster order of the region's first
         pixel). Entries past ``min(count, max_boxes)`` are zero. A constant map has no region: count 0.
         Not differentiable.

@@ -1,11 +1,11 @@
-"""Device and dtype lists and tolerances shared by the tests and the benchmarks."""
+"""Helpers shared by the tests and the benchmarks: devices, dtypes, tolerances, seeded random inputs and the shared
+data folder."""
 
 import os
 from pathlib import Path
 
 import torch
 
-DEVICES = ["cpu", "cuda"]
 FLOAT_DTYPES = [torch.float64, torch.float32]
 REDUCED_DTYPES = [torch.float16, torch.bfloat16]  # CUDA only
 
@@ -17,16 +17,38 @@ TOLERANCES = {
     torch.bfloat16: (5e-2, 5e-2),
 }
 
+NO_CUDA = "no CUDA GPU, or dmfast built without its CUDA kernels"
+
 
 def cuda_available() -> bool:
+    """Whether the CUDA kernels can run here: a GPU, and an extension built with them."""
     from . import _C
 
     return torch.cuda.is_available() and _C.built_with_cuda()
 
 
+def devices() -> list:
+    """The devices to test on, as pytest parameters: "cpu", and "cuda" skipped unless :func:`cuda_available`."""
+    import pytest
+
+    return ["cpu", pytest.param("cuda", marks=needs_cuda())]
+
+
+def needs_cuda():
+    """A pytest mark that skips a test unless :func:`cuda_available`."""
+    import pytest
+
+    return pytest.mark.skipif(not cuda_available(), reason=NO_CUDA)
+
+
 def tolerance(dtype: torch.dtype) -> dict:
     rtol, atol = TOLERANCES[dtype]
     return {"rtol": rtol, "atol": atol}
+
+
+def rand(shape, gen: torch.Generator, dtype=torch.float64, device="cpu") -> torch.Tensor:
+    """Standard normal values from ``gen`` (drawn on the CPU, so a seed gives the same values on every device)."""
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
 def shared_data(name: str) -> Path:

@@ -5,11 +5,10 @@ Under ``torchrun --nproc_per_node=N`` the same command trains with DDP (NCCL on 
 takes its share of each global batch of ``--batch`` images, and only rank 0 logs and writes checkpoints.
 """
 
-import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -18,41 +17,17 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .data.cache import ImageCache, default_cache_dir, prepare
+from . import checkpoints
+from .config import TrainConfig, from_dict
+from .data.cache import ImageCache, open_or_prepare
 from .data.chestxray14 import FINDINGS, open_dataset
 from .data.images import to_model_input
 from .data.splits import Splits, make_splits
-from .io import atomic_torch_save
+from .inference import load_aligner
+from .io import json_text
 from .losses import weighted_bce
 from .metrics import roc_auc
 from .models import CAMClassifier
-
-
-@dataclass
-class TrainConfig:
-    data: str
-    out: str
-    cache: str | None = None
-    arch: str = "resnet50"
-    cam_stride: int = 32  # 16: finer CAMs (conv5_x without downsampling)
-    size: int = 512
-    epochs: int = 5
-    batch: int = 32
-    lr: float = 1e-4
-    lr_decay: float = 1.0  # per-epoch multiplicative decay (1 = constant, the paper's)
-    seed: int = 0
-    val_fraction: float = 0.1
-    split: str = "official"
-    weights: str | None = None  # torchvision-format state dict
-    pretrained: bool = False
-    amp: bool = False
-    aligned: str | None = None  # alignment checkpoint: train on aligned images
-    init: str | None = None  # start from this classifier checkpoint
-    masks: str | None = None  # disease masks file: attention retraining
-    skip_problems: bool = False
-    freeze_bn: bool = False  # BatchNorm in inference mode (statistics from the loaded weights)
-    max_steps: int | None = None  # stop each epoch after this many steps (quick runs and tests)
-    extra: dict = field(default_factory=dict)
 
 
 def _distributed() -> tuple:
@@ -84,38 +59,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path, payload: dict) -> Path:
-    return atomic_torch_save(path, payload)
-
-
-def load_checkpoint(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    return _load(path, "checkpoint")
-
-
-def _load(path: Path, what: str):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # a truncated or foreign file: say which and why, not a pickle traceback
-        raise ValueError(f"{path}: not a readable {what} ({type(error).__name__}: {error})") from None
-
-
-def read_masks(path) -> dict:
-    """A masks file of ``dmfast masks`` (a dict with ``masks [C, h, w]`` and metadata), checked."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"masks file {path} not found")
-    payload = _load(path, "masks file")
-    masks = payload.get("masks") if isinstance(payload, dict) else None
-    if not isinstance(masks, torch.Tensor) or masks.dim() != 3 or masks.shape[0] != len(FINDINGS):
-        raise ValueError(f"{path}: not a dmfast masks file (expected a dict with 'masks' [{len(FINDINGS)}, h, w])")
-    if not torch.isfinite(masks).all():
-        raise ValueError(f"{path}: the masks contain NaN or infinite values")
-    return payload
-
-
 def build_model(config: TrainConfig, console: Console) -> CAMClassifier:
     model = CAMClassifier(config.arch, len(FINDINGS), pretrained=config.pretrained, cam_stride=config.cam_stride)
     if config.weights:
@@ -126,7 +69,7 @@ def build_model(config: TrainConfig, console: Console) -> CAMClassifier:
     else:
         console.print(f"{config.arch}: random initialisation (no --weights or --pretrained given)")
     if config.init:
-        state = load_checkpoint(config.init)
+        state = checkpoints.load_classifier(config.init)
         previous = state["config"]
         if (previous.get("arch"), previous.get("cam_stride", 32)) != (config.arch, config.cam_stride):
             raise ValueError(f"--init {config.init} is a {previous.get('arch')} with CAM stride "
@@ -135,40 +78,12 @@ def build_model(config: TrainConfig, console: Console) -> CAMClassifier:
         model.load_state_dict({k: v for k, v in state["model"].items() if k != "masks"}, strict=False)
         console.print(f"initialised from {config.init}")
     if config.masks:
-        payload = read_masks(config.masks)
+        payload = checkpoints.load_masks(config.masks)
         model.set_masks(payload["masks"])
         named = [c for c, has in zip(FINDINGS, payload.get("has_mask", [True] * len(FINDINGS))) if has]
         console.print(f"attention with the {payload.get('kind', 'disease')} masks of {config.masks} "
                       f"({len(named)} of {len(FINDINGS)} classes have one)")
     return model
-
-
-def load_classifier(path, device="cpu") -> tuple:
-    """A trained classifier from a ``dmfast train`` checkpoint, in eval mode with its disease masks (if it was
-    trained with some): ``(model, config, state)``."""
-    state = load_checkpoint(path)
-    if "model" not in state or "config" not in state:
-        raise ValueError(f"{path}: not a dmfast train checkpoint (no 'model' / 'config')")
-    config = TrainConfig(**state["config"])
-    model = CAMClassifier(config.arch, len(FINDINGS), cam_stride=config.cam_stride)
-    model.set_masks(state["model"].get("masks"))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), config, state
-
-
-class Aligner:
-    """Applies a trained alignment module to batches on the fly (the fused warp, pool 1)."""
-
-    def __init__(self, checkpoint, device):
-        from .align import AlignmentNet
-
-        state = load_checkpoint(checkpoint)
-        self.net = AlignmentNet(**state["net_config"]).to(device).eval()
-        self.net.load_state_dict(state["model"])
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net.align(images)
 
 
 def set_train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
@@ -179,32 +94,47 @@ def set_train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
                 module.eval()
 
 
+def _inputs(cache: ImageCache, names, device, aligner) -> torch.Tensor:
+    """A batch as the classifier sees it: normalised and, for an aligned model, aligned."""
+    images = to_model_input(cache.batch(names)).to(device, non_blocking=True)
+    if aligner is None:
+        return images
+    with torch.no_grad():
+        return aligner.align(images)
+
+
+def _optimizer(config: TrainConfig, model) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
+    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")
+
+
 def evaluate_auroc(model, cache: ImageCache, names, labels: np.ndarray, batch: int, device, aligner=None) -> dict:
     model.eval()
     scores = []
     with torch.no_grad():
         for start in range(0, len(names), batch):
-            images = to_model_input(cache.batch(names[start:start + batch])).to(device)
-            if aligner is not None:
-                images = aligner(images)
+            images = _inputs(cache, names[start:start + batch], device, aligner)
             scores.append(torch.sigmoid(model(images)).float().cpu())
     result = roc_auc(labels, torch.cat(scores).numpy()) if scores else None
     return {"auroc": dict(zip(FINDINGS, result.per_class.tolist())), "mean_auroc": result.mean} if result else {}
 
 
-def train(config: TrainConfig, resume: bool = False, console: Console | None = None) -> Path:
+def run(config: TrainConfig, resume: bool = False, console: Console | None = None) -> Path:
     """Train (or resume) and return the path of the last checkpoint."""
     rank, world = _distributed()
     console = console or Console(stderr=True, quiet=rank != 0)
     device = _device()
     out = Path(config.out)
     last = out / "checkpoint.pt"
-    state = load_checkpoint(last) if resume else None
+    state = checkpoints.load_classifier(last) if resume else None
     if state is not None:
-        config = TrainConfig(**{**asdict(config), **state["config"], "epochs": config.epochs})
+        config = from_dict(TrainConfig, {**asdict(config), **state["config"], "epochs": config.epochs})
     # The checkpoint records where the alignment and masks came from; absolute, so it works from any folder.
-    config = TrainConfig(**{**asdict(config), **{k: str(Path(getattr(config, k)).resolve())
-                                                 for k in ("aligned", "init", "masks") if getattr(config, k)}})
+    config = from_dict(TrainConfig, {**asdict(config), **{k: str(Path(getattr(config, k)).resolve())
+                                                          for k in ("aligned", "init", "masks") if getattr(config, k)}})
     if config.batch % world:
         raise ValueError(f"--batch {config.batch} must be divisible by the number of processes ({world})")
     torch.manual_seed(config.seed)
@@ -212,12 +142,11 @@ def train(config: TrainConfig, resume: bool = False, console: Console | None = N
     random.seed(config.seed)
 
     dataset = open_dataset(config.data, skip_problems=config.skip_problems)
-    cache_dir = Path(config.cache) if config.cache else default_cache_dir(config.data, config.size)
-    if rank == 0 and not (cache_dir / "index.json").is_file():
-        prepare(config.data, cache_dir, size=config.size, skip_problems=config.skip_problems, console=console)
+    if rank == 0:  # the other ranks wait until rank 0 has built the cache
+        open_or_prepare(config.data, config.cache, config.size, config.skip_problems, console)
     if world > 1:
         dist.barrier()
-    cache = ImageCache(cache_dir)
+    cache = open_or_prepare(config.data, config.cache, config.size, config.skip_problems, console)
     splits = Splits(**state["splits"]) if state else make_splits(dataset, config.val_fraction, config.seed,
                                                                    split=config.split)
     train_names = [n for n in splits.train if n in cache]
@@ -227,7 +156,7 @@ def train(config: TrainConfig, resume: bool = False, console: Console | None = N
         raise ValueError(f"{config.data}: no training images in the {config.split!r} split")
 
     model = build_model(config, console).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = _optimizer(config, model)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
     start_epoch = 0
     if state is not None:
@@ -238,7 +167,7 @@ def train(config: TrainConfig, resume: bool = False, console: Console | None = N
         _set_rng_state(state["rng"])
         console.print(f"resumed from {last} after epoch {state['epoch'] + 1}")
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    aligner = Aligner(config.aligned, device) if config.aligned else None
+    aligner = load_aligner(config.aligned, device) if config.aligned else None
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -261,10 +190,8 @@ def train(config: TrainConfig, resume: bool = False, console: Console | None = N
             for step in range(steps):
                 chosen = order[step * config.batch:(step + 1) * config.batch].tolist()
                 mine = [train_names[i] for i in chosen[rank * per_rank:(rank + 1) * per_rank]]
-                images = to_model_input(cache.batch(mine)).to(device, non_blocking=True)
+                images = _inputs(cache, mine, device, aligner)
                 targets = torch.from_numpy(np.stack([label_of[n] for n in mine])).to(device)
-                if aligner is not None:
-                    images = aligner(images)
                 counts = None
                 if world > 1:  # Eq. 10's weights come from the global batch
                     counts = torch.cat([targets.sum(0).float(), torch.tensor([float(len(mine))], device=device)])
@@ -288,9 +215,9 @@ def train(config: TrainConfig, resume: bool = False, console: Console | None = N
             payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": _rng_state(),
                        "config": asdict(config), "splits": asdict(splits), "metrics": metrics}
-            save_checkpoint(last, payload)
+            checkpoints.save_classifier(last, payload)
             with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+                f.write(json_text(metrics) + "\n")
             console.print(f"epoch {epoch + 1}: loss {metrics['loss']:.4f}, validation mean AUROC "
                           f"{metrics.get('mean_auroc', float('nan')):.3f}, {rate:.1f} images/s")
         if world > 1:

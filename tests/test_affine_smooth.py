@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dmfast import ops, reference
-from dmfast.testing import FLOAT_DTYPES, REDUCED_DTYPES, tolerance
+from dmfast.testing import FLOAT_DTYPES, REDUCED_DTYPES, cuda_available, needs_cuda, tolerance
 
 THETA_KINDS = ["identity", "rotation", "scale", "shift", "out_of_frame", "generic"]
 
@@ -67,10 +67,9 @@ def test_far_out_of_frame_is_zero(device, gen):
     assert torch.all(out[0] == 0)
 
 
+@needs_cuda()
 @pytest.mark.parametrize("dtype", REDUCED_DTYPES, ids=str)
 def test_reduced_precision_cuda(dtype, gen):
-    if not torch.cuda.is_available():
-        pytest.skip("float16/bfloat16 run on CUDA only; no CUDA GPU here")
     images = rand_images((2, 3, 32, 32), gen, torch.float32, "cuda")
     theta = make_theta("generic", 2, gen, torch.float32).cuda()
     expected = reference.affine_smooth(images, theta, 4)
@@ -219,9 +218,24 @@ ERRORS = [
     ("pool < 1", lambda i, t: (i, t, 0), "pool must be >= 1"),
     ("dtype mismatch", lambda i, t: (i, t.float(), 4), "theta dtype"),
     ("integer images", lambda i, t: (i.long(), t, 4), "must be float32 or float64"),
-    ("nan theta", lambda i, t: (i, t * float("nan"), 4), "NaN or infinite"),
-    ("inf theta", lambda i, t: (i, t + float("inf"), 4), "NaN or infinite"),
+    ("float16 on CPU", lambda i, t: (i.cpu().half(), t.cpu().float(), 4), "must be float32 or float64 on CPU"),
 ]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_theta_gives_nan_for_its_image_only(device, bad, gen):
+    # No error: checking theta's values would make every CUDA call wait for the GPU.
+    images = rand_images((3, 2, 16, 16), gen, torch.float64, device).requires_grad_()
+    theta = make_theta("generic", 3, gen).to(device)
+    theta[1, 0, 2] = bad
+    theta.requires_grad_()
+    out = ops.affine_smooth(images, theta, 4)
+    assert out[1].isnan().all() and out[[0, 2]].isfinite().all()
+    torch.testing.assert_close(out[[0, 2]], reference.affine_smooth(images[[0, 2]], theta[[0, 2]], 4),
+                               **tolerance(torch.float64))
+    grad_images, grad_theta = torch.autograd.grad(out[[0, 2]].sum() + out[1].nan_to_num().sum(), (images, theta))
+    assert grad_images[1].isnan().all() and grad_theta[1].isnan().all()
+    assert grad_images[[0, 2]].isfinite().all() and grad_theta[[0, 2]].isfinite().all()
 
 
 @pytest.mark.parametrize("name,args,message", ERRORS, ids=[e[0] for e in ERRORS])
@@ -237,7 +251,7 @@ def test_bad_pool_type_and_device_mismatch(gen):
     theta = make_theta("identity", 1, gen)
     with pytest.raises(TypeError, match="pool must be an int"):
         ops.affine_smooth(images, theta, 4.0)
-    if torch.cuda.is_available():
+    if cuda_available():
         with pytest.raises(RuntimeError, match="same device"):
             ops.affine_smooth(images, theta.cuda(), 4)
 

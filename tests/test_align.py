@@ -4,10 +4,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dmfast.align import AlignConfig, AlignmentNet, align, misalignment_error
+from dmfast import align, checkpoints, train
+from dmfast.align import misalignment_error
 from dmfast.cli.main import main
+from dmfast.config import AlignConfig, TrainConfig
+from dmfast.models import AlignmentNet
 from dmfast.ops import affine_matrix
-from dmfast.train import TrainConfig, load_checkpoint, train
 
 from .conftest import phantom_with_cache
 
@@ -36,25 +38,25 @@ def test_misalignment_error_of_inverse_transforms_is_zero():
 def test_end_to_end_train_align_resume(phantom, tmp_path):
     data, cache = phantom
     common = dict(data=str(data), cache=str(cache), size=96, batch=16, split="patients", val_fraction=0.15)
-    checkpoint = train(TrainConfig(out=str(tmp_path / "base"), arch="resnet18", epochs=1, **common))
-    checkpoint = train(TrainConfig(out=str(tmp_path / "base"), arch="resnet18", epochs=2, **common), resume=True)
-    assert load_checkpoint(checkpoint)["epoch"] == 1
+    checkpoint = train.run(TrainConfig(out=str(tmp_path / "base"), arch="resnet18", epochs=1, **common))
+    checkpoint = train.run(TrainConfig(out=str(tmp_path / "base"), arch="resnet18", epochs=2, **common), resume=True)
+    assert checkpoints.load_classifier(checkpoint)["epoch"] == 1
     # Euclidean alignment: the known misalignment of held-out images must shrink substantially.
-    aligned = align(AlignConfig(out=str(tmp_path / "align"), epochs=6, input_size=64, anchor_images=500,
+    aligned = align.run(AlignConfig(out=str(tmp_path / "align"), epochs=6, input_size=64, anchor_images=500,
                                 optimizer="adam", **common))
     stats = json.loads((tmp_path / "align" / "alignment_stats.json").read_text())
     error = stats["misalignment_error"]
     assert error["images"] > 20 and error["after"] < 0.8 * error["before"], error
     # The perceptual loss over that classifier's conv2_x..conv5_x runs and contributes.
-    align(AlignConfig(out=str(tmp_path / "perceptual"), epochs=1, max_steps=3, input_size=64, anchor_images=500,
+    align.run(AlignConfig(out=str(tmp_path / "perceptual"), epochs=1, max_steps=3, input_size=64, anchor_images=500,
                       perceptual=str(checkpoint), perceptual_weight=0.1, **common))
     history = json.loads((tmp_path / "perceptual" / "alignment_stats.json").read_text())["history"]
     assert history[0]["perceptual"] > 0 and all(map(lambda v: v == v, history[0].values()))
     assert (tmp_path / "align" / "alignment_grid.png").is_file() and (tmp_path / "align" / "anchor.png").is_file()
     # Training on aligned images applies the alignment on the fly.
-    on_aligned = train(TrainConfig(out=str(tmp_path / "aligned"), arch="resnet18", epochs=1, max_steps=2,
+    on_aligned = train.run(TrainConfig(out=str(tmp_path / "aligned"), arch="resnet18", epochs=1, max_steps=2,
                                    aligned=str(aligned), **common))
-    assert load_checkpoint(on_aligned)["config"]["aligned"] == str(aligned)
+    assert checkpoints.load_classifier(on_aligned)["config"]["aligned"] == str(aligned)
 
 
 def test_align_command_reports_bad_options(phantom, tmp_path):

@@ -2,14 +2,11 @@ import pytest
 import torch
 
 from dmfast import ops, reference
-from dmfast.testing import FLOAT_DTYPES, REDUCED_DTYPES, tolerance
+from dmfast.testing import FLOAT_DTYPES, REDUCED_DTYPES, needs_cuda, rand, tolerance
 
 MASKS = ["none", "shared", "per_image"]
 USES = ["logits", "cams", "both"]
 
-
-def rand(shape, gen, dtype=torch.float64, device="cpu"):
-    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
 
 
 def make_inputs(B, K, h, w, C, masks, gen, dtype=torch.float64, device="cpu"):
@@ -116,10 +113,9 @@ def test_torch_compile_fullgraph(device, masks, gen):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@needs_cuda()
 @pytest.mark.parametrize("dtype", REDUCED_DTYPES, ids=str)
 def test_reduced_precision_cuda(dtype, gen):
-    if not torch.cuda.is_available():
-        pytest.skip("float16/bfloat16 run on CUDA only; no CUDA GPU here")
     inputs = make_inputs(2, 16, 4, 4, 3, "shared", gen, torch.float32, "cuda")
     got = ops.attention_cam(*(t.to(dtype) for t in inputs))
     for g, w in zip(got, reference.attention_cam_literal(*inputs)):

@@ -7,7 +7,9 @@ from PIL import Image
 from rich.console import Console
 
 from dmfast.cli.main import main
-from dmfast.demo import DemoConfig, mean_accuracy, run_demo
+import dmfast.demo
+from dmfast.config import DemoConfig
+from dmfast.demo import mean_accuracy
 from dmfast.testing import shared_data
 
 
@@ -17,7 +19,7 @@ def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     config = DemoConfig(out=str(out), count=700, size=96, epochs=3, attention_epochs=2, align_epochs=1, seed=1,
                         overlays=1)
-    return out, run_demo(config, Console(quiet=True))
+    return out, dmfast.demo.run(config, Console(quiet=True))
 
 
 def test_attention_localizes_better_than_the_base_model(demo):

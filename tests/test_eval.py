@@ -5,7 +5,8 @@ from click.testing import CliRunner
 
 from dmfast.cli.main import main
 from dmfast.data.chestxray14 import FINDINGS
-from dmfast.eval import EvalConfig, GroundTruth, mask_only
+from dmfast.config import EvalConfig
+from dmfast.eval import GroundTruth, mask_only
 from dmfast.inference import to_image_frame
 from dmfast.ops import affine_matrix
 
@@ -68,4 +69,4 @@ def test_eval_command_reports_bad_options(tmp_path):
     assert result.exit_code == 2 and "missing.pt is not a file" in result.output
     result = runner.invoke(main, ["eval", str(tmp_path), "--checkpoint", f"x={tmp_path / 'ckpt.pt'}", "--out",
                                   str(tmp_path / "o")])
-    assert result.exit_code == 1 and "ckpt.pt: not a readable checkpoint" in result.output
+    assert result.exit_code == 1 and "ckpt.pt: not a readable classifier checkpoint" in result.output

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dmfast import ops, reference
-from dmfast.testing import FLOAT_DTYPES, REDUCED_DTYPES, tolerance
+from dmfast.testing import FLOAT_DTYPES, REDUCED_DTYPES, needs_cuda, rand, tolerance
 
 MASK_SHAPES = {"shared": (1, 1), "per_image": ("B", 1), "per_channel": (1, "K"), "full": ("B", "K")}
 
@@ -11,9 +11,6 @@ def mask_shape(kind, B, K, h, w):
     mb, mk = MASK_SHAPES[kind]
     return (B if mb == "B" else 1, K if mk == "K" else 1, h, w)
 
-
-def rand(shape, gen, dtype=torch.float64, device="cpu"):
-    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -78,10 +75,9 @@ def test_opcheck_and_compile(device, gen):
     torch.testing.assert_close(torch.autograd.grad(compiled(f, m), (f, m)), torch.autograd.grad(fn(f, m), (f, m)))
 
 
+@needs_cuda()
 @pytest.mark.parametrize("dtype", REDUCED_DTYPES, ids=str)
 def test_reduced_precision_cuda(dtype, gen):
-    if not torch.cuda.is_available():
-        pytest.skip("float16/bfloat16 run on CUDA only; no CUDA GPU here")
     features = rand((2, 8, 4, 4), gen, torch.float32, "cuda")
     masks = rand((1, 8, 4, 4), gen, torch.float32, "cuda")
     out = ops.mask_attention(features.to(dtype), masks.to(dtype))
@@ -105,8 +101,7 @@ def test_bad_inputs(device, name, args, message, gen):
         ops.mask_attention(*args(features, masks))
 
 
+@needs_cuda()
 def test_device_mismatch(gen):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     with pytest.raises(RuntimeError, match="is on"):
         ops.mask_attention(rand((1, 1, 2, 2), gen), rand((1, 1, 2, 2), gen, device="cuda"))

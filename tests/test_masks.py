@@ -7,9 +7,12 @@ from rich.console import Console
 
 from dmfast.cli.main import main
 from dmfast.data.chestxray14 import FINDINGS
-from dmfast.data.phantom import HEART, LUNGS, draw_image
+from dmfast.anatomy import HEART, LUNGS, anatomy, pseudo_masks
+from dmfast.checkpoints import MASK_SIZE
+from dmfast.config import MasksConfig
+from dmfast.data.phantom import draw_image
 from dmfast.inference import Prediction
-from dmfast.masks import MASK_SIZE, MasksConfig, anatomy, disease_masks, pseudo_masks
+from dmfast.masks import disease_masks
 
 C = len(FINDINGS)
 CARDIOMEGALY = FINDINGS.index("Cardiomegaly")

@@ -4,7 +4,9 @@ import socket
 import pytest
 import torch
 
-from dmfast.train import TrainConfig, load_checkpoint, load_classifier, read_masks, train
+from dmfast import checkpoints, train
+from dmfast.config import TrainConfig
+from dmfast.inference import load_classifier
 
 from .conftest import phantom_with_cache
 
@@ -22,9 +24,9 @@ def config(phantom, out, **overrides):
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(phantom, tmp_path):
-    straight = load_checkpoint(train(config(phantom, tmp_path / "a")))
-    train(config(phantom, tmp_path / "b", epochs=1))
-    resumed = load_checkpoint(train(config(phantom, tmp_path / "b"), resume=True))
+    straight = checkpoints.load_classifier(train.run(config(phantom, tmp_path / "a")))
+    train.run(config(phantom, tmp_path / "b", epochs=1))
+    resumed = checkpoints.load_classifier(train.run(config(phantom, tmp_path / "b"), resume=True))
     assert straight["epoch"] == resumed["epoch"] == 1
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
@@ -43,42 +45,41 @@ def _rank_main(rank, world, port, cfg):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    train(cfg)
+    train.run(cfg)
     torch.distributed.destroy_process_group()
 
 
 def test_two_process_ddp_step_matches_one_process(phantom, tmp_path):
-    # Frozen BatchNorm: with batch statistics each rank would normalise its half batch differently.
-    two = config(phantom, tmp_path / "ddp", epochs=1, max_steps=1, freeze_bn=True)
+    # Frozen BatchNorm: with batch statistics each rank would normalise its half batch differently. One plain SGD
+    # step moves every weight by lr * its gradient, so the two runs agree to the rounding of the gradient's
+    # all-reduce (Adam's first step, lr * g / (|g| + eps), would amplify that rounding where g is tiny).
+    two = config(phantom, tmp_path / "ddp", epochs=1, max_steps=1, freeze_bn=True, optimizer="sgd", lr=0.1)
     torch.multiprocessing.start_processes(_rank_main, args=(2, _free_port(), two), nprocs=2, start_method="spawn")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = load_checkpoint(train(config(phantom, tmp_path / "single", epochs=1, max_steps=1, freeze_bn=True)))
+        one = checkpoints.load_classifier(train.run(config(phantom, tmp_path / "single", epochs=1, max_steps=1,
+                                                           freeze_bn=True, optimizer="sgd", lr=0.1)))
     finally:
         torch.set_num_threads(threads)
-    ddp = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")
-    # Adam's first step is lr * g / (|g| + eps): elements whose gradient is within rounding of eps may move by a
-    # fraction of lr; everything else must agree to rounding.
-    close, total = 0, 0
+    ddp = checkpoints.load_classifier(tmp_path / "ddp" / "checkpoint.pt")
     for key, value in one["model"].items():
-        torch.testing.assert_close(ddp["model"][key], value, rtol=0, atol=1e-2 * two.lr, msg=key)
-        close += int(((ddp["model"][key].double() - value.double()).abs() <= 1e-7).sum())
-        total += value.numel()
-    assert close >= 0.999 * total
+        # float32 gradients all-reduced in another order differ by rounding (~1e-7 of the gradient); a wrongly
+        # weighted or missing shard would move weights by ~lr * |gradient|
+        torch.testing.assert_close(ddp["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_attention_retraining_starts_from_init_and_keeps_its_masks(phantom, tmp_path):
-    base = train(config(phantom, tmp_path / "base", epochs=1, max_steps=1))
+    base = train.run(config(phantom, tmp_path / "base", epochs=1, max_steps=1))
     masks = torch.zeros(14, 16, 16)
     masks[1, 4:12, 6:14] = 1  # only cardiomegaly has a mask
     torch.save({"masks": masks, "kind": "DM", "has_mask": [i == 1 for i in range(14)]}, tmp_path / "masks.pt")
-    retrained = train(config(phantom, tmp_path / "dm", epochs=1, max_steps=1, init=str(base),
+    retrained = train.run(config(phantom, tmp_path / "dm", epochs=1, max_steps=1, init=str(base),
                              masks=str(tmp_path / "masks.pt")))
     model, cfg, _ = load_classifier(retrained)
     assert torch.equal(model.masks, masks) and cfg.init == str(base)
     # the retraining started from the base weights: one Adam step of 1e-3 moves no weight further than ~1e-3
-    start = load_checkpoint(base)["model"]["layer1.0.conv1.weight"]
+    start = checkpoints.load_classifier(base)["model"]["layer1.0.conv1.weight"]
     assert (model.layer1[0].conv1.weight - start).abs().max() < 2e-3
     images = torch.rand(2, 1, 64, 64) * 2 - 1
     plain = load_classifier(base)[0]
@@ -90,12 +91,12 @@ def test_attention_retraining_starts_from_init_and_keeps_its_masks(phantom, tmp_
 
 
 def test_bad_init_and_masks_files_are_named(phantom, tmp_path):
-    base = train(config(phantom, tmp_path / "base", epochs=1, max_steps=1))
+    base = train.run(config(phantom, tmp_path / "base", epochs=1, max_steps=1))
     with pytest.raises(ValueError, match="resnet18 with CAM stride 32; this run asks for resnet34"):
-        train(config(phantom, tmp_path / "x", arch="resnet34", init=str(base)))
+        train.run(config(phantom, tmp_path / "x", arch="resnet34", init=str(base)))
     torch.save({"masks": torch.zeros(3, 8, 8)}, tmp_path / "wrong.pt")
     with pytest.raises(ValueError, match="not a dmfast masks file"):
-        read_masks(tmp_path / "wrong.pt")
+        checkpoints.load_masks(tmp_path / "wrong.pt")
     (tmp_path / "junk.pt").write_bytes(b"\x00junk")
     with pytest.raises(ValueError, match="junk.pt: not a readable masks file"):
-        read_masks(tmp_path / "junk.pt")
+        checkpoints.load_masks(tmp_path / "junk.pt")

@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..io import atomic_write_bytes
+from ..io import atomic_write_json
 from .chestxray14 import DataError, Problems, open_dataset
 from .images import ImageError, load_gray
 
@@ -131,7 +131,7 @@ def prepare(data_dir, cache_dir=None, size: int = 512, workers: int | None = Non
         return folder
     shape = (len(names), size, size)
     if not same or not images_file.is_file() or not done_file.is_file():
-        atomic_write_bytes(index_file, (json.dumps(index) + "\n").encode())  # marks any older content invalid
+        atomic_write_json(index_file, index, indent=None)  # marks any older content invalid
         np.memmap(images_file, dtype=np.uint8, mode="w+", shape=shape).flush()
         np.memmap(done_file, dtype=np.uint8, mode="w+", shape=(len(names),)).flush()
     else:
@@ -167,12 +167,25 @@ def prepare(data_dir, cache_dir=None, size: int = 512, workers: int | None = Non
     if index["bad"]:
         for error in index["bad"].values():
             bad.add("images that could not be decoded", error)
-        atomic_write_bytes(index_file, (json.dumps(index) + "\n").encode())
+        atomic_write_json(index_file, index, indent=None)
         if not skip_problems:
             raise DataError(f"{data_dir}: {bad.report()}\n(the cache stays incomplete; pass --skip-problems to leave "
                             "these images out)")
         console.print(f"[yellow]left out:[/yellow]\n{bad.report()}")
     index["complete"] = True
-    atomic_write_bytes(index_file, (json.dumps(index) + "\n").encode())
+    atomic_write_json(index_file, index, indent=None)
     console.print(f"cache {folder}: {len(names) - len(index['bad'])} images at {size}px")
     return folder
+
+
+def open_or_prepare(data_dir, cache_dir=None, size: int = 512, skip_problems: bool = False,
+                    console: Console | None = None) -> ImageCache:
+    """The image cache of ``data_dir`` at ``size`` px (``cache_dir``, or the default folder), built first if it is
+    missing. A cache of another size is refused by name."""
+    folder = Path(cache_dir) if cache_dir else default_cache_dir(data_dir, size)
+    if not (folder / "index.json").is_file():
+        prepare(data_dir, folder, size=size, skip_problems=skip_problems, console=console)
+    cache = ImageCache(folder)
+    if cache.size != size:
+        raise DataError(f"cache {folder} holds {cache.size} px images; {size} px are needed")
+    return cache

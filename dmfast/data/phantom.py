@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .. import ops
+from ..anatomy import HEART, LUNGS
 from ..io import atomic_write_bytes, torch_threads
 from .chestxray14 import FINDINGS, RELEASE_SIZE
 
@@ -38,8 +39,6 @@ PREVALENCE = {
     "Pneumonia": 0.05, "Pneumothorax": 0.09, "Consolidation": 0.07, "Edema": 0.05, "Emphysema": 0.05,
     "Fibrosis": 0.04, "Pleural_Thickening": 0.05, "Hernia": 0.03,
 }
-LUNGS = ((-0.36, -0.05, 0.27, 0.58), (0.36, -0.05, 0.27, 0.58))  # (cx, cy, rx, ry) of the image-left/right lung
-HEART = (0.13, 0.27, 0.25, 0.21)
 
 
 @dataclass
@@ -331,3 +330,14 @@ def synthesize(out_dir, count: int = 2000, size: int = 256, seed: int = 0, no_fi
     atomic_write_bytes(out / "test_list.txt", ("\n".join(test) + "\n").encode())
     console.print(f"phantom: {count} images of {size}px, {len(box_rows)} boxes, {len(test)} test images -> {out}")
     return out
+
+
+def read_transforms(data_dir) -> dict:
+    """The phantom's known misalignments from ``phantom_transforms.csv``: image -> theta ``[2, 3]`` (output ->
+    input); empty for data without that file."""
+    path = Path(data_dir) / "phantom_transforms.csv"
+    if not path.is_file():
+        return {}
+    with open(path) as f:
+        return {r["Image Index"]: torch.tensor([float(r[f"theta{i}{j}"]) for i in range(2) for j in range(3)])
+                .view(2, 3) for r in csv.DictReader(f)}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_write_bytes
+from ..io import atomic_write_json
 
 
 @dataclass
@@ -21,7 +21,7 @@ class Splits:
     folds: list = field(default_factory=list)  # k lists of box images, patient-disjoint
 
     def save(self, path) -> Path:
-        return atomic_write_bytes(path, (json.dumps(asdict(self), indent=1) + "\n").encode())
+        return atomic_write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path) -> "Splits":

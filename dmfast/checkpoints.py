@@ -1,0 +1,96 @@
+"""Every file format dmfast writes and reads back, in one place: the training checkpoint (``dmfast train``), the
+alignment checkpoint and its anchor image (``dmfast align``) and the masks file (``dmfast masks``).
+
+Each file is a dict saved atomically with a ``format`` tag and a format ``version``; reading checks both and names
+the file and the problem (missing, unreadable, another kind of file, written by a newer dmfast). Files of dmfast
+0.1.0 carry no tag and read as version 1.
+"""
+
+from pathlib import Path
+
+import torch
+
+from .data.chestxray14 import FINDINGS
+from .io import atomic_torch_save
+
+VERSION = 1
+CLASSIFIER, ALIGNMENT, MASKS = "dmfast.classifier", "dmfast.alignment", "dmfast.masks"
+MASK_SIZE = 64  # side of the stored masks; the classifier resizes them to its feature map
+
+
+def _save(path, kind: str, payload: dict) -> Path:
+    return atomic_torch_save(path, {"format": kind, "version": VERSION, **payload})
+
+
+def _load(path, kind: str, what: str, required=()) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a truncated or foreign file: say which and why, not a pickle traceback
+        raise ValueError(f"{path}: not a readable {what} ({type(error).__name__}: {error})") from None
+    if not isinstance(payload, dict) or any(key not in payload for key in required):
+        raise ValueError(f"{path}: not a dmfast {what} (expected a dict with {', '.join(map(repr, required))})")
+    found = payload.get("format", kind)
+    if found != kind:
+        raise ValueError(f"{path}: a {found} file, not a {kind} file ({what})")
+    if payload.get("version", 1) > VERSION:
+        raise ValueError(f"{path}: {what} of format version {payload['version']}, written by a newer dmfast; this "
+                         f"one reads up to version {VERSION}")
+    return payload
+
+
+def save_classifier(path, payload: dict) -> Path:
+    """A training checkpoint: ``model``, ``config`` (the TrainConfig as a dict), ``splits``, ``epoch`` and the
+    optimiser, scheduler and random states needed to resume."""
+    return _save(path, CLASSIFIER, payload)
+
+
+def load_classifier(path) -> dict:
+    return _load(path, CLASSIFIER, "classifier checkpoint", required=("model", "config"))
+
+
+def save_alignment(path, payload: dict) -> Path:
+    """An alignment checkpoint: ``model`` (AlignmentNet state), ``net_config``, ``config``, ``history``."""
+    return _save(path, ALIGNMENT, payload)
+
+
+def load_alignment(path) -> dict:
+    return _load(path, ALIGNMENT, "alignment checkpoint", required=("model", "net_config"))
+
+
+def save_masks(path, payload: dict) -> Path:
+    """A masks file: ``masks [14, MASK_SIZE, MASK_SIZE]`` in {0, 1}, ``average``, ``has_mask``, ``kind`` (DM or
+    PDM) and how they were made."""
+    return _save(path, MASKS, payload)
+
+
+def load_masks(path) -> dict:
+    """A masks file of ``dmfast masks``, checked: ``masks`` is ``[14, h, w]`` and finite."""
+    payload = _load(path, MASKS, "masks file")
+    masks = payload.get("masks")
+    if not isinstance(masks, torch.Tensor) or masks.dim() != 3 or masks.shape[0] != len(FINDINGS):
+        raise ValueError(f"{path}: not a dmfast masks file (expected a dict with 'masks' [{len(FINDINGS)}, h, w])")
+    if not torch.isfinite(masks).all():
+        raise ValueError(f"{path}: the masks contain NaN or infinite values")
+    return payload
+
+
+def save_anchor(path, anchor: torch.Tensor) -> Path:
+    """The anchor image ``[1, 1, S, S]`` (float, [-1, 1]) as a bare tensor."""
+    return atomic_torch_save(path, anchor)
+
+
+def load_anchor(path) -> torch.Tensor:
+    """The anchor image of ``dmfast align`` as ``[S, S]``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"anchor {path} not found")
+    try:
+        anchor = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path}: not a readable anchor ({type(error).__name__})") from None
+    if not isinstance(anchor, torch.Tensor) or anchor.dim() != 4 or anchor.shape[:2] != (1, 1):
+        raise ValueError(f"{path}: not an anchor image (expected a [1, 1, S, S] tensor)")
+    return anchor[0, 0]

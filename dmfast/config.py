@@ -1,0 +1,124 @@
+"""Every stage's settings, each written once: the data fields all stages share live in :class:`DataConfig`, the
+split fields of the training stages in :class:`SplitConfig`, and each stage's config extends them. The CLI
+generates its options' defaults from these dataclasses (:func:`defaults`), so a default is never written twice."""
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+
+from .metrics import DEFAULT_THRESHOLDS
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+ASYMMETRIC = ("Cardiomegaly",)  # the classes whose CAMs are not mirrored into their masks (Eq. 3)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    data: str  # a ChestX-ray14-format directory
+    out: str  # the stage's output folder
+    cache: str | None = None  # image cache folder (default: see data.cache.default_cache_dir)
+    batch: int = 32
+    skip_problems: bool = False  # leave out missing or unreadable images instead of stopping
+
+
+@dataclass(kw_only=True)
+class SplitConfig(DataConfig):
+    size: int = 512  # working image size (the paper's)
+    seed: int = 0
+    val_fraction: float = 0.1  # patients of train_val held out for validation
+    split: str = "official"  # or "patients": a patient-grouped test split (for data without official lists)
+    max_steps: int | None = None  # stop each epoch after this many steps (quick runs and tests)
+
+
+@dataclass(kw_only=True)
+class TrainConfig(SplitConfig):
+    arch: str = "resnet50"
+    cam_stride: int = 32  # 16: finer CAMs (conv5_x without downsampling)
+    epochs: int = 5
+    lr: float = 1e-4
+    lr_decay: float = 1.0  # per-epoch multiplicative decay (1 = constant, the paper's)
+    optimizer: str = "adam"  # the paper's; "sgd" (momentum 0.9) too
+    weights: str | None = None  # torchvision-format state dict
+    pretrained: bool = False
+    amp: bool = False
+    aligned: str | None = None  # alignment checkpoint: train on aligned images
+    init: str | None = None  # start from this classifier checkpoint
+    masks: str | None = None  # disease masks file: attention retraining
+    freeze_bn: bool = False  # BatchNorm in inference mode (statistics from the loaded weights)
+
+
+@dataclass(kw_only=True)
+class AlignConfig(SplitConfig):
+    batch: int = 16
+    anchor_images: int = 2000
+    epochs: int = 5
+    lr: float = 1e-3
+    momentum: float = 0.9  # SGD only
+    optimizer: str = "sgd"  # the paper's; "adam" converges faster on the phantom (see the README)
+    clip: float = 1.0  # gradient-norm clipping: no single batch can throw the transform to its bounds
+    pool: int = 16
+    perceptual: str | None = None  # classifier checkpoint for the perceptual loss
+    perceptual_weight: float = 1.0
+    input_size: int = 128
+    grid_images: int = 8
+
+
+@dataclass(kw_only=True)
+class MasksConfig(DataConfig):
+    checkpoint: str | None = None  # the classifier (dmfast train) whose CAMs make the masks
+    confidence: float = 0.8
+    threshold: float = 0.5
+    asymmetric: list = field(default_factory=lambda: list(ASYMMETRIC))
+    min_images: int = 5
+    pseudo: bool = False
+    anchor: str | None = None  # anchor.pt of dmfast align (default: the classifier's alignment run)
+    size: int | None = None  # working size when there is no checkpoint to take it from (512)
+
+
+@dataclass(kw_only=True)
+class EvalConfig(DataConfig):
+    checkpoints: list = field(default_factory=list)  # [(name, path)] of dmfast train checkpoints, in table order
+    masks: list = field(default_factory=list)  # [(name, path)] extra masks files for mask-only rows
+    box_thresholds: tuple = (0.5,)
+    max_boxes: int = 1
+    overlays: int = 2  # images per class in the overlay figures
+    overlap_thresholds: tuple = DEFAULT_THRESHOLDS
+
+
+@dataclass(kw_only=True)
+class DemoConfig:
+    out: str = "out/demo"
+    data: str | None = None  # a ChestX-ray14-format directory instead of the phantom
+    count: int = 1600  # phantom images
+    size: int = 128
+    arch: str = "resnet18"
+    cam_stride: int = 16
+    epochs: int = 3
+    attention_epochs: int = 2
+    align_epochs: int = 3
+    batch: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+    val_fraction: float = 0.15
+    max_steps: int | None = None  # per epoch, for quick runs
+    overlays: int = 2
+
+
+def defaults(owner) -> dict:
+    """Default values of a config dataclass's fields, or of a function's keyword parameters."""
+    if dataclasses.is_dataclass(owner):
+        out = {}
+        for f in dataclasses.fields(owner):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+        return out
+    return {name: p.default for name, p in inspect.signature(owner).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def from_dict(cls, values: dict):
+    """``cls(**values)`` without the keys ``cls`` does not know (settings of older files that were dropped)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in known})
