@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import checkpoints, ops
+from . import checkpoints, ops, training
 from .anatomy import make_anchor
 from .config import AlignConfig
 from .data.cache import open_or_prepare
@@ -27,7 +26,7 @@ from .data.images import to_model_input
 from .data.phantom import read_transforms
 from .data.splits import make_splits
 from .inference import load_classifier
-from .io import atomic_write_json, save_png, to_uint8
+from .io import LOSS_AND_RATE, atomic_write_json, progress, save_png, to_uint8
 from .models import AlignmentNet
 
 
@@ -106,29 +105,18 @@ def run(config: AlignConfig, console: Console | None = None) -> Path:
         console.print("no --perceptual classifier given: Euclidean loss only")
     loss_fn = AlignmentLoss(anchor, config.pool, classifier, config.perceptual_weight)
     net = AlignmentNet(config.input_size)
-    if config.optimizer not in ("adam", "sgd"):
-        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")
-    if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum)
-    else:
-        optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
-    steps = len(train_names) // config.batch
-    if config.max_steps:
-        steps = min(steps, config.max_steps)
-    if steps == 0:
-        raise ValueError(f"{len(train_names)} training images are fewer than one batch of {config.batch}")
+    optimizer = training.optimizer(config.optimizer, net.parameters(), config.lr, config.momentum)
     history = []
-    columns = (TextColumn("align epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} img/s"), TimeRemainingColumn())
     for epoch in range(config.epochs):
-        order = torch.randperm(len(train_names), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+        batches = training.epoch_batches(len(train_names), config.batch, config.max_steps, config.seed, epoch)
+        steps = len(batches)
         net.train()
         totals = np.zeros(3)
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task("align", total=steps, epoch=f"{epoch + 1}/{config.epochs}", loss=0.0, rate=0.0)
+        with progress("align epoch {task.fields[epoch]}", console, LOSS_AND_RATE) as bar:
+            task = bar.add_task("align", total=steps, epoch=f"{epoch + 1}/{config.epochs}", loss=0.0, rate=0.0)
             started = time.perf_counter()
-            for step in range(steps):
-                names = [train_names[i] for i in order[step * config.batch:(step + 1) * config.batch].tolist()]
+            for step, chosen in enumerate(batches):
+                names = [train_names[i] for i in chosen]
                 images = to_model_input(cache.batch(names))
                 loss, euclidean, perceptual = loss_fn(images, net.theta(images))
                 optimizer.zero_grad(set_to_none=True)
@@ -136,13 +124,13 @@ def run(config: AlignConfig, console: Console | None = None) -> Path:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), config.clip)
                 optimizer.step()
                 totals += [loss.item(), euclidean.item(), perceptual.item()]
-                progress.update(task, advance=1, loss=totals[0] / (step + 1),
-                                rate=(step + 1) * config.batch / (time.perf_counter() - started))
+                bar.update(task, advance=1, loss=totals[0] / (step + 1),
+                           rate=(step + 1) * config.batch / (time.perf_counter() - started))
         history.append(dict(zip(("loss", "euclidean", "perceptual"), (totals / steps).tolist()), epoch=epoch + 1))
         console.print(f"epoch {epoch + 1}: loss {history[-1]['loss']:.5f} (euclidean {history[-1]['euclidean']:.5f}, "
                       f"perceptual {history[-1]['perceptual']:.5f})")
     net.eval()
-    checkpoint = checkpoints.save_alignment(out / "alignment.pt", {
+    checkpoint = checkpoints.save(out / "alignment.pt", checkpoints.ALIGNMENT, {
         "model": net.state_dict(), "net_config": {"input_size": config.input_size}, "config": asdict(config),
         "history": history})
     stats = {"history": history}

@@ -1,9 +1,11 @@
-"""Every file format dmfast writes and reads back, in one place: the training checkpoint (``dmfast train``), the
-alignment checkpoint and its anchor image (``dmfast align``) and the masks file (``dmfast masks``).
+"""Every file format dmfast writes and reads back: the classifier checkpoint (``dmfast train``: ``model``,
+``config``, ``splits``, ``epoch`` and the optimiser, scheduler and random states to resume), the alignment
+checkpoint (``dmfast align``: ``model``, ``net_config``, ``config``, ``history``) and its anchor image, and the masks
+file (``dmfast masks``: ``masks [14, MASK_SIZE, MASK_SIZE]`` in {0, 1}, ``average``, ``has_mask``, ``kind``).
 
-Each file is a dict saved atomically with a ``format`` tag and a format ``version``; reading checks both and names
-the file and the problem (missing, unreadable, another kind of file, written by a newer dmfast). Files of dmfast
-0.1.0 carry no tag and read as version 1.
+Each is a dict saved atomically with a ``format`` tag and a format ``version``; reading checks both and names the
+file and the problem (missing, unreadable, another kind of file, written by a newer dmfast). Files of dmfast 0.1.0
+carry no tag and read as version 1.
 """
 
 from pathlib import Path
@@ -14,15 +16,21 @@ from .data.chestxray14 import FINDINGS
 from .io import atomic_torch_save
 
 VERSION = 1
-CLASSIFIER, ALIGNMENT, MASKS = "dmfast.classifier", "dmfast.alignment", "dmfast.masks"
 MASK_SIZE = 64  # side of the stored masks; the classifier resizes them to its feature map
+# format tag -> (what it is called in messages, keys it must have)
+CLASSIFIER, ALIGNMENT, MASKS = "dmfast.classifier", "dmfast.alignment", "dmfast.masks"
+KINDS = {CLASSIFIER: ("classifier checkpoint", ("model", "config")),
+         ALIGNMENT: ("alignment checkpoint", ("model", "net_config")), MASKS: ("masks file", ("masks",))}
 
 
-def _save(path, kind: str, payload: dict) -> Path:
+def save(path, kind: str, payload: dict) -> Path:
+    """Write ``payload`` as a file of format ``kind`` (one of :data:`KINDS`), atomically."""
     return atomic_torch_save(path, {"format": kind, "version": VERSION, **payload})
 
 
-def _load(path, kind: str, what: str, required=()) -> dict:
+def load(path, kind: str) -> dict:
+    """Read a file of format ``kind``, checked; a masks file's ``masks`` must also be ``[14, h, w]`` and finite."""
+    what, required = KINDS[kind]
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} not found")
@@ -32,47 +40,15 @@ def _load(path, kind: str, what: str, required=()) -> dict:
         raise ValueError(f"{path}: not a readable {what} ({type(error).__name__}: {error})") from None
     if not isinstance(payload, dict) or any(key not in payload for key in required):
         raise ValueError(f"{path}: not a dmfast {what} (expected a dict with {', '.join(map(repr, required))})")
-    found = payload.get("format", kind)
-    if found != kind:
-        raise ValueError(f"{path}: a {found} file, not a {kind} file ({what})")
+    if payload.get("format", kind) != kind:
+        raise ValueError(f"{path}: a {payload['format']} file, not a {what}")
     if payload.get("version", 1) > VERSION:
         raise ValueError(f"{path}: {what} of format version {payload['version']}, written by a newer dmfast; this "
                          f"one reads up to version {VERSION}")
-    return payload
-
-
-def save_classifier(path, payload: dict) -> Path:
-    """A training checkpoint: ``model``, ``config`` (the TrainConfig as a dict), ``splits``, ``epoch`` and the
-    optimiser, scheduler and random states needed to resume."""
-    return _save(path, CLASSIFIER, payload)
-
-
-def load_classifier(path) -> dict:
-    return _load(path, CLASSIFIER, "classifier checkpoint", required=("model", "config"))
-
-
-def save_alignment(path, payload: dict) -> Path:
-    """An alignment checkpoint: ``model`` (AlignmentNet state), ``net_config``, ``config``, ``history``."""
-    return _save(path, ALIGNMENT, payload)
-
-
-def load_alignment(path) -> dict:
-    return _load(path, ALIGNMENT, "alignment checkpoint", required=("model", "net_config"))
-
-
-def save_masks(path, payload: dict) -> Path:
-    """A masks file: ``masks [14, MASK_SIZE, MASK_SIZE]`` in {0, 1}, ``average``, ``has_mask``, ``kind`` (DM or
-    PDM) and how they were made."""
-    return _save(path, MASKS, payload)
-
-
-def load_masks(path) -> dict:
-    """A masks file of ``dmfast masks``, checked: ``masks`` is ``[14, h, w]`` and finite."""
-    payload = _load(path, MASKS, "masks file")
     masks = payload.get("masks")
-    if not isinstance(masks, torch.Tensor) or masks.dim() != 3 or masks.shape[0] != len(FINDINGS):
+    if kind == MASKS and (not isinstance(masks, torch.Tensor) or masks.dim() != 3 or masks.shape[0] != len(FINDINGS)):
         raise ValueError(f"{path}: not a dmfast masks file (expected a dict with 'masks' [{len(FINDINGS)}, h, w])")
-    if not torch.isfinite(masks).all():
+    if kind == MASKS and not torch.isfinite(masks).all():
         raise ValueError(f"{path}: the masks contain NaN or infinite values")
     return payload
 

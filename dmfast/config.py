@@ -106,14 +106,10 @@ class DemoConfig:
 
 def defaults(owner) -> dict:
     """Default values of a config dataclass's fields, or of a function's keyword parameters."""
+    missing = dataclasses.MISSING
     if dataclasses.is_dataclass(owner):
-        out = {}
-        for f in dataclasses.fields(owner):
-            if f.default is not dataclasses.MISSING:
-                out[f.name] = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                out[f.name] = f.default_factory()
-        return out
+        return {f.name: f.default_factory() if f.default is missing else f.default for f in dataclasses.fields(owner)
+                if f.default is not missing or f.default_factory is not missing}
     return {name: p.default for name, p in inspect.signature(owner).parameters.items()
             if p.default is not inspect.Parameter.empty}
 

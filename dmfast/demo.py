@@ -16,13 +16,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from . import align, eval, masks, train
 from .config import AlignConfig, DemoConfig, EvalConfig, MasksConfig, TrainConfig
 from .data.cache import prepare
 from .data.phantom import synthesize
-from .io import atomic_write_json
+from .io import atomic_write_json, print_table
 
 
 def _stage(console: Console, times: dict, name: str, job):
@@ -101,20 +100,12 @@ def mean_accuracy(report: dict, method: str, threshold: float = 0.3) -> float:
 
 
 def _print_ablation(console: Console, report: dict, out: Path) -> None:
-    table = Table(title=f"Ablation ({report['test_images']} test images, {report['gt_boxes']} boxes on "
-                        f"{report['box_images']} of them; accuracy (AFP) at T(IoU))")
-    for column in ("method", "mean AUROC", "0.3", "0.5", "0.7"):
-        table.add_column(column, justify="left" if column == "method" else "right")
-    for row in ablation_rows(report):
-        table.add_row(*row)
-    console.print(table)
-    stages = Table(title="Stage wall times")
-    stages.add_column("stage")
-    stages.add_column("seconds", justify="right")
-    for name, seconds in report["stage_seconds"].items():
-        stages.add_row(name, f"{seconds:.1f}")
-    stages.add_row("total", f"{sum(report['stage_seconds'].values()):.1f}")
-    console.print(stages)
+    print_table(console, f"Ablation ({report['test_images']} test images, {report['gt_boxes']} boxes on "
+                         f"{report['box_images']} of them; accuracy (AFP) at T(IoU))",
+                ["method", "mean AUROC", "0.3", "0.5", "0.7"], ablation_rows(report))
+    times = report["stage_seconds"]
+    print_table(console, "Stage wall times", ["stage", "seconds"],
+                [[name, f"{seconds:.1f}"] for name, seconds in times.items()] + [["total", f"{sum(times.values()):.1f}"]])
     base, best = mean_accuracy(report, "base"), max(mean_accuracy(report, m) for m in ("+DM", "+PDM"))
     verdict = "better than" if best > base else "NOT better than"
     console.print(f"mean localization accuracy at T(IoU) = 0.3: attention (best of +DM, +PDM) {best:.3f} is "

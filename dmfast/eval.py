@@ -23,8 +23,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 import dmfast
 
@@ -34,7 +32,7 @@ from .data.cache import ImageCache, open_or_prepare
 from .data.chestxray14 import FINDINGS, open_dataset
 from .figures import BLACK, RED, draw, grid, heat_overlay
 from .inference import Classifier, to_image_frame
-from .io import atomic_write_bytes, atomic_write_json, save_png
+from .io import atomic_write_bytes, atomic_write_json, print_table, progress, save_png
 from .metrics import localization, predictions_from_padded, roc_auc
 
 WANG_THRESHOLDS = (60 / 255, 180 / 255)
@@ -104,9 +102,8 @@ def evaluate_checkpoint(name: str, classifier: Classifier, cache: ImageCache, te
     resolution = max(cache.size // 4, 8)  # CAMs are warped back to the image frame at a quarter of its size
     started = time.perf_counter()
     scores, predicted, kept = [], [], {}
-    columns = (TextColumn(f"eval {name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("eval", total=len(test_names))
+    with progress(f"eval {name}", console) as bar:
+        task = bar.add_task("eval", total=len(test_names))
         for start in range(0, len(test_names), config.batch):
             names = test_names[start:start + config.batch]
             prediction = classifier(cache.batch(names))
@@ -131,7 +128,7 @@ def evaluate_checkpoint(name: str, classifier: Classifier, cache: ImageCache, te
                     if (n, c) in keep:
                         shown = int(min(counts[i].item(), config.max_boxes))
                         kept[(n, c)] = (maps[i].cpu(), boxes[i, :shown].cpu().numpy())
-            progress.update(task, advance=len(names))
+            bar.update(task, advance=len(names))
     seconds = time.perf_counter() - started
     auroc = roc_auc(labels, torch.cat(scores).numpy())
     if predicted:
@@ -276,18 +273,14 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
             methods.append(mask_only(f"{name} mask only", classifier.masks.cpu(), truth, config))
     truth = truth_at[first.config.size]
     for name, path in config.masks:
-        methods.append(mask_only(f"{name} mask only", checkpoints.load_masks(path)["masks"], truth, config))
+        masks = checkpoints.load(path, checkpoints.MASKS)["masks"]
+        methods.append(mask_only(f"{name} mask only", masks, truth, config))
     if not len(truth.images):
         console.print("[yellow]no test image has a ground-truth box: localization is not scored")
 
     results = tables(methods, truth, len(test_names))
     for title, header, rows in results:
-        table = Table(title=title)
-        for i, column in enumerate(header):
-            table.add_column(column, justify="left" if i == 0 else "right")
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
+        print_table(console, title, header, rows)
     figures = overlay_figures(out, kept_by_method, truth, caches[first.config.size]) \
         if config.overlays > 0 and len(truth.images) else []
     report = {"config": {**asdict(config), "box_thresholds": list(levels)}, "test_images": len(test_names),

@@ -19,7 +19,7 @@ from .models import AlignmentNet, CAMClassifier
 def load_classifier(path, device="cpu") -> tuple:
     """A trained classifier from a ``dmfast train`` checkpoint, in eval mode with its disease masks (if it was
     trained with some): ``(model, config, state)``."""
-    state = checkpoints.load_classifier(path)
+    state = checkpoints.load(path, checkpoints.CLASSIFIER)
     config = from_dict(TrainConfig, state["config"])
     model = CAMClassifier(config.arch, len(FINDINGS), cam_stride=config.cam_stride)
     model.set_masks(state["model"].get("masks"))
@@ -29,7 +29,7 @@ def load_classifier(path, device="cpu") -> tuple:
 
 def load_aligner(path, device="cpu") -> AlignmentNet:
     """A trained alignment module from a ``dmfast align`` checkpoint, in eval mode."""
-    state = checkpoints.load_alignment(path)
+    state = checkpoints.load(path, checkpoints.ALIGNMENT)
     net = AlignmentNet(**state["net_config"])
     net.load_state_dict(state["model"])
     return net.to(device).eval()

@@ -1,4 +1,4 @@
-"""Atomic file writes and image files."""
+"""Files and the terminal: atomic writes (bytes, strict JSON, torch objects), PNG images, progress bars and tables."""
 
 import contextlib
 import io
@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 
 def _umask() -> int:
@@ -98,3 +100,23 @@ def save_png(path, image: torch.Tensor) -> Path:
     buffer = io.BytesIO()
     Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buffer, format="PNG")
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+LOSS_AND_RATE = "loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} img/s"  # the training stages' fields
+
+
+def progress(label: str, console, *fields: str, **kwargs) -> Progress:
+    """A rich progress bar: ``label``, the bar, done/total, ``fields`` (rich format strings over the task's fields),
+    time remaining."""
+    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), *map(TextColumn, fields),
+                    TimeRemainingColumn(), console=console, **kwargs)
+
+
+def print_table(console, title: str, header: list, rows: list, justify: list | None = None) -> None:
+    """A rich table; by default the first column is left-aligned and the others right-aligned."""
+    table = Table(title=title)
+    for i, column in enumerate(header):
+        table.add_column(column, justify=justify[i] if justify else "left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)

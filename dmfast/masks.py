@@ -21,8 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from . import checkpoints
 from .anatomy import make_anchor, pseudo_masks
@@ -33,11 +31,7 @@ from .data.chestxray14 import FINDINGS, open_dataset
 from .data.splits import make_splits
 from .figures import masks_figure
 from .inference import Classifier
-from .io import atomic_write_json, save_png
-
-
-def _progress(label: str, console: Console) -> Progress:
-    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
+from .io import atomic_write_json, print_table, progress, save_png
 
 
 def _normalized(maps: torch.Tensor) -> torch.Tensor:
@@ -74,8 +68,8 @@ def disease_masks(classifier, cache, names: list, labels: np.ndarray, config: Ma
     kept = torch.zeros(classes, dtype=torch.long)
     positive = torch.from_numpy(labels.astype(bool))
     probabilities = torch.zeros(len(names), classes)
-    with _progress("masks: CAMs of the training images", console) as progress:
-        task = progress.add_task("cams", total=len(names))
+    with progress("masks: CAMs of the training images", console) as bar:
+        task = bar.add_task("cams", total=len(names))
         for start in range(0, len(names), config.batch):
             prediction = classifier(cache.batch(names[start:start + config.batch]))
             probs = prediction.probabilities.cpu()
@@ -83,7 +77,7 @@ def disease_masks(classifier, cache, names: list, labels: np.ndarray, config: Ma
             chosen = (probs >= config.confidence) & positive[start:start + len(probs)]
             sums += torch.einsum("bc,bchw->chw", chosen.double(), _normalized(_upsampled(prediction.cams.cpu())))
             kept += chosen.sum(0)
-            progress.update(task, advance=len(probs))
+            bar.update(task, advance=len(probs))
 
     fallback = {}
     for c, name in enumerate(FINDINGS):
@@ -151,20 +145,16 @@ def run(config: MasksConfig, console: Console | None = None) -> Path:
                     "checkpoint": str(Path(config.checkpoint).resolve()) if config.checkpoint else None,
                     "config": asdict(config)})
 
-    path = checkpoints.save_masks(out / "masks.pt", payload)
+    path = checkpoints.save(out / "masks.pt", checkpoints.MASKS, payload)
     picture = save_png(out / "masks.png", masks_figure(anchor, payload))
     summary = {k: v for k, v in payload.items() if k not in ("masks", "average")}
     summary["mask_area"] = dict(zip(FINDINGS, payload["masks"].mean((1, 2)).tolist()))
     atomic_write_json(out / "masks.json", summary)
 
-    table = Table(title=f"{payload['kind']} masks ({'anatomy of the anchor' if config.pseudo else config.checkpoint})")
-    table.add_column("class")
-    table.add_column("images" if not config.pseudo else "region")
-    table.add_column("mask area", justify="right")
-    table.add_column("note")
-    for c, name in enumerate(FINDINGS):
-        used = payload["regions"][name] if config.pseudo else str(payload["counts"][name])
-        table.add_row(name, used, f"{summary['mask_area'][name]:.0%}", payload.get("fallback", {}).get(name, ""))
-    console.print(table)
+    rows = [[name, payload["regions"][name] if config.pseudo else str(payload["counts"][name]),
+             f"{summary['mask_area'][name]:.0%}", payload.get("fallback", {}).get(name, "")] for name in FINDINGS]
+    print_table(console, f"{payload['kind']} masks ({'anatomy of the anchor' if config.pseudo else config.checkpoint})",
+                ["class", "region" if config.pseudo else "images", "mask area", "note"], rows,
+                justify=["left", "left", "right", "left"])
     console.print(f"masks {path}, figure {picture}")
     return path

@@ -15,17 +15,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import checkpoints
+from . import checkpoints, training
 from .config import TrainConfig, from_dict
 from .data.cache import ImageCache, open_or_prepare
 from .data.chestxray14 import FINDINGS, open_dataset
 from .data.images import to_model_input
 from .data.splits import Splits, make_splits
 from .inference import load_aligner
-from .io import json_text
-from .losses import weighted_bce
+from .io import LOSS_AND_RATE, json_text, progress
 from .metrics import roc_auc
 from .models import CAMClassifier
 
@@ -69,7 +67,7 @@ def build_model(config: TrainConfig, console: Console) -> CAMClassifier:
     else:
         console.print(f"{config.arch}: random initialisation (no --weights or --pretrained given)")
     if config.init:
-        state = checkpoints.load_classifier(config.init)
+        state = checkpoints.load(config.init, checkpoints.CLASSIFIER)
         previous = state["config"]
         if (previous.get("arch"), previous.get("cam_stride", 32)) != (config.arch, config.cam_stride):
             raise ValueError(f"--init {config.init} is a {previous.get('arch')} with CAM stride "
@@ -78,7 +76,7 @@ def build_model(config: TrainConfig, console: Console) -> CAMClassifier:
         model.load_state_dict({k: v for k, v in state["model"].items() if k != "masks"}, strict=False)
         console.print(f"initialised from {config.init}")
     if config.masks:
-        payload = checkpoints.load_masks(config.masks)
+        payload = checkpoints.load(config.masks, checkpoints.MASKS)
         model.set_masks(payload["masks"])
         named = [c for c, has in zip(FINDINGS, payload.get("has_mask", [True] * len(FINDINGS))) if has]
         console.print(f"attention with the {payload.get('kind', 'disease')} masks of {config.masks} "
@@ -103,14 +101,6 @@ def _inputs(cache: ImageCache, names, device, aligner) -> torch.Tensor:
         return aligner.align(images)
 
 
-def _optimizer(config: TrainConfig, model) -> torch.optim.Optimizer:
-    if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.lr)
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
-    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")
-
-
 def evaluate_auroc(model, cache: ImageCache, names, labels: np.ndarray, batch: int, device, aligner=None) -> dict:
     model.eval()
     scores = []
@@ -129,7 +119,7 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
     device = _device()
     out = Path(config.out)
     last = out / "checkpoint.pt"
-    state = checkpoints.load_classifier(last) if resume else None
+    state = checkpoints.load(last, checkpoints.CLASSIFIER) if resume else None
     if state is not None:
         config = from_dict(TrainConfig, {**asdict(config), **state["config"], "epochs": config.epochs})
     # The checkpoint records where the alignment and masks came from; absolute, so it works from any folder.
@@ -156,7 +146,7 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
         raise ValueError(f"{config.data}: no training images in the {config.split!r} split")
 
     model = build_model(config, console).to(device)
-    optimizer = _optimizer(config, model)
+    optimizer = training.optimizer(config.optimizer, model.parameters(), config.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
     start_epoch = 0
     if state is not None:
@@ -174,21 +164,14 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
         splits.save(out / "splits.json")
 
     per_rank = config.batch // world
-    steps = len(train_names) // config.batch
-    if config.max_steps:
-        steps = min(steps, config.max_steps)
-    if steps == 0:
-        raise ValueError(f"{len(train_names)} training images are fewer than one batch of {config.batch}")
-    columns = (TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} img/s"), TimeRemainingColumn())
     for epoch in range(start_epoch, config.epochs):
         set_train_mode(model, config.freeze_bn)
-        order = torch.randperm(len(train_names), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
-        with Progress(*columns, console=console, disable=rank != 0) as progress:
-            task = progress.add_task("train", total=steps, epoch=f"{epoch + 1}/{config.epochs}", loss=0.0, rate=0.0)
+        batches = training.epoch_batches(len(train_names), config.batch, config.max_steps, config.seed, epoch)
+        steps = len(batches)
+        with progress("epoch {task.fields[epoch]}", console, LOSS_AND_RATE, disable=rank != 0) as bar:
+            task = bar.add_task("train", total=steps, epoch=f"{epoch + 1}/{config.epochs}", loss=0.0, rate=0.0)
             started, total_loss = time.perf_counter(), 0.0
-            for step in range(steps):
-                chosen = order[step * config.batch:(step + 1) * config.batch].tolist()
+            for step, chosen in enumerate(batches):
                 mine = [train_names[i] for i in chosen[rank * per_rank:(rank + 1) * per_rank]]
                 images = _inputs(cache, mine, device, aligner)
                 targets = torch.from_numpy(np.stack([label_of[n] for n in mine])).to(device)
@@ -198,14 +181,14 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
                     dist.all_reduce(counts)
                     counts = (counts[:-1], counts[-1])
                 with torch.autocast(device.type, enabled=scaler.is_enabled()):
-                    loss = weighted_bce(ddp(images).float(), targets, counts)
+                    loss = training.weighted_bce(ddp(images).float(), targets, counts)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 total_loss += loss.item()
                 rate = (step + 1) * config.batch / (time.perf_counter() - started)
-                progress.update(task, advance=1, loss=total_loss / (step + 1), rate=rate)
+                bar.update(task, advance=1, loss=total_loss / (step + 1), rate=rate)
         scheduler.step()
         if rank == 0:
             labels = np.stack([label_of[n] for n in val_names]) if val_names else np.zeros((0, len(FINDINGS)))
@@ -215,7 +198,7 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
             payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": _rng_state(),
                        "config": asdict(config), "splits": asdict(splits), "metrics": metrics}
-            checkpoints.save_classifier(last, payload)
+            checkpoints.save(last, checkpoints.CLASSIFIER, payload)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json_text(metrics) + "\n")
             console.print(f"epoch {epoch + 1}: loss {metrics['loss']:.4f}, validation mean AUROC "

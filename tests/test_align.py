@@ -40,7 +40,7 @@ def test_end_to_end_train_align_resume(phantom, tmp_path):
     common = dict(data=str(data), cache=str(cache), size=96, batch=16, split="patients", val_fraction=0.15)
     checkpoint = train.run(TrainConfig(out=str(tmp_path / "base"), arch="resnet18", epochs=1, **common))
     checkpoint = train.run(TrainConfig(out=str(tmp_path / "base"), arch="resnet18", epochs=2, **common), resume=True)
-    assert checkpoints.load_classifier(checkpoint)["epoch"] == 1
+    assert checkpoints.load(checkpoint, checkpoints.CLASSIFIER)["epoch"] == 1
     # Euclidean alignment: the known misalignment of held-out images must shrink substantially.
     aligned = align.run(AlignConfig(out=str(tmp_path / "align"), epochs=6, input_size=64, anchor_images=500,
                                 optimizer="adam", **common))
@@ -56,7 +56,7 @@ def test_end_to_end_train_align_resume(phantom, tmp_path):
     # Training on aligned images applies the alignment on the fly.
     on_aligned = train.run(TrainConfig(out=str(tmp_path / "aligned"), arch="resnet18", epochs=1, max_steps=2,
                                    aligned=str(aligned), **common))
-    assert checkpoints.load_classifier(on_aligned)["config"]["aligned"] == str(aligned)
+    assert checkpoints.load(on_aligned, checkpoints.CLASSIFIER)["config"]["aligned"] == str(aligned)
 
 
 def test_align_command_reports_bad_options(phantom, tmp_path):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dmfast.losses import weighted_bce
+from dmfast.training import weighted_bce
 
 
 def test_weighted_bce_by_hand():

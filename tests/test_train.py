@@ -24,9 +24,9 @@ def config(phantom, out, **overrides):
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(phantom, tmp_path):
-    straight = checkpoints.load_classifier(train.run(config(phantom, tmp_path / "a")))
+    straight = checkpoints.load(train.run(config(phantom, tmp_path / "a")), checkpoints.CLASSIFIER)
     train.run(config(phantom, tmp_path / "b", epochs=1))
-    resumed = checkpoints.load_classifier(train.run(config(phantom, tmp_path / "b"), resume=True))
+    resumed = checkpoints.load(train.run(config(phantom, tmp_path / "b"), resume=True), checkpoints.CLASSIFIER)
     assert straight["epoch"] == resumed["epoch"] == 1
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
@@ -58,11 +58,11 @@ def test_two_process_ddp_step_matches_one_process(phantom, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = checkpoints.load_classifier(train.run(config(phantom, tmp_path / "single", epochs=1, max_steps=1,
-                                                           freeze_bn=True, optimizer="sgd", lr=0.1)))
+        single = config(phantom, tmp_path / "single", epochs=1, max_steps=1, freeze_bn=True, optimizer="sgd", lr=0.1)
+        one = checkpoints.load(train.run(single), checkpoints.CLASSIFIER)
     finally:
         torch.set_num_threads(threads)
-    ddp = checkpoints.load_classifier(tmp_path / "ddp" / "checkpoint.pt")
+    ddp = checkpoints.load(tmp_path / "ddp" / "checkpoint.pt", checkpoints.CLASSIFIER)
     for key, value in one["model"].items():
         # float32 gradients all-reduced in another order differ by rounding (~1e-7 of the gradient); a wrongly
         # weighted or missing shard would move weights by ~lr * |gradient|
@@ -79,7 +79,7 @@ def test_attention_retraining_starts_from_init_and_keeps_its_masks(phantom, tmp_
     model, cfg, _ = load_classifier(retrained)
     assert torch.equal(model.masks, masks) and cfg.init == str(base)
     # the retraining started from the base weights: one Adam step of 1e-3 moves no weight further than ~1e-3
-    start = checkpoints.load_classifier(base)["model"]["layer1.0.conv1.weight"]
+    start = checkpoints.load(base, checkpoints.CLASSIFIER)["model"]["layer1.0.conv1.weight"]
     assert (model.layer1[0].conv1.weight - start).abs().max() < 2e-3
     images = torch.rand(2, 1, 64, 64) * 2 - 1
     plain = load_classifier(base)[0]
@@ -96,7 +96,7 @@ def test_bad_init_and_masks_files_are_named(phantom, tmp_path):
         train.run(config(phantom, tmp_path / "x", arch="resnet34", init=str(base)))
     torch.save({"masks": torch.zeros(3, 8, 8)}, tmp_path / "wrong.pt")
     with pytest.raises(ValueError, match="not a dmfast masks file"):
-        checkpoints.load_masks(tmp_path / "wrong.pt")
+        checkpoints.load(tmp_path / "wrong.pt", checkpoints.MASKS)
     (tmp_path / "junk.pt").write_bytes(b"\x00junk")
     with pytest.raises(ValueError, match="junk.pt: not a readable masks file"):
-        checkpoints.load_masks(tmp_path / "junk.pt")
+        checkpoints.load(tmp_path / "junk.pt", checkpoints.MASKS)

@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..io import atomic_write_json
+from ..io import atomic_write_json, progress
 from .chestxray14 import DataError, Problems, open_dataset
 from .images import ImageError, load_gray
 
@@ -142,11 +141,9 @@ def prepare(data_dir, cache_dir=None, size: int = 512, workers: int | None = Non
     bad = Problems()
     workers = workers or os.cpu_count() or 1
     chunk = max(16, min(512, len(todo) // (workers * 4) + 1))
-    columns = (TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-               TimeRemainingColumn())
     context = multiprocessing.get_context("fork")
-    with Progress(*columns, console=console, transient=False) as progress, context.Pool(workers) as pool:
-        task = progress.add_task("prepare", total=len(names), completed=len(names) - len(todo), rate="")
+    with progress("prepare", console, "{task.fields[rate]}") as bar, context.Pool(workers) as pool:
+        task = bar.add_task("prepare", total=len(names), completed=len(names) - len(todo), rate="")
         started = time.perf_counter()
         for start in range(0, len(todo), chunk):
             if limit_chunks is not None and start // chunk >= limit_chunks:
@@ -163,7 +160,7 @@ def prepare(data_dir, cache_dir=None, size: int = 512, workers: int | None = Non
                 done[i] = 1
             done.flush()
             elapsed = time.perf_counter() - started
-            progress.update(task, advance=len(batch), rate=f"{(start + len(batch)) / max(elapsed, 1e-9):.0f} images/s")
+            bar.update(task, advance=len(batch), rate=f"{(start + len(batch)) / max(elapsed, 1e-9):.0f} images/s")
     if index["bad"]:
         for error in index["bad"].values():
             bad.add("images that could not be decoded", error)

@@ -25,11 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .. import ops
 from ..anatomy import HEART, LUNGS
-from ..io import atomic_write_bytes, torch_threads
+from ..io import atomic_write_bytes, progress, torch_threads
 from .chestxray14 import FINDINGS, RELEASE_SIZE
 
 # Prevalence of each finding among images with findings (ChestX-ray14's order of magnitude, rare ones lifted so a
@@ -280,9 +279,8 @@ def synthesize(out_dir, count: int = 2000, size: int = 256, seed: int = 0, no_fi
     rng = np.random.default_rng(seed)
     entries, box_rows, transforms, names_by_patient = [], [], [], {}
     patient, follow = 1, 0
-    columns = (TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress, torch_threads(1):
-        task = progress.add_task("synth", total=count)
+    with progress("synth", console) as bar, torch_threads(1):
+        task = bar.add_task("synth", total=count)
         for _ in range(count):
             if follow >= int(rng.integers(1, 4)):
                 patient, follow = patient + 1, 0
@@ -307,7 +305,7 @@ def synthesize(out_dir, count: int = 2000, size: int = 256, seed: int = 0, no_fi
             transforms.append([name, move.sx, move.sy, move.tx, move.ty, math.degrees(move.angle),
                                *theta.reshape(-1).tolist()])
             names_by_patient.setdefault(patient, []).append(name)
-            progress.update(task, advance=1)
+            bar.update(task, advance=1)
     patients = rng.permutation(sorted(names_by_patient)).tolist()
     test_patients = set(patients[: max(1, int(round(test_fraction * len(patients))))])
     test = [n for p in sorted(names_by_patient) if p in test_patients for n in names_by_patient[p]]

@@ -1,4 +1,4 @@
-"""Training losses."""
+"""What the training stages (``train``, ``align``) share: the weighted BCE loss, the optimisers, the epochs."""
 
 import torch
 import torch.nn.functional as F
@@ -26,3 +26,22 @@ def weighted_bce(logits: Tensor, targets: Tensor, counts: tuple | None = None) -
     w_neg = torch.where(negatives > 0, batch / negatives.clamp(min=1), torch.zeros_like(negatives))
     weights = y * w_pos + (1 - y) * w_neg
     return F.binary_cross_entropy_with_logits(logits, y, weight=weights, reduction="mean")
+
+
+def optimizer(name: str, parameters, lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
+    """``"adam"`` or ``"sgd"`` (with momentum)."""
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=momentum)
+    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
+
+
+def epoch_batches(images: int, batch: int, max_steps: int | None, seed: int, epoch: int) -> list:
+    """The image indices of each step of an epoch: full batches of a shuffle fixed by (seed, epoch), at most
+    ``max_steps`` of them; an error when not even one batch fits."""
+    steps = min(images // batch, max_steps or images)
+    if steps == 0:
+        raise ValueError(f"{images} training images are fewer than one batch of {batch}")
+    order = torch.randperm(images, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    return [order[step * batch:(step + 1) * batch] for step in range(steps)]
