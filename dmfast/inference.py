@@ -47,7 +47,7 @@ class Classifier:
 
     def __init__(self, checkpoint, device=None):
         self.path = Path(checkpoint)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device) if device else ops.default_device()
         self.model, self.config, state = load_classifier(checkpoint, self.device)
         self.splits = Splits(**state["splits"])
         self.aligner = None

@@ -7,9 +7,21 @@ makes them work with ``torch.compile(fullgraph=True)`` and ``torch.library.opche
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loading the extension registers the ops)
+from . import _C  # loading the extension registers the ops
 
-__all__ = ["affine_smooth", "affine_matrix", "affine_inverse", "mask_attention", "attention_cam", "cam_boxes"]
+__all__ = ["affine_smooth", "affine_matrix", "affine_inverse", "mask_attention", "attention_cam", "cam_boxes",
+           "cuda_ready", "default_device"]
+
+
+def cuda_ready() -> bool:
+    """Whether the ops can run on CUDA here: a GPU, and an extension built with its CUDA kernels."""
+    return torch.cuda.is_available() and _C.built_with_cuda()
+
+
+def default_device(local_rank: int = 0) -> torch.device:
+    """CUDA (device ``local_rank``) when :func:`cuda_ready`, else the CPU: a CPU-only build on a GPU machine runs on
+    the CPU instead of failing in the first op."""
+    return torch.device("cuda", local_rank) if cuda_ready() else torch.device("cpu")
 
 
 def affine_smooth(images: Tensor, theta: Tensor, pool: int = 16) -> Tensor:

@@ -22,9 +22,9 @@ NO_CUDA = "no CUDA GPU, or dmfast built without its CUDA kernels"
 
 def cuda_available() -> bool:
     """Whether the CUDA kernels can run here: a GPU, and an extension built with them."""
-    from . import _C
+    from .ops import cuda_ready
 
-    return torch.cuda.is_available() and _C.built_with_cuda()
+    return cuda_ready()
 
 
 def devices() -> list:

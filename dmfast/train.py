@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
-from . import checkpoints, training
+from . import checkpoints, ops, training
 from .config import TrainConfig, from_dict
 from .data.cache import ImageCache, open_or_prepare
 from .data.chestxray14 import FINDINGS, open_dataset
@@ -32,16 +32,15 @@ def _distributed() -> tuple:
     """(rank, world size), initialising the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if ops.cuda_ready() else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def _device() -> torch.device:
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+    device = ops.default_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def _rng_state() -> dict:
