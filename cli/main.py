@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 import dmfast
-from dmfast.config import ARCHS, AlignConfig, DemoConfig, EvalConfig, MasksConfig, TrainConfig, defaults
+from dmfast.config import ARCHS, AlignConfig, DemoConfig, EvalConfig, MasksConfig, SplitConfig, TrainConfig, defaults
 from dmfast.data.cache import prepare as prepare_cache
 from dmfast.data.phantom import synthesize
 
@@ -43,7 +43,8 @@ SKIP = ("skip_problems", {"help": "Leave out missing or unreadable images instea
 MAX_STEPS = ("max_steps", {"type": int, "help": "Steps per epoch at most (quick runs)."})
 SPLIT = ("split", {"type": click.Choice(["official", "patients"]),
                    "help": "The official test list, or a patient-grouped split (data without official lists)."})
-OUT = click.option("--out", required=True, type=FOLDER, help="Output folder.")
+def out_option(help: str):
+    return click.option("--out", required=True, type=FOLDER, help=help)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -84,7 +85,7 @@ def prepare(data_dir, **kwargs):
 
 @main.command()
 @DATA_DIR
-@OUT
+@out_option("Run folder (checkpoints, metrics).")
 @options(TrainConfig, CACHE, ("arch", {"type": click.Choice(ARCHS)}),
          ("cam_stride", {"help": "Output stride of the CAMs (16: conv5_x without downsampling, finer maps)."}),
          ("size", {"help": "Image size."}), "epochs", ("batch", {"help": "Global batch size."}),
@@ -107,7 +108,7 @@ def train(data_dir, resume, **kwargs):
 
 @main.command()
 @DATA_DIR
-@OUT
+@out_option("Run folder (checkpoint, anchor, grid, statistics).")
 @options(AlignConfig, CACHE, ("size", {"help": "Image size."}),
          ("anchor_images", {"help": "No Finding images averaged into the anchor."}), "epochs", "batch", "lr",
          ("optimizer", {"type": click.Choice(["sgd", "adam"]),
@@ -127,7 +128,7 @@ def align(data_dir, **kwargs):
 
 @main.command()
 @DATA_DIR
-@OUT
+@out_option("Folder for masks.pt/.png/.json.")
 @options(MasksConfig, ("checkpoint", {"type": FILE, "help": "Trained classifier (dmfast train) whose CAMs make "
                                                             "the disease masks."}),
          ("pseudo", {"help": "Pseudo disease masks from the anchor's anatomy instead (section 4.4)."}),
@@ -136,8 +137,8 @@ def align(data_dir, **kwargs):
          ("confidence", {"help": "Keep images with P_c at least this."}),
          ("threshold", {"help": "Mask where the normalised average CAM reaches this."}),
          ("min_images", {"help": "Fewer confident images than this: use this many most probable labelled images."}),
-         ("size", {"type": int, "help": "Working size with --pseudo and no --checkpoint [512]."}), "batch", CACHE,
-         SKIP)
+         ("size", {"type": int, "help": f"Working size with --pseudo and no --checkpoint [{SplitConfig.size}]."}),
+         "batch", CACHE, SKIP)
 @click.option("--asymmetric", default=",".join(defaults(MasksConfig)["asymmetric"]), show_default=True,
               help="Comma-separated classes whose CAMs are not mirrored (Eq. 3); '' for none.")
 def masks(data_dir, asymmetric, **kwargs):
@@ -175,7 +176,7 @@ def _box_thresholds(value: str) -> tuple:
 @click.option("--checkpoint", "checkpoints", multiple=True, required=True,
               help="NAME=PATH of a dmfast train checkpoint; repeat to compare (table order).")
 @click.option("--masks", "masks_files", multiple=True, help="NAME=PATH of a masks file: an extra mask-only row.")
-@OUT
+@out_option("Folder for eval.json/.md and the overlays.")
 @click.option("--box-threshold", default=",".join(f"{t:g}" for t in defaults(EvalConfig)["box_thresholds"]),
               show_default=True,
               help="CAM threshold(s) for boxes, comma-separated fractions, or 'wang' for 60/255,180/255.")

@@ -78,6 +78,22 @@ DMFAST_HD T value_or_zero(const T* plane, int64_t y, int64_t x, int64_t H, int64
   return (y >= 0 && y < H && x >= 0 && x < W) ? plane[y * W + x] : T(0);
 }
 
+// The four corners of a sample (top-left, top-right, bottom-left, bottom-right), zero outside the image.
+template <typename T, typename scalar_t>
+DMFAST_HD void corner_values(const scalar_t* plane, const Corners<T>& c, int64_t H, int64_t W, T* v) {
+  v[0] = T(value_or_zero(plane, c.y0, c.x0, H, W));
+  v[1] = T(value_or_zero(plane, c.y0, c.x0 + 1, H, W));
+  v[2] = T(value_or_zero(plane, c.y0 + 1, c.x0, H, W));
+  v[3] = T(value_or_zero(plane, c.y0 + 1, c.x0 + 1, H, W));
+}
+
+// d sample / d ix and d sample / d iy of a bilinear sample with (gradient-weighted) corner values v.
+template <typename T>
+DMFAST_HD void corner_gradient(const T* v, const Corners<T>& c, T* gx, T* gy) {
+  *gx = (T(1) - c.fy) * (v[1] - v[0]) + c.fy * (v[3] - v[2]);
+  *gy = (T(1) - c.fx) * (v[2] - v[0]) + c.fx * (v[3] - v[1]);
+}
+
 // Keeps far out-of-frame coordinates finite and integral-castable; beyond [-2, size + 1] every corner is outside
 // the image, so value and gradient stay exactly zero.
 template <typename T>

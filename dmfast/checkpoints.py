@@ -38,13 +38,15 @@ def load(path, kind: str) -> dict:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # a truncated or foreign file: say which and why, not a pickle traceback
         raise ValueError(f"{path}: not a readable {what} ({type(error).__name__}: {error})") from None
-    if not isinstance(payload, dict) or any(key not in payload for key in required):
-        raise ValueError(f"{path}: not a dmfast {what} (expected a dict with {', '.join(map(repr, required))})")
-    if payload.get("format", kind) != kind:
-        raise ValueError(f"{path}: a {payload['format']} file, not a {what}")
-    if payload.get("version", 1) > VERSION:
+    found = (payload.get("format") or (ALIGNMENT if "net_config" in payload else kind)  # untagged: by its keys
+             if isinstance(payload, dict) else None)
+    if found not in (kind, None):
+        raise ValueError(f"{path}: a {found} file, not a {what}")
+    if found and payload.get("version", 1) > VERSION:
         raise ValueError(f"{path}: {what} of format version {payload['version']}, written by a newer dmfast; this "
                          f"one reads up to version {VERSION}")
+    if not found or any(key not in payload for key in required):
+        raise ValueError(f"{path}: not a dmfast {what} (expected a dict with {', '.join(map(repr, required))})")
     masks = payload.get("masks")
     if kind == MASKS and (not isinstance(masks, torch.Tensor) or masks.dim() != 3 or masks.shape[0] != len(FINDINGS)):
         raise ValueError(f"{path}: not a dmfast masks file (expected a dict with 'masks' [{len(FINDINGS)}, h, w])")

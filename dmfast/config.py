@@ -72,7 +72,7 @@ class MasksConfig(DataConfig):
     min_images: int = 5
     pseudo: bool = False
     anchor: str | None = None  # anchor.pt of dmfast align (default: the classifier's alignment run)
-    size: int | None = None  # working size when there is no checkpoint to take it from (512)
+    size: int | None = None  # working size when there is no checkpoint to take it from (SplitConfig.size)
 
 
 @dataclass(kw_only=True)

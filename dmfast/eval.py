@@ -32,7 +32,7 @@ from .data.cache import ImageCache, open_or_prepare
 from .data.chestxray14 import FINDINGS, open_dataset
 from .figures import BLACK, RED, draw, grid, heat_overlay
 from .inference import Classifier, to_image_frame
-from .io import atomic_write_bytes, atomic_write_json, print_table, progress, save_png
+from .io import atomic_write_bytes, atomic_write_json, finite, print_table, progress, save_png
 from .metrics import localization, predictions_from_padded, roc_auc
 
 WANG_THRESHOLDS = (60 / 255, 180 / 255)
@@ -64,7 +64,7 @@ class Method:
                            "accuracy": dict(zip(FINDINGS, result.accuracy.T.tolist())),
                            "afp": dict(zip(FINDINGS, result.afp.T.tolist())),
                            "mean_accuracy": result.mean_accuracy.tolist(), "mean_afp": result.mean_afp.tolist()}
-        return out  # NaN (nothing to score) is written as null
+        return finite(out)  # NaN (nothing to score) becomes None, in memory as in eval.json
 
 
 class GroundTruth:

@@ -41,19 +41,20 @@ def atomic_write_bytes(path, data: bytes, durable: bool = True) -> Path:
     return path
 
 
-def _finite(value):
+def finite(value):
+    """``value`` with every NaN or infinite float (in nested dicts, lists, tuples) replaced by None."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value
 
 
 def json_text(value, indent: int | None = None) -> str:
     """Strict JSON: NaN and infinities become ``null`` (bare ``NaN`` is not JSON and strict readers reject it)."""
-    return json.dumps(_finite(value), indent=indent, allow_nan=False)
+    return json.dumps(finite(value), indent=indent, allow_nan=False)
 
 
 def atomic_write_json(path, value, indent: int | None = 1) -> Path:

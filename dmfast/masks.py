@@ -25,7 +25,7 @@ from rich.console import Console
 from . import checkpoints
 from .anatomy import make_anchor, pseudo_masks
 from .checkpoints import MASK_SIZE
-from .config import MasksConfig
+from .config import AlignConfig, MasksConfig, SplitConfig
 from .data.cache import open_or_prepare
 from .data.chestxray14 import FINDINGS, open_dataset
 from .data.splits import make_splits
@@ -113,7 +113,8 @@ def _anchor_for(config: MasksConfig, classifier, cache, dataset, train_names) ->
         path = Path(classifier.config.aligned).parent / "anchor.pt"
         if path.is_file():
             return checkpoints.load_anchor(path), str(path)
-    return make_anchor(cache, dataset, train_names, 2000)[0, 0], "mean of the No Finding training images"
+    return make_anchor(cache, dataset, train_names, AlignConfig.anchor_images)[0, 0], \
+        "mean of the No Finding training images"
 
 
 def run(config: MasksConfig, console: Console | None = None) -> Path:
@@ -123,7 +124,7 @@ def run(config: MasksConfig, console: Console | None = None) -> Path:
     if config.checkpoint is None and not config.pseudo:
         raise ValueError("dmfast masks needs --checkpoint (a trained classifier), or --pseudo for anatomy masks")
     classifier = Classifier(config.checkpoint) if config.checkpoint else None
-    size = classifier.config.size if classifier else (config.size or 512)
+    size = classifier.config.size if classifier else (config.size or SplitConfig.size)
     dataset = open_dataset(config.data, skip_problems=config.skip_problems)
     cache = open_or_prepare(config.data, config.cache, size, config.skip_problems, console)
     splits = classifier.splits if classifier is not None else make_splits(dataset)

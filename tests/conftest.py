@@ -32,13 +32,3 @@ def gen(request):
 def device(request):
     return request.param
 
-
-def phantom_with_cache(tmp_path_factory, name: str, count: int, size: int, seed: int):
-    """A phantom dataset and its image cache in a fresh temporary folder: (data folder, cache folder)."""
-    from dmfast.data.cache import prepare
-    from dmfast.data.phantom import synthesize
-
-    root = tmp_path_factory.mktemp(name)
-    data = synthesize(root / "data", count=count, size=size, seed=seed)
-    prepare(data, root / "cache", size=size, workers=2)
-    return data, root / "cache"

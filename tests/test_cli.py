@@ -1,12 +1,16 @@
+import dataclasses
 import json
 import subprocess
 import sys
 
+import click
+import pytest
 import torch
 from click.testing import CliRunner
 
 import dmfast
 from dmfast.cli.main import main
+from dmfast.config import AlignConfig, DemoConfig, EvalConfig, MasksConfig, TrainConfig, defaults
 
 
 def test_version_and_help():
@@ -85,3 +89,21 @@ def test_benchmark_script_writes_json(tmp_path):
     impls = {(r["case"], r["implementation"]) for r in payload["results"]}
     assert ("forward", "fused") in impls and ("forward+backward (theta)", "eager") in impls
     assert all(r["median_ms"] > 0 for r in payload["results"])
+
+
+NOT_ON_THE_COMMAND_LINE = {"data", "overlap_thresholds"}  # DATA_DIR is an argument; the T(IoU) levels are fixed
+RENAMED = {"masks_files": "masks", "box_threshold": "box_thresholds"}  # eval's repeatable NAME=PATH and level list
+SHOWN = {"asymmetric": ",".join, "box_thresholds": lambda levels: ",".join(f"{t:g}" for t in levels)}
+
+
+@pytest.mark.parametrize("command,config", [("train", TrainConfig), ("align", AlignConfig), ("masks", MasksConfig),
+                                            ("eval", EvalConfig), ("demo", DemoConfig)])
+def test_every_setting_is_an_option_with_the_config_default(command, config):
+    options = {RENAMED.get(p.name, p.name): p for p in main.commands[command].params if isinstance(p, click.Option)}
+    for field in dataclasses.fields(config):
+        if field.name in NOT_ON_THE_COMMAND_LINE:
+            continue
+        assert field.name in options, f"dmfast {command} has no option for {field.name}"
+        if field.name in defaults(config) and not options[field.name].multiple:
+            want = SHOWN.get(field.name, lambda value: value)(defaults(config)[field.name])
+            assert options[field.name].default == want, (command, field.name)

@@ -88,7 +88,7 @@ def test_disease_masks_reject_bad_settings():
         disease_masks(None, None, [], np.zeros((0, C)), MasksConfig(data="", out="", confidence=1.5),
                       Console(quiet=True))
     config = MasksConfig(data="", out="", asymmetric=["Cardiomegally"], min_images=1)
-    classifier = FakeClassifier(torch.ones(2, C), torch.rand(2, C, 4, 4))
+    classifier = FakeClassifier(torch.ones(2, C), torch.zeros(2, C, 4, 4))
     with pytest.raises(ValueError, match="unknown asymmetric"):
         disease_masks(classifier, FakeCache(), ["0", "1"], np.ones((2, C), np.uint8), config, Console(quiet=True))
 

@@ -7,13 +7,12 @@ import torch
 from dmfast import checkpoints, train
 from dmfast.config import TrainConfig
 from dmfast.inference import load_classifier
-
-from .conftest import phantom_with_cache
+from dmfast.testing import phantom_with_cache
 
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
-    return phantom_with_cache(tmp_path_factory, "phantom", count=96, size=64, seed=3)
+    return phantom_with_cache(tmp_path_factory.mktemp("phantom"), count=96, size=64, seed=3)
 
 
 def config(phantom, out, **overrides):
@@ -69,7 +68,7 @@ def test_two_process_ddp_step_matches_one_process(phantom, tmp_path):
         torch.testing.assert_close(ddp["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_attention_retraining_starts_from_init_and_keeps_its_masks(phantom, tmp_path):
+def test_attention_retraining_starts_from_init_and_keeps_its_masks(phantom, tmp_path, gen):
     base = train.run(config(phantom, tmp_path / "base", epochs=1, max_steps=1))
     masks = torch.zeros(14, 16, 16)
     masks[1, 4:12, 6:14] = 1  # only cardiomegaly has a mask
@@ -81,7 +80,7 @@ def test_attention_retraining_starts_from_init_and_keeps_its_masks(phantom, tmp_
     # the retraining started from the base weights: one Adam step of 1e-3 moves no weight further than ~1e-3
     start = checkpoints.load(base, checkpoints.CLASSIFIER)["model"]["layer1.0.conv1.weight"]
     assert (model.layer1[0].conv1.weight - start).abs().max() < 2e-3
-    images = torch.rand(2, 1, 64, 64) * 2 - 1
+    images = torch.rand(2, 1, 64, 64, generator=gen) * 2 - 1
     plain = load_classifier(base)[0]
     with torch.no_grad():  # classes without a mask are unchanged by attention at equal weights
         model.load_state_dict({**plain.state_dict(), "masks": model.masks})

@@ -128,13 +128,14 @@ inline void add_inside_moments(const scalar_t* img, int64_t HW, int64_t W, const
 
 // The four corner values of one channel plane at a sample.
 template <bool kInside, typename T, typename scalar_t>
-inline std::array<T, 4> corner_values(const scalar_t* plane, const Corners<T>& c, int64_t H, int64_t W) {
+inline std::array<T, 4> corner_array(const scalar_t* plane, const Corners<T>& c, int64_t H, int64_t W) {
   if constexpr (kInside) {
     const scalar_t* p = plane + c.y0 * W + c.x0;
     return {T(p[0]), T(p[1]), T(p[W]), T(p[W + 1])};
   } else {
-    return {T(value_or_zero(plane, c.y0, c.x0, H, W)), T(value_or_zero(plane, c.y0, c.x0 + 1, H, W)),
-            T(value_or_zero(plane, c.y0 + 1, c.x0, H, W)), T(value_or_zero(plane, c.y0 + 1, c.x0 + 1, H, W))};
+    std::array<T, 4> v;
+    corner_values(plane, c, H, W, v.data());
+    return v;
   }
 }
 
@@ -203,7 +204,7 @@ void pooled_warp(const scalar_t* images, const std::vector<PixelMap<at::opmath_t
           const T w00 = (T(1) - c.fx) * (T(1) - c.fy), w01 = c.fx * (T(1) - c.fy);
           const T w10 = (T(1) - c.fx) * c.fy, w11 = c.fx * c.fy;
           for (int64_t ch = 0; ch < C; ++ch) {
-            const auto v = corner_values<false, T>(img + ch * HW, c, H, W);
+            const auto v = corner_array<false, T>(img + ch * HW, c, H, W);
             columns[ch * W + j] += w00 * v[0] + w01 * v[1] + w10 * v[2] + w11 * v[3];
           }
         };
@@ -329,8 +330,8 @@ std::vector<at::opmath_type<scalar_t>> restore_transposed(const scalar_t* grad, 
 // dL/dix and dL/diy of one sample, given the gradient-weighted corner values.
 template <typename T>
 inline void add_moments(const std::array<T, 4>& v, const Corners<T>& c, int64_t i, int64_t j, T* m) {
-  const T gx = (T(1) - c.fy) * (v[1] - v[0]) + c.fy * (v[3] - v[2]);
-  const T gy = (T(1) - c.fx) * (v[2] - v[0]) + c.fx * (v[3] - v[1]);
+  T gx, gy;
+  corner_gradient(v.data(), c, &gx, &gy);
   m[0] += gx, m[1] += gx * T(j), m[2] += gx * T(i);
   m[3] += gy, m[4] += gy * T(j), m[5] += gy * T(i);
 }
@@ -375,7 +376,7 @@ std::vector<Moments> theta_moments(const scalar_t* images, const std::vector<at:
           if constexpr (decltype(inside)::value) return;
           std::array<T, 4> weighted{0, 0, 0, 0};
           for (int64_t ch = 0; ch < C; ++ch) {
-            const auto v = corner_values<false, T>(img + ch * HW, c, H, W);
+            const auto v = corner_array<false, T>(img + ch * HW, c, H, W);
             for (int k = 0; k < 4; ++k) weighted[k] += g[ch * W + j] * v[k];
           }
           add_moments(weighted, c, i, j, m);
@@ -417,7 +418,7 @@ std::vector<Moments> image_grad_and_moments(const scalar_t* images, const std::v
             }
           }
           if (need_theta) {
-            auto v = corner_values<decltype(inside)::value, T>(img, c, H, W);
+            auto v = corner_array<decltype(inside)::value, T>(img, c, H, W);
             for (auto& e : v) e *= gj;
             add_moments(v, c, i, j, m);
           }

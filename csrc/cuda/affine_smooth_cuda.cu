@@ -25,15 +25,6 @@ __device__ __forceinline__ Corners<T> sample_corners(const PixelMap<T>& map, int
   return corners_of(clamp_far(map.x(i, j), W), clamp_far(map.y(i, j), H));
 }
 
-template <typename T, typename scalar_t>
-__device__ __forceinline__ void corner_values(const scalar_t* plane, const Corners<T>& c, int64_t H, int64_t W,
-                                              T* v) {
-  v[0] = T(value_or_zero(plane, c.y0, c.x0, H, W));
-  v[1] = T(value_or_zero(plane, c.y0, c.x0 + 1, H, W));
-  v[2] = T(value_or_zero(plane, c.y0 + 1, c.x0, H, W));
-  v[3] = T(value_or_zero(plane, c.y0 + 1, c.x0 + 1, H, W));
-}
-
 // One (image, channel, cell) per group of `lanes` threads (1, or a whole warp for large pools); the lanes stride
 // over the cell's samples and reduce with shuffles.
 template <typename scalar_t, typename T>
@@ -82,8 +73,8 @@ __global__ void restore_kernel(const scalar_t* __restrict__ pooled, int64_t plan
 
 // Weight of pooled index r in the restore tap of output index d.
 template <typename T>
-__device__ __forceinline__ T tap_weight(int64_t d, int64_t r, int64_t in_size, int64_t out_size) {
-  const auto t = upsample_tap<T>(d, in_size, out_size);
+__device__ __forceinline__ T tap_weight(int64_t d, int64_t r, int64_t in_size, T scale) {
+  const auto t = linear_tap<T>(d, in_size, scale);
   return (t.i0 == r ? t.lambda0 : T(0)) + (t.i1 == r ? t.lambda1 : T(0));
 }
 
@@ -99,12 +90,13 @@ __global__ void restore_transposed_kernel(const scalar_t* __restrict__ grad, int
   restore_source_range(r, pool, H, &y_lo, &y_hi);
   restore_source_range(q, pool, W, &x_lo, &x_hi);
   const scalar_t* g = grad + plane * H * W;
+  const T sy = T(Hp) / T(H), sx = T(Wp) / T(W);
   T acc = 0;
   for (int64_t y = y_lo; y < y_hi; ++y) {
-    const T wy = tap_weight<T>(y, r, Hp, H);
+    const T wy = tap_weight(y, r, Hp, sy);
     if (wy == T(0)) continue;
     T row = 0;
-    for (int64_t x = x_lo; x < x_hi; ++x) row += tap_weight<T>(x, q, Wp, W) * T(g[y * W + x]);
+    for (int64_t x = x_lo; x < x_hi; ++x) row += tap_weight(x, q, Wp, sx) * T(g[y * W + x]);
     acc += wy * row;
   }
   cells[cell] = acc / T(pool * pool);
@@ -149,8 +141,8 @@ __global__ void sample_backward_kernel(const scalar_t* __restrict__ images, cons
         for (int e = 0; e < 4; ++e) weighted[e] += g * v[e];
       }
     }
-    const T gx = (T(1) - c.fy) * (weighted[1] - weighted[0]) + c.fy * (weighted[3] - weighted[2]);
-    const T gy = (T(1) - c.fx) * (weighted[2] - weighted[0]) + c.fx * (weighted[3] - weighted[1]);
+    T gx, gy;
+    corner_gradient(weighted, c, &gx, &gy);
     m[0] = gx, m[1] = gx * T(j), m[2] = gx * T(i), m[3] = gy, m[4] = gy * T(j), m[5] = gy * T(i);
   }
   if (!need_theta) return;
