@@ -47,7 +47,12 @@ class CAMClassifier(nn.Module):
             raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
         if cam_stride not in (16, 32):
             raise ValueError(f"cam_stride must be 16 or 32, got {cam_stride!r}")
-        net = getattr(torchvision.models, arch)(weights="DEFAULT" if pretrained else None)
+        try:
+            net = getattr(torchvision.models, arch)(weights="DEFAULT" if pretrained else None)
+        except (OSError, RuntimeError) as error:  # no network (urllib's errors are OSErrors), or a broken download
+            raise ValueError(f"--pretrained: torchvision could not get the ImageNet weights of {arch} "
+                             f"({type(error).__name__}: {error}); download them where there is a network and pass "
+                             "them with --weights FILE") from None
         if cam_stride == 16:
             _dilate_last_stage(net.layer4)
         self.arch = arch
@@ -57,21 +62,40 @@ class CAMClassifier(nn.Module):
         self.fc = nn.Linear(net.fc.in_features, classes)
         self.register_buffer("masks", None)
 
-    def load_torchvision_weights(self, path) -> list:
-        """Load a torchvision-format ResNet state dict (e.g. ImageNet weights a user downloaded); the fc layer is
-        kept when its shape fits. Returns the keys that were not loaded."""
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
-        mapping = {"conv1.": "stem.0.", "bn1.": "stem.1."}
+    def load_torchvision_weights(self, path) -> tuple:
+        """Load ResNet weights in torchvision's layout (e.g. ImageNet weights a user downloaded), also wrapped in a
+        ``state_dict`` or ``model`` entry or with ``module.``/``model.`` key prefixes (DataParallel, training
+        frameworks); the fc layer is kept when its shape fits. Returns (backbone tensors loaded, backbone tensors,
+        keys not loaded). Fewer than 90% of the backbone is an error naming the mismatch (e.g. another
+        architecture), never a silent random start."""
+        try:
+            state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        except Exception as error:  # not a file torch can read safely: say which and why
+            raise ValueError(f"{path}: not a readable weights file ({type(error).__name__}: {error})") from None
+        while isinstance(state, dict) and any(isinstance(state.get(k), dict) for k in ("state_dict", "model")):
+            state = next(state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict))
+        if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+            raise ValueError(f"{path}: not a state dict of tensors")
         renamed = {}
         for key, value in state.items():
-            for old, new in mapping.items():
-                if key.startswith(old):
-                    key = new + key[len(old):]
+            while key.startswith(("module.", "model.")):
+                key = key.partition(".")[2]
+            for old, new in (("conv1.", "stem.0."), ("bn1.", "stem.1.")):
+                key = new + key[len(old):] if key.startswith(old) else key
             renamed[key] = value
         own = self.state_dict()
         usable = {k: v for k, v in renamed.items() if k in own and own[k].shape == v.shape}
+        backbone = [k for k in own if not k.startswith("fc.") and k != "masks"]
+        loaded = sum(k in usable for k in backbone)
+        if loaded < 0.9 * len(backbone):
+            wrong = [f"{k} {tuple(renamed[k].shape)} vs {tuple(own[k].shape)}" for k in backbone
+                     if k in renamed and k not in usable][:2]
+            absent = [k for k in backbone if k not in renamed][:2]
+            raise ValueError(f"{path}: only {loaded} of the {len(backbone)} backbone tensors of a {self.arch} match "
+                             f"(shape mismatches: {wrong or 'none'}; missing: {absent or 'none'}); weights of "
+                             "another architecture?")
         self.load_state_dict(usable, strict=False)
-        return sorted(set(own) - set(usable) - {"masks"})
+        return loaded, len(backbone), sorted(set(own) - set(usable) - {"masks"})
 
     def set_masks(self, masks: Tensor | None) -> None:
         """Disease masks ``[C, h, w]`` (resized to the feature map on use); classes without a mask should hold 0."""

@@ -59,8 +59,9 @@ def _set_rng_state(state: dict) -> None:
 def build_model(config: TrainConfig, console: Console) -> CAMClassifier:
     model = CAMClassifier(config.arch, len(FINDINGS), pretrained=config.pretrained, cam_stride=config.cam_stride)
     if config.weights:
-        skipped = model.load_torchvision_weights(config.weights)
-        console.print(f"loaded {config.weights}" + (f" (not in it: {', '.join(skipped)})" if skipped else ""))
+        loaded, total, skipped = model.load_torchvision_weights(config.weights)
+        console.print(f"{config.weights}: loaded {loaded} of {total} backbone tensors"
+                      + (f"; not loaded: {', '.join(skipped)}" if skipped else ""))
     elif config.pretrained:
         console.print(f"{config.arch}: torchvision ImageNet weights")
     else:

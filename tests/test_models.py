@@ -10,7 +10,8 @@ def test_torchvision_weights_load_and_the_head_is_the_fused_cam(tmp_path, gen):
     path = tmp_path / "resnet18.pth"
     torch.save(reference.state_dict(), path)
     model = CAMClassifier("resnet18", classes=14)
-    skipped = model.load_torchvision_weights(path)
+    loaded, total, skipped = model.load_torchvision_weights(path)
+    assert loaded == total == len(reference.state_dict()) - 2
     assert skipped == ["fc.bias", "fc.weight"]  # 1000 ImageNet classes do not fit 14
     assert torch.equal(model.stem[0].weight, reference.conv1.weight)
     assert torch.equal(model.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
@@ -23,6 +24,50 @@ def test_torchvision_weights_load_and_the_head_is_the_fused_cam(tmp_path, gen):
     model.set_masks(torch.rand(14, 8, 8, generator=gen))  # resized to the feature map on use
     attended, attended_cams = model(images, cams=True)
     assert attended.shape == (2, 14) and not torch.allclose(attended_cams, cams)
+
+
+@pytest.mark.parametrize("layout", ["wrapped in state_dict", "wrapped in model", "module. prefix",
+                                    "model. prefix", "checkpoint with module.model. prefix"])
+def test_torchvision_weights_in_common_layouts_load(tmp_path, layout):
+    reference = torchvision.models.resnet18(weights=None)
+    state = reference.state_dict()
+    saved = {
+        "wrapped in state_dict": {"state_dict": state, "epoch": torch.tensor(3)},
+        "wrapped in model": {"model": state},
+        "module. prefix": {f"module.{k}": v for k, v in state.items()},
+        "model. prefix": {f"model.{k}": v for k, v in state.items()},
+        "checkpoint with module.model. prefix": {"state_dict": {f"module.model.{k}": v for k, v in state.items()}},
+    }[layout]
+    torch.save(saved, tmp_path / "weights.pth")
+    model = CAMClassifier("resnet18", classes=14)
+    loaded, total, _ = model.load_torchvision_weights(tmp_path / "weights.pth")
+    assert loaded == total
+    assert torch.equal(model.layer3[0].downsample[0].weight, reference.layer3[0].downsample[0].weight)
+
+
+def test_weights_of_another_architecture_or_no_weights_fail_loudly(tmp_path, monkeypatch):
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path / "resnet50.pth")
+    model = CAMClassifier("resnet18", classes=14)
+    before = model.layer1[0].conv1.weight.clone()
+    with pytest.raises(ValueError, match=r"resnet50.pth: only \d+ of the \d+ backbone tensors of a resnet18 match"):
+        model.load_torchvision_weights(tmp_path / "resnet50.pth")
+    assert torch.equal(model.layer1[0].conv1.weight, before)  # nothing half-loaded
+    torch.save({"features.conv0.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "densenet.pth")
+    with pytest.raises(ValueError, match="only 0 of the .* missing: \\['stem.0.weight'"):
+        model.load_torchvision_weights(tmp_path / "densenet.pth")
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="junk.pth: not a readable weights file"):
+        model.load_torchvision_weights(tmp_path / "junk.pth")
+    torch.save({"lr": 0.1}, tmp_path / "config.pth")
+    with pytest.raises(ValueError, match="config.pth: not a state dict of tensors"):
+        model.load_torchvision_weights(tmp_path / "config.pth")
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", offline)
+    with pytest.raises(ValueError, match="--pretrained: torchvision could not get the ImageNet weights of resnet18"):
+        CAMClassifier("resnet18", pretrained=True)
 
 
 def test_cam_stride_16_matches_torchvisions_dilated_resnet50(gen):
