@@ -149,6 +149,18 @@ def masks(data_dir, asymmetric, **kwargs):
     _run(lambda: dmfast.masks.run(MasksConfig(data=data_dir, asymmetric=classes, **kwargs)))
 
 
+@main.command()
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The model file to write.")
+@click.option("--half", is_flag=True, help="Store the weights as float16 (half the size).")
+def export(source, out, half):
+    """Write the portable model file of a dmfast train run (folder or checkpoint.pt): weights only, the alignment
+    network and anchor embedded, no paths; load it with dmfast.inference.load_model."""
+    from dmfast.inference import export_model
+
+    _run(lambda: click.echo(f"model file {export_model(source, out, half)}"))
+
+
 def _named_paths(values, option_name: str) -> list:
     """NAME=PATH pairs (a bare PATH is named after its folder)."""
     pairs = []

@@ -1,7 +1,11 @@
 """Every file format dmfast writes and reads back: the classifier checkpoint (``dmfast train``: ``model``,
 ``config``, ``splits``, ``epoch`` and the optimiser, scheduler and random states to resume), the alignment
 checkpoint (``dmfast align``: ``model``, ``net_config``, ``config``, ``history``) and its anchor image, and the masks
-file (``dmfast masks``: ``masks [14, MASK_SIZE, MASK_SIZE]`` in {0, 1}, ``average``, ``has_mask``, ``kind``).
+file (``dmfast masks``: ``masks [14, MASK_SIZE, MASK_SIZE]`` in {0, 1}, ``average``, ``has_mask``, ``kind``), and
+the portable model file (``dmfast export``, and ``model.pt`` of every ``dmfast train`` run): weights only, read with
+``torch.load(weights_only=True)``, self-contained: ``classes``, ``size``, ``normalisation``, ``classifier`` (``arch``,
+``cam_stride``, ``state`` with the disease masks when trained with them), ``aligner`` (``input_size``, ``state``,
+``anchor``) or None, ``half`` and ``written_by`` (dmfast and torch versions); never a path.
 
 Each is a dict saved atomically with a ``format`` tag and a format ``version``; reading checks both and names the
 file and the problem (missing, unreadable, another kind of file, written by a newer dmfast). Files of dmfast 0.1.0
@@ -18,9 +22,10 @@ from .io import atomic_torch_save
 VERSION = 1
 MASK_SIZE = 64  # side of the stored masks; the classifier resizes them to its feature map
 # format tag -> (what it is called in messages, keys it must have)
-CLASSIFIER, ALIGNMENT, MASKS = "dmfast.classifier", "dmfast.alignment", "dmfast.masks"
+CLASSIFIER, ALIGNMENT, MASKS, MODEL = "dmfast.classifier", "dmfast.alignment", "dmfast.masks", "dmfast.model"
 KINDS = {CLASSIFIER: ("classifier checkpoint", ("model", "config")),
-         ALIGNMENT: ("alignment checkpoint", ("model", "net_config")), MASKS: ("masks file", ("masks",))}
+         ALIGNMENT: ("alignment checkpoint", ("model", "net_config")), MASKS: ("masks file", ("masks",)),
+         MODEL: ("model file", ("classes", "size", "normalisation", "classifier", "aligner"))}
 
 
 def save(path, kind: str, payload: dict) -> Path:
@@ -35,7 +40,7 @@ def load(path, kind: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} not found")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=kind == MODEL)  # a model file is weights only
     except Exception as error:  # a truncated or foreign file: say which and why, not a pickle traceback
         raise ValueError(f"{path}: not a readable {what} ({type(error).__name__}: {error})") from None
     found = (payload.get("format") or (ALIGNMENT if "net_config" in payload else kind)  # untagged: by its keys

@@ -1,6 +1,7 @@
-"""Trained models at inference: loading a classifier or an alignment module from its checkpoint, and running a
+"""Trained models at inference: loading a classifier or an alignment module from its checkpoint, running a
 classifier on uint8 image batches (probabilities and class activation maps, on aligned images when it was trained
-on them). Shared by ``dmfast train`` (validation), ``align`` (perceptual loss), ``masks`` and ``eval``."""
+on them), and the portable model file (:func:`export_model`, :func:`load_model`). Shared by ``dmfast train``
+(validation, model.pt), ``align`` (perceptual loss), ``masks``, ``eval`` and ``export``."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,10 +9,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoints, ops
+from . import __version__, checkpoints, ops
 from .config import TrainConfig, from_dict
 from .data.chestxray14 import FINDINGS
-from .data.images import to_model_input
+from .data.images import NORMALISATION, to_model_input
 from .data.splits import Splits
 from .models import AlignmentNet, CAMClassifier
 
@@ -42,20 +43,12 @@ class Prediction:
     theta: torch.Tensor | None  # [B, 2, 3] alignment transforms (aligned frame -> image frame), or None
 
 
-class Classifier:
-    """``Classifier(checkpoint)(pixels)`` -> :class:`Prediction` for a ``dmfast train`` checkpoint."""
+class Model:
+    """A trained classifier (and its alignment module, for an aligned model) at inference:
+    ``model(pixels)`` -> :class:`Prediction` for uint8 images ``[B, 1, size, size]``."""
 
-    def __init__(self, checkpoint, device=None):
-        self.path = Path(checkpoint)
-        self.device = torch.device(device) if device else ops.default_device()
-        self.model, self.config, state = load_classifier(checkpoint, self.device)
-        self.splits = Splits(**state["splits"])
-        self.aligner = None
-        if self.config.aligned:
-            if not Path(self.config.aligned).is_file():
-                raise FileNotFoundError(f"{checkpoint} was trained on aligned images, but its alignment checkpoint "
-                                        f"{self.config.aligned} is missing")
-            self.aligner = load_aligner(self.config.aligned, self.device)
+    def __init__(self, model: CAMClassifier, aligner: AlignmentNet | None, size: int, device):
+        self.model, self.aligner, self.size, self.device = model, aligner, size, torch.device(device)
 
     @property
     def masks(self) -> torch.Tensor | None:
@@ -70,6 +63,62 @@ class Classifier:
             images = self.aligner.warp(images, theta)
         logits, cams = self.model(images, cams=True)
         return Prediction(torch.sigmoid(logits).float(), cams.float(), theta)
+
+
+class Classifier(Model):
+    """``Classifier(checkpoint)(pixels)`` for a ``dmfast train`` checkpoint, with its config and splits."""
+
+    def __init__(self, checkpoint, device=None):
+        self.path = Path(checkpoint)
+        device = torch.device(device) if device else ops.default_device()
+        model, self.config, state = load_classifier(checkpoint, device)
+        self.splits = Splits(**state["splits"])
+        aligner = None
+        if self.config.aligned:
+            if not Path(self.config.aligned).is_file():
+                raise FileNotFoundError(f"{checkpoint} was trained on aligned images, but its alignment checkpoint "
+                                        f"{self.config.aligned} is missing (export a model file to move a model)")
+            aligner = load_aligner(self.config.aligned, device)
+        super().__init__(model, aligner, self.config.size, device)
+
+
+def export_model(source, out, half: bool = False) -> Path:
+    """Write the portable model file (format in :mod:`dmfast.checkpoints`) of a ``dmfast train`` checkpoint or run
+    folder to ``out``: weights only, the alignment network and anchor embedded; ``half`` stores float16."""
+    source = Path(source) / "checkpoint.pt" if Path(source).is_dir() else Path(source)
+    model, config, _ = load_classifier(source)
+    cast = (lambda state: {k: v.half() if v.is_floating_point() else v for k, v in state.items()}) if half else dict
+    aligner = None
+    if config.aligned:
+        alignment = checkpoints.load(config.aligned, checkpoints.ALIGNMENT)
+        anchor = Path(config.aligned).parent / "anchor.pt"
+        aligner = {"input_size": alignment["net_config"]["input_size"], "state": cast(alignment["model"]),
+                   "anchor": checkpoints.load_anchor(anchor) if anchor.is_file() else None}
+    return checkpoints.save(out, checkpoints.MODEL, {
+        "classes": list(FINDINGS), "size": config.size, "normalisation": dict(NORMALISATION), "half": half,
+        "classifier": {"arch": config.arch, "cam_stride": config.cam_stride, "state": cast(model.state_dict())},
+        "aligner": aligner, "written_by": {"dmfast": __version__, "torch": str(torch.__version__)}})
+
+
+def load_model(path, device=None) -> Model:
+    """A portable model file (``dmfast export``, or a run's ``model.pt``) ready for inference."""
+    payload = checkpoints.load(path, checkpoints.MODEL)
+    if payload["classes"] != list(FINDINGS) or payload["normalisation"] != NORMALISATION:
+        raise ValueError(f"{path}: a model of classes {payload['classes']} with input normalisation "
+                         f"{payload['normalisation']}; this dmfast works with {list(FINDINGS)} and {NORMALISATION}")
+    device = torch.device(device) if device else ops.default_device()
+    full = lambda state: {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # noqa: E731
+    spec = payload["classifier"]
+    model = CAMClassifier(spec["arch"], len(FINDINGS), cam_stride=spec["cam_stride"])
+    state = full(spec["state"])
+    model.set_masks(state.get("masks"))
+    model.load_state_dict(state)
+    aligner = None
+    if payload["aligner"] is not None:
+        aligner = AlignmentNet(payload["aligner"]["input_size"])
+        aligner.load_state_dict(full(payload["aligner"]["state"]))
+        aligner = aligner.to(device).eval()
+    return Model(model.to(device).eval(), aligner, payload["size"], device)
 
 
 def to_image_frame(maps: torch.Tensor, theta: torch.Tensor | None, resolution: int) -> torch.Tensor:

@@ -65,3 +65,35 @@ def phantom_with_cache(folder, count: int, size: int, seed: int) -> tuple:
 
     data = synthesize(Path(folder) / "data", count=count, size=size, seed=seed)
     return data, prepare(data, Path(folder) / "cache", size=size, workers=2)
+
+
+def assert_model_file_matches(checkpoint, folder, gen: torch.Generator, moved=()) -> None:
+    """Export ``checkpoint`` to a model file, move the file and the folders ``moved`` (e.g. the alignment run)
+    elsewhere, load it with ``weights_only=True``, and compare its probabilities, CAMs and alignment with the
+    checkpoint's on random images (float32 and float16 files)."""
+    import shutil
+
+    from .checkpoints import MODEL
+    from .inference import Classifier, export_model, load_model
+
+    expected = Classifier(checkpoint, "cpu")
+    pixels = torch.randint(0, 256, (3, 1, expected.size, expected.size), generator=gen, dtype=torch.uint8)
+    want = expected(pixels)
+    for half, tolerance in ((False, 1e-5), (True, 5e-2)):
+        exported = export_model(checkpoint, Path(folder) / "export" / "model.pt", half=half)
+        target = Path(folder) / "elsewhere" / ("half.pt" if half else "model.pt")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(exported, target)
+        assert torch.load(target, weights_only=True)["format"] == MODEL
+        for path in moved:
+            shutil.move(path, f"{path}.moved")
+        try:
+            got = load_model(target, "cpu")(pixels)
+        finally:
+            for path in moved:
+                shutil.move(f"{path}.moved", path)
+        torch.testing.assert_close(got.probabilities, want.probabilities, rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(got.cams, want.cams, rtol=tolerance, atol=tolerance * want.cams.abs().max())
+        assert (got.theta is None) == (want.theta is None)
+        if want.theta is not None:
+            torch.testing.assert_close(got.theta, want.theta, rtol=tolerance, atol=tolerance)

@@ -22,7 +22,7 @@ from .data.cache import ImageCache, open_or_prepare
 from .data.chestxray14 import FINDINGS, open_dataset
 from .data.images import to_model_input
 from .data.splits import Splits, make_splits
-from .inference import load_aligner
+from .inference import export_model, load_aligner
 from .io import LOSS_AND_RATE, json_text, progress
 from .metrics import roc_auc
 from .models import CAMClassifier
@@ -113,7 +113,8 @@ def evaluate_auroc(model, cache: ImageCache, names, labels: np.ndarray, batch: i
 
 
 def run(config: TrainConfig, resume: bool = False, console: Console | None = None) -> Path:
-    """Train (or resume) and return the path of the last checkpoint."""
+    """Train (or resume) and return the path of the last checkpoint; the run's portable model file is written
+    beside it as ``model.pt``."""
     rank, world = _distributed()
     console = console or Console(stderr=True, quiet=rank != 0)
     device = _device()
@@ -205,4 +206,6 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
                           f"{metrics.get('mean_auroc', float('nan')):.3f}, {rate:.1f} images/s")
         if world > 1:
             dist.barrier()
+    if rank == 0 and last.is_file():  # the portable, weights-only copy to use the model elsewhere (dmfast export, inference)
+        console.print(f"model file {export_model(last, out / 'model.pt')}")
     return last

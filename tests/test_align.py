@@ -10,7 +10,7 @@ from dmfast.cli.main import main
 from dmfast.config import AlignConfig, TrainConfig
 from dmfast.models import AlignmentNet
 from dmfast.ops import affine_matrix
-from dmfast.testing import phantom_with_cache
+from dmfast.testing import assert_model_file_matches, phantom_with_cache
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_misalignment_error_of_inverse_transforms_is_zero():
     assert misalignment_error(theta, inverse).item() < 1e-12
 
 
-def test_end_to_end_train_align_resume(phantom, tmp_path):
+def test_end_to_end_train_align_resume(phantom, tmp_path, gen):
     data, cache = phantom
     common = dict(data=str(data), cache=str(cache), size=96, batch=16, split="patients", val_fraction=0.15)
     checkpoint = train.run(TrainConfig(out=str(tmp_path / "base"), arch="resnet18", epochs=1, **common))
@@ -56,6 +56,9 @@ def test_end_to_end_train_align_resume(phantom, tmp_path):
     on_aligned = train.run(TrainConfig(out=str(tmp_path / "aligned"), arch="resnet18", epochs=1, max_steps=2,
                                    aligned=str(aligned), **common))
     assert checkpoints.load(on_aligned, checkpoints.CLASSIFIER)["config"]["aligned"] == str(aligned)
+    # Its model file embeds the alignment network: it works with the alignment run moved away.
+    assert (tmp_path / "aligned" / "model.pt").is_file()
+    assert_model_file_matches(on_aligned, tmp_path / "model", gen, moved=[aligned.parent])
 
 
 def test_align_command_reports_bad_options(phantom, tmp_path):

@@ -7,7 +7,7 @@ import torch
 from dmfast import checkpoints, train
 from dmfast.config import TrainConfig
 from dmfast.inference import load_classifier
-from dmfast.testing import phantom_with_cache
+from dmfast.testing import assert_model_file_matches, phantom_with_cache
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,7 @@ def test_attention_retraining_starts_from_init_and_keeps_its_masks(phantom, tmp_
                              masks=str(tmp_path / "masks.pt")))
     model, cfg, _ = load_classifier(retrained)
     assert torch.equal(model.masks, masks) and cfg.init == str(base)
+    assert_model_file_matches(retrained, tmp_path / "model", gen)  # the masks travel inside the model file
     # the retraining started from the base weights: one Adam step of 1e-3 moves no weight further than ~1e-3
     start = checkpoints.load(base, checkpoints.CLASSIFIER)["model"]["layer1.0.conv1.weight"]
     assert (model.layer1[0].conv1.weight - start).abs().max() < 2e-3
@@ -99,3 +100,21 @@ def test_bad_init_and_masks_files_are_named(phantom, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"\x00junk")
     with pytest.raises(ValueError, match="junk.pt: not a readable masks file"):
         checkpoints.load(tmp_path / "junk.pt", checkpoints.MASKS)
+
+
+def test_export_command_writes_a_model_file_and_names_a_bad_source(phantom, tmp_path):
+    from click.testing import CliRunner
+
+    from dmfast.cli.main import main
+    from dmfast.inference import load_model
+
+    run = train.run(config(phantom, tmp_path / "run", epochs=1, max_steps=1)).parent
+    assert (run / "model.pt").is_file()  # every training run ends with its model file
+    result = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "half.pt"), "--half"])
+    assert result.exit_code == 0, result.output
+    payload = torch.load(tmp_path / "half.pt", weights_only=True)
+    assert payload["half"] and payload["classifier"]["state"]["fc.weight"].dtype == torch.float16
+    assert payload["written_by"]["torch"] == torch.__version__ and payload["aligner"] is None
+    assert load_model(tmp_path / "half.pt").size == 64
+    result = CliRunner().invoke(main, ["export", str(run / "splits.json"), "--out", str(tmp_path / "x.pt")])
+    assert result.exit_code == 1 and "splits.json: not a readable classifier checkpoint" in result.output

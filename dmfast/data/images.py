@@ -38,6 +38,9 @@ def load_gray(path, size: int | None = None) -> np.ndarray:
     return np.asarray(gray, dtype=np.uint8)
 
 
+NORMALISATION = {"scale": 1 / 127.5, "offset": -1.0}  # uint8 pixel p -> p * scale + offset, in [-1, 1]
+
+
 def to_model_input(batch):
     """uint8 images -> float in [-1, 1] (the paper's normalisation), done on the batch (torch tensor)."""
     return batch.float().div_(127.5).sub_(1.0)
