@@ -31,7 +31,7 @@ from .config import EvalConfig
 from .data.cache import ImageCache, open_or_prepare
 from .data.chestxray14 import FINDINGS, open_dataset
 from .figures import BLACK, RED, draw, grid, heat_overlay
-from .inference import Classifier, to_image_frame
+from .inference import Classifier
 from .io import atomic_write_bytes, atomic_write_json, finite, print_table, progress, save_png
 from .metrics import localization, predictions_from_padded, roc_auc
 
@@ -99,7 +99,6 @@ def evaluate_checkpoint(name: str, classifier: Classifier, cache: ImageCache, te
                         truth: GroundTruth, config: EvalConfig, keep: set, console: Console) -> tuple:
     """One pass over the test images: probabilities for AUROC and, on images with boxes, CAM boxes of each
     ground-truth class. Returns the :class:`Method` and the maps/boxes of the (image, class) pairs in ``keep``."""
-    resolution = max(cache.size // 4, 8)  # CAMs are warped back to the image frame at a quarter of its size
     started = time.perf_counter()
     scores, predicted, kept = [], [], {}
     with progress(f"eval {name}", console) as bar:
@@ -110,18 +109,10 @@ def evaluate_checkpoint(name: str, classifier: Classifier, cache: ImageCache, te
             scores.append(prediction.probabilities.cpu())
             rows = [(b, n, c) for b, n in enumerate(names) for c in truth.pairs.get(n, ())]
             if rows:
-                b_index = torch.tensor([r[0] for r in rows])
                 c_index = torch.tensor([r[2] for r in rows])
-                maps = prediction.cams[b_index.to(prediction.cams.device), c_index.to(prediction.cams.device)]
-                theta = prediction.theta[b_index.to(prediction.theta.device)] if prediction.theta is not None else None
-                maps = to_image_frame(maps, theta, resolution)
-                boxes, _, counts = ops.cam_boxes(maps, (cache.size, cache.size), config.box_thresholds,
-                                                 config.max_boxes)
-                counts = counts.cpu()
-                if (counts < 0).any():
-                    i = int(torch.nonzero(counts < 0)[0, 0])
-                    raise ValueError(f"{classifier.path}: the {FINDINGS[rows[i][2]]} CAM of {rows[i][1]} contains NaN "
-                                     "or infinite values (a diverged model?)")
+                maps, boxes, _, counts = prediction.boxes([r[0] for r in rows], c_index.tolist(), cache.size,
+                                                          config.box_thresholds, config.max_boxes,
+                                                          [f"{classifier.path}: {r[1]}" for r in rows])
                 image_ids = np.array([r[1] for r in rows], dtype=object)
                 predicted.append(predictions_from_padded(boxes.cpu(), counts, image_ids, c_index.numpy()))
                 for i, (_, n, c) in enumerate(rows):

@@ -6,13 +6,14 @@ on them), and the portable model file (:func:`export_model`, :func:`load_model`)
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import __version__, checkpoints, ops
 from .config import TrainConfig, from_dict
 from .data.chestxray14 import FINDINGS
-from .data.images import NORMALISATION, to_model_input
+from .data.images import NORMALISATION, load_gray, to_model_input
 from .data.splits import Splits
 from .models import AlignmentNet, CAMClassifier
 
@@ -42,6 +43,20 @@ class Prediction:
     cams: torch.Tensor  # [B, C, h, w], in the frame the model saw (aligned when it was trained aligned)
     theta: torch.Tensor | None  # [B, 2, 3] alignment transforms (aligned frame -> image frame), or None
 
+    def boxes(self, images: list, classes: list, size: int, thresholds, max_boxes: int, names: list) -> tuple:
+        """Boxes of the CAM of class ``classes[i]`` on image ``images[i]``, in the pixels of the ``size``-px input
+        (maps of aligned images warped back onto it): ``(maps, boxes, scores, counts)`` as ``ops.cam_boxes``, on the
+        CPU. A CAM with NaN or inf is an error naming ``names[i]`` and the class."""
+        b_index, c_index = torch.tensor(images, device=self.cams.device), torch.tensor(classes, device=self.cams.device)
+        theta = self.theta[b_index] if self.theta is not None else None
+        maps = to_image_frame(self.cams[b_index, c_index], theta, max(size // 4, 8))  # a quarter of the image size
+        boxes, scores, counts = (t.cpu() for t in ops.cam_boxes(maps, (size, size), thresholds, max_boxes))
+        if (counts < 0).any():
+            i = int(torch.nonzero(counts < 0)[0, 0])
+            raise ValueError(f"{names[i]}: the {FINDINGS[classes[i]]} CAM contains NaN or infinite values (a "
+                             "diverged model?)")
+        return maps, boxes, scores, counts
+
 
 class Model:
     """A trained classifier (and its alignment module, for an aligned model) at inference:
@@ -63,6 +78,72 @@ class Model:
             images = self.aligner.warp(images, theta)
         logits, cams = self.model(images, cams=True)
         return Prediction(torch.sigmoid(logits).float(), cams.float(), theta)
+
+    def predict(self, images, min_probability: float = 0.5, box_thresholds=(0.5,), max_boxes: int = 1,
+                batch: int = 16) -> list:
+        """Probabilities, CAMs and boxes for X-rays of any size: ``images`` are image files (PNG, JPEG, ...) or
+        2-D uint8 arrays/tensors ``[H, W]``. Each is padded to a centred square (never squashed) and resized to the
+        model's input; the boxes of every class whose probability reaches ``min_probability`` come back in the
+        image's own pixels. Returns one :class:`ImagePrediction` per image."""
+        results = []
+        for start in range(0, len(images), batch):
+            chunk = [_gray(image) for image in images[start:start + batch]]
+            squares = [to_square(gray, self.size) for gray in chunk]
+            prediction = self(torch.from_numpy(np.stack([s[0] for s in squares]))[:, None])
+            rows = [(b, c) for b in range(len(chunk)) for c in range(len(FINDINGS))
+                    if prediction.probabilities[b, c] >= min_probability]
+            boxes = scores = counts = None
+            if rows:
+                names = [f"image {start + b}" for b, _ in rows]
+                _, boxes, scores, counts = prediction.boxes([b for b, _ in rows], [c for _, c in rows], self.size,
+                                                            box_thresholds, max_boxes, names)
+            for b, gray in enumerate(chunk):
+                scale, pad_x, pad_y = squares[b][1:]
+                found = {}
+                for i in (i for i, row in enumerate(rows) if row[0] == b):
+                    kept = boxes[i, :min(int(counts[i]), max_boxes)].double() * scale - torch.tensor(
+                        [pad_x, pad_y, pad_x, pad_y], dtype=torch.float64)
+                    kept = kept.clamp(min=0).minimum(torch.tensor([gray.shape[1], gray.shape[0]] * 2).double())
+                    found[FINDINGS[rows[i][1]]] = [box + [score] for box, score in
+                                                   zip(kept.tolist(), scores[i, :len(kept)].tolist())]
+                results.append(ImagePrediction(gray.shape[1], gray.shape[0],
+                                               dict(zip(FINDINGS, prediction.probabilities[b].tolist())), found,
+                                               prediction.cams[b].cpu()))
+        return results
+
+
+@dataclass
+class ImagePrediction:
+    width: int
+    height: int
+    probabilities: dict  # class -> probability
+    boxes: dict  # class -> [[x0, y0, x1, y1, score], ...] in the image's pixels, best first
+    cams: torch.Tensor  # [C, h, w], in the model's frame
+
+
+def _gray(image) -> np.ndarray:
+    if isinstance(image, (str, Path)):
+        return load_gray(image)
+    array = image.cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
+    if array.ndim != 2 or array.dtype != np.uint8:
+        raise ValueError(f"predict: an image array must be 2-D uint8 [H, W], got {array.dtype} {array.shape}")
+    return array
+
+
+def to_square(gray: np.ndarray, size: int) -> tuple:
+    """``gray [H, W]`` padded with black to a centred square and resized to ``size`` (Lanczos, as the image cache):
+    ``(pixels [size, size], scale, pad_x, pad_y)``; a point (x, y) of the result is (x * scale - pad_x,
+    y * scale - pad_y) in the image."""
+    from PIL import Image
+
+    height, width = gray.shape
+    side = max(height, width)
+    pad_x, pad_y = (side - width) // 2, (side - height) // 2
+    square = np.zeros((side, side), np.uint8)
+    square[pad_y:pad_y + height, pad_x:pad_x + width] = gray
+    if side != size:
+        square = np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.LANCZOS))
+    return square, side / size, pad_x, pad_y
 
 
 class Classifier(Model):

@@ -118,3 +118,28 @@ def test_export_command_writes_a_model_file_and_names_a_bad_source(phantom, tmp_
     assert load_model(tmp_path / "half.pt").size == 64
     result = CliRunner().invoke(main, ["export", str(run / "splits.json"), "--out", str(tmp_path / "x.pt")])
     assert result.exit_code == 1 and "splits.json: not a readable classifier checkpoint" in result.output
+
+
+def test_predict_reports_boxes_in_the_pixels_of_images_of_any_size(phantom, tmp_path, gen):
+    from PIL import Image
+
+    from dmfast.inference import load_model, to_square
+
+    model = load_model(train.run(config(phantom, tmp_path / "run", epochs=1, max_steps=2)).parent / "model.pt")
+    wide = torch.randint(0, 256, (48, 64), generator=gen, dtype=torch.uint8)
+    padded = torch.zeros(64, 64, dtype=torch.uint8)
+    padded[8:56] = wide  # the centred square predict makes of it
+    Image.fromarray(wide.numpy()).save(tmp_path / "wide.png")
+    big = to_square(torch.randint(0, 256, (128, 128), generator=gen, dtype=torch.uint8).numpy(), 128)[0]
+    small = to_square(big, 64)[0]
+    found = model.predict([tmp_path / "wide.png", padded, big, small], min_probability=0, max_boxes=2)
+    assert [(r.width, r.height) for r in found] == [(64, 48), (64, 64), (128, 128), (64, 64)]
+    assert found[0].probabilities == found[1].probabilities and len(found[0].boxes) == 14
+    for name, boxes in found[1].boxes.items():  # the square's boxes, moved up by the padding and clipped
+        want = [[x0, min(max(y0 - 8, 0), 48), x1, min(max(y1 - 8, 0), 48), s] for x0, y0, x1, y1, s in boxes]
+        assert found[0].boxes[name] == want, name
+    for name, boxes in found[3].boxes.items():  # a 2x larger image: the same boxes at twice the coordinates
+        assert found[2].boxes[name] == [[2 * v for v in box[:4]] + box[4:] for box in boxes], name
+    assert model.predict([padded], min_probability=1.01)[0].boxes == {}
+    with pytest.raises(ValueError, match="2-D uint8"):
+        model.predict([torch.zeros(3, 8, 8)])
