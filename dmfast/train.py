@@ -133,11 +133,12 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
     random.seed(config.seed)
 
     dataset = open_dataset(config.data, skip_problems=config.skip_problems)
-    if rank == 0:  # the other ranks wait until rank 0 has built the cache
-        open_or_prepare(config.data, config.cache, config.size, config.skip_problems, console)
+    opened = lambda: open_or_prepare(config.data, config.cache, config.size, config.skip_problems, console)  # noqa: E731
+    cache = opened() if rank == 0 else None  # the other ranks open it once rank 0 has built it
     if world > 1:
         dist.barrier()
-    cache = open_or_prepare(config.data, config.cache, config.size, config.skip_problems, console)
+    if cache is None:
+        cache = opened()
     splits = Splits(**state["splits"]) if state else make_splits(dataset, config.val_fraction, config.seed,
                                                                    split=config.split)
     train_names = [n for n in splits.train if n in cache]
