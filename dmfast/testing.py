@@ -97,3 +97,35 @@ def assert_model_file_matches(checkpoint, folder, gen: torch.Generator, moved=()
         assert (got.theta is None) == (want.theta is None)
         if want.theta is not None:
             torch.testing.assert_close(got.theta, want.theta, rtol=tolerance, atol=tolerance)
+
+
+def write_dicom(path, pixels, photometric: str = "MONOCHROME2", **elements) -> Path:
+    """A single-frame DICOM X-ray (Digital X-Ray, explicit VR little endian) of ``pixels`` (uint8 or uint16
+    ``[H, W]``, or uint8 ``[H, W, 3]`` RGB) with extra data ``elements`` (e.g. ``RescaleSlope``,
+    ``WindowCenter``, ``NumberOfFrames``)."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    pixels = np.ascontiguousarray(pixels)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "DX"
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
+    if pixels.ndim == 3:
+        ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = ds.BitsStored = pixels.dtype.itemsize * 8
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 0
+    for name, value in elements.items():
+        setattr(ds, name, value)
+    ds.PixelData = pixels.tobytes()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return Path(path)
