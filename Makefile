@@ -49,6 +49,7 @@ bench: build
 	$(PY) -m benchmarks.affine_smooth
 	$(PY) -m benchmarks.attention_cam
 	$(PY) -m benchmarks.cam_boxes
+	$(PY) -m benchmarks.predict
 	$(PY) -m pytest benchmarks --benchmark-enable --benchmark-only -q
 
 # Compile (and link) the CUDA kernels for sm_80 and sm_90 without a GPU, into build-cuda/, so they never rot.

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 import dmfast
-from dmfast.config import ARCHS, AlignConfig, DemoConfig, EvalConfig, MasksConfig, SplitConfig, TrainConfig, defaults
+from dmfast.config import (ARCHS, WANG_THRESHOLDS, AlignConfig, BoxConfig, DemoConfig, EvalConfig, MasksConfig,
+                           PredictConfig, SplitConfig, TrainConfig, defaults)
 from dmfast.data.cache import prepare as prepare_cache
 from dmfast.data.phantom import synthesize
 
@@ -155,7 +156,7 @@ def masks(data_dir, asymmetric, **kwargs):
 @click.option("--half", is_flag=True, help="Store the weights as float16 (half the size).")
 def export(source, out, half):
     """Write the portable model file of a dmfast train run (folder or checkpoint.pt): weights only, the alignment
-    network and anchor embedded, no paths; load it with dmfast.inference.load_model."""
+    network and anchor embedded, no paths; use it with dmfast predict or dmfast.load_model."""
     from dmfast.inference import export_model
 
     _run(lambda: click.echo(f"model file {export_model(source, out, half)}"))
@@ -173,8 +174,6 @@ def _named_paths(values, option_name: str) -> list:
 
 
 def _box_thresholds(value: str) -> tuple:
-    from dmfast.eval import WANG_THRESHOLDS
-
     if value.strip().lower() == "wang":
         return WANG_THRESHOLDS
     try:
@@ -183,17 +182,20 @@ def _box_thresholds(value: str) -> tuple:
         raise click.BadParameter(f"{value!r} is neither fractions nor 'wang'", param_hint="--box-threshold")
 
 
+BOX_THRESHOLD = click.option(
+    "--box-threshold", "box_threshold", default=",".join(f"{t:g}" for t in defaults(BoxConfig)["box_thresholds"]),
+    show_default=True, help="CAM threshold(s) for boxes, comma-separated fractions, or 'wang' for 60/255,180/255.")
+MAX_BOXES = ("max_boxes", {"help": "Boxes per CAM (best first)."})
+
+
 @main.command(name="eval")
 @DATA_DIR
 @click.option("--checkpoint", "checkpoints", multiple=True, required=True,
               help="NAME=PATH of a dmfast train checkpoint; repeat to compare (table order).")
 @click.option("--masks", "masks_files", multiple=True, help="NAME=PATH of a masks file: an extra mask-only row.")
 @out_option("Folder for eval.json/.md and the overlays.")
-@click.option("--box-threshold", default=",".join(f"{t:g}" for t in defaults(EvalConfig)["box_thresholds"]),
-              show_default=True,
-              help="CAM threshold(s) for boxes, comma-separated fractions, or 'wang' for 60/255,180/255.")
-@options(EvalConfig, ("max_boxes", {"help": "Boxes per CAM (best first)."}),
-         ("overlays", {"help": "Overlay images per class (0: none)."}), "batch", CACHE, SKIP)
+@BOX_THRESHOLD
+@options(EvalConfig, MAX_BOXES, ("overlays", {"help": "Overlay images per class (0: none)."}), "batch", CACHE, SKIP)
 def evaluate(data_dir, checkpoints, masks_files, box_threshold, **kwargs):
     """Score AUROC and box localization (IoU, IoBB, AFP) of checkpoints side by side, with overlays."""
     import dmfast.eval
@@ -205,6 +207,27 @@ def evaluate(data_dir, checkpoints, masks_files, box_threshold, **kwargs):
 
 
 @main.command()
+@click.argument("model", type=click.Path(exists=True))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@out_option("Folder for predictions.csv/.json, problems.csv, cams.npz and overlays/.")
+@BOX_THRESHOLD
+@options(PredictConfig, ("min_probability", {"help": "Report the boxes of classes with at least this probability "
+                                                      "(0: all)."}),
+         MAX_BOXES, ("batch", {"help": "Images per forward pass."}),
+         ("cams", {"help": "Also write every class's CAM per image to cams.npz."}),
+         ("overlays", {"help": "Also write one overlay PNG per image (CAMs, boxes, probabilities)."}),
+         ("device", {"help": "cpu, cuda or cuda:N [default: cuda when available]."}))
+def predict(model, inputs, box_threshold, **kwargs):
+    """Probabilities, CAMs and boxes of a trained MODEL (model file, run folder or checkpoint) for X-ray INPUTS:
+    PNG, JPEG and DICOM files, or folders of them (recursive). Boxes are in each image's own pixels."""
+    import dmfast.predict
+
+    config = PredictConfig(model=model, inputs=list(inputs), box_thresholds=_box_thresholds(box_threshold),
+                           **kwargs)
+    _run(lambda: dmfast.predict.run(config))
+
+
+@main.command()
 @options(DemoConfig, ("out", {"type": FOLDER, "help": "Folder for every stage's outputs."}),
          ("data", {"type": click.Path(exists=True, file_okay=False),
                    "help": "A ChestX-ray14-format directory (patient-grouped split) instead of the phantom."}),
@@ -212,7 +235,8 @@ def evaluate(data_dir, checkpoints, masks_files, box_threshold, **kwargs):
          ("arch", {"type": click.Choice(ARCHS)}), "cam_stride",
          ("epochs", {"help": "Epochs of the base and aligned classifiers."}),
          ("attention_epochs", {"help": "Epochs of attention retraining."}), "align_epochs", "batch", "lr", "seed",
-         "val_fraction", MAX_STEPS, ("overlays", {"help": "Overlay images per class."}))
+         "val_fraction", MAX_STEPS, ("overlays", {"help": "Overlay images per class."}),
+         ("predict_images", {"help": "Test images with boxes run through dmfast predict at the end."}))
 def demo(**kwargs):
     """Phantom (or --data) -> base -> align -> aligned -> masks -> attention (DM, PDM) -> eval, with the ablation."""
     import dmfast.demo

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from .metrics import DEFAULT_THRESHOLDS
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
+WANG_THRESHOLDS = (60 / 255, 180 / 255)  # Wang et al.'s two CAM levels for boxes (`--box-threshold wang`)
 ASYMMETRIC = ("Cardiomegaly",)  # the classes whose CAMs are not mirrored into their masks (Eq. 3)
 
 
@@ -76,13 +77,40 @@ class MasksConfig(DataConfig):
 
 
 @dataclass(kw_only=True)
-class EvalConfig(DataConfig):
-    checkpoints: list = field(default_factory=list)  # [(name, path)] of dmfast train checkpoints, in table order
-    masks: list = field(default_factory=list)  # [(name, path)] extra masks files for mask-only rows
+class BoxConfig:
+    """How CAMs become boxes (eval and predict): thresholds on the min-max normalised CAM, boxes per CAM."""
     box_thresholds: tuple = (0.5,)
     max_boxes: int = 1
+
+
+def box_levels(thresholds, max_boxes: int) -> tuple:
+    """The box thresholds as floats, after checking them and ``max_boxes`` (a clear error for bad values)."""
+    if max_boxes < 1:
+        raise ValueError(f"max_boxes must be >= 1, got {max_boxes}")
+    levels = tuple(float(t) for t in thresholds)
+    if not levels or any(not 0 <= t <= 1 for t in levels):
+        raise ValueError(f"box thresholds must lie in [0, 1], got {list(levels)}")
+    return levels
+
+
+@dataclass(kw_only=True)
+class EvalConfig(DataConfig, BoxConfig):
+    checkpoints: list = field(default_factory=list)  # [(name, path)] of dmfast train checkpoints, in table order
+    masks: list = field(default_factory=list)  # [(name, path)] extra masks files for mask-only rows
     overlays: int = 2  # images per class in the overlay figures
     overlap_thresholds: tuple = DEFAULT_THRESHOLDS
+
+
+@dataclass(kw_only=True)
+class PredictConfig(BoxConfig):
+    model: str  # a model file (dmfast export, RUN/model.pt), a run folder, or a dmfast train checkpoint
+    inputs: list  # X-ray files and folders (searched recursively)
+    out: str
+    min_probability: float = 0.5  # classes reaching this get boxes (0: every class)
+    batch: int = 16
+    cams: bool = False  # write cams.npz
+    overlays: bool = False  # write one overlay PNG per image
+    device: str | None = None  # default: CUDA when available, else the CPU
 
 
 @dataclass(kw_only=True)
@@ -102,6 +130,7 @@ class DemoConfig:
     val_fraction: float = 0.15
     max_steps: int | None = None  # per epoch, for quick runs
     overlays: int = 2
+    predict_images: int = 8  # test images with boxes run through `dmfast predict` at the end (with overlays)
 
 
 def defaults(owner) -> dict:

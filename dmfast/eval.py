@@ -27,7 +27,7 @@ from rich.console import Console
 import dmfast
 
 from . import checkpoints, ops
-from .config import EvalConfig
+from .config import EvalConfig, box_levels
 from .data.cache import ImageCache, open_or_prepare
 from .data.chestxray14 import FINDINGS, open_dataset
 from .figures import BLACK, RED, draw, grid, heat_overlay
@@ -35,7 +35,6 @@ from .inference import Classifier
 from .io import atomic_write_bytes, atomic_write_json, finite, print_table, progress, save_png
 from .metrics import localization, predictions_from_padded, roc_auc
 
-WANG_THRESHOLDS = (60 / 255, 180 / 255)
 REPORTED = (0.3, 0.5, 0.7)  # the paper's T(IoU) columns
 
 
@@ -225,11 +224,7 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
     if not config.checkpoints:
         raise ValueError("dmfast eval needs at least one --checkpoint")
-    if config.max_boxes < 1:
-        raise ValueError(f"max_boxes must be >= 1, got {config.max_boxes}")
-    levels = tuple(float(t) for t in config.box_thresholds)
-    if not levels or any(not 0 <= t <= 1 for t in levels):
-        raise ValueError(f"box thresholds must lie in [0, 1], got {list(levels)}")
+    levels = box_levels(config.box_thresholds, config.max_boxes)
     out = Path(config.out)
     classifiers = [(name, Classifier(path)) for name, path in config.checkpoints]
     dataset = open_dataset(config.data, skip_problems=config.skip_problems)

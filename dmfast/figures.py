@@ -1,5 +1,5 @@
-"""Figures of the masks and evaluation stages: heat maps over X-rays, boxes, labelled tiles. RGB uint8 tensors
-``[3, H, W]`` throughout, drawn with PIL (no plotting library needed)."""
+"""Figures of the masks, eval and predict stages: heat maps over X-rays, boxes, labelled tiles, a colour bar. RGB
+uint8 tensors ``[3, H, W]`` throughout, drawn with PIL (no plotting library needed)."""
 
 import numpy as np
 import torch
@@ -12,6 +12,7 @@ _HEAT = torch.tensor([[0.0, 0.0, 0.5], [0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1
 
 RED = (255, 0, 0)
 BLACK = (0, 0, 0)
+WHITE = (255, 255, 255)
 
 
 def heat_colors(values: torch.Tensor) -> torch.Tensor:
@@ -39,20 +40,62 @@ def heat_overlay(gray: torch.Tensor, heat: torch.Tensor | None, alpha: float = 0
     return (rgb * 255).round().to(torch.uint8)
 
 
-def draw(image: torch.Tensor, boxes=(), color=BLACK, width: int = 2, text: str | None = None) -> torch.Tensor:
-    """Rectangles ``(x0, y0, x1, y1)`` (inclusive-exclusive pixels) and a caption drawn onto an RGB uint8 image."""
+def _font(size: int | None):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size) if size else ImageFont.load_default()
+
+
+def draw(image: torch.Tensor, boxes=(), color=BLACK, width: int = 2, text: str | None = None,
+         text_size: int | None = None, halo: bool = False) -> torch.Tensor:
+    """Rectangles ``(x0, y0, x1, y1)`` (inclusive-exclusive pixels) and a caption (white on black, top left)
+    drawn onto an RGB uint8 image. ``halo`` outlines each rectangle in black, so that a light colour stays
+    visible on bright regions too."""
     from PIL import Image, ImageDraw
 
     canvas = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
     pen = ImageDraw.Draw(canvas)
     for x0, y0, x1, y1 in boxes:
-        pen.rectangle([float(x0), float(y0), max(float(x1) - 1, float(x0)), max(float(y1) - 1, float(y0))],
-                      outline=color, width=width)
+        corners = [float(x0), float(y0), max(float(x1) - 1, float(x0)), max(float(y1) - 1, float(y0))]
+        if halo:
+            pen.rectangle([corners[0] - 1, corners[1] - 1, corners[2] + 1, corners[3] + 1], outline=BLACK,
+                          width=width + 2)
+        pen.rectangle(corners, outline=color, width=width)
     if text:
-        left, top, right, bottom = pen.textbbox((3, 2), text)
-        pen.rectangle([left - 2, top - 1, right + 2, bottom + 1], fill=(0, 0, 0))
-        pen.text((3, 2), text, fill=(255, 255, 255))
+        font = _font(text_size)
+        left, top, right, bottom = pen.textbbox((3, 2), text, font=font)
+        pen.rectangle([left - 2, top - 1, right + 2, bottom + 1], fill=BLACK)
+        pen.text((3, 2), text, fill=WHITE, font=font)
     return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
+
+
+def color_bar(height: int, width: int = 56, low: str = "low", high: str = "high", text_size: int = 12) -> torch.Tensor:
+    """A vertical heat colour bar (``high`` at the top) with its two labels, on white: RGB uint8 ``[3, height,
+    width]``."""
+    from PIL import Image, ImageDraw
+
+    margin = text_size + 6
+    strip = heat_colors(torch.linspace(1, 0, max(height - 2 * margin, 2))[:, None].expand(-1, width // 3))
+    out = torch.full((3, height, width), 255, dtype=torch.uint8)
+    out[:, margin:margin + strip.shape[1], 4:4 + strip.shape[2]] = (strip * 255).round().to(torch.uint8)
+    canvas = Image.fromarray(out.permute(1, 2, 0).contiguous().numpy())
+    pen = ImageDraw.Draw(canvas)
+    font = _font(text_size)
+    pen.text((2, 1), high, fill=BLACK, font=font)
+    pen.text((2, height - margin + 3), low, fill=BLACK, font=font)
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
+
+
+def finding_panels(gray: torch.Tensor, panels: list, columns: int = 4) -> torch.Tensor:
+    """One X-ray ``[H, W]`` (in [0, 1]) shown once per panel ``(caption, heat [H, W] or None, boxes)``: the heat
+    blended over it, the boxes in white with a black halo, the caption written on it; panels in rows of
+    ``columns`` with a colour bar of the heat at the right."""
+    size = max(12, min(28, max(gray.shape) // 24))
+    tiles = [draw(heat_overlay(gray, heat), boxes, WHITE, width=max(2, size // 8), text=caption, text_size=size,
+                  halo=True) for caption, heat, boxes in panels]
+    figure = grid(tiles, columns=min(columns, len(tiles)))
+    bar = color_bar(figure.shape[1], text_size=size, low="CAM min", high="CAM max", width=5 * size)
+    return torch.cat([figure, torch.full((3, figure.shape[1], 4), 255, dtype=torch.uint8), bar], dim=2)
 
 
 def grid(tiles: list, columns: int, gap: int = 4) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, checkpoints, ops
-from .config import TrainConfig, from_dict
+from .config import TrainConfig, box_levels, from_dict
 from .data.chestxray14 import FINDINGS
 from .data.images import NORMALISATION, load_gray, to_model_input
 from .data.splits import Splits
@@ -37,6 +37,11 @@ def load_aligner(path, device="cpu") -> AlignmentNet:
     return net.to(device).eval()
 
 
+def map_resolution(size: int) -> int:
+    """Side of the CAMs warped back onto a ``size``-px input, from which boxes are drawn: a quarter of the image."""
+    return max(size // 4, 8)
+
+
 @dataclass
 class Prediction:
     probabilities: torch.Tensor  # [B, C]
@@ -45,11 +50,12 @@ class Prediction:
 
     def boxes(self, images: list, classes: list, size: int, thresholds, max_boxes: int, names: list) -> tuple:
         """Boxes of the CAM of class ``classes[i]`` on image ``images[i]``, in the pixels of the ``size``-px input
-        (maps of aligned images warped back onto it): ``(maps, boxes, scores, counts)`` as ``ops.cam_boxes``, on the
-        CPU. A CAM with NaN or inf is an error naming ``names[i]`` and the class."""
+        (maps of aligned images warped back onto it, at :func:`map_resolution`): ``(maps, boxes, scores,
+        counts)`` as ``ops.cam_boxes``, on the CPU. A CAM with NaN or inf is an error naming ``names[i]`` and the
+        class."""
         b_index, c_index = torch.tensor(images, device=self.cams.device), torch.tensor(classes, device=self.cams.device)
         theta = self.theta[b_index] if self.theta is not None else None
-        maps = to_image_frame(self.cams[b_index, c_index], theta, max(size // 4, 8))  # a quarter of the image size
+        maps = to_image_frame(self.cams[b_index, c_index], theta, map_resolution(size))
         boxes, scores, counts = (t.cpu() for t in ops.cam_boxes(maps, (size, size), thresholds, max_boxes))
         if (counts < 0).any():
             i = int(torch.nonzero(counts < 0)[0, 0])
@@ -60,7 +66,8 @@ class Prediction:
 
 class Model:
     """A trained classifier (and its alignment module, for an aligned model) at inference:
-    ``model(pixels)`` -> :class:`Prediction` for uint8 images ``[B, 1, size, size]``."""
+    ``model(pixels)`` -> :class:`Prediction` for uint8 images ``[B, 1, size, size]``, and :meth:`predict` for
+    X-ray files or arrays of any size."""
 
     def __init__(self, model: CAMClassifier, aligner: AlignmentNet | None, size: int, device):
         self.model, self.aligner, self.size, self.device = model, aligner, size, torch.device(device)
@@ -79,61 +86,113 @@ class Model:
         logits, cams = self.model(images, cams=True)
         return Prediction(torch.sigmoid(logits).float(), cams.float(), theta)
 
+    def square(self, image) -> "Square":
+        """An image file or a 2-D uint8 array/tensor padded to a centred square at the model's input size (safe to
+        run in threads, ahead of :meth:`predict_squares`)."""
+        return to_square(_gray(image), self.size)
+
     def predict(self, images, min_probability: float = 0.5, box_thresholds=(0.5,), max_boxes: int = 1,
-                batch: int = 16) -> list:
-        """Probabilities, CAMs and boxes for X-rays of any size: ``images`` are image files (PNG, JPEG, ...) or
+                batch: int = 16, names: list | None = None) -> list:
+        """Probabilities, CAMs and boxes for X-rays of any size: ``images`` are image files (PNG, JPEG, DICOM) or
         2-D uint8 arrays/tensors ``[H, W]``. Each is padded to a centred square (never squashed) and resized to the
-        model's input; the boxes of every class whose probability reaches ``min_probability`` come back in the
-        image's own pixels. Returns one :class:`ImagePrediction` per image."""
+        model's input; CAMs of aligned models are warped back onto the image. The boxes of every class whose
+        probability reaches ``min_probability`` come back in the image's own pixels. ``names`` label the images
+        in errors (default: their paths or positions). Returns one :class:`ImagePrediction` per image."""
+        names = names or [str(image) if isinstance(image, (str, Path)) else f"image {i}"
+                          for i, image in enumerate(images)]
         results = []
         for start in range(0, len(images), batch):
-            chunk = [_gray(image) for image in images[start:start + batch]]
-            squares = [to_square(gray, self.size) for gray in chunk]
-            prediction = self(torch.from_numpy(np.stack([s[0] for s in squares]))[:, None])
-            rows = [(b, c) for b in range(len(chunk)) for c in range(len(FINDINGS))
-                    if prediction.probabilities[b, c] >= min_probability]
-            boxes = scores = counts = None
-            if rows:
-                names = [f"image {start + b}" for b, _ in rows]
-                _, boxes, scores, counts = prediction.boxes([b for b, _ in rows], [c for _, c in rows], self.size,
-                                                            box_thresholds, max_boxes, names)
-            for b, gray in enumerate(chunk):
-                scale, pad_x, pad_y = squares[b][1:]
-                found = {}
-                for i in (i for i, row in enumerate(rows) if row[0] == b):
-                    kept = boxes[i, :min(int(counts[i]), max_boxes)].double() * scale - torch.tensor(
-                        [pad_x, pad_y, pad_x, pad_y], dtype=torch.float64)
-                    kept = kept.clamp(min=0).minimum(torch.tensor([gray.shape[1], gray.shape[0]] * 2).double())
-                    found[FINDINGS[rows[i][1]]] = [box + [score] for box, score in
-                                                   zip(kept.tolist(), scores[i, :len(kept)].tolist())]
-                results.append(ImagePrediction(gray.shape[1], gray.shape[0],
-                                               dict(zip(FINDINGS, prediction.probabilities[b].tolist())), found,
-                                               prediction.cams[b].cpu()))
+            squares = [self.square(image) for image in images[start:start + batch]]
+            results += self.predict_squares(squares, min_probability, box_thresholds, max_boxes,
+                                            names[start:start + batch])
+        return results
+
+    def predict_squares(self, squares: list, min_probability: float = 0.5, box_thresholds=(0.5,),
+                        max_boxes: int = 1, names: list | None = None) -> list:
+        """:meth:`predict` for one batch of :class:`Square` images."""
+        box_thresholds = box_levels(box_thresholds, max_boxes)
+        names = names or [f"image {i}" for i in range(len(squares))]
+        prediction = self(torch.from_numpy(np.stack([square.pixels for square in squares]))[:, None])
+        rows = torch.nonzero(prediction.probabilities >= min_probability).tolist()
+        if rows:  # boxes of the reported classes only: warping back all 14 maps of every image costs
+            _, boxes, scores, counts = prediction.boxes([b for b, _ in rows], [c for _, c in rows], self.size,
+                                                        box_thresholds, max_boxes, [names[b] for b, _ in rows])
+        probabilities, cams = prediction.probabilities.cpu(), prediction.cams.cpu()
+        theta = prediction.theta.cpu() if prediction.theta is not None else None
+        results = []
+        for b, square in enumerate(squares):
+            offset = torch.tensor([square.pad_x, square.pad_y] * 2, dtype=torch.float64)
+            limit = torch.tensor([square.width, square.height] * 2, dtype=torch.float64)
+            found = {}
+            for i in (i for i, row in enumerate(rows) if row[0] == b):
+                kept = boxes[i, :min(int(counts[i]), max_boxes)].double() * square.scale - offset
+                found[FINDINGS[rows[i][1]]] = [box + [score] for box, score in
+                                               zip(kept.clamp(min=0).minimum(limit).tolist(), scores[i].tolist())]
+            results.append(ImagePrediction(square.width, square.height, dict(zip(FINDINGS, probabilities[b].tolist())),
+                                           found, cams[b], None if theta is None else theta[b], self.size,
+                                           (square.side, square.pad_x, square.pad_y)))
         return results
 
 
 @dataclass
 class ImagePrediction:
+    """One X-ray's result from :meth:`Model.predict`: probabilities, and boxes in the image's own pixels; its CAMs
+    on the image through :meth:`image_cams` and :meth:`heatmap`."""
+
     width: int
     height: int
     probabilities: dict  # class -> probability
-    boxes: dict  # class -> [[x0, y0, x1, y1, score], ...] in the image's pixels, best first
-    cams: torch.Tensor  # [C, h, w], in the model's frame
+    boxes: dict  # class -> [[x0, y0, x1, y1, score], ...] in the image's pixels, best first (reported classes)
+    cams: torch.Tensor  # [C, h, w] as the model computed them (in the aligned frame for an aligned model)
+    theta: torch.Tensor | None  # [2, 3] the alignment (aligned frame -> model input), or None
+    size: int  # the model's input size
+    frame: tuple  # (side, pad_x, pad_y): the centred square of side `side` padding the image
+
+    def image_cams(self, classes: list | None = None) -> torch.Tensor:
+        """The CAMs of ``classes`` (default: all) over the padded square, ``[len(classes), r, r]`` (r a quarter of
+        the model's input): map pixel (u, v) covers image point ((u + 0.5) * side / r - pad_x, ...)."""
+        index = list(range(len(FINDINGS))) if classes is None else [FINDINGS.index(c) for c in classes]
+        theta = None if self.theta is None else self.theta.expand(len(index), 2, 3)
+        return to_image_frame(self.cams[index], theta, map_resolution(self.size))
+
+    def heatmap(self, finding: str, scale: float = 1.0) -> torch.Tensor:
+        """The CAM of ``finding`` over the image itself (the padding cropped), ``[H, W]`` scaled by ``scale``."""
+        side, pad_x, pad_y = self.frame
+        full = F.interpolate(self.image_cams([finding])[None].float(), size=(round(side * scale),) * 2,
+                             mode="bilinear", align_corners=False)[0, 0]
+        x0, y0 = round(pad_x * scale), round(pad_y * scale)
+        return full[y0:y0 + max(round(self.height * scale), 1), x0:x0 + max(round(self.width * scale), 1)]
 
 
 def _gray(image) -> np.ndarray:
     if isinstance(image, (str, Path)):
         return load_gray(image)
     array = image.cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
-    if array.ndim != 2 or array.dtype != np.uint8:
+    if array.ndim != 2 or array.dtype != np.uint8 or 0 in array.shape:
         raise ValueError(f"predict: an image array must be 2-D uint8 [H, W], got {array.dtype} {array.shape}")
     return array
 
 
-def to_square(gray: np.ndarray, size: int) -> tuple:
-    """``gray [H, W]`` padded with black to a centred square and resized to ``size`` (Lanczos, as the image cache):
-    ``(pixels [size, size], scale, pad_x, pad_y)``; a point (x, y) of the result is (x * scale - pad_x,
-    y * scale - pad_y) in the image."""
+@dataclass
+class Square:
+    """An X-ray ``[height, width]`` padded with black to a centred square of side max(height, width) and resized
+    to a model's input: a point (x, y) of ``pixels`` is (x * scale - pad_x, y * scale - pad_y) in the X-ray."""
+
+    pixels: np.ndarray  # [size, size] uint8
+    width: int
+    height: int
+    scale: float
+    pad_x: int
+    pad_y: int
+
+    @property
+    def side(self) -> int:
+        return max(self.width, self.height)
+
+
+def to_square(gray: np.ndarray, size: int) -> Square:
+    """``gray [H, W]`` padded with black to a centred square and resized to ``size`` (Lanczos, as the image
+    cache)."""
     from PIL import Image
 
     height, width = gray.shape
@@ -143,7 +202,7 @@ def to_square(gray: np.ndarray, size: int) -> tuple:
     square[pad_y:pad_y + height, pad_x:pad_x + width] = gray
     if side != size:
         square = np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.LANCZOS))
-    return square, side / size, pad_x, pad_y
+    return Square(square, width, height, side / size, pad_x, pad_y)
 
 
 class Classifier(Model):
@@ -151,7 +210,7 @@ class Classifier(Model):
 
     def __init__(self, checkpoint, device=None):
         self.path = Path(checkpoint)
-        device = torch.device(device) if device else ops.default_device()
+        device = ops.chosen_device(device)
         model, self.config, state = load_classifier(checkpoint, device)
         self.splits = Splits(**state["splits"])
         aligner = None
@@ -182,12 +241,25 @@ def export_model(source, out, half: bool = False) -> Path:
 
 
 def load_model(path, device=None) -> Model:
-    """A portable model file (``dmfast export``, or a run's ``model.pt``) ready for inference."""
-    payload = checkpoints.load(path, checkpoints.MODEL)
+    """A trained model ready for inference, from a portable model file (``dmfast export``, a run's
+    ``model.pt``), a run folder (its ``model.pt``, else its ``checkpoint.pt``) or a ``dmfast train`` checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in ("model.pt", "checkpoint.pt") if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path}: a folder without model.pt or checkpoint.pt (not a dmfast train run)")
+        path = found[0]
+    try:
+        payload = checkpoints.load(path, checkpoints.MODEL)
+    except ValueError as error:  # perhaps a training checkpoint (read without weights_only)
+        try:
+            return Classifier(path, device)
+        except ValueError:
+            raise error from None
     if payload["classes"] != list(FINDINGS) or payload["normalisation"] != NORMALISATION:
         raise ValueError(f"{path}: a model of classes {payload['classes']} with input normalisation "
                          f"{payload['normalisation']}; this dmfast works with {list(FINDINGS)} and {NORMALISATION}")
-    device = torch.device(device) if device else ops.default_device()
+    device = ops.chosen_device(device)
     full = lambda state: {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # noqa: E731
     spec = payload["classifier"]
     model = CAMClassifier(spec["arch"], len(FINDINGS), cam_stride=spec["cam_stride"])

@@ -19,16 +19,17 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path, data: bytes, durable: bool = True) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename, so readers
-    never see a half-written file. ``durable`` also flushes it to disk before the rename (checkpoints, indexes);
-    bulk files that can be regenerated skip that."""
+@contextlib.contextmanager
+def atomic_file(path, durable: bool = True):
+    """A binary file to write ``path`` through: a temporary file in the same folder, renamed onto ``path`` when the
+    block ends (removed if it fails), so readers never see a half-written file. ``durable`` also flushes it to disk
+    before the rename (checkpoints, indexes); bulk files that can be regenerated skip that."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
@@ -38,7 +39,40 @@ def atomic_write_bytes(path, data: bytes, durable: bool = True) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+
+
+def atomic_write_bytes(path, data: bytes, durable: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_file`)."""
+    with atomic_file(path, durable) as f:
+        f.write(data)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_npz(path):
+    """A compressed ``.npz`` (read with ``numpy.load``) written one array at a time, so that it never needs all of
+    them in memory: yields ``add(name, array)``; the file appears when the block ends."""
+    import zipfile
+
+    import numpy as np
+
+    with atomic_file(path, durable=False) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+        def add(name: str, array) -> None:
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+        yield add
+
+
+def csv_text(header: list, rows) -> str:
+    """CSV of ``header`` and ``rows`` (floats written in full)."""
+    import csv
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def finite(value):
@@ -87,8 +121,9 @@ def to_uint8(image: torch.Tensor, low: float = 0.0, high: float = 1.0) -> torch.
     return (scaled.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def save_png(path, image: torch.Tensor) -> Path:
-    """Save a uint8 image ``[H, W]`` or ``[C, H, W]`` (C = 1 or 3) as PNG, atomically."""
+def save_png(path, image: torch.Tensor, durable: bool = True) -> Path:
+    """Save a uint8 image ``[H, W]`` or ``[C, H, W]`` (C = 1 or 3) as PNG, atomically (see
+    :func:`atomic_file` for ``durable``)."""
     if image.dtype != torch.uint8:
         raise TypeError(f"save_png: expected a uint8 image, got {image.dtype}")
     if image.dim() == 2:
@@ -100,7 +135,7 @@ def save_png(path, image: torch.Tensor) -> Path:
     array = image.permute(1, 2, 0).contiguous().numpy()
     buffer = io.BytesIO()
     Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buffer, format="PNG")
-    return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_write_bytes(path, buffer.getvalue(), durable)
 
 
 LOSS_AND_RATE = "loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} img/s"  # the training stages' fields

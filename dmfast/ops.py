@@ -24,6 +24,24 @@ def default_device(local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank) if cuda_ready() else torch.device("cpu")
 
 
+def chosen_device(name=None) -> torch.device:
+    """The device ``name`` ("cpu", "cuda", "cuda:N" or a ``torch.device``), checked that it can run here, or
+    :func:`default_device` for None. A device that cannot is an error naming it."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {name!r}: not a device (cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: dmfast runs on cpu or cuda")
+    if device.type == "cuda" and not cuda_ready():
+        raise ValueError(f"device {name!r}: no CUDA GPU here, or dmfast was built without its CUDA kernels")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
 def affine_smooth(images: Tensor, theta: Tensor, pool: int = 16) -> Tensor:
     """Warp ``images`` by ``theta`` and smooth the result, fused: ``B(G(affine(I)))`` of the paper's Eq. 6.
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {"dmfast.train", "dmfast.align", "dmfast.masks", "dmfast.eval"}
+STAGES = {"dmfast.train", "dmfast.align", "dmfast.masks", "dmfast.eval", "dmfast.predict"}
 PIPELINE = {"dmfast.demo"}
 
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import dmfast
 from dmfast.cli.main import main
-from dmfast.config import AlignConfig, DemoConfig, EvalConfig, MasksConfig, TrainConfig, defaults
+from dmfast.config import AlignConfig, DemoConfig, EvalConfig, MasksConfig, PredictConfig, TrainConfig, defaults
 
 
 def test_version_and_help():
@@ -91,13 +91,14 @@ def test_benchmark_script_writes_json(tmp_path):
     assert all(r["median_ms"] > 0 for r in payload["results"])
 
 
-NOT_ON_THE_COMMAND_LINE = {"data", "overlap_thresholds"}  # DATA_DIR is an argument; the T(IoU) levels are fixed
+# DATA_DIR, MODEL and INPUTS are arguments; the T(IoU) levels are fixed
+NOT_ON_THE_COMMAND_LINE = {"data", "model", "inputs", "overlap_thresholds"}
 RENAMED = {"masks_files": "masks", "box_threshold": "box_thresholds"}  # eval's repeatable NAME=PATH and level list
 SHOWN = {"asymmetric": ",".join, "box_thresholds": lambda levels: ",".join(f"{t:g}" for t in levels)}
 
 
 @pytest.mark.parametrize("command,config", [("train", TrainConfig), ("align", AlignConfig), ("masks", MasksConfig),
-                                            ("eval", EvalConfig), ("demo", DemoConfig)])
+                                            ("eval", EvalConfig), ("predict", PredictConfig), ("demo", DemoConfig)])
 def test_every_setting_is_an_option_with_the_config_default(command, config):
     options = {RENAMED.get(p.name, p.name): p for p in main.commands[command].params if isinstance(p, click.Option)}
     for field in dataclasses.fields(config):
@@ -107,3 +108,13 @@ def test_every_setting_is_an_option_with_the_config_default(command, config):
         if field.name in defaults(config) and not options[field.name].multiple:
             want = SHOWN.get(field.name, lambda value: value)(defaults(config)[field.name])
             assert options[field.name].default == want, (command, field.name)
+
+
+def test_predict_benchmark_writes_both_rates(tmp_path):
+    from benchmarks.predict import main as bench_main
+
+    out = tmp_path / "bench.json"
+    bench_main(["--sizes", "32", "--arch", "resnet18", "--images", "4", "--rounds", "1", "--out", str(out)])
+    measured = json.loads(out.read_text())["config"]["measured"]["32"]
+    assert measured["images"] >= 4 and measured["images_per_second"]["predict"] > 0
+    assert measured["images_per_second"]["eval"] > 0

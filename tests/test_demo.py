@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,3 +86,42 @@ def test_pseudo_masks_of_the_real_sample_find_two_lungs(tmp_path):
     summary = json.loads((tmp_path / "masks.json").read_text())
     assert summary["lungs_segmented"] and summary["anchor"] == "mean of the No Finding training images"
     assert 0.1 < summary["mask_area"]["Infiltration"] < 0.5 and summary["mask_area"]["Cardiomegaly"] > 0.03
+
+
+def _iou(a, b) -> float:
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_predict_finds_the_phantom_findings_in_resized_padded_images(demo, tmp_path):
+    """The +DM model file (aligned, with attention) on test X-rays enlarged 1.5x and padded to a non-square
+    canvas: the boxes of the findings it reports land on the ground-truth boxes, in the canvas's pixels."""
+    from dmfast import checkpoints
+    from dmfast.data.chestxray14 import FINDINGS, open_dataset
+
+    out, _ = demo
+    dataset = open_dataset(out / "phantom")
+    test = set(checkpoints.load(out / "dm" / "checkpoint.pt", checkpoints.CLASSIFIER)["splits"]["test"])
+    truth = {n: b for n, b in dataset.boxes_xyxy().items() if n in test}  # in the phantom's own 128 px pixels
+    (tmp_path / "in").mkdir()
+    for name in truth:
+        image = Image.open(dataset.paths[name]).convert("L")
+        canvas = np.zeros((int(image.height * 1.5) + 16, int(image.width * 1.5)), np.uint8)
+        canvas[16:] = np.asarray(image.resize((canvas.shape[1], canvas.shape[1]), Image.Resampling.LANCZOS))
+        Image.fromarray(canvas).save(tmp_path / "in" / name)
+    result = CliRunner().invoke(main, ["predict", str(out / "dm" / "model.pt"), str(tmp_path / "in"), "--out",
+                                       str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    found = {Path(i["path"]).name: i for i in json.loads((tmp_path / "p" / "predictions.json").read_text())["images"]}
+    reported, hits = 0, []
+    for name, boxes in truth.items():
+        for finding, *box in boxes:
+            gt = [1.5 * box[0], 1.5 * box[1] + 16, 1.5 * box[2], 1.5 * box[3] + 16]
+            mine = found[name]["findings"].get(FINDINGS[finding])
+            if mine:
+                reported += 1
+                hits.append(max(_iou(gt, b["box"]) for b in mine["boxes"]))
+    print(f"{reported} of {sum(map(len, truth.values()))} ground-truth boxes of a reported class; IoU {hits}")
+    assert reported >= 10 and sum(h > 0.1 for h in hits) >= 0.5 * reported and max(hits) >= 0.3

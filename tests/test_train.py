@@ -130,8 +130,8 @@ def test_predict_reports_boxes_in_the_pixels_of_images_of_any_size(phantom, tmp_
     padded = torch.zeros(64, 64, dtype=torch.uint8)
     padded[8:56] = wide  # the centred square predict makes of it
     Image.fromarray(wide.numpy()).save(tmp_path / "wide.png")
-    big = to_square(torch.randint(0, 256, (128, 128), generator=gen, dtype=torch.uint8).numpy(), 128)[0]
-    small = to_square(big, 64)[0]
+    big = to_square(torch.randint(0, 256, (128, 128), generator=gen, dtype=torch.uint8).numpy(), 128).pixels
+    small = to_square(big, 64).pixels
     found = model.predict([tmp_path / "wide.png", padded, big, small], min_probability=0, max_boxes=2)
     assert [(r.width, r.height) for r in found] == [(64, 48), (64, 64), (128, 128), (64, 64)]
     assert found[0].probabilities == found[1].probabilities and len(found[0].boxes) == 14

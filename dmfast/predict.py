@@ -1,0 +1,159 @@
+"""``dmfast predict``: a trained model on anyone's X-rays. Files and folders of PNG (8/16-bit, grey, RGB, RGBA,
+palette), JPEG and DICOM go in; for every image that can be read come out the 14 probabilities and, for each class
+reaching ``min_probability``, its CAM boxes in the image's own pixels (images are padded to a centred square,
+never squashed; CAMs of aligned models are warped back onto the image, as in eval).
+
+Writes to ``out``: ``predictions.csv`` (path, width, height, one column per class), ``predictions.json`` (per image
+its probabilities and the reported findings with their boxes and scores, plus the settings used), ``problems.csv``
+(every file that could not be read, and why), and on request ``cams.npz`` (every class's CAM per image, float16,
+over the centred square that pads the image: see :class:`dmfast.inference.ImagePrediction`) and ``overlays/``
+(one PNG per image: a panel per reported class with its CAM, boxes, name and probability, and a colour bar).
+"""
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+import dmfast
+
+from .config import PredictConfig, box_levels
+from .data.chestxray14 import FINDINGS
+from .data.images import ImageError, list_xrays, load_gray
+from .figures import finding_panels
+from .inference import ImagePrediction, load_model
+from .io import atomic_npz, atomic_write_bytes, atomic_write_json, csv_text, print_table, progress, save_png
+
+OVERLAY_SIDE = (320, 768)  # an overlay panel's longest side: small images are enlarged, large ones reduced
+
+
+def _read(path: Path, model, keep: bool) -> tuple:
+    """``(square, pixels if keep else None, None)`` or ``(None, None, reason)``: decoding and resizing run in
+    threads, and a bad file must not stop the others."""
+    try:
+        pixels = load_gray(path)
+        return model.square(pixels), pixels if keep else None, None
+    except ImageError as error:
+        return None, None, str(error).removeprefix(f"{path}: ")
+    except OSError as error:
+        return None, None, f"{type(error).__name__}: {error}"
+
+
+def output_names(files: list, roots: list) -> list:
+    """A distinct name per file for its overlay: its path inside the folder it was found in (its own name when
+    given directly), without the suffix; repeats get -2, -3, ..."""
+    names, seen = [], {}
+    for path, root in zip(files, roots):
+        name = path.relative_to(root).with_suffix("").as_posix() if path != root else path.stem
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return names
+
+
+def overlay(gray: np.ndarray, result: ImagePrediction, min_probability: float) -> torch.Tensor:
+    """One panel per reported class (most probable first): the X-ray, the class's CAM, its boxes, its name and
+    probability; with a colour bar. With no reported class, the X-ray and the most probable class."""
+    scale = min(max(1.0, OVERLAY_SIDE[0] / max(gray.shape)), OVERLAY_SIDE[1] / max(gray.shape))
+    size = (max(round(gray.shape[0] * scale), 1), max(round(gray.shape[1] * scale), 1))
+    image = F.interpolate(torch.tensor(gray)[None, None].float() / 255, size=size, mode="bilinear",
+                          align_corners=False, antialias=True)[0, 0]
+    reported = sorted(result.boxes, key=lambda name: -result.probabilities[name])
+    panels = [(f"{name}  p = {result.probabilities[name]:.2f}", result.heatmap(name, scale),
+               [[v * scale for v in box[:4]] for box in result.boxes[name]]) for name in reported]
+    if not panels:
+        top = max(result.probabilities, key=result.probabilities.get)
+        panels = [(f"no finding reaches p = {min_probability:g} (highest: {top} {result.probabilities[top]:.2f})",
+                   None, [])]
+    return finding_panels(image, panels)
+
+
+def _record(path: Path, result: ImagePrediction) -> dict:
+    return {"path": str(path), "width": result.width, "height": result.height,
+            "probabilities": result.probabilities,
+            "findings": {name: {"probability": result.probabilities[name],
+                                "boxes": [{"box": [round(v, 2) for v in box[:4]], "score": box[4]} for box in boxes]}
+                         for name, boxes in result.boxes.items()}}
+
+
+def run(config: PredictConfig, console: Console | None = None) -> dict:
+    """Predict every X-ray of ``config.inputs``; write the outputs (see the module) and return the report."""
+    console = console or Console(stderr=True)
+    levels = box_levels(config.box_thresholds, config.max_boxes)
+    if not 0 <= config.min_probability <= 1:
+        raise ValueError(f"min_probability must lie in [0, 1], got {config.min_probability}")
+    if config.batch < 1:
+        raise ValueError(f"batch must be >= 1, got {config.batch}")
+    files, roots, others = list_xrays(config.inputs)
+    if not files:
+        raise ValueError(f"no PNG, JPEG or DICOM files in {', '.join(map(str, config.inputs))}")
+    model = load_model(config.model, config.device)
+    out = Path(config.out)
+    names = output_names(files, roots)
+    records, problems, frames = [], [], []
+    batches = [range(i, min(i + config.batch, len(files))) for i in range(0, len(files), config.batch)]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool, \
+            (atomic_npz(out / "cams.npz") if config.cams else nullcontext()) as add_cams, \
+            progress("predict", console, "{task.fields[rate]:.1f} img/s") as bar:
+        task = bar.add_task("predict", total=len(files), rate=0.0)
+        def read(k: int) -> list:
+            return [pool.submit(_read, files[i], model, config.overlays) for i in batches[k]] \
+                if k < len(batches) else []
+
+        read_ahead = read(0)
+        for k, batch in enumerate(batches):  # the next batch decodes while this one runs
+            current, read_ahead = read_ahead, read(k + 1)
+            good = []
+            for i, future in zip(batch, current):
+                square, pixels, reason = future.result()
+                if reason is None:
+                    good.append((i, square, pixels))
+                else:
+                    problems.append((str(files[i]), reason))
+            results = model.predict_squares([square for _, square, _ in good], config.min_probability, levels,
+                                            config.max_boxes, [str(files[i]) for i, _, _ in good]) if good else []
+            for (i, _, pixels), result in zip(good, results):
+                if add_cams is not None:
+                    add_cams(str(len(records)), result.image_cams().half().numpy())
+                    frames.append([result.width, result.height, *result.frame])
+                if config.overlays:
+                    save_png(out / "overlays" / f"{names[i]}.png", overlay(pixels, result, config.min_probability),
+                             durable=False)
+                records.append(_record(files[i], result))
+            elapsed = time.perf_counter() - started
+            bar.update(task, advance=len(batch), rate=len(records) / elapsed if elapsed else 0.0)
+        if add_cams is not None:
+            add_cams("paths", np.array([r["path"] for r in records], dtype=str))
+            add_cams("classes", np.array(FINDINGS, dtype=str))
+            add_cams("frames", np.array(frames, dtype=np.int64).reshape(-1, 5))  # width, height, side, pad_x, pad_y
+    seconds = time.perf_counter() - started
+
+    atomic_write_bytes(out / "problems.csv", csv_text(["path", "reason"], problems).encode())
+    atomic_write_bytes(out / "predictions.csv", csv_text(
+        ["path", "width", "height", *FINDINGS],
+        [[r["path"], r["width"], r["height"], *(f"{r['probabilities'][c]:.6f}" for c in FINDINGS)]
+         for r in records]).encode())
+    report = {"model": str(config.model), "min_probability": config.min_probability, "box_thresholds": list(levels),
+              "max_boxes": config.max_boxes, "classes": list(FINDINGS), "images": records,
+              "problems": [{"path": p, "reason": r} for p, r in problems], "seconds": seconds,
+              "images_per_second": len(records) / seconds if seconds else None,
+              "versions": {"dmfast": dmfast.__version__, "torch": torch.__version__}}
+    atomic_write_json(out / "predictions.json", report)
+    if problems:
+        print_table(console, f"{len(problems)} of {len(files)} files could not be read (problems.csv)",
+                    ["file", "reason"], problems, justify=["left", "left"])
+    if others:
+        console.print(f"left out {others} file(s) of other types found in the input folders")
+    if not records:
+        raise ValueError(f"none of the {len(files)} files could be read (see {out / 'problems.csv'})")
+    console.print(f"{len(records)} images in {seconds:.1f} s ({report['images_per_second']:.1f} img/s): "
+                  f"{out / 'predictions.csv'}, {out / 'predictions.json'}" +
+                  (f", {out / 'cams.npz'}" if config.cams else "") +
+                  (f"; overlays in {out / 'overlays'}" if config.overlays else ""))
+    return report

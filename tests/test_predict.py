@@ -1,0 +1,233 @@
+"""dmfast predict and dmfast.load_model on files the tests make: PNG (8/16-bit, RGB, RGBA, palette), JPEG, DICOM
+(MONOCHROME1/2, rescale, windows, VOI LUT), non-square images, broken files; the README's example."""
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import dmfast
+from dmfast import train
+from dmfast.cli.main import main
+from dmfast.config import TrainConfig
+from dmfast.data.chestxray14 import FINDINGS
+from dmfast.data.dicom import DicomError, read_dicom, window
+from dmfast.data.images import ImageError, list_xrays, load_gray
+from dmfast.predict import output_names
+from dmfast.testing import cuda_available, phantom_with_cache, write_dicom
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A briefly trained ResNet-18 on a 64 px phantom (its run folder) and a phantom X-ray."""
+    folder = tmp_path_factory.mktemp("predict")
+    data, cache = phantom_with_cache(folder / "phantom", count=96, size=64, seed=3)
+    checkpoint = train.run(TrainConfig(data=str(data), out=str(folder / "run"), cache=str(cache), arch="resnet18",
+                                       size=64, batch=8, epochs=1, max_steps=2, lr=1e-3, split="patients",
+                                       val_fraction=0.2))
+    xray = load_gray(sorted((data / "images").glob("*.png"))[0])
+    return checkpoint.parent, xray
+
+
+def _rows(path) -> dict:
+    with open(path, newline="") as f:
+        return {Path(row["path"]).name: row for row in csv.DictReader(f)}
+
+
+def _probabilities(row) -> np.ndarray:
+    return np.array([float(row[c]) for c in FINDINGS])
+
+
+def test_predict_on_a_folder_of_every_format(run, tmp_path):
+    folder, xray = run
+    inputs = tmp_path / "inputs"
+    (inputs / "sub").mkdir(parents=True)
+    Image.fromarray(xray).save(inputs / "plain.png")
+    Image.fromarray(xray.astype(np.uint16) * 257).save(inputs / "deep.png")  # 16-bit, full range
+    Image.fromarray(np.stack([xray] * 3, -1)).save(inputs / "rgb.png")
+    Image.fromarray(np.stack([xray] * 3 + [np.full_like(xray, 200)], -1)).save(inputs / "rgba.png")
+    Image.fromarray(xray).convert("P").save(inputs / "palette.png")
+    Image.fromarray(xray).save(inputs / "photo.JPG", quality=95)
+    wide = xray[8:56]  # 64 wide, 48 high: padded back to the square it came from
+    square = np.zeros_like(xray)
+    square[8:56] = wide
+    Image.fromarray(wide).save(inputs / "wide.png")
+    Image.fromarray(square).save(inputs / "square.png")
+    # The same pixels as DICOM: 16-bit stored 4p + 1000, rescaled to 2p, windowed back to p / 255 ...
+    write_dicom(inputs / "mono2.dcm", xray.astype(np.uint16) * 4 + 1000, RescaleSlope=0.5, RescaleIntercept=-500,
+                WindowCenter=255.5, WindowWidth=511)
+    # ... and 8-bit inverted (MONOCHROME1) with a window of unit slope, in a subfolder, without an extension.
+    write_dicom(inputs / "sub" / "mono1", 255 - xray, "MONOCHROME1", WindowCenter=128, WindowWidth=256)
+    (inputs / "sub" / "truncated.png").write_bytes((inputs / "plain.png").read_bytes()[:200])
+    (inputs / "sub" / "notes.dcm").write_text("not an image\n")
+    (inputs / "sub" / "labels.csv").write_text("a,b\n")  # left out: not an X-ray format
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["predict", str(folder), str(inputs), "--out", str(out), "--min-probability",
+                                       "0", "--max-boxes", "2", "--cams", "--overlays"])
+    assert result.exit_code == 0, result.output
+    rows = _rows(out / "predictions.csv")
+    assert sorted(rows) == sorted(["plain.png", "deep.png", "rgb.png", "rgba.png", "palette.png", "photo.JPG",
+                                   "wide.png", "square.png", "mono2.dcm", "mono1"])
+    assert {name: (int(r["width"]), int(r["height"])) for name, r in rows.items()}["wide.png"] == (64, 48)
+    plain = _probabilities(rows["plain.png"])
+    for same in ("deep.png", "rgb.png", "mono2.dcm", "mono1"):  # the same pixels in another file format
+        np.testing.assert_allclose(_probabilities(rows[same]), plain, atol=1e-4, err_msg=same)
+    problems = {Path(r["path"]).name: r["reason"] for r in csv.DictReader(open(out / "problems.csv"))}
+    assert set(problems) == {"truncated.png", "notes.dcm"}
+    assert "truncated" in problems["truncated.png"] and "not a DICOM file" in problems["notes.dcm"]
+    assert "2 of 12 files could not be read" in result.output and "left out 1 file" in result.output
+
+    report = json.loads((out / "predictions.json").read_text())
+    assert report["box_thresholds"] == [0.5] and report["max_boxes"] == 2 and report["min_probability"] == 0
+    images = {Path(i["path"]).name: i for i in report["images"]}
+    assert set(images["plain.png"]["findings"]) == set(FINDINGS)  # every class reaches probability 0
+    for name, finding in images["square.png"]["findings"].items():  # the wide image's boxes: moved up, clipped
+        want = [[b["box"][0], min(max(b["box"][1] - 8, 0), 48), b["box"][2], min(max(b["box"][3] - 8, 0), 48)]
+                for b in finding["boxes"]]
+        assert [b["box"] for b in images["wide.png"]["findings"][name]["boxes"]] == want, name
+        assert finding["probability"] == pytest.approx(images["wide.png"]["findings"][name]["probability"])
+    for image in report["images"]:
+        for finding in image["findings"].values():
+            for b in finding["boxes"]:
+                x0, y0, x1, y1 = b["box"]
+                assert 0 <= x0 < x1 <= image["width"] and 0 <= y0 < y1 <= image["height"], image["path"]
+
+    cams = np.load(out / "cams.npz")
+    assert [Path(p).name for p in cams["paths"]] == [Path(i["path"]).name for i in report["images"]]
+    assert list(cams["classes"]) == list(FINDINGS) and cams["0"].shape == (14, 16, 16)
+    assert cams["0"].dtype == np.float16
+    frames = {Path(p).name: f.tolist() for p, f in zip(cams["paths"], cams["frames"])}
+    assert frames["wide.png"] == [64, 48, 64, 0, 8]  # width, height, side of the square, pad x, pad y
+    overlays = sorted(p.relative_to(out / "overlays").as_posix() for p in (out / "overlays").rglob("*.png"))
+    assert overlays == sorted(["plain.png", "deep.png", "rgb.png", "rgba.png", "palette.png", "photo.png",
+                               "wide.png", "square.png", "mono2.png", "sub/mono1.png"])
+    picture = np.asarray(Image.open(out / "overlays" / "plain.png"))
+    assert picture.ndim == 3 and picture.shape[0] >= 320  # small X-rays are enlarged to be readable
+
+
+def test_predict_fails_only_when_nothing_can_be_read(run, tmp_path):
+    folder, _ = run
+    (tmp_path / "bad.dcm").write_text("no\n")
+    result = CliRunner().invoke(main, ["predict", str(folder), str(tmp_path / "bad.dcm"), "--out",
+                                       str(tmp_path / "out")])
+    assert result.exit_code == 1 and "none of the 1 files could be read" in result.output
+    assert "bad.dcm" in (tmp_path / "out" / "problems.csv").read_text()
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(main, ["predict", str(folder), str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "no PNG, JPEG or DICOM files in" in result.output
+    result = CliRunner().invoke(main, ["predict", str(folder / "splits.json"), str(tmp_path / "bad.dcm"), "--out",
+                                       str(tmp_path / "o")])
+    assert result.exit_code == 1 and "splits.json: not a readable model file" in result.output
+    result = CliRunner().invoke(main, ["predict", str(folder), str(tmp_path / "bad.dcm"), "--out", str(tmp_path / "o"),
+                                       "--box-threshold", "1.5"])
+    assert result.exit_code == 1 and "box thresholds must lie in [0, 1]" in result.output
+    for device, message in (("meta", "dmfast runs on cpu or cuda"), ("gpu", "not a device"),
+                            ("cuda:7", "no CUDA GPU here" if not cuda_available() else "CUDA devices")):
+        result = CliRunner().invoke(main, ["predict", str(folder), str(tmp_path / "bad.dcm"), "--out",
+                                           str(tmp_path / "o"), "--device", device])
+        assert result.exit_code == 1 and message in result.output, (device, result.output)
+
+
+def test_model_files_run_folders_and_checkpoints_predict_alike(run):
+    folder, xray = run
+    want = dmfast.load_model(folder / "model.pt", "cpu").predict([xray], min_probability=0)[0]
+    for source in (folder, folder / "checkpoint.pt"):
+        got = dmfast.load_model(source, "cpu").predict([xray], min_probability=0)[0]
+        assert got.probabilities == pytest.approx(want.probabilities, abs=1e-6)
+        torch.testing.assert_close(got.image_cams(), want.image_cams())
+    heat = want.heatmap("Mass", scale=0.5)
+    assert heat.shape == (32, 32) and torch.isfinite(heat).all()
+
+
+def test_read_dicom_applies_the_display_transforms(tmp_path, gen):
+    stored = torch.randint(100, 1100, (12, 10), generator=gen).numpy().astype(np.uint16)
+    stretched = read_dicom(write_dicom(tmp_path / "plain.dcm", stored))  # no window: the image's own range
+    assert stretched.min() == 0 and stretched.max() == 255
+    np.testing.assert_array_equal(read_dicom(write_dicom(tmp_path / "m1.dcm", stored, "MONOCHROME1")),
+                                  255 - stretched)
+    windowed = read_dicom(write_dicom(tmp_path / "w.dcm", stored, RescaleSlope=2, RescaleIntercept=-100,
+                                      WindowCenter=[1000, 5], WindowWidth=[800, 1]))  # the first of two windows
+    want = np.clip(((2.0 * stored - 100) - 999.5) / 799 + 0.5, 0, 1)
+    np.testing.assert_array_equal(windowed, np.round(want * 255).astype(np.uint8))
+    lut = write_dicom(tmp_path / "lut.dcm", (stored // 8).astype(np.uint8), WindowCenter=1, WindowWidth=1)
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    ds = pydicom.dcmread(lut)
+    item = Dataset()
+    item.add_new(0x00283002, "US", [256, 0, 8])  # LUT Descriptor: 256 entries from 0, 8 bits
+    item.add_new(0x00283006, "US", list(range(255, -1, -1)))  # LUT Data: an inverting VOI LUT wins over the window
+    ds.VOILUTSequence = [item]
+    ds.save_as(lut)
+    np.testing.assert_array_equal(read_dicom(lut), 255 - (stored // 8).astype(np.uint8))
+    rgb = np.stack([stored // 8, stored // 8, stored // 8], -1).astype(np.uint8)
+    np.testing.assert_array_equal(read_dicom(write_dicom(tmp_path / "rgb.dcm", rgb, "RGB")), rgb[..., 0])
+
+
+def test_window_matches_pydicom(gen):
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import apply_windowing
+
+    values = torch.randint(0, 4096, (64,), generator=gen).numpy()
+    for function in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+        ds = Dataset()
+        ds.PhotometricInterpretation, ds.BitsStored, ds.PixelRepresentation = "MONOCHROME2", 12, 0
+        ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 2000, 1500, function
+        np.testing.assert_allclose(window(values, 2000, 1500, function), apply_windowing(values, ds) / 4095,
+                                   atol=1e-12, err_msg=function)
+
+
+def test_dicom_that_is_not_one_image_is_a_named_problem(tmp_path):
+    frames = write_dicom(tmp_path / "cine.dcm", np.zeros((3 * 8, 8), np.uint8), NumberOfFrames=3, Rows=8)
+    with pytest.raises(DicomError, match="cine.dcm: a multi-frame DICOM \\(3 frames\\)"):
+        read_dicom(frames)
+    report = write_dicom(tmp_path / "report.dcm", np.zeros((4, 4), np.uint8))
+    import pydicom
+
+    ds = pydicom.dcmread(report)
+    del ds.PixelData
+    ds.save_as(report)
+    with pytest.raises(DicomError, match="report.dcm: a DICOM .* without pixel data"):
+        read_dicom(report)
+    with pytest.raises(ImageError, match="report.dcm: a DICOM"):  # through the one image reader
+        load_gray(report)
+    with pytest.raises(DicomError, match="window width 0"):
+        read_dicom(write_dicom(tmp_path / "w.dcm", np.zeros((4, 4), np.uint8), WindowCenter=1, WindowWidth=0))
+
+
+def test_list_xrays_searches_folders_and_takes_named_files_as_they_are(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/x.png", "a/b/y.jpeg", "a/b/z.DCM", "a/readme.txt", "a/.hidden.png", "odd.name"):
+        (tmp_path / name).write_bytes(b"")
+    write_dicom(tmp_path / "a" / "b" / "IM0001", np.zeros((4, 4), np.uint8))
+    files, roots, others = list_xrays([tmp_path / "a", tmp_path / "odd.name"])
+    assert [p.relative_to(tmp_path).as_posix() for p in files] == ["a/b/IM0001", "a/b/y.jpeg", "a/b/z.DCM", "a/x.png",
+                                                                    "odd.name"]
+    assert roots[-1] == tmp_path / "odd.name" and others == 1
+    assert output_names(files, roots) == ["b/IM0001", "b/y", "b/z", "x", "odd"]
+    assert output_names([Path("p/x.png"), Path("q/x.png")], [Path("p/x.png"), Path("q/x.png")]) == ["x", "x-2"]
+    with pytest.raises(FileNotFoundError, match="nowhere: no such file or folder"):
+        list_xrays([tmp_path / "nowhere"])
+
+
+def test_the_readme_example_runs(run, tmp_path, monkeypatch):
+    """The Python block of the README's "Use a trained model" section, run where model.pt and the X-rays are."""
+    folder, xray = run
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Use a trained model"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "model.pt").write_bytes((folder / "model.pt").read_bytes())
+    Image.fromarray(xray).save(tmp_path / "chest.png")
+    write_dicom(tmp_path / "chest.dcm", xray)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert isinstance(namespace["results"], list) and len(namespace["results"]) == 3
