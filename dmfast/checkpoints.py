@@ -12,6 +12,7 @@ file and the problem (missing, unreadable, another kind of file, written by a ne
 carry no tag and read as version 1.
 """
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -41,6 +42,14 @@ def load(path, kind: str) -> dict:
         raise FileNotFoundError(f"{what} {path} not found")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=kind == MODEL)  # a model file is weights only
+    except pickle.UnpicklingError as error:
+        if kind != MODEL or "Unsupported global" not in str(error):  # not objects besides tensors: garbage
+            raise ValueError(f"{path}: not a readable {what} (not a file torch.load reads: damaged, truncated or "
+                             "another format)") from None
+        raise ValueError(f"{path}: not a model file: it holds more than weights, so it is not read (model files "
+                         "load with weights_only=True). A dmfast train checkpoint.pt is such a file, to be read only "
+                         f"from a source you trust: `dmfast export {path} --out model.pt` makes its model file") \
+            from None
     except Exception as error:  # a truncated or foreign file: say which and why, not a pickle traceback
         raise ValueError(f"{path}: not a readable {what} ({type(error).__name__}: {error})") from None
     found = (payload.get("format") or (ALIGNMENT if "net_config" in payload else kind)  # untagged: by its keys

@@ -93,6 +93,13 @@ def box_levels(thresholds, max_boxes: int) -> tuple:
     return levels
 
 
+def min_probability(value: float) -> float:
+    """The probability a class must reach to get boxes, checked."""
+    if not 0 <= value <= 1:
+        raise ValueError(f"min_probability must lie in [0, 1], got {value}")
+    return float(value)
+
+
 @dataclass(kw_only=True)
 class EvalConfig(DataConfig, BoxConfig):
     checkpoints: list = field(default_factory=list)  # [(name, path)] of dmfast train checkpoints, in table order

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from . import __version__, checkpoints, ops
 from .config import TrainConfig, box_levels, from_dict
+from .config import min_probability as probability_floor
 from .data.chestxray14 import FINDINGS
 from .data.images import NORMALISATION, load_gray, to_model_input
 from .data.splits import Splits
@@ -94,10 +95,14 @@ class Model:
     def predict(self, images, min_probability: float = 0.5, box_thresholds=(0.5,), max_boxes: int = 1,
                 batch: int = 16, names: list | None = None) -> list:
         """Probabilities, CAMs and boxes for X-rays of any size: ``images`` are image files (PNG, JPEG, DICOM) or
-        2-D uint8 arrays/tensors ``[H, W]``. Each is padded to a centred square (never squashed) and resized to the
+        2-D uint8 arrays/tensors ``[H, W]`` (a list, a ``[B, H, W]`` tensor, or one). Each is padded to a centred square (never squashed) and resized to the
         model's input; CAMs of aligned models are warped back onto the image. The boxes of every class whose
         probability reaches ``min_probability`` come back in the image's own pixels. ``names`` label the images
         in errors (default: their paths or positions). Returns one :class:`ImagePrediction` per image."""
+        if isinstance(images, (str, Path)) or getattr(images, "ndim", None) == 2:
+            images = [images]  # one X-ray: a list of one result
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
         names = names or [str(image) if isinstance(image, (str, Path)) else f"image {i}"
                           for i, image in enumerate(images)]
         results = []
@@ -110,7 +115,7 @@ class Model:
     def predict_squares(self, squares: list, min_probability: float = 0.5, box_thresholds=(0.5,),
                         max_boxes: int = 1, names: list | None = None) -> list:
         """:meth:`predict` for one batch of :class:`Square` images."""
-        box_thresholds = box_levels(box_thresholds, max_boxes)
+        box_thresholds, min_probability = box_levels(box_thresholds, max_boxes), probability_floor(min_probability)
         names = names or [f"image {i}" for i in range(len(squares))]
         prediction = self(torch.from_numpy(np.stack([square.pixels for square in squares]))[:, None])
         rows = torch.nonzero(prediction.probabilities >= min_probability).tolist()
@@ -125,9 +130,11 @@ class Model:
             limit = torch.tensor([square.width, square.height] * 2, dtype=torch.float64)
             found = {}
             for i in (i for i, row in enumerate(rows) if row[0] == b):
-                kept = boxes[i, :min(int(counts[i]), max_boxes)].double() * square.scale - offset
+                kept = (boxes[i, :min(int(counts[i]), max_boxes)].double() * square.scale - offset)
+                kept = kept.clamp(min=0).minimum(limit)
+                inside = (kept[:, 2] > kept[:, 0]) & (kept[:, 3] > kept[:, 1])  # not wholly in the padding
                 found[FINDINGS[rows[i][1]]] = [box + [score] for box, score in
-                                               zip(kept.clamp(min=0).minimum(limit).tolist(), scores[i].tolist())]
+                                               zip(kept[inside].tolist(), scores[i, :len(kept)][inside].tolist())]
             results.append(ImagePrediction(square.width, square.height, dict(zip(FINDINGS, probabilities[b].tolist())),
                                            found, cams[b], None if theta is None else theta[b], self.size,
                                            (square.side, square.pad_x, square.pad_y)))
@@ -173,21 +180,21 @@ def _gray(image) -> np.ndarray:
     return array
 
 
+MAX_SIDE = 8192  # longer X-rays are box-reduced by an integer factor before padding (the square's memory)
+
+
 @dataclass
 class Square:
-    """An X-ray ``[height, width]`` padded with black to a centred square of side max(height, width) and resized
-    to a model's input: a point (x, y) of ``pixels`` is (x * scale - pad_x, y * scale - pad_y) in the X-ray."""
+    """An X-ray ``[height, width]`` padded with black to a centred square of side ``side`` and resized to a model's
+    input: a point (x, y) of ``pixels`` is (x * scale - pad_x, y * scale - pad_y) in the X-ray."""
 
     pixels: np.ndarray  # [size, size] uint8
     width: int
     height: int
+    side: int
     scale: float
     pad_x: int
     pad_y: int
-
-    @property
-    def side(self) -> int:
-        return max(self.width, self.height)
 
 
 def to_square(gray: np.ndarray, size: int) -> Square:
@@ -196,13 +203,16 @@ def to_square(gray: np.ndarray, size: int) -> Square:
     from PIL import Image
 
     height, width = gray.shape
-    side = max(height, width)
-    pad_x, pad_y = (side - width) // 2, (side - height) // 2
+    step = -(-max(height, width) // MAX_SIDE)
+    if step > 1:
+        gray = np.asarray(Image.fromarray(gray).reduce(step))
+    side = max(gray.shape)
+    pad_x, pad_y = (side - gray.shape[1]) // 2, (side - gray.shape[0]) // 2
     square = np.zeros((side, side), np.uint8)
-    square[pad_y:pad_y + height, pad_x:pad_x + width] = gray
+    square[pad_y:pad_y + gray.shape[0], pad_x:pad_x + gray.shape[1]] = gray
     if side != size:
         square = np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.LANCZOS))
-    return Square(square, width, height, side / size, pad_x, pad_y)
+    return Square(square, width, height, step * side, step * side / size, step * pad_x, step * pad_y)
 
 
 class Classifier(Model):
@@ -241,25 +251,20 @@ def export_model(source, out, half: bool = False) -> Path:
 
 
 def load_model(path, device=None) -> Model:
-    """A trained model ready for inference, from a portable model file (``dmfast export``, a run's
-    ``model.pt``), a run folder (its ``model.pt``, else its ``checkpoint.pt``) or a ``dmfast train`` checkpoint."""
+    """A trained model ready for inference, from a portable model file (``dmfast export``, or ``RUN/model.pt``
+    of a ``dmfast train`` run; a run folder stands for its ``model.pt``). Model files hold weights only and are
+    read with ``weights_only=True``; a training checkpoint (a full pickle) is refused with the way to export it."""
+    device = ops.chosen_device(device)
     path = Path(path)
     if path.is_dir():
-        found = [path / name for name in ("model.pt", "checkpoint.pt") if (path / name).is_file()]
-        if not found:
-            raise FileNotFoundError(f"{path}: a folder without model.pt or checkpoint.pt (not a dmfast train run)")
-        path = found[0]
-    try:
-        payload = checkpoints.load(path, checkpoints.MODEL)
-    except ValueError as error:  # perhaps a training checkpoint (read without weights_only)
-        try:
-            return Classifier(path, device)
-        except ValueError:
-            raise error from None
+        if not (path / "model.pt").is_file():
+            raise FileNotFoundError(f"{path}: a folder without model.pt (a dmfast train run writes it at its end; "
+                                    f"`dmfast export {path} --out model.pt` makes it for an older run)")
+        path = path / "model.pt"
+    payload = checkpoints.load(path, checkpoints.MODEL)
     if payload["classes"] != list(FINDINGS) or payload["normalisation"] != NORMALISATION:
         raise ValueError(f"{path}: a model of classes {payload['classes']} with input normalisation "
                          f"{payload['normalisation']}; this dmfast works with {list(FINDINGS)} and {NORMALISATION}")
-    device = ops.chosen_device(device)
     full = lambda state: {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # noqa: E731
     spec = payload["classifier"]
     model = CAMClassifier(spec["arch"], len(FINDINGS), cam_stride=spec["cam_stride"])

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from rich.markup import escape
 
 import dmfast
 
-from .config import PredictConfig, box_levels
+from .config import PredictConfig, box_levels, min_probability
 from .data.chestxray14 import FINDINGS
 from .data.images import ImageError, list_xrays, load_gray
 from .figures import finding_panels
@@ -41,18 +42,22 @@ def _read(path: Path, model, keep: bool) -> tuple:
         return model.square(pixels), pixels if keep else None, None
     except ImageError as error:
         return None, None, str(error).removeprefix(f"{path}: ")
-    except OSError as error:
+    except Exception as error:  # e.g. PIL's decompression-bomb guard, or memory: this file alone is left out
         return None, None, f"{type(error).__name__}: {error}"
 
 
 def output_names(files: list, roots: list) -> list:
     """A distinct name per file for its overlay: its path inside the folder it was found in (its own name when
-    given directly), without the suffix; repeats get -2, -3, ..."""
-    names, seen = [], {}
+    given directly), without the suffix; a name already taken (ignoring case) gets -2, -3, ..."""
+    names, taken = [], set()
     for path, root in zip(files, roots):
-        name = path.relative_to(root).with_suffix("").as_posix() if path != root else path.stem
-        seen[name] = seen.get(name, 0) + 1
-        names.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+        base = path.relative_to(root).with_suffix("").as_posix() if path != root else path.stem
+        name, k = base, 1
+        while name.lower() in taken:
+            k += 1
+            name = f"{base}-{k}"
+        taken.add(name.lower())
+        names.append(name)
     return names
 
 
@@ -84,18 +89,16 @@ def _record(path: Path, result: ImagePrediction) -> dict:
 def run(config: PredictConfig, console: Console | None = None) -> dict:
     """Predict every X-ray of ``config.inputs``; write the outputs (see the module) and return the report."""
     console = console or Console(stderr=True)
-    levels = box_levels(config.box_thresholds, config.max_boxes)
-    if not 0 <= config.min_probability <= 1:
-        raise ValueError(f"min_probability must lie in [0, 1], got {config.min_probability}")
+    levels, floor = box_levels(config.box_thresholds, config.max_boxes), min_probability(config.min_probability)
     if config.batch < 1:
         raise ValueError(f"batch must be >= 1, got {config.batch}")
-    files, roots, others = list_xrays(config.inputs)
+    out = Path(config.out)
+    files, roots, problems = list_xrays(config.inputs, exclude=[out])
     if not files:
         raise ValueError(f"no PNG, JPEG or DICOM files in {', '.join(map(str, config.inputs))}")
     model = load_model(config.model, config.device)
-    out = Path(config.out)
     names = output_names(files, roots)
-    records, problems, frames = [], [], []
+    records, frames = [], []
     batches = [range(i, min(i + config.batch, len(files))) for i in range(0, len(files), config.batch)]
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool, \
@@ -116,14 +119,14 @@ def run(config: PredictConfig, console: Console | None = None) -> dict:
                     good.append((i, square, pixels))
                 else:
                     problems.append((str(files[i]), reason))
-            results = model.predict_squares([square for _, square, _ in good], config.min_probability, levels,
+            results = model.predict_squares([square for _, square, _ in good], floor, levels,
                                             config.max_boxes, [str(files[i]) for i, _, _ in good]) if good else []
             for (i, _, pixels), result in zip(good, results):
                 if add_cams is not None:
                     add_cams(str(len(records)), result.image_cams().half().numpy())
                     frames.append([result.width, result.height, *result.frame])
                 if config.overlays:
-                    save_png(out / "overlays" / f"{names[i]}.png", overlay(pixels, result, config.min_probability),
+                    save_png(out / "overlays" / f"{names[i]}.png", overlay(pixels, result, floor),
                              durable=False)
                 records.append(_record(files[i], result))
             elapsed = time.perf_counter() - started
@@ -139,21 +142,19 @@ def run(config: PredictConfig, console: Console | None = None) -> dict:
         ["path", "width", "height", *FINDINGS],
         [[r["path"], r["width"], r["height"], *(f"{r['probabilities'][c]:.6f}" for c in FINDINGS)]
          for r in records]).encode())
-    report = {"model": str(config.model), "min_probability": config.min_probability, "box_thresholds": list(levels),
+    report = {"model": str(config.model), "min_probability": floor, "box_thresholds": list(levels),
               "max_boxes": config.max_boxes, "classes": list(FINDINGS), "images": records,
               "problems": [{"path": p, "reason": r} for p, r in problems], "seconds": seconds,
               "images_per_second": len(records) / seconds if seconds else None,
               "versions": {"dmfast": dmfast.__version__, "torch": torch.__version__}}
     atomic_write_json(out / "predictions.json", report)
     if problems:
-        print_table(console, f"{len(problems)} of {len(files)} files could not be read (problems.csv)",
-                    ["file", "reason"], problems, justify=["left", "left"])
-    if others:
-        console.print(f"left out {others} file(s) of other types found in the input folders")
+        print_table(console, f"{len(problems)} files left out ({out / 'problems.csv'})", ["file", "reason"],
+                    [[escape(path), escape(reason)] for path, reason in problems], justify=["left", "left"])
     if not records:
-        raise ValueError(f"none of the {len(files)} files could be read (see {out / 'problems.csv'})")
-    console.print(f"{len(records)} images in {seconds:.1f} s ({report['images_per_second']:.1f} img/s): "
-                  f"{out / 'predictions.csv'}, {out / 'predictions.json'}" +
-                  (f", {out / 'cams.npz'}" if config.cams else "") +
-                  (f"; overlays in {out / 'overlays'}" if config.overlays else ""))
+        raise ValueError(f"none of the {len(files)} X-ray files could be read (see {out / 'problems.csv'})")
+    console.print(escape(f"{len(records)} images in {seconds:.1f} s ({report['images_per_second']:.1f} img/s): "
+                         f"{out / 'predictions.csv'}, {out / 'predictions.json'}" +
+                         (f", {out / 'cams.npz'}" if config.cams else "") +
+                         (f"; overlays in {out / 'overlays'}" if config.overlays else "")))
     return report

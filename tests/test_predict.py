@@ -61,6 +61,9 @@ def test_predict_on_a_folder_of_every_format(run, tmp_path):
     square[8:56] = wide
     Image.fromarray(wide).save(inputs / "wide.png")
     Image.fromarray(square).save(inputs / "square.png")
+    big = np.kron(square, np.ones((2, 2), np.uint8))  # twice the model's size: padded, then resized
+    Image.fromarray(big[16:112]).save(inputs / "wide2x.png")
+    Image.fromarray(big).save(inputs / "square2x.png")
     # The same pixels as DICOM: 16-bit stored 4p + 1000, rescaled to 2p, windowed back to p / 255 ...
     write_dicom(inputs / "mono2.dcm", xray.astype(np.uint16) * 4 + 1000, RescaleSlope=0.5, RescaleIntercept=-500,
                 WindowCenter=255.5, WindowWidth=511)
@@ -75,25 +78,28 @@ def test_predict_on_a_folder_of_every_format(run, tmp_path):
     assert result.exit_code == 0, result.output
     rows = _rows(out / "predictions.csv")
     assert sorted(rows) == sorted(["plain.png", "deep.png", "rgb.png", "rgba.png", "palette.png", "photo.JPG",
-                                   "wide.png", "square.png", "mono2.dcm", "mono1"])
+                                   "wide.png", "square.png", "wide2x.png", "square2x.png", "mono2.dcm", "mono1"])
     assert {name: (int(r["width"]), int(r["height"])) for name, r in rows.items()}["wide.png"] == (64, 48)
     plain = _probabilities(rows["plain.png"])
-    for same in ("deep.png", "rgb.png", "mono2.dcm", "mono1"):  # the same pixels in another file format
+    for same in ("deep.png", "rgb.png", "rgba.png", "mono2.dcm", "mono1"):  # the same pixels in another file format
         np.testing.assert_allclose(_probabilities(rows[same]), plain, atol=1e-4, err_msg=same)
     problems = {Path(r["path"]).name: r["reason"] for r in csv.DictReader(open(out / "problems.csv"))}
-    assert set(problems) == {"truncated.png", "notes.dcm"}
+    assert set(problems) == {"truncated.png", "notes.dcm", "labels.csv"}
     assert "truncated" in problems["truncated.png"] and "not a DICOM file" in problems["notes.dcm"]
-    assert "2 of 12 files could not be read" in result.output and "left out 1 file" in result.output
+    assert problems["labels.csv"] == "not a PNG, JPEG or DICOM file" and "3 files left out" in result.output
 
     report = json.loads((out / "predictions.json").read_text())
     assert report["box_thresholds"] == [0.5] and report["max_boxes"] == 2 and report["min_probability"] == 0
     images = {Path(i["path"]).name: i for i in report["images"]}
     assert set(images["plain.png"]["findings"]) == set(FINDINGS)  # every class reaches probability 0
-    for name, finding in images["square.png"]["findings"].items():  # the wide image's boxes: moved up, clipped
-        want = [[b["box"][0], min(max(b["box"][1] - 8, 0), 48), b["box"][2], min(max(b["box"][3] - 8, 0), 48)]
-                for b in finding["boxes"]]
-        assert [b["box"] for b in images["wide.png"]["findings"][name]["boxes"]] == want, name
-        assert finding["probability"] == pytest.approx(images["wide.png"]["findings"][name]["probability"])
+    for wide, square, pad in (("wide.png", "square.png", 8), ("wide2x.png", "square2x.png", 16)):
+        for name, finding in images[square]["findings"].items():  # the wide image's boxes: moved up, clipped
+            height = images[wide]["height"]
+            want = [[x0, min(max(y0 - pad, 0), height), x1, min(max(y1 - pad, 0), height)]
+                    for x0, y0, x1, y1 in (b["box"] for b in finding["boxes"])]
+            want = [box for box in want if box[3] > box[1]]  # a box wholly in the padding is not reported
+            assert [b["box"] for b in images[wide]["findings"][name]["boxes"]] == want, (wide, name)
+            assert finding["probability"] == pytest.approx(images[wide]["findings"][name]["probability"])
     for image in report["images"]:
         for finding in image["findings"].values():
             for b in finding["boxes"]:
@@ -108,7 +114,7 @@ def test_predict_on_a_folder_of_every_format(run, tmp_path):
     assert frames["wide.png"] == [64, 48, 64, 0, 8]  # width, height, side of the square, pad x, pad y
     overlays = sorted(p.relative_to(out / "overlays").as_posix() for p in (out / "overlays").rglob("*.png"))
     assert overlays == sorted(["plain.png", "deep.png", "rgb.png", "rgba.png", "palette.png", "photo.png",
-                               "wide.png", "square.png", "mono2.png", "sub/mono1.png"])
+                               "wide.png", "square.png", "wide2x.png", "square2x.png", "mono2.png", "sub/mono1.png"])
     picture = np.asarray(Image.open(out / "overlays" / "plain.png"))
     assert picture.ndim == 3 and picture.shape[0] >= 320  # small X-rays are enlarged to be readable
 
@@ -118,7 +124,7 @@ def test_predict_fails_only_when_nothing_can_be_read(run, tmp_path):
     (tmp_path / "bad.dcm").write_text("no\n")
     result = CliRunner().invoke(main, ["predict", str(folder), str(tmp_path / "bad.dcm"), "--out",
                                        str(tmp_path / "out")])
-    assert result.exit_code == 1 and "none of the 1 files could be read" in result.output
+    assert result.exit_code == 1 and "none of the 1 X-ray files could be read" in result.output
     assert "bad.dcm" in (tmp_path / "out" / "problems.csv").read_text()
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(main, ["predict", str(folder), str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
@@ -136,15 +142,19 @@ def test_predict_fails_only_when_nothing_can_be_read(run, tmp_path):
         assert result.exit_code == 1 and message in result.output, (device, result.output)
 
 
-def test_model_files_run_folders_and_checkpoints_predict_alike(run):
+def test_load_model_reads_model_files_and_run_folders_and_refuses_pickles(run, tmp_path):
     folder, xray = run
-    want = dmfast.load_model(folder / "model.pt", "cpu").predict([xray], min_probability=0)[0]
-    for source in (folder, folder / "checkpoint.pt"):
-        got = dmfast.load_model(source, "cpu").predict([xray], min_probability=0)[0]
-        assert got.probabilities == pytest.approx(want.probabilities, abs=1e-6)
-        torch.testing.assert_close(got.image_cams(), want.image_cams())
-    heat = want.heatmap("Mass", scale=0.5)
-    assert heat.shape == (32, 32) and torch.isfinite(heat).all()
+    want = dmfast.load_model(folder / "model.pt", "cpu").predict(xray, min_probability=0)[0]  # one X-ray
+    got = dmfast.load_model(folder, "cpu").predict(torch.tensor(xray)[None], min_probability=0)[0]
+    assert got.probabilities == want.probabilities
+    torch.testing.assert_close(got.image_cams(), want.image_cams())
+    assert want.image_cams().shape == (14, 16, 16) and want.heatmap("Mass", scale=0.5).shape == (32, 32)
+    with pytest.raises(ValueError, match="checkpoint.pt: not a model file: it holds more than weights.*dmfast export"):
+        dmfast.load_model(folder / "checkpoint.pt", "cpu")  # a full pickle: never unpickled by load_model
+    with pytest.raises(FileNotFoundError, match="a folder without model.pt"):
+        dmfast.load_model(tmp_path, "cpu")
+    with pytest.raises(ValueError, match="min_probability must lie in"):
+        dmfast.load_model(folder, "cpu").predict(xray, min_probability=2)
 
 
 def test_read_dicom_applies_the_display_transforms(tmp_path, gen):
@@ -157,19 +167,52 @@ def test_read_dicom_applies_the_display_transforms(tmp_path, gen):
                                       WindowCenter=[1000, 5], WindowWidth=[800, 1]))  # the first of two windows
     want = np.clip(((2.0 * stored - 100) - 999.5) / 799 + 0.5, 0, 1)
     np.testing.assert_array_equal(windowed, np.round(want * 255).astype(np.uint8))
-    lut = write_dicom(tmp_path / "lut.dcm", (stored // 8).astype(np.uint8), WindowCenter=1, WindowWidth=1)
+    rgb = np.stack([stored // 8, stored // 8, stored // 8], -1).astype(np.uint8)
+    np.testing.assert_array_equal(read_dicom(write_dicom(tmp_path / "rgb.dcm", rgb, "RGB")), rgb[..., 0])
+    signed = write_dicom(tmp_path / "signed.dcm", (stored.astype(np.int16) - 600), PixelRepresentation=1,
+                         RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=-1324, WindowWidth=1000)
+    want = np.clip(((stored - 600.0 - 1024) - (-1324.5)) / 999 + 0.5, 0, 1)
+    np.testing.assert_array_equal(read_dicom(signed), np.round(want * 255).astype(np.uint8))
+    empty = write_dicom(tmp_path / "empty.dcm", stored, WindowCenter="", WindowWidth="")  # as some devices write
+    np.testing.assert_array_equal(read_dicom(empty), stretched)
+
+
+def _with_voi_lut(path, table, bits: int) -> Path:
     import pydicom
     from pydicom.dataset import Dataset
 
-    ds = pydicom.dcmread(lut)
+    ds = pydicom.dcmread(path)
     item = Dataset()
-    item.add_new(0x00283002, "US", [256, 0, 8])  # LUT Descriptor: 256 entries from 0, 8 bits
-    item.add_new(0x00283006, "US", list(range(255, -1, -1)))  # LUT Data: an inverting VOI LUT wins over the window
+    item.add_new(0x00283002, "US", [len(table) % 65536, 0, bits])  # LUT Descriptor: entries, first value, bits
+    item.add_new(0x00283006, "US", [int(v) for v in table])  # LUT Data
     ds.VOILUTSequence = [item]
-    ds.save_as(lut)
-    np.testing.assert_array_equal(read_dicom(lut), 255 - (stored // 8).astype(np.uint8))
-    rgb = np.stack([stored // 8, stored // 8, stored // 8], -1).astype(np.uint8)
-    np.testing.assert_array_equal(read_dicom(write_dicom(tmp_path / "rgb.dcm", rgb, "RGB")), rgb[..., 0])
+    ds.save_as(path)
+    return path
+
+
+def test_voi_lut_wins_over_the_window_and_indexes_long_tables(tmp_path, gen):
+    stored = torch.randint(0, 4096, (9, 7), generator=gen).numpy().astype(np.uint16)
+    table = np.arange(4096) // 16  # 4096 entries of 8 bits: a table longer than its output range
+    path = _with_voi_lut(write_dicom(tmp_path / "lut.dcm", stored, WindowCenter=1, WindowWidth=1), table, 8)
+    np.testing.assert_array_equal(read_dicom(path), np.round(table[stored] / 255 * 255).astype(np.uint8))
+    inverted = _with_voi_lut(write_dicom(tmp_path / "m1.dcm", stored, "MONOCHROME1"), table, 8)
+    np.testing.assert_array_equal(read_dicom(inverted), 255 - table[stored].astype(np.uint8))
+
+
+def test_compressed_dicom_decodes_or_names_the_missing_decoder(tmp_path):
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    path = write_dicom(tmp_path / "rle.dcm", pixels, WindowCenter=128, WindowWidth=256)
+    ds = pydicom.dcmread(path)
+    ds.compress(RLELossless)  # pydicom's own codec
+    ds.save_as(path)
+    np.testing.assert_array_equal(read_dicom(path), pixels)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.70"  # JPEG lossless, with RLE bytes: undecodable
+    ds.save_as(path)
+    with pytest.raises(DicomError, match=r"rle.dcm: cannot decode its pixel data .*dmfast\[dicom\]"):
+        read_dicom(path)
 
 
 def test_window_matches_pydicom(gen):
@@ -199,23 +242,47 @@ def test_dicom_that_is_not_one_image_is_a_named_problem(tmp_path):
         read_dicom(report)
     with pytest.raises(ImageError, match="report.dcm: a DICOM"):  # through the one image reader
         load_gray(report)
-    with pytest.raises(DicomError, match="window width 0"):
+    with pytest.raises(DicomError, match="w.dcm: window width 0 must be >= 1 for LINEAR"):
         read_dicom(write_dicom(tmp_path / "w.dcm", np.zeros((4, 4), np.uint8), WindowCenter=1, WindowWidth=0))
+    odd = write_dicom(tmp_path / "odd.dcm", np.zeros((4, 4), np.uint8), NumberOfFrames="2")
+    odd.write_bytes(odd.read_bytes().replace(b"\x28\x00\x08\x00IS\x02\x002 ", b"\x28\x00\x08\x00IS\x02\x00x "))
+    with pytest.raises(DicomError, match="odd.dcm: cannot show its pixel data"):
+        read_dicom(odd)
 
 
 def test_list_xrays_searches_folders_and_takes_named_files_as_they_are(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     for name in ("a/x.png", "a/b/y.jpeg", "a/b/z.DCM", "a/readme.txt", "a/.hidden.png", "odd.name"):
         (tmp_path / name).write_bytes(b"")
-    write_dicom(tmp_path / "a" / "b" / "IM0001", np.zeros((4, 4), np.uint8))
-    files, roots, others = list_xrays([tmp_path / "a", tmp_path / "odd.name"])
-    assert [p.relative_to(tmp_path).as_posix() for p in files] == ["a/b/IM0001", "a/b/y.jpeg", "a/b/z.DCM", "a/x.png",
-                                                                    "odd.name"]
-    assert roots[-1] == tmp_path / "odd.name" and others == 1
-    assert output_names(files, roots) == ["b/IM0001", "b/y", "b/z", "x", "odd"]
-    assert output_names([Path("p/x.png"), Path("q/x.png")], [Path("p/x.png"), Path("q/x.png")]) == ["x", "x-2"]
+    write_dicom(tmp_path / "a" / "b" / "1.2.840.113619.2.55", np.zeros((4, 4), np.uint8))  # named by its UID
+    (tmp_path / "a" / "loop").symlink_to(tmp_path / "a")  # followed, each folder once
+    (tmp_path / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "a" / "out").mkdir()
+    (tmp_path / "a" / "out" / "overlay.png").write_bytes(b"")  # the output folder inside an input: left out
+    files, roots, problems = list_xrays([tmp_path / "a", tmp_path / "odd.name", tmp_path / "a" / "x.png"],
+                                        exclude=[tmp_path / "a" / "out"])
+    assert [p.relative_to(tmp_path).as_posix() for p in files] == [
+        "a/b/1.2.840.113619.2.55", "a/b/y.jpeg", "a/b/z.DCM", "a/x.png", "odd.name"]  # x.png once
+    assert roots[-1] == tmp_path / "odd.name"
+    assert sorted((Path(p).name, reason) for p, reason in problems) == [
+        ("gone.png", "a broken link"), ("readme.txt", "not a PNG, JPEG or DICOM file")]
+    assert output_names(files, roots) == ["b/1.2.840.113619.2", "b/y", "b/z", "x", "odd"]
+    names = [Path("p/x-2.png"), Path("p/x.jpg"), Path("p/X.png")]
+    assert output_names(names, names) == ["x-2", "x", "X-3"]  # never the same file name, whatever the case
     with pytest.raises(FileNotFoundError, match="nowhere: no such file or folder"):
         list_xrays([tmp_path / "nowhere"])
+
+
+def test_load_gray_refuses_other_formats_and_oversized_images(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    PILImage.new("L", (64, 64)).save(tmp_path / "bitmap.png", format="BMP")  # a BMP named .png
+    with pytest.raises(ImageError, match="bitmap.png: not a PNG, JPEG or DICOM file"):
+        load_gray(tmp_path / "bitmap.png")
+    PILImage.new("L", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ImageError, match="big.png: too large to decode safely"):
+        load_gray(tmp_path / "big.png")
 
 
 def test_the_readme_example_runs(run, tmp_path, monkeypatch):

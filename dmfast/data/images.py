@@ -2,11 +2,12 @@
 grayscale, plus the known oddities: a few RGBA or RGB files, palette images, 16-bit grayscale, any size), JPEGs and
 DICOM (:mod:`dmfast.data.dicom`); and finding the X-rays in folders."""
 
+import os
 from pathlib import Path
 
 import numpy as np
 
-from .dicom import DICOM_SUFFIXES, DicomError, is_dicom, read_dicom
+from .dicom import DICOM_SUFFIXES, DicomError, has_dicom_marker, is_dicom, read_dicom
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *DICOM_SUFFIXES)
 
@@ -18,7 +19,8 @@ class ImageError(RuntimeError):
 def load_gray(path, size: int | None = None) -> np.ndarray:
     """Decode ``path`` to a uint8 ``[H, W]`` array (``[size, size]`` when ``size`` is given, Lanczos-resized).
 
-    16-bit images are scaled by their full range (65535 -> 255); colour images are converted with ITU-R 601 luma;
+    PNG and JPEG only (other formats are refused: PIL would open many, some through external programs). 16-bit
+    images are scaled by their full range (65535 -> 255); colour images are converted with ITU-R 601 luma;
     transparency is dropped; JPEGs are turned upright by their EXIF orientation; DICOM goes through its display
     transforms (:func:`dmfast.data.dicom.read_dicom`). Raises :class:`ImageError` naming the file when it cannot be
     read completely.
@@ -33,9 +35,9 @@ def load_gray(path, size: int | None = None) -> np.ndarray:
             raise ImageError(str(error)) from error
         return _resized(gray, size)
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=["PNG", "JPEG"]) as image:  # multi-picture JPEGs come out as MPO
             image.load()
-            if image.format == "JPEG":
+            if image.format in ("JPEG", "MPO"):
                 image = ImageOps.exif_transpose(image)
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 array = np.asarray(image, dtype=np.float64)
@@ -44,10 +46,14 @@ def load_gray(path, size: int | None = None) -> np.ndarray:
                 gray = image.copy()
             else:
                 gray = image.convert("RGB").convert("L")
-    except FileNotFoundError as error:
-        raise ImageError(f"{path}: file not found") from error
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ImageError(f"{path}: cannot decode ({error})") from error
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not a PNG, JPEG or DICOM file") from None
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"{path}: too large to decode safely ({error})") from None
+    except Exception as error:  # truncated or damaged files raise many kinds
+        raise ImageError(f"{path}: cannot decode ({type(error).__name__}: {error})") from None
     return _resized(gray, size)
 
 
@@ -59,23 +65,42 @@ def _resized(gray, size: int | None) -> np.ndarray:
     return np.asarray(gray, dtype=np.uint8)
 
 
-def list_xrays(inputs) -> tuple:
-    """The X-ray files among ``inputs`` (files, taken whatever their name, and folders, searched recursively for
-    PNG, JPEG and DICOM files, including extension-less DICOM): ``(files, roots, others)``, where ``roots[i]`` is
-    the input that ``files[i]`` came from and ``others`` counts the files of other kinds left out of folders."""
-    found, others = [], 0
+def list_xrays(inputs, exclude=()) -> tuple:
+    """The X-ray files among ``inputs``: files are taken whatever their name; folders are searched recursively
+    (following links, each folder once, hidden files and the folders ``exclude`` left out) for PNG, JPEG and
+    DICOM files (by name, or by the DICOM marker). Returns ``(files, roots, problems)``: ``roots[i]`` is the input
+    that ``files[i]`` came from, ``problems`` lists ``(path, reason)`` for what was left out (other kinds of
+    files, unreadable folders, broken links). A file found twice is taken once."""
+    files, roots, problems = [], [], []
+    seen_files, seen_folders = set(), {os.path.realpath(p) for p in exclude}
     for entry in map(Path, inputs):
         if not entry.exists():
             raise FileNotFoundError(f"{entry}: no such file or folder")
-        if not entry.is_dir():
-            found.append((entry, entry))
-            continue
-        for path in sorted(p for p in entry.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            if path.suffix.lower() in IMAGE_SUFFIXES or (not path.suffix and is_dicom(path)):
-                found.append((path, entry))
-            else:
-                others += 1
-    return [f for f, _ in found], [r for _, r in found], others
+        found = [entry] if not entry.is_dir() else []
+        if entry.is_dir():
+            def unreadable(error):
+                problems.append((str(error.filename), f"unreadable folder ({error.strerror})"))
+
+            for folder, subfolders, names in os.walk(entry, onerror=unreadable, followlinks=True):
+                if os.path.realpath(folder) in seen_folders:
+                    subfolders[:] = []
+                    continue
+                seen_folders.add(os.path.realpath(folder))
+                subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+                for name in (name for name in names if not name.startswith(".")):
+                    path = Path(folder) / name
+                    if not path.exists():
+                        problems.append((str(path), "a broken link"))
+                    elif path.suffix.lower() in IMAGE_SUFFIXES or has_dicom_marker(path):
+                        found.append(path)
+                    else:
+                        problems.append((str(path), "not a PNG, JPEG or DICOM file"))
+        for path in sorted(found):
+            if os.path.realpath(path) not in seen_files:
+                seen_files.add(os.path.realpath(path))
+                files.append(path)
+                roots.append(entry)
+    return files, roots, problems
 
 
 NORMALISATION = {"scale": 1 / 127.5, "offset": -1.0}  # uint8 pixel p -> p * scale + offset, in [-1, 1]
