@@ -95,8 +95,9 @@ class Model:
     def predict(self, images, min_probability: float = 0.5, box_thresholds=(0.5,), max_boxes: int = 1,
                 batch: int = 16, names: list | None = None) -> list:
         """Probabilities, CAMs and boxes for X-rays of any size: ``images`` are image files (PNG, JPEG, DICOM) or
-        2-D uint8 arrays/tensors ``[H, W]`` (a list, a ``[B, H, W]`` tensor, or one). Each is padded to a centred square (never squashed) and resized to the
-        model's input; CAMs of aligned models are warped back onto the image. The boxes of every class whose
+        2-D uint8 arrays/tensors ``[H, W]`` (a list, a ``[B, H, W]`` tensor, or one). Each is padded to a centred
+        square (never squashed) and resized to the model's input; CAMs of aligned models are warped back onto the
+        image. The boxes of every class whose
         probability reaches ``min_probability`` come back in the image's own pixels. ``names`` label the images
         in errors (default: their paths or positions). Returns one :class:`ImagePrediction` per image."""
         if isinstance(images, (str, Path)) or getattr(images, "ndim", None) == 2:
