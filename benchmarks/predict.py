@@ -76,7 +76,7 @@ def parse_args(argv=None):
     p = parser(__doc__, rounds=2)
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 512])
     p.add_argument("--arch", default="resnet50")
-    p.add_argument("--images", type=int, default=24, help="test images wanted (the phantom is sized for them)")
+    p.add_argument("--images", type=int, default=48, help="test images wanted (the phantom is sized for them)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--source-scale", type=float, default=1.0, help="PNG side / model input side")
     return parse(p, "predict", argv)
