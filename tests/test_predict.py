@@ -161,8 +161,10 @@ def test_read_dicom_applies_the_display_transforms(tmp_path, gen):
     stored = torch.randint(100, 1100, (12, 10), generator=gen).numpy().astype(np.uint16)
     stretched = read_dicom(write_dicom(tmp_path / "plain.dcm", stored))  # no window: the image's own range
     assert stretched.min() == 0 and stretched.max() == 255
+    fraction = (stored - stored.min()) / float(stored.max() - stored.min())
+    np.testing.assert_array_equal(stretched, np.round(fraction * 255))
     np.testing.assert_array_equal(read_dicom(write_dicom(tmp_path / "m1.dcm", stored, "MONOCHROME1")),
-                                  255 - stretched)
+                                  np.round((1 - fraction) * 255))  # inverted before rounding
     windowed = read_dicom(write_dicom(tmp_path / "w.dcm", stored, RescaleSlope=2, RescaleIntercept=-100,
                                       WindowCenter=[1000, 5], WindowWidth=[800, 1]))  # the first of two windows
     want = np.clip(((2.0 * stored - 100) - 999.5) / 799 + 0.5, 0, 1)
