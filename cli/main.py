@@ -98,7 +98,9 @@ def prepare(data_dir, **kwargs):
          ("amp", {"help": "Mixed precision (CUDA)."}), ("aligned", {"type": FILE, "help": "Alignment checkpoint."}),
          ("init", {"type": FILE, "help": "Start from a classifier checkpoint."}),
          ("masks", {"type": FILE, "help": "Disease masks: attention retraining."}),
-         ("freeze_bn", {"help": "Keep BatchNorm statistics fixed."}), MAX_STEPS, SKIP)
+         ("freeze_bn", {"help": "Keep BatchNorm statistics fixed."}),
+         ("tensorboard", {"help": "Also log loss and validation AUROC to OUT/tensorboard (dmfast[tensorboard])."}),
+         MAX_STEPS, SKIP)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 def train(data_dir, resume, **kwargs):
     """Train the CAM classifier with weighted BCE on DATA_DIR (runs under torchrun for DDP)."""

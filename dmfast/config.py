@@ -46,6 +46,7 @@ class TrainConfig(SplitConfig):
     init: str | None = None  # start from this classifier checkpoint
     masks: str | None = None  # disease masks file: attention retraining
     freeze_bn: bool = False  # BatchNorm in inference mode (statistics from the loaded weights)
+    tensorboard: bool = False  # also log the epoch scalars to RUN/tensorboard
 
 
 @dataclass(kw_only=True)

@@ -125,3 +125,52 @@ def masks_figure(anchor: torch.Tensor, payload: dict, tile: int = 192) -> torch.
         label = name if count is None else f"{name} ({count})"
         tiles.append(draw(heat_overlay(gray, heat, 0.55, where=mask), text=label))
     return grid(tiles, columns=7)
+
+
+def line_panel(series: list, title: str, low: float, high: float, width: int = 440, height: int = 300) -> torch.Tensor:
+    """A small line chart on white: ``series`` of ``(values per epoch, RGB colour, line width)`` (None/NaN values
+    are gaps), epochs 1..n along x, ``low``..``high`` along y, with its title and axis labels."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("RGB", (width, height), WHITE)
+    pen = ImageDraw.Draw(canvas)
+    font = _font(12)
+    left, top, right, bottom = 48, 24, width - 12, height - 28
+    pen.rectangle([left, top, right, bottom], outline=(160, 160, 160))
+    pen.text((left, 4), title, fill=BLACK, font=font)
+    count = max((len(values) for values, _, _ in series), default=1)
+    x_of = lambda i: left + (right - left) * (i / max(count - 1, 1))  # noqa: E731
+    y_of = lambda v: bottom - (bottom - top) * ((v - low) / (high - low) if high > low else 0.5)  # noqa: E731
+    for k in range(5):  # y grid and labels
+        value = low + (high - low) * k / 4
+        pen.line([left, y_of(value), right, y_of(value)], fill=(232, 232, 232))
+        pen.text((4, y_of(value) - 7), f"{value:.3g}", fill=BLACK, font=font)
+    for i in range(count):
+        if count <= 12 or i % -(-count // 12) == 0:
+            pen.text((x_of(i) - 4, bottom + 6), str(i + 1), fill=BLACK, font=font)
+    for values, color, line in series:
+        points = [(x_of(i), y_of(v)) for i, v in enumerate(values) if v is not None and np.isfinite(v)]
+        if len(points) > 1:
+            pen.line(points, fill=color, width=line)
+        for x, y in points:
+            pen.ellipse([x - line - 1, y - line - 1, x + line + 1, y + line + 1], fill=color)
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
+
+
+def training_figure(history: list) -> torch.Tensor:
+    """The curves of a training run from its per-epoch metrics: the loss, and the validation AUROC (the mean bold,
+    each class faint)."""
+    def series(key, source):
+        return [source(m).get(key) if source(m) else None for m in history]
+
+    loss = [m.get("loss") for m in history]
+    finite = [v for v in loss if v is not None and np.isfinite(v)] or [0.0, 1.0]
+    panels = [line_panel([(loss, (31, 119, 180), 2)], "training loss (weighted BCE) per epoch", min(finite) * 0.95,
+                         max(finite) * 1.05)]
+    per_class = [(series(c, lambda m: m.get("auroc")), (200, 200, 215), 1) for c in FINDINGS]
+    mean = series("mean_auroc", lambda m: m)
+    values = [v for s, _, _ in per_class + [(mean, None, None)] for v in s if v is not None and np.isfinite(v)]
+    low = min([0.5] + values)
+    panels.append(line_panel(per_class + [(mean, (214, 39, 40), 3)], "validation AUROC per epoch (mean red, classes grey)",
+                             np.floor(low * 10) / 10, 1.0))
+    return grid(panels, columns=2, gap=8)

@@ -1,10 +1,16 @@
 """``dmfast train``: the weighted-BCE CAM classifier (optionally on aligned images, optionally with disease-mask
 attention), with per-epoch validation AUROC, atomic resumable checkpoints and DistributedDataParallel scale-out.
 
+Every epoch rewrites ``RUN/metrics.jsonl`` (strict JSON, one line per epoch) and ``RUN/training.png`` (loss and
+validation AUROC curves) from the history kept in the checkpoint, keeps ``RUN/best.pt`` (the epoch of the best
+validation mean AUROC), and with ``--tensorboard`` logs the same scalars to ``RUN/tensorboard``.
+
 Under ``torchrun --nproc_per_node=N`` the same command trains with DDP (NCCL on GPUs, gloo on CPU): every rank
 takes its share of each global batch of ``--batch`` images, and only rank 0 logs and writes checkpoints.
 """
 
+import json
+import math
 import os
 import random
 import time
@@ -22,8 +28,9 @@ from .data.cache import ImageCache, open_or_prepare
 from .data.chestxray14 import FINDINGS, open_dataset
 from .data.images import to_model_input
 from .data.splits import Splits, make_splits
+from .figures import training_figure
 from .inference import export_model, load_aligner
-from .io import LOSS_AND_RATE, json_text, progress
+from .io import LOSS_AND_RATE, atomic_write_bytes, json_text, progress, save_png
 from .metrics import roc_auc
 from .models import CAMClassifier
 
@@ -112,6 +119,27 @@ def evaluate_auroc(model, cache: ImageCache, names, labels: np.ndarray, batch: i
     return {"auroc": dict(zip(FINDINGS, result.per_class.tolist())), "mean_auroc": result.mean} if result else {}
 
 
+def _earlier_history(out: Path, state: dict) -> list:
+    """The per-epoch metrics up to the checkpoint's epoch (from the checkpoint, or metrics.jsonl of older runs)."""
+    if "history" in state:
+        return state["history"]
+    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
+    return [m for m in map(json.loads, filter(None, lines)) if m.get("epoch", 0) <= state["epoch"] + 1]
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install 'dmfast[tensorboard]'") from None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _improved(metrics: dict, best: dict | None) -> bool:
+    score = metrics.get("mean_auroc")
+    return score is not None and math.isfinite(score) and (best is None or score > best["mean_auroc"])
+
+
 def run(config: TrainConfig, resume: bool = False, console: Console | None = None) -> Path:
     """Train (or resume) and return the path of the last checkpoint; the run's portable model file is written
     beside it as ``model.pt``."""
@@ -161,6 +189,13 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     aligner = load_aligner(config.aligned, device) if config.aligned else None
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
+    history = _earlier_history(out, state) if state else []
+    best = state.get("best") if state else None
+    if best is None and history:  # a checkpoint of an older dmfast: the best epoch from its history
+        for metrics in history:
+            best = {"epoch": metrics["epoch"], "mean_auroc": metrics["mean_auroc"]} if _improved(metrics, best) \
+                else best
+    writer = _tensorboard(out) if config.tensorboard and rank == 0 else None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         splits.save(out / "splits.json")
@@ -197,16 +232,35 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
             metrics = {"epoch": epoch + 1, "loss": total_loss / steps, "images_per_second": rate,
                        "lr": optimizer.param_groups[0]["lr"]}
             metrics.update(evaluate_auroc(model, cache, val_names, labels, config.batch, device, aligner))
+            history = [m for m in history if m["epoch"] < epoch + 1] + [metrics]
+            improved = _improved(metrics, best)
+            if improved:
+                best = {"epoch": epoch + 1, "mean_auroc": metrics["mean_auroc"]}
             payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": _rng_state(),
-                       "config": asdict(config), "splits": asdict(splits), "metrics": metrics}
+                       "config": asdict(config), "splits": asdict(splits), "metrics": metrics,
+                       "history": history, "best": best}
+            if improved:  # written before the last checkpoint: a resume never points at a best.pt not yet there
+                checkpoints.save(out / "best.pt", checkpoints.CLASSIFIER,
+                                 {k: v for k, v in payload.items() if k not in ("optimizer", "scheduler", "rng")})
             checkpoints.save(last, checkpoints.CLASSIFIER, payload)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json_text(metrics) + "\n")
+            atomic_write_bytes(out / "metrics.jsonl", "".join(json_text(m) + "\n" for m in history).encode())
+            save_png(out / "training.png", training_figure(history))
+            if writer is not None:
+                for key in ("loss", "mean_auroc", "lr", "images_per_second"):
+                    if metrics.get(key) is not None:
+                        writer.add_scalar(key, metrics[key], epoch + 1)
+                for name, value in metrics.get("auroc", {}).items():
+                    writer.add_scalar(f"auroc/{name}", value, epoch + 1)
+                writer.flush()
+            chosen = f"best epoch {best['epoch']} ({best['mean_auroc']:.3f})" if best else "no best epoch yet"
             console.print(f"epoch {epoch + 1}: loss {metrics['loss']:.4f}, validation mean AUROC "
-                          f"{metrics.get('mean_auroc', float('nan')):.3f}, {rate:.1f} images/s")
+                          f"{metrics.get('mean_auroc', float('nan')):.3f}, {rate:.1f} images/s; {chosen}")
         if world > 1:
             dist.barrier()
+    if writer is not None:
+        writer.close()
     if rank == 0 and last.is_file():  # the portable, weights-only copy to use the model elsewhere (dmfast export, inference)
-        console.print(f"model file {export_model(last, out / 'model.pt')}")
+        console.print(f"model file {export_model(last, out / 'model.pt')}" +
+                      (f"; best validation epoch {best['epoch']} in {out / 'best.pt'}" if best else ""))
     return last

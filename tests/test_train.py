@@ -145,3 +145,42 @@ def test_predict_reports_boxes_in_the_pixels_of_images_of_any_size(phantom, tmp_
         model.predict([padded], min_probability=1.01)
     with pytest.raises(ValueError, match="2-D uint8"):
         model.predict([torch.zeros(3, 8, 8)])
+
+
+def test_the_best_epoch_survives_a_resume_and_the_curves_are_written(phantom, tmp_path, monkeypatch):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    scores = iter([0.9, 0.7, float("nan"), 0.8])  # validation mean AUROC of epochs 1, 2 | (resumed) 3, 4
+
+    def fake_auroc(*args, **kwargs):
+        score = next(scores)
+        return {"auroc": {"Mass": score}, "mean_auroc": score}
+
+    monkeypatch.setattr(train, "evaluate_auroc", fake_auroc)
+    train.run(config(phantom, tmp_path, epochs=2, max_steps=1))  # "killed" after epoch 2 of 4
+    last = train.run(config(phantom, tmp_path, epochs=4, max_steps=1), resume=True)
+    state = checkpoints.load(last, checkpoints.CLASSIFIER)
+    assert state["best"] == {"epoch": 1, "mean_auroc": 0.9} and [m["epoch"] for m in state["history"]] == [1, 2, 3, 4]
+    best = checkpoints.load(tmp_path / "best.pt", checkpoints.CLASSIFIER)
+    assert best["epoch"] == 0 and best["metrics"]["mean_auroc"] == 0.9 and "optimizer" not in best
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]  # strict JSON: NaN written as null
+    assert json.loads(lines[2])["mean_auroc"] is None and "NaN" not in "".join(lines)
+    picture = np.asarray(Image.open(tmp_path / "training.png"))
+    assert picture.ndim == 3 and picture.shape[1] > picture.shape[0] > 200
+    assert ((picture[..., 0] > 200) & (picture[..., 1] < 80)).any()  # the red mean AUROC curve
+
+
+def test_tensorboard_logs_the_epoch_scalars(phantom, tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is in the test extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train.run(config(phantom, tmp_path, epochs=1, max_steps=1, tensorboard=True))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "lr", "mean_auroc", "auroc/Mass"} <= tags
+    assert events.Scalars("loss")[0].step == 1
