@@ -171,6 +171,6 @@ def training_figure(history: list) -> torch.Tensor:
     mean = series("mean_auroc", lambda m: m)
     values = [v for s, _, _ in per_class + [(mean, None, None)] for v in s if v is not None and np.isfinite(v)]
     low = min([0.5] + values)
-    panels.append(line_panel(per_class + [(mean, (214, 39, 40), 3)], "validation AUROC per epoch (mean red, classes grey)",
-                             np.floor(low * 10) / 10, 1.0))
+    panels.append(line_panel(per_class + [(mean, (214, 39, 40), 3)],
+                             "validation AUROC per epoch (mean red, classes grey)", np.floor(low * 10) / 10, 1.0))
     return grid(panels, columns=2, gap=8)
