@@ -197,7 +197,12 @@ MAX_BOXES = ("max_boxes", {"help": "Boxes per CAM (best first)."})
 @click.option("--masks", "masks_files", multiple=True, help="NAME=PATH of a masks file: an extra mask-only row.")
 @out_option("Folder for eval.json/.md and the overlays.")
 @BOX_THRESHOLD
-@options(EvalConfig, MAX_BOXES, ("overlays", {"help": "Overlay images per class (0: none)."}), "batch", CACHE, SKIP)
+@options(EvalConfig, MAX_BOXES, ("overlays", {"help": "Overlay images per class (0: none)."}), "batch", CACHE, SKIP,
+         ("split", {"type": click.Choice(["test", "train_val", "all"]),
+                    "help": "Which of DATA_DIR's images to score [default: the checkpoint's test split when DATA_DIR "
+                            "is its training data, else DATA_DIR's test_list.txt]."}),
+         ("images", {"type": FILE, "help": "A file of image names (one per line) to score instead."}),
+         ("strict", {"help": "Stop when evaluation images share a name or patient with the training images."}))
 def evaluate(data_dir, checkpoints, masks_files, box_threshold, **kwargs):
     """Score AUROC and box localization (IoU, IoBB, AFP) of checkpoints side by side, with overlays."""
     import dmfast.eval

@@ -107,6 +107,9 @@ class EvalConfig(DataConfig, BoxConfig):
     masks: list = field(default_factory=list)  # [(name, path)] extra masks files for mask-only rows
     overlays: int = 2  # images per class in the overlay figures
     overlap_thresholds: tuple = DEFAULT_THRESHOLDS
+    split: str | None = None  # test, train_val or all of the data's lists (default: see eval.select_images)
+    images: str | None = None  # a file of image names to score instead
+    strict: bool = False  # refuse evaluation images that share a name or patient with the training images
 
 
 @dataclass(kw_only=True)

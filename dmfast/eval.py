@@ -1,5 +1,8 @@
 """``dmfast eval``: classification and weakly supervised localization of one or more trained classifiers on the
-test split, side by side (the paper's Tables 1, 2 and 4), with a mask-only baseline for every set of disease masks.
+chosen images of a dataset (:func:`select_images`: by default the checkpoint's test split on its own training
+data, else the data's ``test_list.txt``; evaluation images that share a name or patient with the training images
+are reported, or refused with ``strict``), side by side (the paper's Tables 1, 2 and 4), with a mask-only baseline
+for every set of disease masks.
 
 Classification: AUROC of the 14 classes and their mean over the test images. Localization, on the test images with
 ground-truth boxes, for each (image, class) box pair: the class's CAM (in the image's own frame: CAMs of a model
@@ -16,7 +19,7 @@ image-specific CAM adds beyond it.
 
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +95,70 @@ def _chosen_for_overlays(truth: GroundTruth, per_class: int) -> set:
     for c in range(len(FINDINGS)):
         chosen.update((n, c) for n in sorted({n for n, k in zip(truth.image, truth.cls) if k == c})[:per_class])
     return chosen
+
+
+@dataclass
+class Selection:
+    names: list  # the images to score, in order
+    what: str  # how they were chosen, for the report
+    own: bool  # the data is the first checkpoint's training data
+    overlap: dict = field(default_factory=dict)  # checkpoint name -> {"names": n, "patients": n}
+
+
+def _same_data(dataset, classifier: Classifier) -> bool:
+    """Whether ``dataset`` is the data the classifier was trained on: the same folder, or the same images."""
+    if Path(classifier.config.data).resolve() == Path(dataset.root).resolve():
+        return True
+    splits = classifier.splits
+    return set(splits.train) | set(splits.val) | set(splits.test) == set(dataset.images)
+
+
+def select_images(config: EvalConfig, dataset, first: Classifier) -> Selection:
+    """The images to score: ``config.images`` (a file of names), else ``config.split`` of the data's own lists
+    (``test``, ``train_val``, ``all``), else the first checkpoint's test split when the data is its training data,
+    else the data's ``test_list.txt``. An empty choice is an error saying why."""
+    own = _same_data(dataset, first)
+    present = set(dataset.images)
+    if config.images:
+        path = Path(config.images)
+        if not path.is_file():
+            raise FileNotFoundError(f"--images {path}: no such file")
+        wanted = [line.strip() for line in path.read_text().splitlines() if line.strip() and
+                  not line.startswith("#")]
+        missing = [n for n in wanted if n not in present]
+        if missing:
+            raise ValueError(f"--images {path}: {len(missing)} names are not images of {config.data}, e.g. "
+                             f"{', '.join(missing[:3])}")
+        return Selection(list(dict.fromkeys(wanted)), f"the {len(wanted)} names of {path}", own)
+    if config.split is None and own:
+        return Selection([n for n in first.splits.test if n in present], "the checkpoint's test split", own)
+    split = config.split or "test"
+    if split not in ("test", "train_val", "all"):
+        raise ValueError(f"--split must be test, train_val or all, got {split!r}")
+    if split == "all":
+        return Selection(dataset.images, f"all {len(dataset.images)} images of {config.data}", own)
+    listed = dataset.test if split == "test" else dataset.train_val
+    if not listed:
+        raise ValueError(f"{config.data}: no {split}_list.txt (or it is empty): choose --split all or --images FILE")
+    names = [n for n in dataset.images if n in listed]
+    if not names:
+        raise ValueError(f"{config.data}: none of the images in {split}_list.txt is present")
+    return Selection(names, f"{config.data}'s {split}_list.txt", own)
+
+
+def training_overlap(classifier: Classifier, dataset, names: list) -> dict:
+    """How many of ``names`` share an image name, and how many a patient ID, with the classifier's training and
+    validation images (patients read from its training data when that is still there)."""
+    trained = set(classifier.splits.train) | set(classifier.splits.val)
+    patients = None
+    source = Path(classifier.config.data)
+    if (source / "Data_Entry_2017.csv").is_file():
+        training_data = dataset if Path(dataset.root).resolve() == source.resolve() else \
+            open_dataset(source, skip_problems=True)
+        patients = {r.patient for r in training_data.records if r.image in trained}
+    patient_of = {r.image: r.patient for r in dataset.records}
+    return {"names": sum(n in trained for n in names),
+            "patients": None if patients is None else sum(patient_of[n] in patients for n in names)}
 
 
 def evaluate_checkpoint(name: str, classifier: Classifier, cache: ImageCache, test_names: list, labels: np.ndarray,
@@ -235,13 +302,26 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
         if size not in caches:
             caches[size] = open_or_prepare(config.data, config.cache, size, config.skip_problems, console)
     first = classifiers[0][1]
-    test_names = [n for n in first.splits.test if n in caches[first.config.size]]
-    for name, classifier in classifiers[1:]:
-        if set(classifier.splits.test) != set(first.splits.test):
-            console.print(f"[yellow]{name} was trained with a different test split; all are scored on the test "
-                          f"split of {classifiers[0][0]}")
+    selection = select_images(config, dataset, first)
+    test_names = [n for n in selection.names if n in caches[first.config.size]]
+    if selection.own:
+        for name, classifier in classifiers[1:]:
+            if set(classifier.splits.test) != set(first.splits.test):
+                console.print(f"[yellow]{name} was trained with a different test split; all are scored on the test "
+                              f"split of {classifiers[0][0]}")
     if not test_names:
-        raise ValueError(f"no test images of {config.checkpoints[0][1]} are in the data directory {config.data}")
+        raise ValueError(f"{config.data}: none of the {len(selection.names)} images of {selection.what} is in the "
+                         "image cache (unreadable images left out?)")
+    console.print(f"scoring {len(test_names)} images: {selection.what}")
+    for name, classifier in classifiers:
+        overlap = training_overlap(classifier, dataset, test_names)
+        selection.overlap[name] = overlap
+        if overlap["names"] or overlap["patients"]:
+            message = (f"{overlap['names']} of the {len(test_names)} evaluation images share a name and "
+                       f"{overlap['patients']} a patient ID with the training images of {name}")
+            if config.strict:
+                raise ValueError(f"{message} (--strict)")
+            console.print(f"[yellow]warning: {message}")
     labels = np.stack([label_of[n] for n in test_names])
 
     methods, kept_by_method, truth_at = [], {}, {}
@@ -270,6 +350,7 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
     figures = overlay_figures(out, kept_by_method, truth, caches[first.config.size]) \
         if config.overlays > 0 and len(truth.images) else []
     report = {"config": {**asdict(config), "box_thresholds": list(levels)}, "test_images": len(test_names),
+              "selection": {"what": selection.what, "images": len(test_names), "overlap": selection.overlap},
               "box_images": len(truth.images), "gt_boxes": len(truth.boxes),
               "methods": {m.name: m.summary() for m in methods}, "overlays": [str(p) for p in figures],
               "versions": {"dmfast": dmfast.__version__, "torch": torch.__version__, "python": platform.python_version(),

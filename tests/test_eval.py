@@ -70,3 +70,48 @@ def test_eval_command_reports_bad_options(tmp_path):
     result = runner.invoke(main, ["eval", str(tmp_path), "--checkpoint", f"x={tmp_path / 'ckpt.pt'}", "--out",
                                   str(tmp_path / "o")])
     assert result.exit_code == 1 and "ckpt.pt: not a readable classifier checkpoint" in result.output
+
+
+def test_eval_scores_the_chosen_images_of_any_data_and_reports_training_overlap(tmp_path):
+    import json
+
+    from dmfast import train
+    from dmfast.config import TrainConfig
+    from dmfast.data.chestxray14 import open_dataset
+    from dmfast.testing import phantom_with_cache
+
+    a, cache_a = phantom_with_cache(tmp_path / "a", count=64, size=64, seed=1)
+    b, cache_b = phantom_with_cache(tmp_path / "b", count=48, size=64, seed=2)  # another phantom, the same names
+    checkpoint = train.run(TrainConfig(data=str(a), out=str(tmp_path / "run"), cache=str(cache_a), arch="resnet18",
+                                       size=64, batch=8, epochs=1, max_steps=1, split="patients",
+                                       val_fraction=0.2))
+
+    def evaluate(data, cache, *extra):
+        out = tmp_path / f"e{len(list(tmp_path.glob('e*')))}"
+        result = CliRunner().invoke(main, ["eval", str(data), "--checkpoint", f"m={checkpoint}", "--out", str(out),
+                                           "--cache", str(cache), "--overlays", "0", *extra])
+        report = json.loads((out / "eval.json").read_text()) if result.exit_code == 0 else None
+        return result, report
+
+    _, report = evaluate(a, cache_a)  # its own training data: the checkpoint's test split
+    trained = train.checkpoints.load(checkpoint, train.checkpoints.CLASSIFIER)["splits"]
+    assert report["test_images"] == len(trained["test"]) and report["selection"]["what"] == "the checkpoint's test split"
+    assert report["selection"]["overlap"]["m"] == {"names": 0, "patients": 0}
+    result, report = evaluate(b, cache_b)  # other data: exactly its own test_list.txt
+    other = open_dataset(b)
+    assert result.exit_code == 0 and report["test_images"] == len(other.test)
+    overlap = report["selection"]["overlap"]["m"]
+    assert overlap["names"] > 0 and "share a name" in result.output  # phantoms reuse the NIH file names
+    _, report = evaluate(b, cache_b, "--split", "all")
+    assert report["test_images"] == len(other.images) == 48
+    (tmp_path / "names.txt").write_text("# three of them\n" + "\n".join(other.images[:3]) + "\n")
+    _, report = evaluate(b, cache_b, "--images", str(tmp_path / "names.txt"))
+    assert report["test_images"] == 3
+    result, _ = evaluate(b, cache_b, "--strict")
+    assert result.exit_code == 1 and "(--strict)" in result.output
+    (tmp_path / "bad.txt").write_text("nope.png\n")
+    result, _ = evaluate(b, cache_b, "--images", str(tmp_path / "bad.txt"))
+    assert result.exit_code == 1 and "1 names are not images of" in result.output
+    (b / "test_list.txt").unlink()
+    result, _ = evaluate(b, cache_b)
+    assert result.exit_code == 1 and "no test_list.txt" in result.output and "--split all" in result.output
