@@ -95,7 +95,8 @@ def test_eval_scores_the_chosen_images_of_any_data_and_reports_training_overlap(
 
     _, report = evaluate(a, cache_a)  # its own training data: the checkpoint's test split
     trained = train.checkpoints.load(checkpoint, train.checkpoints.CLASSIFIER)["splits"]
-    assert report["test_images"] == len(trained["test"]) and report["selection"]["what"] == "the checkpoint's test split"
+    assert report["test_images"] == len(trained["test"])
+    assert report["selection"]["what"] == "the checkpoint's test split"
     assert report["selection"]["overlap"]["m"] == {"names": 0, "patients": 0}
     result, report = evaluate(b, cache_b)  # other data: exactly its own test_list.txt
     other = open_dataset(b)
