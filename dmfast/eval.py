@@ -32,10 +32,10 @@ import dmfast
 from . import checkpoints, ops
 from .config import EvalConfig, box_levels
 from .data.cache import ImageCache, open_or_prepare
-from .data.chestxray14 import FINDINGS, open_dataset
+from .data.chestxray14 import FINDINGS, image_size, open_dataset
 from .figures import BLACK, RED, draw, grid, heat_overlay
 from .inference import Classifier
-from .io import atomic_write_bytes, atomic_write_json, finite, print_table, progress, save_png
+from .io import atomic_write_bytes, atomic_write_json, csv_text, finite, print_table, progress, save_png
 from .metrics import localization, predictions_from_padded, roc_auc
 
 REPORTED = (0.3, 0.5, 0.7)  # the paper's T(IoU) columns
@@ -53,6 +53,9 @@ class Method:
     mean_auroc: float | None = None
     seconds: float | None = None
     images: int = 0
+    probabilities: np.ndarray | None = None  # [images, C] of the scored images, in order
+    predicted: tuple = ()  # (image ids, classes, boxes [P, 4] in pixels of `frame`-px images, scores [P])
+    frame: int = 0
 
     def summary(self) -> dict:
         out = {"kind": self.kind, "source": self.source}
@@ -176,11 +179,13 @@ def evaluate_checkpoint(name: str, classifier: Classifier, cache: ImageCache, te
             rows = [(b, n, c) for b, n in enumerate(names) for c in truth.pairs.get(n, ())]
             if rows:
                 c_index = torch.tensor([r[2] for r in rows])
-                maps, boxes, _, counts = prediction.boxes([r[0] for r in rows], c_index.tolist(), cache.size,
-                                                          config.box_thresholds, config.max_boxes,
-                                                          [f"{classifier.path}: {r[1]}" for r in rows])
+                maps, boxes, box_scores, counts = prediction.boxes([r[0] for r in rows], c_index.tolist(), cache.size,
+                                                                   config.box_thresholds, config.max_boxes,
+                                                                   [f"{classifier.path}: {r[1]}" for r in rows])
                 image_ids = np.array([r[1] for r in rows], dtype=object)
-                predicted.append(predictions_from_padded(boxes.cpu(), counts, image_ids, c_index.numpy()))
+                shown = np.arange(boxes.shape[1])[None] < counts.clamp(max=boxes.shape[1]).numpy()[:, None]
+                predicted.append((*predictions_from_padded(boxes.cpu(), counts, image_ids, c_index.numpy()),
+                                  box_scores.numpy()[shown]))
                 for i, (_, n, c) in enumerate(rows):
                     if (n, c) in keep:
                         shown = int(min(counts[i].item(), config.max_boxes))
@@ -189,31 +194,33 @@ def evaluate_checkpoint(name: str, classifier: Classifier, cache: ImageCache, te
     seconds = time.perf_counter() - started
     auroc = roc_auc(labels, torch.cat(scores).numpy())
     if predicted:
-        pred_image = np.concatenate([p[0] for p in predicted])
-        pred_class = np.concatenate([p[1] for p in predicted])
-        pred_boxes = np.concatenate([p[2] for p in predicted])
+        pred_image, pred_class, pred_boxes, pred_scores = (np.concatenate(part) for part in zip(*predicted))
     else:
         pred_image, pred_class, pred_boxes = np.zeros(0, dtype=object), np.zeros(0, np.int64), np.zeros((0, 4))
+        pred_scores = np.zeros(0)
     result = truth.score(pred_image, pred_class, pred_boxes, config.overlap_thresholds)
+    probabilities = torch.cat(scores).numpy()
     method = Method(name, "checkpoint", str(classifier.path), result, auroc.per_class, auroc.mean, seconds,
-                    len(test_names))
+                    len(test_names), probabilities, (pred_image, pred_class, pred_boxes, pred_scores), cache.size)
     return method, kept
 
 
 def mask_only(name: str, masks: torch.Tensor, truth: GroundTruth, config: EvalConfig) -> Method:
     """The baseline of a set of masks ``[C, h, w]``: each class's mask boxes, predicted for every image of it."""
-    boxes, _, counts = ops.cam_boxes(masks.float(), (truth.size, truth.size), config.box_thresholds,
-                                     config.max_boxes)
-    pred_image, pred_class, pred_boxes = [], [], []
+    boxes, scores, counts = ops.cam_boxes(masks.float(), (truth.size, truth.size), config.box_thresholds,
+                                          config.max_boxes)
+    pred_image, pred_class, pred_boxes, pred_scores = [], [], [], []
     for image, classes in truth.pairs.items():
         for c in classes:
             shown = int(min(counts[c].item(), config.max_boxes))
             pred_image += [image] * shown
             pred_class += [c] * shown
             pred_boxes += boxes[c, :shown].tolist()
-    result = truth.score(np.array(pred_image, dtype=object), np.array(pred_class, np.int64),
-                         np.array(pred_boxes, np.float64).reshape(-1, 4), config.overlap_thresholds)
-    return Method(name, "mask-only", "", result)
+            pred_scores += scores[c, :shown].tolist()
+    predicted = (np.array(pred_image, dtype=object), np.array(pred_class, np.int64),
+                 np.array(pred_boxes, np.float64).reshape(-1, 4), np.array(pred_scores, np.float64))
+    result = truth.score(*predicted[:3], config.overlap_thresholds)
+    return Method(name, "mask-only", "", result, predicted=predicted, frame=truth.size)
 
 
 def _cell(accuracy, afp) -> str:
@@ -286,6 +293,28 @@ def overlay_figures(out: Path, kept_by_method: dict, truth: GroundTruth, cache: 
     return paths
 
 
+def per_image_files(out: Path, methods: list, test_names: list, labels: np.ndarray, dataset) -> tuple:
+    """``predictions.csv`` (image, method, the 14 probabilities and the 14 labels) and ``boxes.csv`` (image, class,
+    method, box in the image's own pixels, score, best IoU and IoBB with a ground-truth box of the class on the
+    image, empty where it has none), so that the tables can be recomputed without the model."""
+    rows = [[image, m.name, *(f"{p:.6g}" for p in m.probabilities[i]), *map(int, labels[i])]
+            for m in methods if m.probabilities is not None for i, image in enumerate(test_names)]
+    predictions = atomic_write_bytes(out / "predictions.csv", csv_text(
+        ["image", "method", *FINDINGS, *(f"{c} label" for c in FINDINGS)], rows).encode())
+    sizes, rows = {}, []  # boxes go from the cache's square frame to the image's own pixels
+    for m in methods:
+        images, classes, boxes, scores = m.predicted if m.predicted else ((), (), (), ())
+        for k, (image, c, box, score) in enumerate(zip(images, classes, boxes, scores)):
+            if image not in sizes:
+                sizes[image] = np.array(image_size(dataset.paths[image]) * 2, dtype=np.float64)
+            overlaps = [m.localization[metric].best_for_pred[k] for metric in ("iou", "iobb")]
+            rows.append([image, FINDINGS[c], m.name, *(f"{v:.2f}" for v in np.asarray(box) * sizes[image] / m.frame),
+                         f"{score:.4f}", *("" if v < 0 else f"{v:.4f}" for v in overlaps)])
+    boxes_file = atomic_write_bytes(out / "boxes.csv", csv_text(
+        ["image", "class", "method", "x0", "y0", "x1", "y1", "score", "best_iou", "best_iobb"], rows).encode())
+    return predictions, boxes_file
+
+
 def run(config: EvalConfig, console: Console | None = None) -> dict:
     """Evaluate every checkpoint; print the tables, write ``eval.json``, ``eval.md`` and overlay figures."""
     console = console or Console(stderr=True)
@@ -355,8 +384,10 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
               "methods": {m.name: m.summary() for m in methods}, "overlays": [str(p) for p in figures],
               "versions": {"dmfast": dmfast.__version__, "torch": torch.__version__, "python": platform.python_version(),
                            "numpy": np.__version__}}
+    per_image_files(out, methods, test_names, labels, dataset)
     atomic_write_json(out / "eval.json", report)
     atomic_write_bytes(out / "eval.md", markdown(results).encode())
-    console.print(f"results {out / 'eval.json'}, {out / 'eval.md'}" +
+    console.print(f"results {out / 'eval.json'}, {out / 'eval.md'}, per image {out / 'predictions.csv'}, "
+                  f"{out / 'boxes.csv'}" +
                   (f"; overlays in {out / 'overlays'}" if figures else ""))
     return report

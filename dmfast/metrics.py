@@ -78,6 +78,8 @@ class Localization:
     afp: np.ndarray  # [T, C]: false-positive boxes per image with a ground-truth box of the class
     gt_boxes: np.ndarray  # [C]: ground-truth boxes per class
     images: np.ndarray  # [C]: images with a ground-truth box of the class
+    best_for_gt: np.ndarray | None = None  # [G]: each ground-truth box's best overlap with its predictions (-1: none)
+    best_for_pred: np.ndarray | None = None  # [P]: each prediction's best overlap with its ground truth (-1: none)
     mean_accuracy: np.ndarray = field(init=False)  # [T]: unweighted mean over classes with boxes
     mean_afp: np.ndarray = field(init=False)
 
@@ -127,7 +129,7 @@ def localization(gt_image, gt_class, gt_boxes, pred_image, pred_class, pred_boxe
     with np.errstate(invalid="ignore", divide="ignore"):
         accuracy = np.stack([np.bincount(gt_c, weights=f, minlength=num_classes) for f in found]) / gt_per_class
         afp = np.stack([np.bincount(pred_c, weights=f, minlength=num_classes) for f in false_pos]) / images_per_class
-    return Localization(thresholds, metric, accuracy, afp, gt_per_class, images_per_class)
+    return Localization(thresholds, metric, accuracy, afp, gt_per_class, images_per_class, best_for_gt, best_for_pred)
 
 
 def predictions_from_padded(boxes, counts, image_ids, class_ids):

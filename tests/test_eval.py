@@ -98,6 +98,7 @@ def test_eval_scores_the_chosen_images_of_any_data_and_reports_training_overlap(
     assert report["test_images"] == len(trained["test"])
     assert report["selection"]["what"] == "the checkpoint's test split"
     assert report["selection"]["overlap"]["m"] == {"names": 0, "patients": 0}
+    _recompute_from_the_csvs(tmp_path / "e0", report, open_dataset(a))
     result, report = evaluate(b, cache_b)  # other data: exactly its own test_list.txt
     other = open_dataset(b)
     assert result.exit_code == 0 and report["test_images"] == len(other.test)
@@ -116,3 +117,40 @@ def test_eval_scores_the_chosen_images_of_any_data_and_reports_training_overlap(
     (b / "test_list.txt").unlink()
     result, _ = evaluate(b, cache_b)
     assert result.exit_code == 1 and "no test_list.txt" in result.output and "--split all" in result.output
+
+
+def _box_iou(a, b) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def _recompute_from_the_csvs(out, report, dataset):
+    """The AUROC and localization accuracy of eval.json, from predictions.csv and boxes.csv alone."""
+    import csv
+
+    from dmfast.metrics import roc_auc
+
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows) == report["test_images"] and {r["method"] for r in rows} == {"m"}
+    scores = np.array([[float(r[c]) for c in FINDINGS] for r in rows])
+    labels = np.array([[int(r[f"{c} label"]) for c in FINDINGS] for r in rows])
+    assert np.isclose(roc_auc(labels, scores).mean, report["methods"]["m"]["mean_auroc"], atol=1e-4)
+    boxes = [r for r in csv.DictReader(open(out / "boxes.csv")) if r["method"] == "m"]
+    truth = dataset.boxes_xyxy()
+    scored = {r["image"] for r in rows}
+    found, total = np.zeros(C), np.zeros(C)
+    for image, gts in truth.items():
+        if image not in scored:
+            continue
+        for c, *gt in gts:
+            mine = [[float(r[k]) for k in ("x0", "y0", "x1", "y1")] for r in boxes
+                    if r["image"] == image and r["class"] == FINDINGS[c]]
+            total[c] += 1
+            found[c] += any(_box_iou(box, gt) > 0.3 for box in mine)
+    for r in boxes:  # each box's best IoU with the ground truth of its class on its image
+        gts = [gt for c, *gt in truth.get(r["image"], []) if FINDINGS[c] == r["class"]]
+        box = [float(r[k]) for k in ("x0", "y0", "x1", "y1")]
+        assert np.isclose(float(r["best_iou"]), max(_box_iou(box, gt) for gt in gts), atol=1e-3)
+    iou = report["methods"]["m"]["iou"]
+    accuracy = np.divide(found, total, out=np.zeros(C), where=total > 0)[total > 0]
+    assert total.sum() > 0 and np.isclose(accuracy.mean(), iou["mean_accuracy"][iou["thresholds"].index(0.3)])
