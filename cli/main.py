@@ -202,7 +202,9 @@ MAX_BOXES = ("max_boxes", {"help": "Boxes per CAM (best first)."})
                     "help": "Which of DATA_DIR's images to score [default: the checkpoint's test split when DATA_DIR "
                             "is its training data, else DATA_DIR's test_list.txt]."}),
          ("images", {"type": FILE, "help": "A file of image names (one per line) to score instead."}),
-         ("strict", {"help": "Stop when evaluation images share a name or patient with the training images."}))
+         ("strict", {"help": "Stop when evaluation images share a name or patient with the training images."}),
+         ("bootstrap", {"help": "Patient resamples for the 95% intervals and paired differences (0: none)."}),
+         ("seed", {"help": "Seed of the resampling."}))
 def evaluate(data_dir, checkpoints, masks_files, box_threshold, **kwargs):
     """Score AUROC and box localization (IoU, IoBB, AFP) of checkpoints side by side, with overlays."""
     import dmfast.eval

@@ -115,10 +115,17 @@ def _print_ablation(console: Console, report: dict, out: Path) -> None:
     times = report["stage_seconds"]
     print_table(console, "Stage wall times", ["stage", "seconds"],
                 [[name, f"{seconds:.1f}"] for name, seconds in times.items()] + [["total", f"{sum(times.values()):.1f}"]])
-    base, best = mean_accuracy(report, "base"), max(mean_accuracy(report, m) for m in ("+DM", "+PDM"))
+    winner = max(("+DM", "+PDM"), key=lambda m: mean_accuracy(report, m))
+    base, best = mean_accuracy(report, "base"), mean_accuracy(report, winner)
     verdict = "better than" if best > base else "NOT better than"
-    console.print(f"mean localization accuracy at T(IoU) = 0.3: attention (best of +DM, +PDM) {best:.3f} is "
-                  f"{verdict} the base model's {base:.3f}")
+    paired = (report["methods"][winner].get("uncertainty") or {}).get("difference", {}).get("iou_accuracy@0.3")
+    spread = ""
+    if paired:
+        low, high = paired["interval"]
+        spread = (f"; difference {paired['point']:+.3f}, paired 95% interval [{low:+.3f}, {high:+.3f}]"
+                  + (" (excludes 0)" if low > 0 or high < 0 else " (includes 0: not shown to differ)"))
+    console.print(f"mean localization accuracy at T(IoU) = 0.3: attention ({winner}) {best:.3f} is {verdict} the "
+                  f"base model's {base:.3f}{spread}")
     console.print(f"figures: masks {out / 'masks-dm' / 'masks.png'}, {out / 'masks-pdm' / 'masks.png'}; alignment "
                   f"{out / 'align' / 'alignment_grid.png'}; overlays {out / 'eval' / 'overlays'}; tables "
                   f"{out / 'eval' / 'eval.md'}; stage times {out / 'demo.json'}; dmfast predict of the +DM model "

@@ -36,7 +36,8 @@ from .data.chestxray14 import FINDINGS, image_size, open_dataset
 from .figures import BLACK, RED, draw, grid, heat_overlay
 from .inference import Classifier
 from .io import atomic_write_bytes, atomic_write_json, csv_text, finite, print_table, progress, save_png
-from .metrics import localization, predictions_from_padded, roc_auc
+from .metrics import (interval, localization, patient_bootstrap, predictions_from_padded, roc_auc,
+                      weighted_mean_accuracy, weighted_mean_auroc)
 
 REPORTED = (0.3, 0.5, 0.7)  # the paper's T(IoU) columns
 
@@ -56,6 +57,7 @@ class Method:
     probabilities: np.ndarray | None = None  # [images, C] of the scored images, in order
     predicted: tuple = ()  # (image ids, classes, boxes [P, 4] in pixels of `frame`-px images, scores [P])
     frame: int = 0
+    uncertainty: dict | None = None  # bootstrap intervals and paired differences (see uncertainty())
 
     def summary(self) -> dict:
         out = {"kind": self.kind, "source": self.source}
@@ -64,6 +66,8 @@ class Method:
             out["mean_auroc"] = float(self.mean_auroc)
             out["seconds"], out["images"] = self.seconds, self.images
             out["images_per_second"] = self.images / self.seconds if self.seconds else None
+        if self.uncertainty is not None:
+            out["uncertainty"] = self.uncertainty
         for metric, result in self.localization.items():
             out[metric] = {"thresholds": list(result.thresholds),
                            "accuracy": dict(zip(FINDINGS, result.accuracy.T.tolist())),
@@ -315,6 +319,59 @@ def per_image_files(out: Path, methods: list, test_names: list, labels: np.ndarr
     return predictions, boxes_file
 
 
+def uncertainty(methods: list, truth: GroundTruth, test_names: list, labels: np.ndarray, patient_of: dict,
+                resamples: int, seed: int) -> None:
+    """95% patient-bootstrap intervals of each method's mean AUROC and mean accuracy at each reported T(IoU), and
+    of its difference from the first method on the same resamples (paired), into ``method.uncertainty``."""
+    weights = patient_bootstrap(np.array([patient_of[n] for n in test_names]), resamples, seed)
+    column = {n: i for i, n in enumerate(test_names)}
+    box_weights = weights[:, [column[n] for n in truth.image]]
+    draws = {}
+    for m in methods:
+        iou = m.localization["iou"]
+        levels = [t for t in REPORTED if t in iou.thresholds]
+        found = iou.best_for_gt[None] > np.array(levels)[:, None]
+        accuracy = weighted_mean_accuracy(found, truth.cls, box_weights, len(FINDINGS))
+        draws[m.name] = {"mean_auroc": weighted_mean_auroc(labels, m.probabilities, weights)
+                         if m.probabilities is not None else None,
+                         **{f"iou_accuracy@{t:g}": accuracy[:, k] for k, t in enumerate(levels)}}
+    first = draws[methods[0].name]
+    for m in methods:
+        mine = draws[m.name]
+        m.uncertainty = {"resamples": resamples, "seed": seed,
+                         "intervals": {k: interval(v) for k, v in mine.items() if v is not None},
+                         "versus": methods[0].name,
+                         "difference": {k: {"point": _point(m, k) - _point(methods[0], k),
+                                            "interval": interval(v - first[k])}
+                                        for k, v in mine.items() if v is not None and first.get(k) is not None}}
+
+
+def _point(method: Method, key: str) -> float:
+    if key == "mean_auroc":
+        return method.mean_auroc
+    iou = method.localization["iou"]
+    return float(iou.mean_accuracy[list(iou.thresholds).index(float(key.split("@")[1]))])
+
+
+def interval_tables(methods: list) -> list:
+    """(title, header, rows) of the intervals and of the paired differences from the first method."""
+    keys = [k for k in methods[0].uncertainty["intervals"]]
+    header = ["method"] + [k.replace("iou_accuracy@", "accuracy T(IoU) ").replace("mean_auroc", "mean AUROC")
+                           for k in keys]
+    resamples = methods[0].uncertainty["resamples"]
+
+    def cell(point, bounds, sign=""):
+        return "-" if point is None or not np.isfinite(point) else \
+            f"{point:{sign}.3f} [{bounds[0]:{sign}.3f}, {bounds[1]:{sign}.3f}]"
+
+    rows = [[m.name] + [cell(_point(m, k), m.uncertainty["intervals"][k]) if k in m.uncertainty["intervals"]
+                        else "-" for k in keys] for m in methods]
+    diffs = [[m.name] + [cell(d["point"], d["interval"], "+") if (d := m.uncertainty["difference"].get(k)) else "-"
+                         for k in keys] for m in methods[1:]]
+    return [(f"Point estimates with 95% intervals ({resamples} patient bootstrap resamples)", header, rows),
+            (f"Difference from {methods[0].name} with its paired 95% interval (same resamples)", header, diffs)]
+
+
 def run(config: EvalConfig, console: Console | None = None) -> dict:
     """Evaluate every checkpoint; print the tables, write ``eval.json``, ``eval.md`` and overlay figures."""
     console = console or Console(stderr=True)
@@ -374,6 +431,10 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
         console.print("[yellow]no test image has a ground-truth box: localization is not scored")
 
     results = tables(methods, truth, len(test_names))
+    if config.bootstrap > 0:
+        patient_of = {r.image: r.patient for r in dataset.records}
+        uncertainty(methods, truth, test_names, labels, patient_of, config.bootstrap, config.seed)
+        results += interval_tables(methods)
     for title, header, rows in results:
         print_table(console, title, header, rows)
     figures = overlay_figures(out, kept_by_method, truth, caches[first.config.size]) \

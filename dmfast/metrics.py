@@ -5,6 +5,7 @@ Boxes are ``(x0, y0, x1, y1)`` in pixels, inclusive-exclusive (as ``dmfast.ops.c
 box's area is ``(x1 - x0) * (y1 - y0)``.
 """
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -172,3 +173,58 @@ def roc_auc(labels, scores) -> AUROC:
     auc[undefined] = np.nan
     defined = np.delete(auc, undefined)
     return AUROC(auc, undefined.tolist(), float(defined.mean()) if len(defined) else float("nan"))
+
+
+def patient_bootstrap(patients, resamples: int, seed: int) -> np.ndarray:
+    """Weights ``[resamples, N]`` of the N images with patients ``patients``: in each resample the patients are
+    drawn with replacement and every image counts as often as its patient was drawn (images of one patient are
+    not independent, so they are resampled together)."""
+    _, index = np.unique(_array(patients), return_inverse=True)
+    count = int(index.max()) + 1 if len(index) else 0
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(count, np.full(count, 1 / count), size=resamples) if count else np.zeros((resamples, 0))
+    return draws[:, index].astype(np.float64)
+
+
+def weighted_mean_auroc(labels, scores, weights: np.ndarray, chunk: int = 128) -> np.ndarray:
+    """Mean AUROC over the classes defined in each resample, for image weights ``[R, N]`` (a bootstrap's
+    multiplicities): the Mann-Whitney statistic with ties counting one half, as :func:`roc_auc`. ``[R]``."""
+    y, s = _array(labels).astype(bool), _array(scores, np.float64)
+    total = np.zeros((len(weights), y.shape[1]))
+    defined = np.zeros_like(total, dtype=bool)
+    for c in range(y.shape[1]):
+        order = np.argsort(s[:, c], kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(s[order, c]) != 0])  # groups of tied scores
+        pos, neg = y[order, c], ~y[order, c]
+        for r0 in range(0, len(weights), chunk):
+            w = weights[r0:r0 + chunk, order]
+            wp, wn = w * pos, w * neg
+            gp, gn = np.add.reduceat(wp, starts, axis=1), np.add.reduceat(wn, starts, axis=1)
+            below = np.cumsum(gn, axis=1) - gn
+            denominator = wp.sum(1) * wn.sum(1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                total[r0:r0 + chunk, c] = (gp * (below + 0.5 * gn)).sum(1) / denominator
+            defined[r0:r0 + chunk, c] = denominator > 0
+    with np.errstate(invalid="ignore"):
+        return np.where(defined, total, 0).sum(1) / defined.sum(1)
+
+
+def weighted_mean_accuracy(found: np.ndarray, gt_class, weights: np.ndarray, num_classes: int) -> np.ndarray:
+    """Mean localization accuracy over the classes with boxes in each resample: ``found [T, G]`` (ground-truth box
+    found at each threshold), box weights ``[R, G]``. ``[R, T]``."""
+    onehot = np.eye(num_classes)[_array(gt_class, np.int64)]  # [G, C]
+    boxes = weights @ onehot  # [R, C]
+    hit = np.einsum("rg,tg,gc->rtc", weights, found.astype(np.float64), onehot)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample without boxes: NaN, left out of intervals
+        return np.nanmean(np.where(boxes[:, None] > 0, hit / boxes[:, None], np.nan), axis=2)
+
+
+def interval(values, level: float = 0.95) -> list:
+    """The central ``level`` percentile interval of bootstrap ``values`` (NaNs left out): ``[low, high]``."""
+    values = _array(values, np.float64)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return [float("nan"), float("nan")]
+    tail = (1 - level) / 2 * 100
+    return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]

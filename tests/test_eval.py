@@ -104,8 +104,13 @@ def test_eval_scores_the_chosen_images_of_any_data_and_reports_training_overlap(
     assert result.exit_code == 0 and report["test_images"] == len(other.test)
     overlap = report["selection"]["overlap"]["m"]
     assert overlap["names"] > 0 and "share a name" in result.output  # phantoms reuse the NIH file names
-    _, report = evaluate(b, cache_b, "--split", "all")
+    _, report = evaluate(b, cache_b, "--split", "all", "--checkpoint", f"same={checkpoint}")
     assert report["test_images"] == len(other.images) == 48
+    mine, same = report["methods"]["m"], report["methods"]["same"]
+    low, high = mine["uncertainty"]["intervals"]["mean_auroc"]
+    assert low <= mine["mean_auroc"] <= high and mine["uncertainty"]["resamples"] == 1000
+    for difference in same["uncertainty"]["difference"].values():  # a method against itself: exactly [0, 0]
+        assert difference["point"] == 0 and difference["interval"] == [0, 0]
     (tmp_path / "names.txt").write_text("# three of them\n" + "\n".join(other.images[:3]) + "\n")
     _, report = evaluate(b, cache_b, "--images", str(tmp_path / "names.txt"))
     assert report["test_images"] == 3

@@ -101,3 +101,37 @@ def test_roc_auc_golden_on_real_predictions():
     assert len(rows) - 1 == 22433
     for name, auc in zip(classes, result.per_class):
         assert round(auc, 4) == round(expected[name], 4), name
+
+
+def test_bootstrap_weights_give_the_metrics_of_the_resampled_images(gen):
+    from dmfast.metrics import patient_bootstrap, weighted_mean_accuracy, weighted_mean_auroc
+
+    labels = torch.randint(0, 2, (40, 3), generator=gen).numpy()
+    scores = (torch.randint(0, 5, (40, 3), generator=gen) / 4).numpy()  # many ties
+    patients = torch.randint(0, 15, (40,), generator=gen).numpy()
+    weights = patient_bootstrap(patients, 5, seed=3)
+    assert weights.shape == (5, 40) and (weights == weights[:, [0]])[:, patients == patients[0]].all()
+    auroc = weighted_mean_auroc(labels, scores, weights)
+    found = torch.rand(2, 40, generator=gen).numpy() > 0.5  # one box per image here
+    classes = labels[:, 0]
+    accuracy = weighted_mean_accuracy(found, classes, weights, 2)
+    for r in range(5):
+        index = np.repeat(np.arange(40), weights[r].astype(int))  # the resampled images, repeats included
+        assert np.isclose(auroc[r], roc_auc(labels[index], scores[index]).mean)
+        for t in range(2):
+            per_class = [found[t, index][classes[index] == c].mean() for c in (0, 1) if (classes[index] == c).any()]
+            assert np.isclose(accuracy[r, t], np.mean(per_class))
+
+
+def test_bootstrap_intervals_hold_the_estimate_and_shrink_with_more_patients():
+    from dmfast.metrics import interval, patient_bootstrap, weighted_mean_auroc
+
+    widths = []
+    for count in (80, 800):
+        rng = np.random.default_rng(1)
+        labels = rng.integers(0, 2, (count, 2))
+        scores = labels + rng.normal(0, 1.0, (count, 2))  # AUROC about 0.76
+        low, high = interval(weighted_mean_auroc(labels, scores, patient_bootstrap(np.arange(count) // 2, 1000, 0)))
+        assert low < roc_auc(labels, scores).mean < high
+        widths.append(high - low)
+    assert widths[1] < 0.5 * widths[0]  # about 1/sqrt(10) as wide
