@@ -203,6 +203,9 @@ MAX_BOXES = ("max_boxes", {"help": "Boxes per CAM (best first)."})
                             "is its training data, else DATA_DIR's test_list.txt]."}),
          ("images", {"type": FILE, "help": "A file of image names (one per line) to score instead."}),
          ("strict", {"help": "Stop when evaluation images share a name or patient with the training images."}),
+         ("box_space", {"type": click.Choice(["release", "image"]),
+                        "help": "Pixels of BBox_List_2017.csv: the 1024 x 1024 release images (ChestX-ray14) or "
+                                "each stored image's own."}),
          ("bootstrap", {"help": "Patient resamples for the 95% intervals and paired differences (0: none)."}),
          ("seed", {"help": "Seed of the resampling."}))
 def evaluate(data_dir, checkpoints, masks_files, box_threshold, **kwargs):

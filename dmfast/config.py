@@ -110,6 +110,7 @@ class EvalConfig(DataConfig, BoxConfig):
     split: str | None = None  # test, train_val or all of the data's lists (default: see eval.select_images)
     images: str | None = None  # a file of image names to score instead
     strict: bool = False  # refuse evaluation images that share a name or patient with the training images
+    box_space: str = "release"  # the pixels BBox_List_2017.csv uses: ChestX-ray14's 1024 x 1024, or "image"
     bootstrap: int = 1000  # patient resamples for the 95% intervals (0: none)
     seed: int = 0  # of the resampling
 

@@ -79,8 +79,8 @@ class Method:
 class GroundTruth:
     """The test images with boxes and their (image, class) pairs, boxes in the pixels of ``size``-px images."""
 
-    def __init__(self, dataset, test_names: list, size: int):
-        boxes = dataset.boxes_xyxy({n: (size, size) for n in test_names})
+    def __init__(self, dataset, test_names: list, size: int, space: str = "release"):
+        boxes = dataset.boxes_xyxy({n: (size, size) for n in test_names}, space)
         self.images = [n for n in test_names if n in boxes]
         rows = [(n, int(b[0]), b[1:]) for n in self.images for b in boxes[n]]
         self.image = np.array([r[0] for r in rows], dtype=object)
@@ -415,7 +415,7 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
     for name, classifier in classifiers:
         cache = caches[classifier.config.size]
         if cache.size not in truth_at:
-            truth_at[cache.size] = GroundTruth(dataset, test_names, cache.size)
+            truth_at[cache.size] = GroundTruth(dataset, test_names, cache.size, config.box_space)
         truth = truth_at[cache.size]
         keep = _chosen_for_overlays(truth, config.overlays) if keep is None else keep
         method, kept = evaluate_checkpoint(name, classifier, cache, test_names, labels, truth, config, keep, console)

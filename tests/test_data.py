@@ -206,3 +206,20 @@ def test_phantom_warp_moves_boxes_with_the_image():
     centre = torch.tensor([(moved[0] + moved[2]) / 2, (moved[1] + moved[3]) / 2, 1.0])
     back = theta.double() @ centre.double()
     np.testing.assert_allclose(back.numpy(), [(box[0] + box[2]) / 2, (box[1] + box[3]) / 2], atol=0.02)
+
+
+def test_boxes_come_from_the_release_space_or_the_images_own(tmp_path):
+    from dmfast.data.phantom import synthesize
+
+    dataset = open_dataset(synthesize(tmp_path / "ph", count=12, size=64, seed=4))
+    box = dataset.boxes[0]
+    x, y, w, h = box.xywh_release
+    release = [b for b in dataset.boxes_xyxy()[box.image] if b[0] == box.finding][0]
+    assert release[1:] == pytest.approx([v * 64 / 1024 for v in (x, y, x + w, y + h)])  # 1024 px -> the 64 px PNG
+    own = [b for b in dataset.boxes_xyxy(space="image")[box.image] if b[0] == box.finding][0]
+    assert own[1:] == pytest.approx([x, y, x + w, y + h])  # already in the PNG's pixels
+    resized = [b for b in dataset.boxes_xyxy({box.image: (32, 16)}, space="image")[box.image]
+               if b[0] == box.finding][0]
+    assert resized[1:] == pytest.approx([x / 2, y / 4, (x + w) / 2, (y + h) / 4])
+    with pytest.raises(ValueError, match="box space must be one of release, image"):
+        dataset.boxes_xyxy(space="pixels")

@@ -23,6 +23,7 @@ NO_FINDING = "No Finding"
 BOX_LABEL_ALIASES = {"Infiltrate": "Infiltration"}
 # Boxes are given in the pixel space of the released 1024 x 1024 PNGs.
 RELEASE_SIZE = 1024
+BOX_SPACES = ("release", "image")  # the pixel spaces a BBox_List_2017.csv may be written in (boxes_xyxy)
 
 
 class DataError(RuntimeError):
@@ -204,13 +205,18 @@ class ChestXray14:
     def patients(self) -> np.ndarray:
         return np.array([r.patient for r in self.records], dtype=np.int64)
 
-    def boxes_xyxy(self, image_sizes: dict | None = None) -> dict:
+    def boxes_xyxy(self, image_sizes: dict | None = None, space: str = "release") -> dict:
         """Boxes per image as ``(finding, x0, y0, x1, y1)`` rows in the pixel space of the stored image (or of
-        ``image_sizes[image] = (width, height)``, e.g. a resized cache), mapped from the 1024 x 1024 release space."""
+        ``image_sizes[image] = (width, height)``, e.g. a resized cache), mapped from the space the box file uses:
+        ``"release"``, the 1024 x 1024 images of the ChestX-ray14 release (whatever size the stored PNGs have),
+        or ``"image"``, the pixels of the stored image itself (datasets that draw boxes on their own images)."""
+        if space not in BOX_SPACES:
+            raise ValueError(f"box space must be one of {', '.join(BOX_SPACES)}, got {space!r}")
         out = {}
         for box in self.boxes:
             width, height = (image_sizes or {}).get(box.image) or image_size(self.paths[box.image])
-            sx, sy = width / RELEASE_SIZE, height / RELEASE_SIZE
+            source = (RELEASE_SIZE, RELEASE_SIZE) if space == "release" else image_size(self.paths[box.image])
+            sx, sy = width / source[0], height / source[1]
             x, y, w, h = box.xywh_release
             out.setdefault(box.image, []).append((box.finding, x * sx, y * sy, (x + w) * sx, (y + h) * sy))
         return out
