@@ -33,6 +33,7 @@ from . import checkpoints, ops
 from .config import EvalConfig, box_levels
 from .data.cache import ImageCache, open_or_prepare
 from .data.chestxray14 import FINDINGS, image_size, open_dataset
+from .data.images import square_geometry
 from .figures import BLACK, RED, draw, grid, heat_overlay
 from .inference import Classifier
 from .io import atomic_write_bytes, atomic_write_json, csv_text, finite, print_table, progress, save_png
@@ -80,7 +81,7 @@ class GroundTruth:
     """The test images with boxes and their (image, class) pairs, boxes in the pixels of ``size``-px images."""
 
     def __init__(self, dataset, test_names: list, size: int, space: str = "release"):
-        boxes = dataset.boxes_xyxy({n: (size, size) for n in test_names}, space)
+        boxes = dataset.boxes_in_square(test_names, size, space)
         self.images = [n for n in test_names if n in boxes]
         rows = [(n, int(b[0]), b[1:]) for n in self.images for b in boxes[n]]
         self.image = np.array([r[0] for r in rows], dtype=object)
@@ -305,14 +306,16 @@ def per_image_files(out: Path, methods: list, test_names: list, labels: np.ndarr
             for m in methods if m.probabilities is not None for i, image in enumerate(test_names)]
     predictions = atomic_write_bytes(out / "predictions.csv", csv_text(
         ["image", "method", *FINDINGS, *(f"{c} label" for c in FINDINGS)], rows).encode())
-    sizes, rows = {}, []  # boxes go from the cache's square frame to the image's own pixels
+    frames, rows = {}, []  # boxes go from the cache's square frame to the image's own pixels
     for m in methods:
         images, classes, boxes, scores = m.predicted if m.predicted else ((), (), (), ())
         for k, (image, c, box, score) in enumerate(zip(images, classes, boxes, scores)):
-            if image not in sizes:
-                sizes[image] = np.array(image_size(dataset.paths[image]) * 2, dtype=np.float64)
+            if (image, m.frame) not in frames:
+                _, _, scale, pad_x, pad_y = square_geometry(*image_size(dataset.paths[image]), m.frame)
+                frames[image, m.frame] = scale, np.array([pad_x, pad_y, pad_x, pad_y], dtype=np.float64)
+            scale, pad = frames[image, m.frame]
             overlaps = [m.localization[metric].best_for_pred[k] for metric in ("iou", "iobb")]
-            rows.append([image, FINDINGS[c], m.name, *(f"{v:.2f}" for v in np.asarray(box) * sizes[image] / m.frame),
+            rows.append([image, FINDINGS[c], m.name, *(f"{v:.2f}" for v in np.asarray(box) * scale - pad),
                          f"{score:.4f}", *("" if v < 0 else f"{v:.4f}" for v in overlaps)])
     boxes_file = atomic_write_bytes(out / "boxes.csv", csv_text(
         ["image", "class", "method", "x0", "y0", "x1", "y1", "score", "best_iou", "best_iobb"], rows).encode())

@@ -14,7 +14,7 @@ from . import __version__, checkpoints, ops
 from .config import TrainConfig, box_levels, from_dict
 from .config import min_probability as probability_floor
 from .data.chestxray14 import FINDINGS
-from .data.images import NORMALISATION, load_gray, to_model_input
+from .data.images import NORMALISATION, Square, load_gray, to_model_input, to_square
 from .data.splits import Splits
 from .models import AlignmentNet, CAMClassifier
 
@@ -179,41 +179,6 @@ def _gray(image) -> np.ndarray:
     if array.ndim != 2 or array.dtype != np.uint8 or 0 in array.shape:
         raise ValueError(f"predict: an image array must be 2-D uint8 [H, W], got {array.dtype} {array.shape}")
     return array
-
-
-MAX_SIDE = 8192  # longer X-rays are box-reduced by an integer factor before padding (the square's memory)
-
-
-@dataclass
-class Square:
-    """An X-ray ``[height, width]`` padded with black to a centred square of side ``side`` and resized to a model's
-    input: a point (x, y) of ``pixels`` is (x * scale - pad_x, y * scale - pad_y) in the X-ray."""
-
-    pixels: np.ndarray  # [size, size] uint8
-    width: int
-    height: int
-    side: int
-    scale: float
-    pad_x: int
-    pad_y: int
-
-
-def to_square(gray: np.ndarray, size: int) -> Square:
-    """``gray [H, W]`` padded with black to a centred square and resized to ``size`` (Lanczos, as the image
-    cache)."""
-    from PIL import Image
-
-    height, width = gray.shape
-    step = -(-max(height, width) // MAX_SIDE)
-    if step > 1:
-        gray = np.asarray(Image.fromarray(gray).reduce(step))
-    side = max(gray.shape)
-    pad_x, pad_y = (side - gray.shape[1]) // 2, (side - gray.shape[0]) // 2
-    square = np.zeros((side, side), np.uint8)
-    square[pad_y:pad_y + gray.shape[0], pad_x:pad_x + gray.shape[1]] = gray
-    if side != size:
-        square = np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.LANCZOS))
-    return Square(square, width, height, step * side, step * side / size, step * pad_x, step * pad_y)
 
 
 class Classifier(Model):

@@ -223,3 +223,20 @@ def test_boxes_come_from_the_release_space_or_the_images_own(tmp_path):
     assert resized[1:] == pytest.approx([x / 2, y / 4, (x + w) / 2, (y + h) / 4])
     with pytest.raises(ValueError, match="box space must be one of release, image"):
         dataset.boxes_xyxy(space="pixels")
+
+
+def test_prepare_pads_non_square_images_and_their_boxes_follow(tmp_path):
+    (tmp_path / "images").mkdir()
+    wide = np.zeros((48, 64), np.uint8)
+    wide[5:21, 10:30] = 255  # a bright finding at x 10..30, y 5..21 of a 64 x 48 X-ray
+    Image.fromarray(wide).save(tmp_path / "images" / "00000001_000.png")
+    (tmp_path / "Data_Entry_2017.csv").write_text("Image Index,Finding Labels,Patient ID\n00000001_000.png,Mass,1\n")
+    (tmp_path / "BBox_List_2017.csv").write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
+                                                 "00000001_000.png,Mass,10,5,20,16\n")
+    cache = ImageCache(prepare(tmp_path, tmp_path / "cache", size=32, workers=1))
+    pixels = cache.batch(["00000001_000.png"])[0, 0].numpy()
+    assert pixels[:3].max() == 0 and pixels[-3:].max() == 0  # 8 rows of padding above and below, halved
+    dataset = open_dataset(tmp_path)
+    [(finding, x0, y0, x1, y1)] = dataset.boxes_in_square(["00000001_000.png"], 32, space="image")["00000001_000.png"]
+    assert finding == 4 and (x0, y0, x1, y1) == pytest.approx((5, 6.5, 15, 14.5))  # (x + pad) * 32 / 64
+    assert pixels[8:13, 6:14].min() > 200 and pixels[20:, :].max() < 60  # the finding is where its box says

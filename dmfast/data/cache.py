@@ -1,5 +1,6 @@
-"""The image cache (``dmfast prepare``): every image decoded and resized once to the working size, stored in one
-memory-mapped uint8 array with an index, so training reads batches with random access and no decoding.
+"""The image cache (``dmfast prepare``): every image decoded and brought once to the working size (padded to a
+centred square, never squashed: :func:`dmfast.data.images.to_square`), stored in one memory-mapped uint8 array
+with an index, so training reads batches with random access and no decoding.
 
 Layout of a cache folder: ``images.u8`` (``[N, size, size]`` uint8), ``done.u8`` (one byte per image, set once its
 pixels are flushed: an interrupted ``prepare`` resumes from there) and ``index.json`` (size, image names, each
@@ -21,9 +22,9 @@ from rich.console import Console
 
 from ..io import atomic_write_json, progress
 from .chestxray14 import DataError, Problems, open_dataset
-from .images import ImageError, load_gray
+from .images import ImageError, load_gray, to_square
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: non-square images padded to a square (1 squashed them)
 
 
 def default_cache_dir(data_dir, size: int) -> Path:
@@ -43,7 +44,7 @@ def _source_stamp(path) -> list:
 def _decode(task):
     index, path, size = task
     try:
-        return index, load_gray(path, size).tobytes(), None
+        return index, to_square(load_gray(path), size).pixels.tobytes(), None
     except ImageError as error:
         return index, None, str(error)
 
@@ -180,7 +181,8 @@ def open_or_prepare(data_dir, cache_dir=None, size: int = 512, skip_problems: bo
     """The image cache of ``data_dir`` at ``size`` px (``cache_dir``, or the default folder), built first if it is
     missing. A cache of another size is refused by name."""
     folder = Path(cache_dir) if cache_dir else default_cache_dir(data_dir, size)
-    if not (folder / "index.json").is_file():
+    index = folder / "index.json"
+    if not index.is_file() or json.loads(index.read_text()).get("version") != CACHE_VERSION:  # missing or old
         prepare(data_dir, folder, size=size, skip_problems=skip_problems, console=console)
     cache = ImageCache(folder)
     if cache.size != size:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .images import square_geometry
+
 # The 14 findings in the order every label vector, logit and mask uses.
 FINDINGS = (
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
@@ -219,6 +221,16 @@ class ChestXray14:
             sx, sy = width / source[0], height / source[1]
             x, y, w, h = box.xywh_release
             out.setdefault(box.image, []).append((box.finding, x * sx, y * sy, (x + w) * sx, (y + h) * sy))
+        return out
+
+    def boxes_in_square(self, names, size: int, space: str = "release") -> dict:
+        """The boxes of ``names`` (as :meth:`boxes_xyxy`) in the frame of the image cache: each image padded to a
+        centred square and resized to ``size`` (:func:`dmfast.data.images.square_geometry`)."""
+        own, out = self.boxes_xyxy(None, space), {}
+        for name in (n for n in names if n in own):
+            _, _, scale, pad_x, pad_y = square_geometry(*image_size(self.paths[name]), size)
+            out[name] = [(c, (x0 + pad_x) / scale, (y0 + pad_y) / scale, (x1 + pad_x) / scale, (y1 + pad_y) / scale)
+                         for c, x0, y0, x1, y1 in own[name]]
         return out
 
 

@@ -3,6 +3,7 @@ grayscale, plus the known oddities: a few RGBA or RGB files, palette images, 16-
 DICOM (:mod:`dmfast.data.dicom`); and finding the X-rays in folders."""
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,50 @@ def list_xrays(inputs, exclude=()) -> tuple:
                 files.append(path)
                 roots.append(entry)
     return files, roots, problems
+
+
+MAX_SIDE = 8192  # longer X-rays are box-reduced by an integer factor before padding (the square's memory)
+
+
+def square_geometry(width: int, height: int, size: int) -> tuple:
+    """Where an X-ray of ``width x height`` lands when padded with black to a centred square and resized to
+    ``size``: ``(step, side, scale, pad_x, pad_y)``, with a point (x, y) of the ``size`` square at
+    (x * scale - pad_x, y * scale - pad_y) in the X-ray; ``step`` is the integer reduction applied first to X-rays
+    longer than :data:`MAX_SIDE`, ``side`` the square's side in the X-ray's pixels."""
+    step = -(-max(width, height) // MAX_SIDE)
+    reduced_w, reduced_h = -(-width // step), -(-height // step)  # PIL's reduce keeps partial blocks
+    side = max(reduced_w, reduced_h)
+    return step, step * side, step * side / size, step * ((side - reduced_w) // 2), step * ((side - reduced_h) // 2)
+
+
+@dataclass
+class Square:
+    """An X-ray ``[height, width]`` padded with black to a centred square of side ``side`` and resized to a model's
+    input: a point (x, y) of ``pixels`` is (x * scale - pad_x, y * scale - pad_y) in the X-ray."""
+
+    pixels: np.ndarray  # [size, size] uint8
+    width: int
+    height: int
+    side: int
+    scale: float
+    pad_x: int
+    pad_y: int
+
+
+def to_square(gray: np.ndarray, size: int) -> Square:
+    """``gray [H, W]`` padded with black to a centred square and resized to ``size`` (Lanczos): how the image cache
+    and ``predict`` bring X-rays of any shape to the model, never squashed (:func:`square_geometry`)."""
+    from PIL import Image
+
+    height, width = gray.shape
+    step, side, scale, pad_x, pad_y = square_geometry(width, height, size)
+    if step > 1:
+        gray = np.asarray(Image.fromarray(gray).reduce(step))
+    square = np.zeros((side // step, side // step), np.uint8)
+    square[pad_y // step:pad_y // step + gray.shape[0], pad_x // step:pad_x // step + gray.shape[1]] = gray
+    if square.shape[0] != size:
+        square = np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.LANCZOS))
+    return Square(square, width, height, side, scale, pad_x, pad_y)
 
 
 NORMALISATION = {"scale": 1 / 127.5, "offset": -1.0}  # uint8 pixel p -> p * scale + offset, in [-1, 1]
