@@ -111,6 +111,10 @@ def test_eval_scores_the_chosen_images_of_any_data_and_reports_training_overlap(
     assert low <= mine["mean_auroc"] <= high and mine["uncertainty"]["resamples"] == 1000
     for difference in same["uncertainty"]["difference"].values():  # a method against itself: exactly [0, 0]
         assert difference["point"] == 0 and difference["interval"] == [0, 0]
+    c, cache_c = phantom_with_cache(tmp_path / "c", count=240, size=64, seed=5)  # five times the images of b
+    _, larger = evaluate(c, cache_c, "--split", "all")
+    widths = [r["methods"]["m"]["uncertainty"]["intervals"]["mean_auroc"] for r in (report, larger)]
+    assert widths[1][1] - widths[1][0] < 0.8 * (widths[0][1] - widths[0][0])  # about 1/sqrt(5) as wide
     (tmp_path / "names.txt").write_text("# three of them\n" + "\n".join(other.images[:3]) + "\n")
     _, report = evaluate(b, cache_b, "--images", str(tmp_path / "names.txt"))
     assert report["test_images"] == 3
