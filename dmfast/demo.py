@@ -115,18 +115,24 @@ def _print_ablation(console: Console, report: dict, out: Path) -> None:
     times = report["stage_seconds"]
     print_table(console, "Stage wall times", ["stage", "seconds"],
                 [[name, f"{seconds:.1f}"] for name, seconds in times.items()] + [["total", f"{sum(times.values()):.1f}"]])
-    winner = max(("+DM", "+PDM"), key=lambda m: mean_accuracy(report, m))
-    base, best = mean_accuracy(report, "base"), mean_accuracy(report, winner)
-    verdict = "better than" if best > base else "NOT better than"
-    paired = (report["methods"][winner].get("uncertainty") or {}).get("difference", {}).get("iou_accuracy@0.3")
-    spread = ""
-    if paired:
-        low, high = paired["interval"]
-        spread = (f"; difference {paired['point']:+.3f}, paired 95% interval [{low:+.3f}, {high:+.3f}]"
-                  + (" (excludes 0)" if low > 0 or high < 0 else " (includes 0: not shown to differ)"))
-    console.print(f"mean localization accuracy at T(IoU) = 0.3: attention ({winner}) {best:.3f} is {verdict} the "
-                  f"base model's {base:.3f}{spread}")
+    console.print(verdict(report))
     console.print(f"figures: masks {out / 'masks-dm' / 'masks.png'}, {out / 'masks-pdm' / 'masks.png'}; alignment "
                   f"{out / 'align' / 'alignment_grid.png'}; overlays {out / 'eval' / 'overlays'}; tables "
                   f"{out / 'eval' / 'eval.md'}; stage times {out / 'demo.json'}; dmfast predict of the +DM model "
                   f"{out / 'predict'}")
+
+
+def verdict(report: dict) -> str:
+    """Attention (the better of +DM and +PDM) against the base model at T(IoU) 0.3, with the paired bootstrap
+    interval of the difference when eval computed one: "better" only when that interval excludes 0."""
+    winner = max(("+DM", "+PDM"), key=lambda m: mean_accuracy(report, m))
+    base, best = mean_accuracy(report, "base"), mean_accuracy(report, winner)
+    paired = (report["methods"][winner].get("uncertainty") or {}).get("difference", {}).get("iou_accuracy@0.3")
+    low, high = paired["interval"] if paired else (None, None)
+    if low is None or high is None:
+        words, spread = ("higher than" if best > base else "NOT higher than"), ""
+    else:
+        words = "better than" if low > 0 else "worse than" if high < 0 else "not shown to differ from"
+        spread = f" (difference {best - base:+.3f}, paired 95% interval [{low:+.3f}, {high:+.3f}])"
+    return (f"mean localization accuracy at T(IoU) = 0.3: attention ({winner}) {best:.3f} is {words} the base "
+            f"model's {base:.3f}{spread}")

@@ -92,6 +92,17 @@ class GroundTruth:
             self.pairs.setdefault(image, set()).add(cls)
         self.pairs = {n: sorted(self.pairs[n]) for n in self.images}
         self.size = size
+        self.regions = {n: dataset.image_in_square(n, size) for n in self.images}  # the image inside the padding
+
+    def clip(self, images, classes, boxes, scores) -> tuple:
+        """Predicted boxes cut to their image inside the padded square (as predict reports them); boxes wholly in
+        the padding are dropped."""
+        if not len(images):
+            return images, classes, boxes, scores
+        region = np.array([self.regions[n] for n in images], dtype=np.float64)
+        boxes = np.concatenate([np.maximum(boxes[:, :2], region[:, :2]), np.minimum(boxes[:, 2:], region[:, 2:])], 1)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return images[keep], classes[keep], boxes[keep], scores[keep]
 
     def score(self, pred_image, pred_class, pred_boxes, thresholds) -> dict:
         return {metric: localization(self.image, self.cls, self.boxes, pred_image, pred_class, pred_boxes,
@@ -132,14 +143,21 @@ def select_images(config: EvalConfig, dataset, first: Classifier) -> Selection:
         if not path.is_file():
             raise FileNotFoundError(f"--images {path}: no such file")
         wanted = [line.strip() for line in path.read_text().splitlines() if line.strip() and
-                  not line.startswith("#")]
+                  not line.strip().startswith("#")]
         missing = [n for n in wanted if n not in present]
         if missing:
             raise ValueError(f"--images {path}: {len(missing)} names are not images of {config.data}, e.g. "
                              f"{', '.join(missing[:3])}")
-        return Selection(list(dict.fromkeys(wanted)), f"the {len(wanted)} names of {path}", own)
+        wanted = list(dict.fromkeys(wanted))
+        if not wanted:
+            raise ValueError(f"--images {path}: no image names in it")
+        return Selection(wanted, f"the {len(wanted)} names of {path}", own)
     if config.split is None and own:
-        return Selection([n for n in first.splits.test if n in present], "the checkpoint's test split", own)
+        names = [n for n in first.splits.test if n in present]
+        if not names:
+            raise ValueError(f"{config.data}: the checkpoint's test split is empty or none of its images is here; "
+                             "choose --split or --images")
+        return Selection(names, "the checkpoint's test split", own)
     split = config.split or "test"
     if split not in ("test", "train_val", "all"):
         raise ValueError(f"--split must be test, train_val or all, got {split!r}")
@@ -203,6 +221,7 @@ def evaluate_checkpoint(name: str, classifier: Classifier, cache: ImageCache, te
     else:
         pred_image, pred_class, pred_boxes = np.zeros(0, dtype=object), np.zeros(0, np.int64), np.zeros((0, 4))
         pred_scores = np.zeros(0)
+    pred_image, pred_class, pred_boxes, pred_scores = truth.clip(pred_image, pred_class, pred_boxes, pred_scores)
     result = truth.score(pred_image, pred_class, pred_boxes, config.overlap_thresholds)
     probabilities = torch.cat(scores).numpy()
     method = Method(name, "checkpoint", str(classifier.path), result, auroc.per_class, auroc.mean, seconds,
@@ -222,8 +241,8 @@ def mask_only(name: str, masks: torch.Tensor, truth: GroundTruth, config: EvalCo
             pred_class += [c] * shown
             pred_boxes += boxes[c, :shown].tolist()
             pred_scores += scores[c, :shown].tolist()
-    predicted = (np.array(pred_image, dtype=object), np.array(pred_class, np.int64),
-                 np.array(pred_boxes, np.float64).reshape(-1, 4), np.array(pred_scores, np.float64))
+    predicted = truth.clip(np.array(pred_image, dtype=object), np.array(pred_class, np.int64),
+                           np.array(pred_boxes, np.float64).reshape(-1, 4), np.array(pred_scores, np.float64))
     result = truth.score(*predicted[:3], config.overlap_thresholds)
     return Method(name, "mask-only", "", result, predicted=predicted, frame=truth.size)
 
@@ -302,7 +321,7 @@ def per_image_files(out: Path, methods: list, test_names: list, labels: np.ndarr
     """``predictions.csv`` (image, method, the 14 probabilities and the 14 labels) and ``boxes.csv`` (image, class,
     method, box in the image's own pixels, score, best IoU and IoBB with a ground-truth box of the class on the
     image, empty where it has none), so that the tables can be recomputed without the model."""
-    rows = [[image, m.name, *(f"{p:.6g}" for p in m.probabilities[i]), *map(int, labels[i])]
+    rows = [[image, m.name, *(f"{p:.9g}" for p in m.probabilities[i]), *map(int, labels[i])]
             for m in methods if m.probabilities is not None for i, image in enumerate(test_names)]
     predictions = atomic_write_bytes(out / "predictions.csv", csv_text(
         ["image", "method", *FINDINGS, *(f"{c} label" for c in FINDINGS)], rows).encode())
@@ -371,8 +390,9 @@ def interval_tables(methods: list) -> list:
                         else "-" for k in keys] for m in methods]
     diffs = [[m.name] + [cell(d["point"], d["interval"], "+") if (d := m.uncertainty["difference"].get(k)) else "-"
                          for k in keys] for m in methods[1:]]
-    return [(f"Point estimates with 95% intervals ({resamples} patient bootstrap resamples)", header, rows),
-            (f"Difference from {methods[0].name} with its paired 95% interval (same resamples)", header, diffs)]
+    return [(f"Point estimates with 95% intervals ({resamples} patient bootstrap resamples)", header, rows)] + \
+        ([(f"Difference from {methods[0].name} with its paired 95% interval (same resamples)", header, diffs)]
+         if diffs else [])
 
 
 def run(config: EvalConfig, console: Console | None = None) -> dict:
@@ -405,9 +425,11 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
     for name, classifier in classifiers:
         overlap = training_overlap(classifier, dataset, test_names)
         selection.overlap[name] = overlap
-        if overlap["names"] or overlap["patients"]:
+        patients = "an unknown number (its training data is not readable here)" if overlap["patients"] is None \
+            else overlap["patients"]
+        if overlap["names"] or overlap["patients"] != 0:
             message = (f"{overlap['names']} of the {len(test_names)} evaluation images share a name and "
-                       f"{overlap['patients']} a patient ID with the training images of {name}")
+                       f"{patients} a patient ID with the training images of {name}")
             if config.strict:
                 raise ValueError(f"{message} (--strict)")
             console.print(f"[yellow]warning: {message}")

@@ -124,7 +124,11 @@ def _earlier_history(out: Path, state: dict) -> list:
     if "history" in state:
         return state["history"]
     lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
-    return [m for m in map(json.loads, filter(None, lines)) if m.get("epoch", 0) <= state["epoch"] + 1]
+    last = {}  # older dmfast appended: the last line of each epoch is this run's
+    for metrics in map(json.loads, filter(None, lines)):
+        if isinstance(metrics.get("epoch"), int) and metrics["epoch"] <= state["epoch"] + 1:
+            last[metrics["epoch"]] = metrics
+    return [last[e] for e in sorted(last)]
 
 
 def _tensorboard(out: Path):
@@ -150,7 +154,8 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
     last = out / "checkpoint.pt"
     state = checkpoints.load(last, checkpoints.CLASSIFIER) if resume else None
     if state is not None:
-        config = from_dict(TrainConfig, {**asdict(config), **state["config"], "epochs": config.epochs})
+        config = from_dict(TrainConfig, {**asdict(config), **state["config"], "epochs": config.epochs,
+                                         "tensorboard": config.tensorboard})
     # The checkpoint records where the alignment and masks came from; absolute, so it works from any folder.
     config = from_dict(TrainConfig, {**asdict(config), **{k: str(Path(getattr(config, k)).resolve())
                                                           for k in ("aligned", "init", "masks") if getattr(config, k)}})
@@ -195,6 +200,8 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
         for metrics in history:
             best = {"epoch": metrics["epoch"], "mean_auroc": metrics["mean_auroc"]} if _improved(metrics, best) \
                 else best
+    if state is None and rank == 0 and (out / "best.pt").is_file():
+        (out / "best.pt").unlink()  # a fresh run into an old folder: never leave another run's best model
     writer = _tensorboard(out) if config.tensorboard and rank == 0 else None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -261,6 +268,8 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
     if writer is not None:
         writer.close()
     if rank == 0 and last.is_file():  # the portable, weights-only copy to use the model elsewhere (dmfast export, inference)
+        where = f"in {out / 'best.pt'}" if (out / "best.pt").is_file() else \
+            "(its weights were not kept: the run began with an older dmfast)"
         console.print(f"model file {export_model(last, out / 'model.pt')}" +
-                      (f"; best validation epoch {best['epoch']} in {out / 'best.pt'}" if best else ""))
+                      (f"; best validation epoch {best['epoch']} {where}" if best else ""))
     return last

@@ -10,7 +10,7 @@ from rich.console import Console
 from dmfast.cli.main import main
 import dmfast.demo
 from dmfast.config import DemoConfig
-from dmfast.demo import mean_accuracy
+from dmfast.demo import mean_accuracy, verdict
 from dmfast.testing import shared_data
 
 
@@ -28,6 +28,10 @@ def test_attention_localizes_better_than_the_base_model(demo):
     base = mean_accuracy(report, "base")
     attention = max(mean_accuracy(report, "+DM"), mean_accuracy(report, "+PDM"))
     assert attention > base, {name: mean_accuracy(report, name) for name in report["methods"]}
+    line = verdict(report)  # with its paired interval, which decides the wording
+    low, high = (float(v) for v in line.split("interval [")[1].rstrip("])").split(", "))
+    assert low <= attention - base <= high
+    assert ("is better than" in line) == (low > 0) and ("not shown to differ" in line) == (low <= 0 <= high)
 
 
 def test_demo_writes_every_stage_and_a_consistent_report(demo):

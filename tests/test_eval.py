@@ -37,6 +37,9 @@ class _Dataset:
     def boxes_in_square(self, names, size, space):
         return self._boxes
 
+    def image_in_square(self, name, size):
+        return 0, 0, size, size
+
 
 def test_mask_only_baseline_predicts_the_mask_boxes_for_every_image():
     masks = torch.zeros(C, 16, 16)
@@ -102,6 +105,8 @@ def test_eval_scores_the_chosen_images_of_any_data_and_reports_training_overlap(
     result, report = evaluate(b, cache_b)  # other data: exactly its own test_list.txt
     other = open_dataset(b)
     assert result.exit_code == 0 and report["test_images"] == len(other.test)
+    out = sorted(tmp_path.glob("e*"), key=lambda p: int(p.name[1:]))[-1]
+    assert {line.split(",")[0] for line in (out / "predictions.csv").read_text().splitlines()[1:]} == other.test
     overlap = report["selection"]["overlap"]["m"]
     assert overlap["names"] > 0 and "share a name" in result.output  # phantoms reuse the NIH file names
     _, report = evaluate(b, cache_b, "--split", "all", "--checkpoint", f"same={checkpoint}")

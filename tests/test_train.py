@@ -184,3 +184,18 @@ def test_tensorboard_logs_the_epoch_scalars(phantom, tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"loss", "lr", "mean_auroc", "auroc/Mass"} <= tags
     assert events.Scalars("loss")[0].step == 1
+
+
+def test_older_runs_resume_with_their_last_line_per_epoch_and_tensorboard_is_named_when_missing(tmp_path,
+                                                                                                 monkeypatch):
+    import json
+    import sys
+
+    lines = [{"epoch": 1, "loss": 9.0}, {"epoch": 1, "loss": 1.0}, {"note": "no epoch"}, {"epoch": 2, "loss": 0.5},
+             {"epoch": 3, "loss": 0.1}]  # an older dmfast appended runs into one file
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    history = train._earlier_history(tmp_path, {"epoch": 1})  # checkpoint after epoch 2
+    assert history == [{"epoch": 1, "loss": 1.0}, {"epoch": 2, "loss": 0.5}]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(ValueError, match="pip install 'dmfast\\[tensorboard\\]'"):
+        train._tensorboard(tmp_path)

@@ -182,7 +182,13 @@ def open_or_prepare(data_dir, cache_dir=None, size: int = 512, skip_problems: bo
     missing. A cache of another size is refused by name."""
     folder = Path(cache_dir) if cache_dir else default_cache_dir(data_dir, size)
     index = folder / "index.json"
-    if not index.is_file() or json.loads(index.read_text()).get("version") != CACHE_VERSION:  # missing or old
+    try:
+        found = json.loads(index.read_text()) if index.is_file() else {}
+    except (OSError, ValueError):
+        found = {}  # an unreadable index: the cache is rebuilt
+    if found.get("size", size) != size:
+        raise DataError(f"cache {folder} holds {found['size']} px images; {size} px are needed")
+    if found.get("version") != CACHE_VERSION:  # missing, damaged or of an older format
         prepare(data_dir, folder, size=size, skip_problems=skip_problems, console=console)
     cache = ImageCache(folder)
     if cache.size != size:

@@ -209,7 +209,8 @@ class ChestXray14:
 
     def boxes_xyxy(self, image_sizes: dict | None = None, space: str = "release") -> dict:
         """Boxes per image as ``(finding, x0, y0, x1, y1)`` rows in the pixel space of the stored image (or of
-        ``image_sizes[image] = (width, height)``, e.g. a resized cache), mapped from the space the box file uses:
+        ``image_sizes[image] = (width, height)``; the image cache's frame is :meth:`boxes_in_square`), mapped from
+        the space the box file uses:
         ``"release"``, the 1024 x 1024 images of the ChestX-ray14 release (whatever size the stored PNGs have),
         or ``"image"``, the pixels of the stored image itself (datasets that draw boxes on their own images)."""
         if space not in BOX_SPACES:
@@ -228,10 +229,17 @@ class ChestXray14:
         centred square and resized to ``size`` (:func:`dmfast.data.images.square_geometry`)."""
         own, out = self.boxes_xyxy(None, space), {}
         for name in (n for n in names if n in own):
-            _, _, scale, pad_x, pad_y = square_geometry(*image_size(self.paths[name]), size)
-            out[name] = [(c, (x0 + pad_x) / scale, (y0 + pad_y) / scale, (x1 + pad_x) / scale, (y1 + pad_y) / scale)
+            left, top, right, _ = self.image_in_square(name, size)
+            scale = (right - left) / image_size(self.paths[name])[0]  # cache pixels per image pixel
+            out[name] = [(c, left + x0 * scale, top + y0 * scale, left + x1 * scale, top + y1 * scale)
                          for c, x0, y0, x1, y1 in own[name]]
         return out
+
+    def image_in_square(self, name: str, size: int) -> tuple:
+        """Where image ``name`` lies in the image cache's ``size`` square (the rest is padding): (x0, y0, x1, y1)."""
+        width, height = image_size(self.paths[name])
+        _, _, scale, pad_x, pad_y = square_geometry(width, height, size)
+        return pad_x / scale, pad_y / scale, (pad_x + width) / scale, (pad_y + height) / scale
 
 
 def open_dataset(root, skip_problems: bool = False) -> ChestXray14:
