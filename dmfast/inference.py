@@ -97,9 +97,9 @@ class Model:
         """Probabilities, CAMs and boxes for X-rays of any size: ``images`` are image files (PNG, JPEG, DICOM) or
         2-D uint8 arrays/tensors ``[H, W]`` (a list, a ``[B, H, W]`` tensor, or one). Each is padded to a centred
         square (never squashed) and resized to the model's input; CAMs of aligned models are warped back onto the
-        image. The boxes of every class whose
-        probability reaches ``min_probability`` come back in the image's own pixels. ``names`` label the images
-        in errors (default: their paths or positions). Returns one :class:`ImagePrediction` per image."""
+        image. The boxes of every class whose probability reaches ``min_probability`` come back in the image's own
+        pixels. ``names`` label the images in errors (default: their paths or positions). Returns one
+        :class:`ImagePrediction` per image."""
         if isinstance(images, (str, Path)) or getattr(images, "ndim", None) == 2:
             images = [images]  # one X-ray: a list of one result
         if batch < 1:
