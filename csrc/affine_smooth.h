@@ -103,16 +103,20 @@ DMFAST_HD T clamp_far(T v, int64_t size) {
   return v;
 }
 
-// A theta with a NaN or infinite entry gives its image an all-NaN output and NaN gradients. The kernels test it
-// per image where they read theta, so no op waits for the device to check its arguments.
-DMFAST_HD bool theta_is_finite(const double* t) {
-  bool finite = true;
+// The op's domain: every entry of theta finite and at most kThetaLimit in magnitude. No affine map of an X-ray
+// comes near it (the alignment module's are below 2), and beyond it float32 cannot place a sample to within a
+// pixel. An image whose theta is outside gets an all-NaN output and NaN gradients; the kernels test it per image
+// where they read theta, so no op waits for the device to check its arguments.
+constexpr double kThetaLimit = 1e6;
+
+DMFAST_HD bool theta_in_domain(const double* t) {
+  bool inside = true;
 #if defined(__CUDA_ARCH__)
-  for (int k = 0; k < 6; ++k) finite = finite && isfinite(t[k]);
+  for (int k = 0; k < 6; ++k) inside = inside && fabs(t[k]) <= kThetaLimit;  // false for NaN
 #else
-  for (int k = 0; k < 6; ++k) finite = finite && std::isfinite(t[k]);
+  for (int k = 0; k < 6; ++k) inside = inside && std::fabs(t[k]) <= kThetaLimit;
 #endif
-  return finite;
+  return inside;
 }
 
 // Range of output indices whose restore taps can touch pooled index r (used by the gathering transpose).

@@ -1,6 +1,6 @@
 // Argument checks shared by the CPU and CUDA kernels: every message names the argument and what was wrong. They
 // read only shapes, dtypes and devices, never tensor values, so no check waits for the GPU (non-finite values are
-// the kernels' business: see theta_is_finite and cam_boxes' count -1).
+// the kernels' business: see theta_in_domain and cam_boxes' count -1).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -105,8 +105,12 @@ inline void check_attention_cam_bias(const at::Tensor& bias, const at::Tensor& w
   check_same("attention_cam", "bias", bias, "weight", weight);
 }
 
-// cams [N, h, w] or [B, C, h, w] floats, size (H, W) >= 1, thresholds in [0, 1], max_boxes >= 1, score "max" or
-// "mean".
+// Boxes kept per map at most: the outputs are [..., max_boxes, 4] whatever the maps hold, so a huge value would only
+// allocate memory for padding.
+constexpr int64_t kMaxBoxes = 65536;
+
+// cams [N, h, w] or [B, C, h, w] floats, size (H, W) >= 1, thresholds in [0, 1], max_boxes in [1, kMaxBoxes], score
+// "max" or "mean".
 inline void check_cam_boxes_args(const at::Tensor& cams, at::IntArrayRef size, at::ArrayRef<double> thresholds,
                                  int64_t max_boxes, c10::string_view score) {
   const char* op = "cam_boxes";
@@ -120,7 +124,8 @@ inline void check_cam_boxes_args(const at::Tensor& cams, at::IntArrayRef size, a
   for (const double t : thresholds) {
     TORCH_CHECK(t >= 0.0 && t <= 1.0, op, ": thresholds are fractions of the normalised range, in [0, 1]; got ", t);
   }
-  TORCH_CHECK(max_boxes >= 1, op, ": max_boxes must be >= 1, got ", max_boxes);
+  TORCH_CHECK(max_boxes >= 1 && max_boxes <= kMaxBoxes, op, ": max_boxes must be in [1, ", kMaxBoxes, "], got ",
+              max_boxes);
   TORCH_CHECK(score == "max" || score == "mean", op, ": score must be \"max\" or \"mean\", got \"", score, "\"");
 }
 

@@ -9,6 +9,8 @@ from torch import Tensor
 
 from . import _C  # loading the extension registers the ops
 
+THETA_LIMIT = 1e6  # affine_smooth's domain: |theta| entries beyond it give NaN (csrc/affine_smooth.h, kThetaLimit)
+
 __all__ = ["affine_smooth", "affine_matrix", "affine_inverse", "mask_attention", "attention_cam", "cam_boxes",
            "cuda_ready", "default_device"]
 
@@ -57,8 +59,10 @@ def affine_smooth(images: Tensor, theta: Tensor, pool: int = 16) -> Tensor:
         images: ``[B, C, H, W]`` float32 or float64 (float16/bfloat16 too on CUDA); H and W divisible by ``pool``.
         theta: ``[B, 2, 3]`` affine matrices in the normalised coordinates of ``F.affine_grid`` (output -> input),
             same dtype as ``images`` (float32 is also accepted with reduced-precision images). An image whose theta
-            has a NaN or infinite entry gets an all-NaN output and NaN gradients (no error: checking the values
-            would make every CUDA call wait for the GPU).
+            has a NaN or infinite entry, or one beyond ``THETA_LIMIT`` (1e6) in magnitude, gets an all-NaN output
+            and NaN gradients (no error: checking the values would make every CUDA call wait for the GPU). No
+            affine map of an X-ray comes near the limit, and beyond it float32 cannot place a sample within a
+            pixel.
         pool: pooling window; ``1`` gives the plain bilinear warp.
 
     Returns:
@@ -140,7 +144,7 @@ def cam_boxes(cams: Tensor, size, threshold, max_boxes: int = 16, score: str = "
             error, so the CUDA kernel never waits for the device; the caller checks ``counts < 0``).
         size: ``(H, W)`` of the image the boxes are reported in (pixels of the upsampled map).
         threshold: a fraction in [0, 1] or a sequence of them.
-        max_boxes: boxes kept per map (the best by score).
+        max_boxes: boxes kept per map (the best by score), 1 to 65536.
         score: ``"max"`` (default; the peak normalised activation inside the region, robust to region size) or
             ``"mean"`` (the mean normalised activation inside it).
 
@@ -152,9 +156,27 @@ def cam_boxes(cams: Tensor, size, threshold, max_boxes: int = 16, score: str = "
         pixel). Entries past ``min(count, max_boxes)`` are zero. A constant map has no region: count 0.
         Not differentiable.
     """
-    levels = [float(threshold)] if isinstance(threshold, (int, float)) else [float(t) for t in threshold]
-    height, width = (int(v) for v in size)
-    return torch.ops.dmfast.cam_boxes.default(cams.detach(), [height, width], levels, int(max_boxes), score)
+    if not isinstance(cams, Tensor):
+        raise TypeError(f"cam_boxes: cams must be a tensor, got {type(cams).__name__}")
+    try:
+        levels = [float(threshold)] if isinstance(threshold, (int, float)) else [float(t) for t in threshold]
+    except (TypeError, ValueError):
+        raise ValueError(f"cam_boxes: threshold must be a fraction or a sequence of them, got {threshold!r}") from None
+    try:
+        height, width = (_index(v) for v in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"cam_boxes: size must be (H, W), two ints, got {size!r}") from None
+    return torch.ops.dmfast.cam_boxes.default(cams.detach(), [height, width], levels, _index(max_boxes, "max_boxes"),
+                                              score)
+
+
+def _index(value, name: str | None = None) -> int:
+    """``value`` as an int, when it is one (a Python or numpy int, or a one-element integer tensor)."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        if name is None:
+            raise TypeError(value)
+        raise TypeError(f"cam_boxes: {name} must be an int, got {value!r}")
+    return int(value.__index__())
 
 
 def _check_affine_smooth_shapes(images: Tensor, theta: Tensor, pool: int) -> None:

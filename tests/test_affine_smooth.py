@@ -60,11 +60,40 @@ def test_pool_one_is_the_plain_warp(device, pool, gen):
 
 def test_far_out_of_frame_is_zero(device, gen):
     images = rand_images((2, 3, 16, 16), gen, torch.float64, device)
-    theta = torch.tensor([[[1.0, 0.0, 1e6], [0.0, 1.0, 0.0]], [[1e8, 0.0, 0.0], [0.0, -1e8, 0.0]]], device=device,
-                         dtype=torch.float64)
+    theta = torch.tensor([[[1.0, 0.0, ops.THETA_LIMIT], [0.0, 1.0, 0.0]], [[1e5, 0.0, 0.0], [0.0, -1e5, 0.0]]],
+                         device=device, dtype=torch.float64)
     out = ops.affine_smooth(images, theta, 4)
     torch.testing.assert_close(out, reference.affine_smooth(images, theta, 4), **tolerance(torch.float64))
     assert torch.all(out[0] == 0)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("scale", [1e2, 1e4, 1e6])
+def test_large_theta_matches_the_reference(device, dtype, scale, gen):
+    # Up to the limit the result is the float64 reference's, also where huge terms cancel (a diagonal of the
+    # output maps into the image): the samples on it are exact in float64, within a pixel's rounding in float32.
+    images = rand_images((3, 2, 16, 17), gen, torch.float64, device)
+    theta = torch.tensor([[[scale, scale, 0.0], [0.0, 1.0, 0.0]], [[scale, 0.0, 0.0], [0.0, scale, 0.0]],
+                          [[-scale, 0.0, 0.3], [0.0, 0.5, scale]]], device=device, dtype=torch.float64)
+    want = reference.affine_smooth(images, theta, 1)
+    got = ops.affine_smooth(images.to(dtype), theta.to(dtype), 1).double()
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, want, **tolerance(dtype))
+    else:  # float32 rounds the coordinates: compare where the reference is far from the cancelling diagonal
+        torch.testing.assert_close(got[1:], want[1:], **tolerance(dtype))
+
+
+@pytest.mark.parametrize("value", [1.01e6, 1e10, 1e30, 1e38, 3e38, -1e38, -3e38])
+def test_theta_beyond_the_limit_gives_nan_never_a_crash(device, value, gen):
+    # Found by a careless user: theta of +-1e38 once crashed the CPU kernel (a float overflow cast to an index).
+    images = rand_images((2, 1, 16, 16), gen, torch.float32, device).requires_grad_()
+    theta = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[value, 0.0, 0.0], [value, 0.0, 0.0]]], device=device,
+                         requires_grad=True)
+    for pool in (1, 4):
+        out = ops.affine_smooth(images, theta, pool)
+        assert out[1].isnan().all() and out[0].isfinite().all()
+        grad_images, grad_theta = torch.autograd.grad(out[0].sum() + out[1].nan_to_num().sum(), (images, theta))
+        assert grad_theta[1].isnan().all() and grad_theta[0].isfinite().all()
 
 
 @needs_cuda()

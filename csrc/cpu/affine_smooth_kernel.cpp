@@ -139,8 +139,8 @@ inline std::array<T, 4> corner_array(const scalar_t* plane, const Corners<T>& c,
   }
 }
 
-// An image with a non-finite theta is computed with the identity instead (its result is then set to NaN), so no
-// NaN coordinate ever reaches the unchecked loops.
+// An image whose theta is outside the domain (theta_in_domain) is computed with the identity instead (its result
+// is then set to NaN), so no NaN or overflowing coordinate ever reaches the unchecked loops.
 template <typename T>
 std::vector<PixelMap<T>> pixel_maps(const at::Tensor& theta, int64_t H, int64_t W) {
   const at::Tensor t = theta.to(at::kDouble).contiguous();
@@ -148,17 +148,17 @@ std::vector<PixelMap<T>> pixel_maps(const at::Tensor& theta, int64_t H, int64_t 
   constexpr double kIdentity[6] = {1, 0, 0, 0, 1, 0};
   std::vector<PixelMap<T>> maps(t.size(0));
   for (int64_t b = 0; b < t.size(0); ++b) {
-    maps[b] = make_pixel_map<T>(theta_is_finite(data + 6 * b) ? data + 6 * b : kIdentity, H, W);
+    maps[b] = make_pixel_map<T>(theta_in_domain(data + 6 * b) ? data + 6 * b : kIdentity, H, W);
   }
   return maps;
 }
 
-// Images whose theta has a NaN or infinite entry: their outputs and gradients are NaN (see theta_is_finite).
-std::vector<int64_t> non_finite_images(const at::Tensor& theta) {
+// Images whose theta is outside the domain: their outputs and gradients are NaN (see theta_in_domain).
+std::vector<int64_t> images_outside_domain(const at::Tensor& theta) {
   const at::Tensor t = theta.to(at::kDouble).contiguous();
   std::vector<int64_t> bad;
   for (int64_t b = 0; b < t.size(0); ++b) {
-    if (!theta_is_finite(t.const_data_ptr<double>() + 6 * b)) bad.push_back(b);
+    if (!theta_in_domain(t.const_data_ptr<double>() + 6 * b)) bad.push_back(b);
   }
   return bad;
 }
@@ -461,7 +461,7 @@ at::Tensor affine_smooth_cpu(const at::Tensor& images_in, const at::Tensor& thet
     });
     if (pool > 1) restore(pooled.const_data_ptr<scalar_t>(), B * C, Hp, Wp, H, W, out.data_ptr<scalar_t>());
   });
-  fill_nan(out, non_finite_images(theta));
+  fill_nan(out, images_outside_domain(theta));
   return out;
 }
 
@@ -509,7 +509,7 @@ std::tuple<at::Tensor, at::Tensor> affine_smooth_backward_cpu(const at::Tensor& 
       grad_theta.copy_(out.view({B, 2, 3}));
     }
   });
-  const auto bad = non_finite_images(theta);
+  const auto bad = images_outside_domain(theta);
   if (need_images) fill_nan(grad_images, bad);
   if (need_theta) fill_nan(grad_theta, bad);
   return {grad_images, grad_theta};

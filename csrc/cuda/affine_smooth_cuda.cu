@@ -41,7 +41,7 @@ __global__ void pooled_warp_kernel(const scalar_t* __restrict__ images, const do
     const int64_t q = cell % Wp, r = (cell / Wp) % Hp, plane = cell / (Wp * Hp), b = plane / C;
     const PixelMap<T> map = make_pixel_map<T>(theta + 6 * b, H, W);
     const scalar_t* img = images + plane * H * W;
-    if (!theta_is_finite(theta + 6 * b)) {
+    if (!theta_in_domain(theta + 6 * b)) {
       acc = std::numeric_limits<T>::quiet_NaN();
     } else {
       for (int64_t k = lane; k < pool * pool; k += lanes) {
@@ -114,7 +114,7 @@ __global__ void sample_backward_kernel(const scalar_t* __restrict__ images, cons
   const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t Hp = H / pool, Wp = W / pool, HW = H * W;
   T m[6] = {0, 0, 0, 0, 0, 0};
-  if (k < HW && !theta_is_finite(theta + 6 * b)) {
+  if (k < HW && !theta_in_domain(theta + 6 * b)) {
     // Each thread owns pixel k of every channel here: no atomics touch this image.
     for (int64_t ch = 0; need_images && ch < C; ++ch) {
       grad_images[(b * C + ch) * HW + k] = std::numeric_limits<T>::quiet_NaN();
@@ -165,7 +165,7 @@ __global__ void theta_grad_kernel(const T* __restrict__ partial, const double* _
                                   int64_t blocks, int64_t H, int64_t W, double* __restrict__ grad_theta) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= B) return;
-  if (!theta_is_finite(theta + 6 * b)) {
+  if (!theta_in_domain(theta + 6 * b)) {
     for (int e = 0; e < 6; ++e) grad_theta[6 * b + e] = std::numeric_limits<double>::quiet_NaN();
     return;
   }

@@ -81,6 +81,47 @@ int main() {
     std::printf("%-40s %s\n", "non-finite map counted -1", flagged ? "yes" : "NO");
     if (!flagged) ++failures;
   }
+  {
+    // Adversarial inputs, for `make sanitize` above all: theta at, beyond and far beyond the domain (|theta| <=
+    // 1e6), in float32 and float64, on odd-sized images; nothing may read or write out of bounds, an image outside
+    // the domain is all NaN and the others stay finite.
+    const double inf = std::numeric_limits<double>::infinity(), nan = std::numeric_limits<double>::quiet_NaN();
+    bool defined = true;
+    for (const auto dtype : {at::kFloat, at::kDouble}) {
+      for (const double v : {1e6, -1e6, 1.5e6, 1e10, 1e30, 1e38, 3e38, -1e38, -3e38, inf, -inf, nan}) {
+        for (const auto& [pool, column] : {std::pair<int64_t, bool>{1, true}, {1, false}, {2, true}, {4, false}}) {
+          const auto images = at::rand({2, 1 + int64_t(column), 16, 16}, at::TensorOptions().dtype(dtype));
+          auto theta = at::eye(3, images.options()).narrow(0, 0, 2).expand({2, 2, 3}).clone();
+          theta[1][0][0] = v;  // column: theta [[v, 0, 0], [v, 0, 0]] (the case that once crashed), else a shear
+          theta[1][1][column ? 0 : 1] = v;
+          if (!column) theta[1][0][2] = v;
+          const auto out = ops::affine_smooth(images, theta, pool);
+          const auto grads = ops::affine_smooth_backward(at::ones_like(images), images, theta, pool, {true, true});
+          const bool inside = std::abs(v) <= 1e6;
+          defined = defined && out[0].isfinite().all().item<bool>() &&
+                    (inside ? out[1].isfinite().all().item<bool>() : out[1].isnan().all().item<bool>()) &&
+                    std::get<1>(grads)[0].isfinite().all().item<bool>();
+        }
+      }
+    }
+    std::printf("%-40s %s\n", "theta beyond the domain gives NaN", defined ? "yes" : "NO");
+    if (!defined) ++failures;
+
+    // Degenerate maps and sizes: 1 x 1 maps, 1-pixel outputs, constant maps, a checkerboard of many regions.
+    bool boxed = true;
+    const auto checker = (at::arange(64, options).reshape({8, 8}) + at::arange(8, options).reshape({8, 1})).remainder(2);
+    for (const auto& maps : {at::rand({3, 1, 1}, options), at::zeros({2, 5, 7}, options), checker.unsqueeze(0)}) {
+      for (const std::vector<int64_t> size : {std::vector<int64_t>{1, 1}, {1, 97}, {33, 2}, {64, 64}}) {
+        for (const int64_t max_boxes : {1, 3, 65536}) {
+          const auto [boxes, scores, counts] = ops::cam_boxes(maps, size, {0.0, 0.5, 1.0}, max_boxes, "mean");
+          boxed = boxed && boxes.size(1) == max_boxes && (boxes.select(2, 2) <= size[1]).all().item<bool>() &&
+                  (boxes.select(2, 3) <= size[0]).all().item<bool>() && (counts >= 0).all().item<bool>();
+        }
+      }
+    }
+    std::printf("%-40s %s\n", "degenerate maps give boxes in the image", boxed ? "yes" : "NO");
+    if (!boxed) ++failures;
+  }
   bool rejected = false;
   try {
     ops::affine_smooth(at::rand({1, 1, 30, 30}, options), at::eye(3, options).narrow(0, 0, 2).unsqueeze(0), 16);
