@@ -12,7 +12,7 @@ FUZZ_RUNS ?= 20
 # A list read from pyproject.toml, the one source of the dependencies (tomllib, or pip's copy of it before 3.11).
 PYPROJECT = $$($(PY) -c 'import sys; toml = __import__("tomllib") if sys.version_info >= (3, 11) else __import__("pip._vendor.tomli", fromlist=["load"]); t = toml.load(open("pyproject.toml", "rb")); print(*eval(sys.argv[1], {"t": t}))' $(1))
 
-.PHONY: demo test fuzz build bench cuda-compile cmake-check ci clean
+.PHONY: demo test fuzz build bench cuda-compile cmake-check sanitize ci clean
 
 # The build tools (torch among them) first, then the package itself, editable, with its test extra: its
 # dependencies come from pyproject.toml and the `dmfast` command lands in .venv/bin.
@@ -28,7 +28,7 @@ build: $(INSTALLED)
 	mkdir -p build && MAX_JOBS=2 $(PY) setup.py -q build_ext --inplace > build/ext.log 2>&1 || { cat build/ext.log; exit 1; }
 
 demo: build
-	$(VENV)/bin/dmfast demo --out out/demo
+	$(VENV)/bin/dmfast demo --out out/demo --overwrite
 
 # The deterministic suite (fixed seeds): what CI runs.
 test: build
@@ -67,8 +67,19 @@ cmake-check: $(INSTALLED)
 	cmake --build build-cmake -j2
 	ctest --test-dir build-cmake --output-on-failure
 
+# The CPU kernels and their C++ test built with AddressSanitizer and UndefinedBehaviorSanitizer (build-sanitize/),
+# then the test: any report fails it. Leak checking is off: libtorch keeps its registries until exit.
+sanitize: $(INSTALLED)
+	TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" cmake -S . -B build-sanitize -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDMFAST_SANITIZE=ON -DDMFAST_CPU_ARCH=none \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+	  $(if $(CUDA_HOME),-DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME)) \
+	  -DCUDA_nvrtc_LIBRARY="$$($(PY) -c 'import glob, os, torch; print((glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu*", "lib", "libnvrtc.so*")) + [""])[0])')"
+	cmake --build build-sanitize -j2
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	  ctest --test-dir build-sanitize --output-on-failure
+
 ci:
 	bash .ci/run
 
 clean:
-	rm -rf build build-cuda build-cmake dmfast/_C*.so *.egg-info
+	rm -rf build build-cuda build-cmake build-sanitize dmfast/_C*.so *.egg-info

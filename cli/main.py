@@ -1,29 +1,64 @@
 """``dmfast``: one click command per pipeline stage. Every option's default comes from the stage's config
 dataclass (:mod:`dmfast.config`) or function, so it is written once."""
 
+import os
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 
 import click
 
 import dmfast
-from dmfast.config import (ARCHS, WANG_THRESHOLDS, AlignConfig, BoxConfig, DemoConfig, EvalConfig, MasksConfig,
-                           PredictConfig, SplitConfig, TrainConfig, defaults)
+from dmfast.config import (FRACTION, SIZE, WANG_THRESHOLDS, AlignConfig, BoxConfig, DemoConfig, EvalConfig,
+                           MasksConfig, PredictConfig, Range, SplitConfig, TrainConfig, defaults, metadata_of)
+from dmfast.data import phantom
+from dmfast.data.cache import WORKERS
 from dmfast.data.cache import prepare as prepare_cache
 from dmfast.data.phantom import synthesize
 
 FILE = click.Path(exists=True, dir_okay=False)
 FOLDER = click.Path(file_okay=False)
 DATA_DIR = click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+# dmfast's own code: an error raised there on purpose is about the input (see _expected)
+OWN_CODE = tuple(str(Path(p).resolve().parent) + os.sep for p in (dmfast.__file__, __file__))
+
+
+class Number(click.ParamType):
+    """A command-line number within a :class:`dmfast.config.Range` (ints, or finite floats: never NaN)."""
+
+    def __init__(self, valid: Range):
+        self.valid = valid
+        self.name = "integer" if valid.integer else "float"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str):
+            try:
+                value = int(value) if self.valid.integer else float(value)
+            except ValueError:
+                self.fail(f"{value!r} is not {self.valid.describe()}", param, ctx)
+        problem = self.valid.problem(value)
+        if problem:
+            self.fail(problem, param, ctx)
+        return int(value) if self.valid.integer else float(value)
 
 
 def option(owner, name: str, flag: str | None = None, **kwargs):
     """``--name`` (or ``flag``) for field ``name`` of a config dataclass (or keyword of a function), with its
-    default."""
+    default, and its range or choices from the field."""
     default = defaults(owner)[name]
     flag = flag or "--" + name.replace("_", "-")
     if isinstance(default, bool):
         return click.option(flag, name, is_flag=True, default=default, **kwargs)
+    metadata = metadata_of(owner, name)
+    if "range" in metadata:
+        kwargs.setdefault("type", Number(metadata["range"]))
+    if "choices" in metadata:
+        choices = metadata["choices"]
+        kwargs.setdefault("type", click.Choice([str(c) for c in choices]))
+        if all(isinstance(c, int) for c in choices):  # e.g. the CAM stride: given as text, used as an int
+            kwargs.setdefault("callback", lambda ctx, param, value: None if value is None else int(value))
     kwargs.setdefault("show_default", default is not None)
     return click.option(flag, name, default=default, **kwargs)
 
@@ -38,60 +73,114 @@ def options(owner, *specs):
     return decorate
 
 
+def _expected(error: BaseException) -> bool:
+    """Whether ``error`` is one dmfast raises on purpose (about the input, the settings or the files), as opposed
+    to a bug: an OSError (the file system's answer), or an error of dmfast's kinds raised by dmfast's own code."""
+    import torch
+
+    if isinstance(error, (OSError, MemoryError, torch.OutOfMemoryError)):
+        return True
+    from dmfast.data.chestxray14 import DataError
+    from dmfast.data.images import ImageError
+
+    if not isinstance(error, (DataError, ImageError, ValueError)):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(OWN_CODE)
+
+
+def _message(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror or error}"
+    if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
+        return f"out of memory ({str(error).splitlines()[0] if str(error) else 'MemoryError'}): try a smaller --batch"
+    return str(error)
+
+
+def _save_traceback(error: BaseException) -> str:
+    """Where the traceback of ``error`` was saved (the system's temporary folder), or, when it cannot be, the
+    traceback itself."""
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    try:
+        folder = Path(tempfile.gettempdir()) / "dmfast-errors"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+        path.write_text(f"dmfast {dmfast.__version__}: {' '.join(sys.argv)}\n\n{text}")
+        return str(path)
+    except OSError:
+        return f"(not saved: the temporary folder is not writable)\n{text}"
+
+
+class Group(click.Group):
+    """The command group: no Python traceback reaches the user. An error about the input (data, files, settings)
+    prints ``error: ...`` and exits 1; anything else (a bug) prints a short message and the path of a saved
+    traceback (``DMFAST_TRACEBACK=1`` shows it instead)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            raise click.exceptions.Abort() from None
+        except Exception as error:
+            if os.environ.get("DMFAST_TRACEBACK"):
+                raise
+            if _expected(error):
+                click.echo(f"error: {_message(error)}", err=True)
+            else:
+                first = (str(error).strip().splitlines() or [""])[0][:300]
+                click.echo(f"error: unexpected {type(error).__name__}: {first}\n(an unforeseen case, please report "
+                           f"it: the traceback is in {_save_traceback(error)})", err=True)
+            sys.exit(1)
+
+
 CACHE = ("cache", {"type": FOLDER, "help": "Image cache [default: DATA_DIR/cache-SIZE, or ~/.cache/dmfast/... if "
                                             "DATA_DIR is read-only]."})
 SKIP = ("skip_problems", {"help": "Leave out missing or unreadable images instead of stopping."})
-MAX_STEPS = ("max_steps", {"type": int, "help": "Steps per epoch at most (quick runs)."})
-SPLIT = ("split", {"type": click.Choice(["official", "patients"]),
-                   "help": "The official test list, or a patient-grouped split (data without official lists)."})
+MAX_STEPS = ("max_steps", {"help": "Steps per epoch at most (quick runs)."})
+SPLIT = ("split", {"help": "The official test list, or a patient-grouped split (data without official lists)."})
 def out_option(help: str):
     return click.option("--out", required=True, type=FOLDER, help=help)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(dmfast.__version__, prog_name="dmfast")
 def main():
     """Weakly supervised thoracic disease localization via disease masks (Kim, Jung, Lee)."""
 
 
-def _run(job):
-    """Run a command's job, turning data problems into a clear message and exit status 1."""
-    from dmfast.data.chestxray14 import DataError
-
-    try:
-        return job()
-    except (DataError, ValueError, FileNotFoundError) as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(1)
+OVERWRITE = ("overwrite", {"help": "Replace the outputs of an earlier run in --out (never done without it)."})
 
 
 @main.command()
 @click.argument("out_dir", type=FOLDER)
-@options(synthesize, ("count", {"help": "Number of images."}), ("size", {"help": "Image side in pixels."}), "seed",
-         ("no_finding", {"help": "Fraction of images without findings."}))
+@options(synthesize, *((name, {"type": Number(phantom.RANGES[name]), "help": text}) for name, text in (
+    ("count", "Number of images."), ("size", "Image side in pixels."), ("seed", "Random seed."),
+    ("no_finding", "Fraction of images without findings."))), OVERWRITE)
 def synth(out_dir, **kwargs):
     """Write a synthetic chest-phantom dataset in ChestX-ray14 format to OUT_DIR."""
-    _run(lambda: synthesize(out_dir, **kwargs))
+    synthesize(out_dir, **kwargs)
 
 
 @main.command()
 @DATA_DIR
-@options(prepare_cache, ("size", {"help": "Working image size (the paper's is 512)."}),
+@options(prepare_cache, ("size", {"type": Number(SIZE), "help": "Working image size (the paper's is 512)."}),
          ("cache_dir", {**CACHE[1], "flag": "--cache"}),
-         ("workers", {"type": int, "help": "Decoding processes [default: all cores]."}), SKIP)
+         ("workers", {"type": Number(WORKERS), "help": "Decoding processes [default: all cores]."}), SKIP)
 def prepare(data_dir, **kwargs):
     """Decode and resize every image of DATA_DIR once into a memory-mapped cache (resumable)."""
-    _run(lambda: prepare_cache(data_dir, **kwargs))
+    prepare_cache(data_dir, **kwargs)
 
 
 @main.command()
 @DATA_DIR
 @out_option("Run folder (checkpoints, metrics).")
-@options(TrainConfig, CACHE, ("arch", {"type": click.Choice(ARCHS)}),
+@options(TrainConfig, CACHE, "arch",
          ("cam_stride", {"help": "Output stride of the CAMs (16: conv5_x without downsampling, finer maps)."}),
          ("size", {"help": "Image size."}), "epochs", ("batch", {"help": "Global batch size."}),
          ("lr", {"help": "Learning rate."}), ("lr_decay", {"help": "Per-epoch learning-rate factor."}),
-         ("optimizer", {"type": click.Choice(["adam", "sgd"]), "help": "Adam (the paper's) or SGD, momentum 0.9."}),
+         ("optimizer", {"help": "Adam (the paper's) or SGD, momentum 0.9."}),
          "seed", ("val_fraction", {"help": "Patients of train_val held out for validation."}), SPLIT,
          ("weights", {"type": FILE, "help": "torchvision-format state dict."}),
          ("pretrained", {"help": "Ask torchvision for ImageNet weights (needs a network)."}),
@@ -100,13 +189,13 @@ def prepare(data_dir, **kwargs):
          ("masks", {"type": FILE, "help": "Disease masks: attention retraining."}),
          ("freeze_bn", {"help": "Keep BatchNorm statistics fixed."}),
          ("tensorboard", {"help": "Also log loss and validation AUROC to OUT/tensorboard (dmfast[tensorboard])."}),
-         MAX_STEPS, SKIP)
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
+         MAX_STEPS, SKIP, OVERWRITE)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt (with its settings).")
 def train(data_dir, resume, **kwargs):
     """Train the CAM classifier with weighted BCE on DATA_DIR (runs under torchrun for DDP)."""
     import dmfast.train
 
-    _run(lambda: dmfast.train.run(TrainConfig(data=data_dir, **kwargs), resume=resume))
+    dmfast.train.run(TrainConfig(data=data_dir, **kwargs), resume=resume)
 
 
 @main.command()
@@ -114,19 +203,18 @@ def train(data_dir, resume, **kwargs):
 @out_option("Run folder (checkpoint, anchor, grid, statistics).")
 @options(AlignConfig, CACHE, ("size", {"help": "Image size."}),
          ("anchor_images", {"help": "No Finding images averaged into the anchor."}), "epochs", "batch", "lr",
-         ("optimizer", {"type": click.Choice(["sgd", "adam"]),
-                        "help": "SGD with momentum (the paper's) or Adam (faster on the phantom)."}), "momentum",
+         ("optimizer", {"help": "SGD with momentum (the paper's) or Adam (faster on the phantom)."}), "momentum",
          ("clip", {"help": "Gradient-norm clipping."}),
          ("pool", {"help": "Smoothing pool of the loss (phi = B(G(affine(I))))."}),
          ("perceptual", {"type": FILE, "help": "Classifier checkpoint (dmfast train) for the perceptual loss."}),
          "perceptual_weight", ("input_size", {"help": "Resolution the alignment network sees."}), "seed",
          "val_fraction", SPLIT, ("grid_images", {"help": "Validation images in the before/after grid."}),
-         MAX_STEPS, SKIP)
+         MAX_STEPS, SKIP, OVERWRITE)
 def align(data_dir, **kwargs):
     """Train the alignment module on DATA_DIR: anchor image, checkpoint, before/after grid, statistics."""
     import dmfast.align
 
-    _run(lambda: dmfast.align.run(AlignConfig(data=data_dir, **kwargs)))
+    dmfast.align.run(AlignConfig(data=data_dir, **kwargs))
 
 
 @main.command()
@@ -140,28 +228,35 @@ def align(data_dir, **kwargs):
          ("confidence", {"help": "Keep images with P_c at least this."}),
          ("threshold", {"help": "Mask where the normalised average CAM reaches this."}),
          ("min_images", {"help": "Fewer confident images than this: use this many most probable labelled images."}),
-         ("size", {"type": int, "help": f"Working size with --pseudo and no --checkpoint [{SplitConfig.size}]."}),
-         "batch", CACHE, SKIP)
+         ("size", {"help": f"Working size with --pseudo and no --checkpoint [{SplitConfig.size}]."}),
+         "batch", CACHE, SKIP, OVERWRITE)
 @click.option("--asymmetric", default=",".join(defaults(MasksConfig)["asymmetric"]), show_default=True,
               help="Comma-separated classes whose CAMs are not mirrored (Eq. 3); '' for none.")
 def masks(data_dir, asymmetric, **kwargs):
     """Average confident CAMs into per-disease masks (or draw pseudo masks from anatomy), with a figure."""
     import dmfast.masks
 
+    from dmfast.data.chestxray14 import FINDINGS
+
     classes = [c.strip() for c in asymmetric.split(",") if c.strip()]
-    _run(lambda: dmfast.masks.run(MasksConfig(data=data_dir, asymmetric=classes, **kwargs)))
+    unknown = [c for c in classes if c not in FINDINGS]
+    if unknown:
+        raise click.BadParameter(f"{', '.join(unknown)}: not among the classes ({', '.join(FINDINGS)})",
+                                 param_hint="--asymmetric")
+    dmfast.masks.run(MasksConfig(data=data_dir, asymmetric=classes, **kwargs))
 
 
 @main.command()
 @click.argument("source", type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The model file to write.")
 @click.option("--half", is_flag=True, help="Store the weights as float16 (half the size).")
-def export(source, out, half):
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+def export(source, out, half, overwrite):
     """Write the portable model file of a dmfast train run (folder or checkpoint.pt): weights only, the alignment
     network and anchor embedded, no paths; use it with dmfast predict or dmfast.load_model."""
     from dmfast.inference import export_model
 
-    _run(lambda: click.echo(f"model file {export_model(source, out, half)}"))
+    click.echo(f"model file {export_model(source, out, half, overwrite)}")
 
 
 def _named_paths(values, option_name: str) -> list:
@@ -179,9 +274,13 @@ def _box_thresholds(value: str) -> tuple:
     if value.strip().lower() == "wang":
         return WANG_THRESHOLDS
     try:
-        return tuple(float(t) for t in value.split(","))
+        levels = tuple(float(t) for t in value.split(","))
     except ValueError:
-        raise click.BadParameter(f"{value!r} is neither fractions nor 'wang'", param_hint="--box-threshold")
+        raise click.BadParameter(f"{value!r} is neither fractions nor 'wang'", param_hint="--box-threshold") from None
+    for level in levels:
+        if FRACTION.problem(level):
+            raise click.BadParameter(f"each threshold {FRACTION.problem(level)}", param_hint="--box-threshold")
+    return levels
 
 
 BOX_THRESHOLD = click.option(
@@ -198,13 +297,14 @@ MAX_BOXES = ("max_boxes", {"help": "Boxes per CAM (best first)."})
 @out_option("Folder for eval.json/.md and the overlays.")
 @BOX_THRESHOLD
 @options(EvalConfig, MAX_BOXES, ("overlays", {"help": "Overlay images per class (0: none)."}), "batch", CACHE, SKIP,
-         ("split", {"type": click.Choice(["test", "train_val", "all"]),
+         OVERWRITE, ("split", {"type": click.Choice(["test", "train_val", "all"]),
                     "help": "Which of DATA_DIR's images to score [default: the checkpoint's test split when DATA_DIR "
                             "is its training data, else DATA_DIR's test_list.txt]."}),
          ("images", {"type": FILE, "help": "A file of image names (one per line) to score instead."}),
-         ("strict", {"help": "Stop when evaluation images share a name or patient with the training images."}),
-         ("box_space", {"type": click.Choice(["release", "image"]),
-                        "help": "Pixels of BBox_List_2017.csv: the 1024 x 1024 release images (ChestX-ray14) or "
+         ("strict", {"help": "Stop when it cannot be told whether evaluation images share a patient with the "
+                             "training images (their data is not here)."}),
+         ("allow_overlap", {"help": "Score images that share a name or patient with the training images anyway."}),
+         ("box_space", {"help": "Pixels of BBox_List_2017.csv: the 1024 x 1024 release images (ChestX-ray14) or "
                                 "each stored image's own."}),
          ("bootstrap", {"help": "Patient resamples for the 95% intervals and paired differences (0: none)."}),
          ("seed", {"help": "Seed of the resampling."}))
@@ -215,7 +315,7 @@ def evaluate(data_dir, checkpoints, masks_files, box_threshold, **kwargs):
     config = EvalConfig(data=data_dir, checkpoints=_named_paths(checkpoints, "--checkpoint"),
                         masks=_named_paths(masks_files, "--masks"), box_thresholds=_box_thresholds(box_threshold),
                         **kwargs)
-    _run(lambda: dmfast.eval.run(config))
+    dmfast.eval.run(config)
 
 
 @main.command()
@@ -228,7 +328,7 @@ def evaluate(data_dir, checkpoints, masks_files, box_threshold, **kwargs):
          MAX_BOXES, ("batch", {"help": "Images per forward pass."}),
          ("cams", {"help": "Also write every class's CAM per image to cams.npz."}),
          ("overlays", {"help": "Also write one overlay PNG per image (CAMs, boxes, probabilities)."}),
-         ("device", {"help": "cpu, cuda or cuda:N [default: cuda when available]."}))
+         ("device", {"help": "cpu, cuda or cuda:N [default: cuda when available]."}), OVERWRITE)
 def predict(model, inputs, box_threshold, **kwargs):
     """Probabilities, CAMs and boxes of a trained MODEL (model file, run folder or checkpoint) for X-ray INPUTS:
     PNG, JPEG and DICOM files, or folders of them (recursive). Boxes are in each image's own pixels."""
@@ -236,7 +336,7 @@ def predict(model, inputs, box_threshold, **kwargs):
 
     config = PredictConfig(model=model, inputs=list(inputs), box_thresholds=_box_thresholds(box_threshold),
                            **kwargs)
-    _run(lambda: dmfast.predict.run(config))
+    dmfast.predict.run(config)
 
 
 @main.command()
@@ -244,16 +344,16 @@ def predict(model, inputs, box_threshold, **kwargs):
          ("data", {"type": click.Path(exists=True, file_okay=False),
                    "help": "A ChestX-ray14-format directory (patient-grouped split) instead of the phantom."}),
          ("count", {"help": "Phantom images."}), ("size", {"help": "Working image size."}),
-         ("arch", {"type": click.Choice(ARCHS)}), "cam_stride",
+         "arch", "cam_stride",
          ("epochs", {"help": "Epochs of the base and aligned classifiers."}),
          ("attention_epochs", {"help": "Epochs of attention retraining."}), "align_epochs", "batch", "lr", "seed",
          "val_fraction", MAX_STEPS, ("overlays", {"help": "Overlay images per class."}),
-         ("predict_images", {"help": "Test images with boxes run through dmfast predict at the end."}))
+         ("predict_images", {"help": "Test images with boxes run through dmfast predict at the end."}), OVERWRITE)
 def demo(**kwargs):
     """Phantom (or --data) -> base -> align -> aligned -> masks -> attention (DM, PDM) -> eval, with the ablation."""
     import dmfast.demo
 
-    _run(lambda: dmfast.demo.run(DemoConfig(**kwargs)))
+    dmfast.demo.run(DemoConfig(**kwargs))
 
 
 if __name__ == "__main__":

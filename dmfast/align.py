@@ -24,9 +24,9 @@ from .data.cache import open_or_prepare
 from .data.chestxray14 import open_dataset
 from .data.images import to_model_input
 from .data.phantom import read_transforms
-from .data.splits import make_splits
+from .data.splits import make_splits, summary
 from .inference import load_classifier
-from .io import LOSS_AND_RATE, atomic_write_json, progress, save_png, to_uint8
+from .io import LOSS_AND_RATE, atomic_write_json, check_outputs, clear_outputs, progress, save_png, to_uint8
 from .models import AlignmentNet
 
 
@@ -75,10 +75,28 @@ def misalignment_error(theta_true: torch.Tensor, theta_pred: torch.Tensor | None
     return (moved[:, :2] - points[:2]).norm(dim=1).mean(1)
 
 
+def validation_check(net: AlignmentNet, loss_fn: AlignmentLoss, cache, names: list, batch: int) -> dict:
+    """The loss on the validation images ``names`` with the learned warp and with the identity, and which to keep
+    ("learned" only when it is lower)."""
+    totals = np.zeros(2)
+    with torch.no_grad():
+        for start in range(0, len(names), batch):
+            images = to_model_input(cache.batch(names[start:start + batch]))
+            identity = torch.eye(2, 3, dtype=images.dtype).expand(len(images), 2, 3)
+            count = len(images) / len(names)
+            totals += [loss_fn(images, net.theta(images))[0].item() * count, loss_fn(images, identity)[0].item() * count]
+    learned, identity = totals.tolist()
+    return {"images": len(names), "learned": learned, "identity": identity,
+            "kept": "learned" if learned < identity else "identity"}
+
+
 def _grid(originals, aligned, anchor) -> torch.Tensor:
     top = torch.cat(list(originals[:, 0]) + [anchor[0, 0]], 1)
     bottom = torch.cat(list(aligned[:, 0]) + [anchor[0, 0]], 1)
     return to_uint8(torch.cat([top, bottom], 0), -1, 1)
+
+
+OUTPUTS = ("alignment.pt", "anchor.pt", "anchor.png", "alignment_grid.png", "alignment_stats.json")
 
 
 def run(config: AlignConfig, console: Console | None = None) -> Path:
@@ -87,19 +105,24 @@ def run(config: AlignConfig, console: Console | None = None) -> Path:
     console = console or Console(stderr=True)
     torch.manual_seed(config.seed)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dataset = open_dataset(config.data, skip_problems=config.skip_problems)
+    earlier = check_outputs(out, OUTPUTS, "dmfast align", config.overwrite)
+    classifier = load_classifier(config.perceptual)[0].requires_grad_(False) if config.perceptual else None
+    dataset = open_dataset(config.data, config.skip_problems, lists=config.split == "official")
     cache = open_or_prepare(config.data, config.cache, config.size, config.skip_problems, console)
     splits = make_splits(dataset, config.val_fraction, config.seed, split=config.split)
+    console.print(summary(dataset, splits, config.split))
     train_names = [n for n in splits.train if n in cache]
     val_names = [n for n in splits.val + splits.test if n in cache]
+    if not train_names or not val_names:
+        raise ValueError(f"{config.data}: the alignment needs training and validation images, got {len(train_names)} "
+                         f"and {len(val_names)} (a larger --val-fraction, or more images)")
+    training.epoch_batches(len(train_names), config.batch, config.max_steps, config.seed, 0)  # enough images?
     anchor = make_anchor(cache, dataset, train_names, config.anchor_images)
+    clear_outputs(out, earlier)
     save_png(out / "anchor.png", to_uint8(anchor[0, 0], -1, 1))
     checkpoints.save_anchor(out / "anchor.pt", anchor)
 
-    classifier = None
-    if config.perceptual:
-        classifier = load_classifier(config.perceptual)[0].requires_grad_(False)
+    if classifier is not None:
         console.print(f"perceptual loss on conv2_x..conv5_x of {config.perceptual}")
     else:
         console.print("no --perceptual classifier given: Euclidean loss only")
@@ -130,10 +153,17 @@ def run(config: AlignConfig, console: Console | None = None) -> Path:
         console.print(f"epoch {epoch + 1}: loss {history[-1]['loss']:.5f} (euclidean {history[-1]['euclidean']:.5f}, "
                       f"perceptual {history[-1]['perceptual']:.5f})")
     net.eval()
+    check = validation_check(net, loss_fn, cache, val_names, config.batch)
+    console.print(f"validation loss on {check['images']} images: {check['learned']:.5f} with the learned warp, "
+                  f"{check['identity']:.5f} without (identity)")
+    if check["kept"] == "identity":
+        net.reset_to_identity()
+        console.print("[yellow]warning: the learned warp does not lower the loss on the validation images; the "
+                      "identity transform is kept (more images or epochs, or another --lr, may help)")
     checkpoint = checkpoints.save(out / "alignment.pt", checkpoints.ALIGNMENT, {
         "model": net.state_dict(), "net_config": {"input_size": config.input_size}, "config": asdict(config),
         "history": history})
-    stats = {"history": history}
+    stats = {"history": history, "validation": check}
     with torch.no_grad():
         shown = val_names[: config.grid_images]
         originals = to_model_input(cache.batch(shown))

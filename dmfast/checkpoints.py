@@ -55,7 +55,7 @@ def load(path, kind: str) -> dict:
     found = (payload.get("format") or (ALIGNMENT if "net_config" in payload else kind)  # untagged: by its keys
              if isinstance(payload, dict) else None)
     if found not in (kind, None):
-        raise ValueError(f"{path}: a {found} file, not a {what}")
+        raise ValueError(f"{path}: {_a(KINDS[found][0] if found in KINDS else f'{found} file')}, not {_a(what)}")
     if found and payload.get("version", 1) > VERSION:
         raise ValueError(f"{path}: {what} of format version {payload['version']}, written by a newer dmfast; this "
                          f"one reads up to version {VERSION}")
@@ -66,7 +66,14 @@ def load(path, kind: str) -> dict:
         raise ValueError(f"{path}: not a dmfast masks file (expected a dict with 'masks' [{len(FINDINGS)}, h, w])")
     if kind == MASKS and not torch.isfinite(masks).all():
         raise ValueError(f"{path}: the masks contain NaN or infinite values")
+    if kind == MASKS and masks.numel() and not (masks.min() >= 0 and masks.max() <= 1):
+        raise ValueError(f"{path}: mask values must lie in [0, 1] (attention weights), found "
+                         f"{masks.min().item():g} to {masks.max().item():g}")
     return payload
+
+
+def _a(what: str) -> str:
+    return f"{'an' if what[0] in 'aeiou' else 'a'} {what}"
 
 
 def save_anchor(path, anchor: torch.Tensor) -> Path:

@@ -1,44 +1,136 @@
 """Every stage's settings, each written once: the data fields all stages share live in :class:`DataConfig`, the
 split fields of the training stages in :class:`SplitConfig`, and each stage's config extends them. The CLI
-generates its options' defaults from these dataclasses (:func:`defaults`), so a default is never written twice."""
+generates its options' defaults from these dataclasses (:func:`defaults`), and its options' ranges from the fields'
+:class:`Range` (:func:`range_of`), so neither is written twice; building a config checks every number against its
+range, so Python callers get the same errors as the command line."""
 
 import dataclasses
 import inspect
+import math
 from dataclasses import dataclass, field
 
 from .metrics import DEFAULT_THRESHOLDS
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
+CAM_STRIDES = (16, 32)
+OPTIMIZERS = ("adam", "sgd")
 WANG_THRESHOLDS = (60 / 255, 180 / 255)  # Wang et al.'s two CAM levels for boxes (`--box-threshold wang`)
 ASYMMETRIC = ("Cardiomegaly",)  # the classes whose CAMs are not mirrored into their masks (Eq. 3)
+MIN_POOLED_CELLS = 8  # the alignment loss's pooled grid, per side: 4 x 4 cells let a warp lower it while misaligning
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: ``low``/``high`` bounds (None: unbounded; ``open_low`` excludes
+    ``low``), an int or a finite float."""
+    low: float | None = None
+    high: float | None = None
+    integer: bool = True
+    open_low: bool = False
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        low, high = (None if v is None else str(int(v)) if float(v).is_integer() and abs(v) < 1e10 else f"{v:g}"
+                     for v in (self.low, self.high))
+        if low is not None and high is not None:
+            return f"{kind} in {'(' if self.open_low else '['}{low}, {high}]"
+        if low is not None:
+            return f"{kind} {'>' if self.open_low else '>='} {low}"
+        return f"{kind} <= {high}" if high is not None else kind
+
+    def problem(self, value) -> str | None:
+        """What is wrong with ``value`` ("must be ..., got ..."), or None."""
+        bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+            (self.integer and not float(value).is_integer()) or \
+            (self.low is not None and (value <= self.low if self.open_low else value < self.low)) or \
+            (self.high is not None and value > self.high)
+        return f"must be {self.describe()}, got {value!r}" if bad else None
+
+    def check(self, value, name: str):
+        """``value`` (None passes: an unset optional setting) or a ValueError naming ``name`` and the range."""
+        if value is None:
+            return None
+        problem = self.problem(value)
+        if problem:
+            raise ValueError(f"{name} {problem}")
+        return int(value) if self.integer else float(value)
+
+
+def ranged(default, low=None, high=None, integer: bool | None = None, open_low: bool = False):
+    """A dataclass field with its :class:`Range` (int-valued when the default is an int)."""
+    integer = isinstance(default, int) if integer is None else integer
+    return field(default=default, metadata={"range": Range(low, high, integer, open_low)})
+
+
+# Shared ranges: the working image size (a ResNet needs 32 px to have one feature-map cell) and fractions.
+SIZE = Range(32, 4096)
+FRACTION = Range(0, 1, integer=False)
+MAX_BOXES = 65536  # as the cam_boxes op (csrc/checks.h, kMaxBoxes)
+
+
+def chosen(default, choices):
+    """A dataclass field whose value must be one of ``choices``."""
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
+def metadata_of(owner, name: str) -> dict:
+    """The metadata of field ``name`` of a config dataclass (its ``range`` or ``choices``); {} for a function's
+    keyword or a field without."""
+    for f in dataclasses.fields(owner) if dataclasses.is_dataclass(owner) else ():
+        if f.name == name:
+            return dict(f.metadata)
+    return {}
+
+
+def range_of(owner, name: str) -> Range | None:
+    """The :class:`Range` of field ``name`` of a config dataclass, or None."""
+    return metadata_of(owner, name).get("range")
+
+
+def check_ranges(config) -> None:
+    """Every field of ``config`` with a :class:`Range` checked (a ValueError naming the first bad one)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if "range" in f.metadata:
+            setattr(config, f.name, f.metadata["range"].check(value, f.name))
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ValueError(f"{f.name} must be one of {', '.join(map(str, f.metadata['choices']))}, got {value!r}")
+
+
+class Checked:
+    """A config whose numbers are checked against their ranges when it is built."""
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 @dataclass(kw_only=True)
-class DataConfig:
+class DataConfig(Checked):
     data: str  # a ChestX-ray14-format directory
     out: str  # the stage's output folder
     cache: str | None = None  # image cache folder (default: see data.cache.default_cache_dir)
-    batch: int = 32
+    batch: int = ranged(32, 1, 65536)
     skip_problems: bool = False  # leave out missing or unreadable images instead of stopping
+    overwrite: bool = False  # replace the outputs of an earlier run in ``out`` (never without it)
 
 
 @dataclass(kw_only=True)
 class SplitConfig(DataConfig):
-    size: int = 512  # working image size (the paper's)
-    seed: int = 0
-    val_fraction: float = 0.1  # patients of train_val held out for validation
-    split: str = "official"  # or "patients": a patient-grouped test split (for data without official lists)
-    max_steps: int | None = None  # stop each epoch after this many steps (quick runs and tests)
+    size: int = ranged(512, SIZE.low, SIZE.high)  # working image size (the paper's)
+    seed: int = ranged(0, 0, 2**32 - 1)
+    val_fraction: float = ranged(0.1, 0, 0.9)  # patients of train_val held out for validation
+    split: str = chosen("official", ("official", "patients"))  # or "patients": a patient-grouped test split (for data without official lists)
+    max_steps: int | None = ranged(None, 1, integer=True)  # stop each epoch after this many steps (quick runs)
 
 
 @dataclass(kw_only=True)
 class TrainConfig(SplitConfig):
-    arch: str = "resnet50"
-    cam_stride: int = 32  # 16: finer CAMs (conv5_x without downsampling)
-    epochs: int = 5
-    lr: float = 1e-4
-    lr_decay: float = 1.0  # per-epoch multiplicative decay (1 = constant, the paper's)
-    optimizer: str = "adam"  # the paper's; "sgd" (momentum 0.9) too
+    arch: str = chosen("resnet50", ARCHS)
+    cam_stride: int = chosen(32, CAM_STRIDES)  # 16: finer CAMs (conv5_x without downsampling)
+    epochs: int = ranged(5, 1, 100000)
+    lr: float = ranged(1e-4, 0, 10, open_low=True)
+    lr_decay: float = ranged(1.0, 0, 1, open_low=True)  # per-epoch multiplicative decay (1 = constant, the paper's)
+    optimizer: str = chosen("adam", OPTIMIZERS)  # the paper's; "sgd" (momentum 0.9) too
     weights: str | None = None  # torchvision-format state dict
     pretrained: bool = False
     amp: bool = False
@@ -51,68 +143,76 @@ class TrainConfig(SplitConfig):
 
 @dataclass(kw_only=True)
 class AlignConfig(SplitConfig):
-    batch: int = 16
-    anchor_images: int = 2000
-    epochs: int = 5
-    lr: float = 1e-3
-    momentum: float = 0.9  # SGD only
-    optimizer: str = "sgd"  # the paper's; "adam" converges faster on the phantom (see the README)
-    clip: float = 1.0  # gradient-norm clipping: no single batch can throw the transform to its bounds
-    pool: int = 16
+    batch: int = ranged(16, 1, 65536)
+    anchor_images: int = ranged(2000, 1)
+    epochs: int = ranged(5, 1, 100000)
+    lr: float = ranged(1e-3, 0, 10, open_low=True)
+    momentum: float = ranged(0.9, 0, 0.999)  # SGD only
+    optimizer: str = chosen("sgd", OPTIMIZERS)  # the paper's; "adam" converges faster on the phantom (see the README)
+    clip: float = ranged(1.0, 0, 1e6, open_low=True)  # gradient-norm clipping: no batch throws the transform far
+    pool: int = ranged(16, 1, 512)
     perceptual: str | None = None  # classifier checkpoint for the perceptual loss
-    perceptual_weight: float = 1.0
-    input_size: int = 128
-    grid_images: int = 8
+    perceptual_weight: float = ranged(1.0, 0, 1e6)
+    input_size: int = ranged(128, SIZE.low, 1024)
+    grid_images: int = ranged(8, 1, 64)
+
+    def __post_init__(self):
+        super().__post_init__()
+        cells = self.size // self.pool
+        if self.size % self.pool:
+            raise ValueError(f"pool {self.pool} must divide the image size {self.size}")
+        if cells < MIN_POOLED_CELLS:
+            raise ValueError(f"pool {self.pool} leaves {cells} x {cells} cells of a {self.size} px image; the alignment "
+                             f"loss needs at least {MIN_POOLED_CELLS} x {MIN_POOLED_CELLS} to see the chest's layout "
+                             f"(a larger size or a pool of at most {self.size // MIN_POOLED_CELLS})")
 
 
 @dataclass(kw_only=True)
 class MasksConfig(DataConfig):
     checkpoint: str | None = None  # the classifier (dmfast train) whose CAMs make the masks
-    confidence: float = 0.8
-    threshold: float = 0.5
+    confidence: float = ranged(0.8, 0, 1)
+    threshold: float = ranged(0.5, 0, 1)
     asymmetric: list = field(default_factory=lambda: list(ASYMMETRIC))
-    min_images: int = 5
+    min_images: int = ranged(5, 1)
     pseudo: bool = False
     anchor: str | None = None  # anchor.pt of dmfast align (default: the classifier's alignment run)
-    size: int | None = None  # working size when there is no checkpoint to take it from (SplitConfig.size)
+    size: int | None = ranged(None, SIZE.low, SIZE.high, integer=True)  # working size without a checkpoint
 
 
 @dataclass(kw_only=True)
-class BoxConfig:
+class BoxConfig(Checked):
     """How CAMs become boxes (eval and predict): thresholds on the min-max normalised CAM, boxes per CAM."""
     box_thresholds: tuple = (0.5,)
-    max_boxes: int = 1
+    max_boxes: int = ranged(1, 1, MAX_BOXES)
 
 
 def box_levels(thresholds, max_boxes: int) -> tuple:
     """The box thresholds as floats, after checking them and ``max_boxes`` (a clear error for bad values)."""
-    if max_boxes < 1:
-        raise ValueError(f"max_boxes must be >= 1, got {max_boxes}")
-    levels = tuple(float(t) for t in thresholds)
-    if not levels or any(not 0 <= t <= 1 for t in levels):
-        raise ValueError(f"box thresholds must lie in [0, 1], got {list(levels)}")
+    range_of(BoxConfig, "max_boxes").check(max_boxes, "max_boxes")
+    levels = tuple(FRACTION.check(t, "box threshold") for t in thresholds)
+    if not levels:
+        raise ValueError("give at least one box threshold")
     return levels
 
 
 def min_probability(value: float) -> float:
     """The probability a class must reach to get boxes, checked."""
-    if not 0 <= value <= 1:
-        raise ValueError(f"min_probability must lie in [0, 1], got {value}")
-    return float(value)
+    return FRACTION.check(value, "min_probability")
 
 
 @dataclass(kw_only=True)
 class EvalConfig(DataConfig, BoxConfig):
     checkpoints: list = field(default_factory=list)  # [(name, path)] of dmfast train checkpoints, in table order
     masks: list = field(default_factory=list)  # [(name, path)] extra masks files for mask-only rows
-    overlays: int = 2  # images per class in the overlay figures
+    overlays: int = ranged(2, 0, 1000)  # images per class in the overlay figures
     overlap_thresholds: tuple = DEFAULT_THRESHOLDS
     split: str | None = None  # test, train_val or all of the data's lists (default: see eval.select_images)
     images: str | None = None  # a file of image names to score instead
-    strict: bool = False  # refuse evaluation images that share a name or patient with the training images
-    box_space: str = "release"  # the pixels BBox_List_2017.csv uses: ChestX-ray14's 1024 x 1024, or "image"
-    bootstrap: int = 1000  # patient resamples for the 95% intervals (0: none)
-    seed: int = 0  # of the resampling
+    strict: bool = False  # refuse evaluation images that may share a patient with the training images (unknown)
+    allow_overlap: bool = False  # score images that share a name or patient with the training images anyway
+    box_space: str = chosen("release", ("release", "image"))  # the pixels BBox_List_2017.csv uses: ChestX-ray14's 1024 x 1024, or "image"
+    bootstrap: int = ranged(1000, 0, 1000000)  # patient resamples for the 95% intervals (0: none)
+    seed: int = ranged(0, 0, 2**32 - 1)  # of the resampling
 
 
 @dataclass(kw_only=True)
@@ -120,31 +220,33 @@ class PredictConfig(BoxConfig):
     model: str  # a model file (dmfast export, RUN/model.pt), a run folder, or a dmfast train checkpoint
     inputs: list  # X-ray files and folders (searched recursively)
     out: str
-    min_probability: float = 0.5  # classes reaching this get boxes (0: every class)
-    batch: int = 16
+    min_probability: float = ranged(0.5, 0, 1)  # classes reaching this get boxes (0: every class)
+    batch: int = ranged(16, 1, 65536)
     cams: bool = False  # write cams.npz
     overlays: bool = False  # write one overlay PNG per image
     device: str | None = None  # default: CUDA when available, else the CPU
+    overwrite: bool = False  # replace the outputs of an earlier prediction in ``out``
 
 
 @dataclass(kw_only=True)
-class DemoConfig:
+class DemoConfig(Checked):
     out: str = "out/demo"
     data: str | None = None  # a ChestX-ray14-format directory instead of the phantom
-    count: int = 1600  # phantom images
-    size: int = 128
-    arch: str = "resnet18"
-    cam_stride: int = 16
-    epochs: int = 3
-    attention_epochs: int = 2
-    align_epochs: int = 3
-    batch: int = 32
-    lr: float = 1e-3
-    seed: int = 0
-    val_fraction: float = 0.15
-    max_steps: int | None = None  # per epoch, for quick runs
-    overlays: int = 2
-    predict_images: int = 8  # test images with boxes run through `dmfast predict` at the end (with overlays)
+    count: int = ranged(1600, 50, 1000000)  # phantom images (fewer leave splits without every class)
+    size: int = ranged(128, 64, SIZE.high)  # 64 at least: the alignment loss's 8 x 8 pooled cells
+    arch: str = chosen("resnet18", ARCHS)
+    cam_stride: int = chosen(16, CAM_STRIDES)
+    epochs: int = ranged(3, 1, 100000)
+    attention_epochs: int = ranged(2, 1, 100000)
+    align_epochs: int = ranged(3, 1, 100000)
+    batch: int = ranged(32, 1, 65536)
+    lr: float = ranged(1e-3, 0, 10, open_low=True)
+    seed: int = ranged(0, 0, 2**32 - 1)
+    val_fraction: float = ranged(0.15, 0.05, 0.5)  # each split needs images
+    max_steps: int | None = ranged(None, 1, integer=True)  # per epoch, for quick runs
+    overlays: int = ranged(2, 0, 1000)
+    predict_images: int = ranged(8, 0, 10000)  # test images with boxes run through `dmfast predict` at the end
+    overwrite: bool = False  # replace the outputs of an earlier demo in OUT
 
 
 def defaults(owner) -> dict:

@@ -19,11 +19,11 @@ from pathlib import Path
 from rich.console import Console
 
 from . import align, checkpoints, eval, masks, predict, train
-from .config import AlignConfig, DemoConfig, EvalConfig, MasksConfig, PredictConfig, TrainConfig
+from .config import MIN_POOLED_CELLS, AlignConfig, DemoConfig, EvalConfig, MasksConfig, PredictConfig, TrainConfig
 from .data.cache import prepare
 from .data.chestxray14 import open_dataset
 from .data.phantom import synthesize
-from .io import atomic_write_json, print_table
+from .io import atomic_write_json, check_outputs, clear_outputs, print_table
 
 
 def _stage(console: Console, times: dict, name: str, job):
@@ -35,11 +35,17 @@ def _stage(console: Console, times: dict, name: str, job):
     return result
 
 
+# The demo's outputs, and its image cache cache-SIZE.
+OUTPUTS = ("phantom", "base", "align", "aligned", "masks-dm", "dm", "masks-pdm", "pdm", "eval", "predict", "demo.json")
+
+
 def run(config: DemoConfig, console: Console | None = None) -> dict:
     """Run every stage; returns the evaluation report with the stage times under ``"stage_seconds"`` (also written
     to ``OUT/demo.json``)."""
     console = console or Console()
     out = Path(config.out)
+    cache = out / f"cache-{config.size}"
+    clear_outputs(out, check_outputs(out, (*OUTPUTS, cache.name), "dmfast demo", config.overwrite))
     times = {}
     if config.data:
         data, split = Path(config.data), "patients"
@@ -47,7 +53,6 @@ def run(config: DemoConfig, console: Console | None = None) -> dict:
         data, split = _stage(console, times, "phantom", lambda: synthesize(
             out / "phantom", count=config.count, size=max(config.size, 128), seed=config.seed, console=console)), \
             "official"
-    cache = out / f"cache-{config.size}"
     _stage(console, times, "prepare", lambda: prepare(data, cache, size=config.size, console=console))
     common = dict(data=str(data), cache=str(cache), size=config.size, seed=config.seed, split=split,
                   val_fraction=config.val_fraction, max_steps=config.max_steps)
@@ -59,6 +64,7 @@ def run(config: DemoConfig, console: Console | None = None) -> dict:
     base = _stage(console, times, "train base", lambda: fit("base", config.epochs))
     alignment = _stage(console, times, "align", lambda: align.run(AlignConfig(
         out=str(out / "align"), epochs=config.align_epochs, batch=16, optimizer="adam", lr=1e-3,
+        pool=_pool(config.size),
         perceptual=str(base), perceptual_weight=0.1, input_size=min(config.size, 128), **common), console=console))
     aligned = _stage(console, times, "train aligned", lambda: fit("aligned", config.epochs, aligned=str(alignment)))
     masks_common = dict(data=str(data), cache=str(cache), checkpoint=str(aligned))
@@ -87,6 +93,12 @@ def run(config: DemoConfig, console: Console | None = None) -> dict:
     atomic_write_json(out / "demo.json", report)
     _print_ablation(console, report, out)
     return report
+
+
+def _pool(size: int) -> int:
+    """The alignment loss's pooling for ``size`` px: the paper's 16 where it leaves 8 x 8 cells, else the largest
+    window that divides the size and does."""
+    return max(p for p in range(1, 17) if size % p == 0 and size // p >= MIN_POOLED_CELLS)
 
 
 def ablation_rows(report: dict) -> list:

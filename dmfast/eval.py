@@ -32,11 +32,12 @@ import dmfast
 from . import checkpoints, ops
 from .config import EvalConfig, box_levels
 from .data.cache import ImageCache, open_or_prepare
-from .data.chestxray14 import FINDINGS, image_size, open_dataset
+from .data.chestxray14 import FINDINGS, image_size, open_dataset, read_text
 from .data.images import square_geometry
 from .figures import BLACK, RED, draw, grid, heat_overlay
 from .inference import Classifier
-from .io import atomic_write_bytes, atomic_write_json, csv_text, finite, print_table, progress, save_png
+from .io import (atomic_write_bytes, atomic_write_json, check_outputs, clear_outputs, csv_text, finite, print_table,
+                 progress, save_png)
 from .metrics import (interval, localization, patient_bootstrap, predictions_from_padded, roc_auc,
                       weighted_mean_accuracy, weighted_mean_auroc)
 
@@ -142,7 +143,7 @@ def select_images(config: EvalConfig, dataset, first: Classifier) -> Selection:
         path = Path(config.images)
         if not path.is_file():
             raise FileNotFoundError(f"--images {path}: no such file")
-        wanted = [line.strip() for line in path.read_text().splitlines() if line.strip() and
+        wanted = [line.strip() for line in read_text(path).splitlines() if line.strip() and
                   not line.strip().startswith("#")]
         missing = [n for n in wanted if n not in present]
         if missing:
@@ -180,7 +181,7 @@ def training_overlap(classifier: Classifier, dataset, names: list) -> dict:
     source = Path(classifier.config.data)
     if (source / "Data_Entry_2017.csv").is_file():
         training_data = dataset if Path(dataset.root).resolve() == source.resolve() else \
-            open_dataset(source, skip_problems=True)
+            open_dataset(source, skip_problems=True, lists=False)
         patients = {r.patient for r in training_data.records if r.image in trained}
     patient_of = {r.image: r.patient for r in dataset.records}
     return {"names": sum(n in trained for n in names),
@@ -395,6 +396,9 @@ def interval_tables(methods: list) -> list:
          if diffs else [])
 
 
+OUTPUTS = ("eval.json", "eval.md", "predictions.csv", "boxes.csv", "overlays")
+
+
 def run(config: EvalConfig, console: Console | None = None) -> dict:
     """Evaluate every checkpoint; print the tables, write ``eval.json``, ``eval.md`` and overlay figures."""
     console = console or Console(stderr=True)
@@ -402,8 +406,10 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
         raise ValueError("dmfast eval needs at least one --checkpoint")
     levels = box_levels(config.box_thresholds, config.max_boxes)
     out = Path(config.out)
+    earlier = check_outputs(out, OUTPUTS, "dmfast eval", config.overwrite)
     classifiers = [(name, Classifier(path)) for name, path in config.checkpoints]
-    dataset = open_dataset(config.data, skip_problems=config.skip_problems)
+    dataset = open_dataset(config.data, config.skip_problems, lists=config.split != "all" and not config.images,
+                           box_space=config.box_space)
     label_of = {r.image: r.labels for r in dataset.records}
     caches = {}
     for _, classifier in classifiers:
@@ -430,11 +436,16 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
         if overlap["names"] or overlap["patients"] != 0:
             message = (f"{overlap['names']} of the {len(test_names)} evaluation images share a name and "
                        f"{patients} a patient ID with the training images of {name}")
-            if config.strict:
+            known = overlap["names"] or overlap["patients"]
+            if known and not config.allow_overlap:
+                raise ValueError(f"{message}: scores on training images are not test scores (choose other images "
+                                 "with --split or --images, or pass --allow-overlap to score them anyway)")
+            if not known and config.strict:
                 raise ValueError(f"{message} (--strict)")
             console.print(f"[yellow]warning: {message}")
     labels = np.stack([label_of[n] for n in test_names])
 
+    clear_outputs(out, earlier)
     methods, kept_by_method, truth_at = [], {}, {}
     keep = None
     for name, classifier in classifiers:

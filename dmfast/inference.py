@@ -16,6 +16,7 @@ from .config import min_probability as probability_floor
 from .data.chestxray14 import FINDINGS
 from .data.images import NORMALISATION, Square, load_gray, to_model_input, to_square
 from .data.splits import Splits
+from .io import check_outputs
 from .models import AlignmentNet, CAMClassifier
 
 
@@ -198,10 +199,15 @@ class Classifier(Model):
         super().__init__(model, aligner, self.config.size, device)
 
 
-def export_model(source, out, half: bool = False) -> Path:
+def export_model(source, out, half: bool = False, overwrite: bool = False) -> Path:
     """Write the portable model file (format in :mod:`dmfast.checkpoints`) of a ``dmfast train`` checkpoint or run
-    folder to ``out``: weights only, the alignment network and anchor embedded; ``half`` stores float16."""
+    folder to ``out``: weights only, the alignment network and anchor embedded; ``half`` stores float16. An
+    existing ``out`` is replaced only with ``overwrite``."""
     source = Path(source) / "checkpoint.pt" if Path(source).is_dir() else Path(source)
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out}: a folder; give the model file's path (e.g. {out / 'model.pt'})")
+    check_outputs(out.parent, [out.name], "dmfast export", overwrite)
     model, config, _ = load_classifier(source)
     cast = (lambda state: {k: v.half() if v.is_floating_point() else v for k, v in state.items()}) if half else dict
     aligner = None

@@ -1,6 +1,7 @@
 """Files and the terminal: atomic writes (bytes, strict JSON, torch objects), PNG images, progress bars and tables."""
 
 import contextlib
+import glob
 import io
 import json
 import math
@@ -19,14 +20,36 @@ def _umask() -> int:
     return mask
 
 
+_ARRIVALS: dict = {}
+
+
+def kill_point(site: str) -> None:
+    """Fault injection for the kill-and-resume tests: with ``DMFAST_KILL_AT=SITE:N`` in the environment, the
+    process kills itself (SIGKILL, as ``kill -9``) at its Nth arrival at ``site``. Sites: ``rename:NAME`` (a write
+    of file NAME, before its rename) and ``prepare-chunk`` (a chunk of images written, not yet marked done)."""
+    wanted = os.environ.get("DMFAST_KILL_AT")
+    if not wanted:
+        return
+    name, _, count = wanted.rpartition(":")
+    if name == site:
+        _ARRIVALS[site] = _ARRIVALS.get(site, 0) + 1
+        if str(_ARRIVALS[site]) == count:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 @contextlib.contextmanager
 def atomic_file(path, durable: bool = True):
     """A binary file to write ``path`` through: a temporary file in the same folder, renamed onto ``path`` when the
     block ends (removed if it fails), so readers never see a half-written file. ``durable`` also flushes it to disk
-    before the rename (checkpoints, indexes); bulk files that can be regenerated skip that."""
+    before the rename (checkpoints, indexes) and first removes temporaries that killed writes of ``path`` left
+    (:func:`remove_stale_temporaries`); bulk files that can be regenerated skip both."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if durable:  # checkpoints and indexes; bulk files (images, overlays) skip the folder scan
+        remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -34,11 +57,75 @@ def atomic_file(path, durable: bool = True):
                 f.flush()
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        kill_point(f"rename:{path.name}")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path) -> list:
+    """Remove the temporary files of writes of ``path`` (:func:`atomic_file`) whose writer is gone (killed
+    mid-write: an interrupted checkpoint can leave tens of MB); returns what was removed. A writer still running
+    (its process ID is in the name) keeps its file."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if not (pid.isdigit() and _alive(int(pid))):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def check_outputs(folder, names, what: str, overwrite: bool = False, resume: bool = False) -> list:
+    """Check, before any work, that ``folder`` can take a stage's outputs ``names``: a folder (or creatable as one)
+    that can be written, holding none of them unless ``overwrite`` (or ``resume``: the stage continues its run).
+    Returns the outputs found (for :func:`clear_outputs`); never writes. ``what`` names the stage in messages."""
+    folder = Path(folder)
+    if overwrite and resume:
+        raise ValueError("--resume continues a run and --overwrite replaces it: give one of them")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"output folder {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output folder {folder}: {existing} is not writable")
+    found = [name for name in names if (folder / name).exists()] if folder.is_dir() else []
+    if found and not (overwrite or resume):
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ValueError(f"{folder} already holds the outputs of an earlier {what} ({shown}); pass --overwrite to "
+                         f"replace them{' or --resume to continue it' if what == 'dmfast train run' else ''}, or "
+                         "choose another folder")
+    return found if overwrite else []
+
+
+def clear_outputs(folder, found) -> Path:
+    """Create ``folder`` and remove the earlier outputs ``found`` (:func:`check_outputs` with overwrite)."""
+    import shutil
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in found:
+        target = folder / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+    return folder
 
 
 def atomic_write_bytes(path, data: bytes, durable: bool = True) -> Path:

@@ -31,7 +31,7 @@ from .data.chestxray14 import FINDINGS, open_dataset
 from .data.splits import make_splits
 from .figures import masks_figure
 from .inference import Classifier
-from .io import atomic_write_json, print_table, progress, save_png
+from .io import atomic_write_json, check_outputs, clear_outputs, print_table, progress, save_png
 
 
 def _normalized(maps: torch.Tensor) -> torch.Tensor:
@@ -117,15 +117,26 @@ def _anchor_for(config: MasksConfig, classifier, cache, dataset, train_names) ->
         "mean of the No Finding training images"
 
 
+OUTPUTS = ("masks.pt", "masks.png", "masks.json")
+MIN_CAM_CELLS = 4  # CAMs of fewer cells a side (2 x 2 at 64 px and stride 32) give half-plane masks
+
+
 def run(config: MasksConfig, console: Console | None = None) -> Path:
     """Make the masks; writes ``masks.pt``, ``masks.png`` and ``masks.json`` to ``config.out``; returns masks.pt."""
     console = console or Console(stderr=True)
     out = Path(config.out)
     if config.checkpoint is None and not config.pseudo:
         raise ValueError("dmfast masks needs --checkpoint (a trained classifier), or --pseudo for anatomy masks")
+    earlier = check_outputs(out, OUTPUTS, "dmfast masks", config.overwrite)
     classifier = Classifier(config.checkpoint) if config.checkpoint else None
+    if classifier is not None and not config.pseudo:
+        cells = classifier.config.size // classifier.config.cam_stride
+        if cells < MIN_CAM_CELLS:
+            raise ValueError(f"{config.checkpoint}: its CAMs are {cells} x {cells} ({classifier.config.size} px, CAM "
+                             f"stride {classifier.config.cam_stride}); masks need at least {MIN_CAM_CELLS} x "
+                             f"{MIN_CAM_CELLS}: train at a larger --size or with --cam-stride 16")
     size = classifier.config.size if classifier else (config.size or SplitConfig.size)
-    dataset = open_dataset(config.data, skip_problems=config.skip_problems)
+    dataset = open_dataset(config.data, config.skip_problems, lists=False)
     cache = open_or_prepare(config.data, config.cache, size, config.skip_problems, console)
     splits = classifier.splits if classifier is not None else make_splits(dataset)
     train_names = [n for n in splits.train if n in cache]
@@ -146,6 +157,7 @@ def run(config: MasksConfig, console: Console | None = None) -> Path:
                     "checkpoint": str(Path(config.checkpoint).resolve()) if config.checkpoint else None,
                     "config": asdict(config)})
 
+    clear_outputs(out, earlier)
     path = checkpoints.save(out / "masks.pt", checkpoints.MASKS, payload)
     picture = save_png(out / "masks.png", masks_figure(anchor, payload))
     summary = {k: v for k, v in payload.items() if k not in ("masks", "average")}

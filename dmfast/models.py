@@ -3,6 +3,7 @@
 network (a ResNet-18 that predicts scale, shift and rotation, applied with the fused warp)."""
 
 import math
+import pickle
 from pathlib import Path
 
 import torch
@@ -70,10 +71,19 @@ class CAMClassifier(nn.Module):
         architecture), never a silent random start."""
         try:
             state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            if "Unsupported global" not in str(error):
+                raise ValueError(f"{path}: not a readable weights file (not a file torch.load reads: damaged, "
+                                 "truncated or another format)") from None
+            raise ValueError(f"{path}: not a plain state dict of tensors (it holds other Python objects, so it is not "
+                             "read; a dmfast checkpoint is given with --init instead)") from None
         except Exception as error:  # not a file torch can read safely: say which and why
             raise ValueError(f"{path}: not a readable weights file ({type(error).__name__}: {error})") from None
         while isinstance(state, dict) and any(isinstance(state.get(k), dict) for k in ("state_dict", "model")):
             state = next(state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict))
+        if isinstance(state, dict) and str(state.get("format", "")).startswith("dmfast."):
+            raise ValueError(f"{path}: a dmfast file ({state['format']}), not torchvision weights (a dmfast classifier "
+                             "checkpoint is given with --init)")
         if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
             raise ValueError(f"{path}: not a state dict of tensors")
         renamed = {}
@@ -131,9 +141,13 @@ class AlignmentNet(nn.Module):
         self.input_size = input_size
         net = torchvision.models.resnet18(weights=None)
         net.fc = nn.Linear(net.fc.in_features, 5)
-        nn.init.zeros_(net.fc.weight)
-        nn.init.zeros_(net.fc.bias)
         self.net = net
+        self.reset_to_identity()
+
+    def reset_to_identity(self) -> None:
+        """Zero the last layer: every image then gets the identity transform."""
+        nn.init.zeros_(self.net.fc.weight)
+        nn.init.zeros_(self.net.fc.bias)
 
     def parameters_of(self, images: Tensor) -> Tensor:
         """``[B, 5]``: sx, sy, tx, ty, angle (radians)."""

@@ -29,7 +29,8 @@ from .data.chestxray14 import FINDINGS
 from .data.images import ImageError, list_xrays, load_gray
 from .figures import finding_panels
 from .inference import ImagePrediction, load_model
-from .io import atomic_npz, atomic_write_bytes, atomic_write_json, csv_text, print_table, progress, save_png
+from .io import (atomic_npz, atomic_write_bytes, atomic_write_json, check_outputs, clear_outputs, csv_text, print_table,
+                 progress, save_png)
 
 OVERLAY_SIDE = (320, 768)  # an overlay panel's longest side: small images are enlarged, large ones reduced
 
@@ -86,6 +87,9 @@ def _record(path: Path, result: ImagePrediction) -> dict:
                          for name, boxes in result.boxes.items()}}
 
 
+OUTPUTS = ("predictions.csv", "predictions.json", "problems.csv", "cams.npz", "overlays")
+
+
 def run(config: PredictConfig, console: Console | None = None) -> dict:
     """Predict every X-ray of ``config.inputs``; write the outputs (see the module) and return the report."""
     console = console or Console(stderr=True)
@@ -93,10 +97,12 @@ def run(config: PredictConfig, console: Console | None = None) -> dict:
     if config.batch < 1:
         raise ValueError(f"batch must be >= 1, got {config.batch}")
     out = Path(config.out)
+    earlier = check_outputs(out, OUTPUTS, "dmfast predict", config.overwrite)
     files, roots, problems = list_xrays(config.inputs, exclude=[out])
     if not files:
         raise ValueError(f"no PNG, JPEG or DICOM files in {', '.join(map(str, config.inputs))}")
     model = load_model(config.model, config.device)
+    clear_outputs(out, earlier)
     names = output_names(files, roots)
     records, frames = [], []
     batches = [range(i, min(i + config.batch, len(files))) for i in range(0, len(files), config.batch)]

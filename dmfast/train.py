@@ -23,14 +23,14 @@ import torch.distributed as dist
 from rich.console import Console
 
 from . import checkpoints, ops, training
-from .config import TrainConfig, from_dict
+from .config import TrainConfig, defaults, from_dict
 from .data.cache import ImageCache, open_or_prepare
 from .data.chestxray14 import FINDINGS, open_dataset
 from .data.images import to_model_input
-from .data.splits import Splits, make_splits
+from .data.splits import Splits, make_splits, summary
 from .figures import training_figure
 from .inference import export_model, load_aligner
-from .io import LOSS_AND_RATE, atomic_write_bytes, json_text, progress, save_png
+from .io import LOSS_AND_RATE, atomic_write_bytes, check_outputs, clear_outputs, json_text, progress, save_png
 from .metrics import roc_auc
 from .models import CAMClassifier
 
@@ -80,7 +80,16 @@ def build_model(config: TrainConfig, console: Console) -> CAMClassifier:
             raise ValueError(f"--init {config.init} is a {previous.get('arch')} with CAM stride "
                              f"{previous.get('cam_stride', 32)}; this run asks for {config.arch} with "
                              f"{config.cam_stride}")
-        model.load_state_dict({k: v for k, v in state["model"].items() if k != "masks"}, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict({k: v for k, v in state["model"].items() if k != "masks"},
+                                                        strict=False)
+        except RuntimeError as error:  # shapes that do not fit: the first line says which tensor
+            raise ValueError(f"--init {config.init}: its weights do not fit a {config.arch} "
+                             f"({str(error).splitlines()[-1].strip()})") from None
+        missing = [k for k in missing if k != "masks"]
+        if missing or unexpected:
+            raise ValueError(f"--init {config.init}: its weights do not match its {previous.get('arch')} config "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         console.print(f"initialised from {config.init}")
     if config.masks:
         payload = checkpoints.load(config.masks, checkpoints.MASKS)
@@ -144,6 +153,28 @@ def _improved(metrics: dict, best: dict | None) -> bool:
     return score is not None and math.isfinite(score) and (best is None or score > best["mean_auroc"])
 
 
+# Everything a run writes into its folder; a run folder holding any of them is never written without --resume or
+# --overwrite.
+OUTPUTS = ("checkpoint.pt", "best.pt", "model.pt", "metrics.jsonl", "splits.json", "training.png", "tensorboard")
+# The settings a resumed run takes from the command line; every other one comes from its checkpoint.
+RESUME_SETTINGS = ("data", "out", "cache", "skip_problems", "overwrite", "epochs", "tensorboard")
+
+
+def _resumed_config(config: TrainConfig, saved: dict, path: Path) -> TrainConfig:
+    """The checkpoint's settings with the command line's :data:`RESUME_SETTINGS`; any other setting given with a
+    value that differs from the run's is an error (it would be ignored)."""
+    default = defaults(TrainConfig)
+    for name in (n for n in default if n not in RESUME_SETTINGS):
+        given, kept = getattr(config, name), saved.get(name, default[name])
+        if name in ("aligned", "init", "masks") and given:
+            given = str(Path(given).resolve())
+        if given != default[name] and given != kept:
+            raise ValueError(f"--resume: {path} was trained with {name} = {kept!r}; a resumed run keeps its settings "
+                             f"(only epochs and tensorboard may change), so "
+                             f"{name} = {given!r} cannot apply: start a new run for it")
+    return from_dict(TrainConfig, {**asdict(config), **saved, **{k: getattr(config, k) for k in RESUME_SETTINGS}})
+
+
 def run(config: TrainConfig, resume: bool = False, console: Console | None = None) -> Path:
     """Train (or resume) and return the path of the last checkpoint; the run's portable model file is written
     beside it as ``model.pt``."""
@@ -152,10 +183,14 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
     device = _device()
     out = Path(config.out)
     last = out / "checkpoint.pt"
+    earlier = check_outputs(out, OUTPUTS, "dmfast train run", config.overwrite, resume) if rank == 0 else []
     state = checkpoints.load(last, checkpoints.CLASSIFIER) if resume else None
     if state is not None:
-        config = from_dict(TrainConfig, {**asdict(config), **state["config"], "epochs": config.epochs,
-                                         "tensorboard": config.tensorboard})
+        config = _resumed_config(config, state["config"], last)
+    cells = config.size // config.cam_stride
+    if cells < 4:
+        console.print(f"[yellow]warning: at {config.size} px with CAM stride {config.cam_stride} the CAMs are {cells} x "
+                      f"{cells}: too coarse for disease masks and boxes (a larger --size or --cam-stride 16)")
     # The checkpoint records where the alignment and masks came from; absolute, so it works from any folder.
     config = from_dict(TrainConfig, {**asdict(config), **{k: str(Path(getattr(config, k)).resolve())
                                                           for k in ("aligned", "init", "masks") if getattr(config, k)}})
@@ -165,7 +200,7 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
     np.random.seed(config.seed)
     random.seed(config.seed)
 
-    dataset = open_dataset(config.data, skip_problems=config.skip_problems)
+    dataset = open_dataset(config.data, config.skip_problems, lists=config.split == "official")
     opened = lambda: open_or_prepare(config.data, config.cache, config.size, config.skip_problems, console)  # noqa: E731
     cache = opened() if rank == 0 else None  # the other ranks open it once rank 0 has built it
     if world > 1:
@@ -174,11 +209,13 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
         cache = opened()
     splits = Splits(**state["splits"]) if state else make_splits(dataset, config.val_fraction, config.seed,
                                                                    split=config.split)
+    console.print(summary(dataset, splits, config.split))
     train_names = [n for n in splits.train if n in cache]
     val_names = [n for n in splits.val if n in cache]
     label_of = {r.image: r.labels for r in dataset.records}
     if not train_names:
         raise ValueError(f"{config.data}: no training images in the {config.split!r} split")
+    training.epoch_batches(len(train_names), config.batch, config.max_steps, config.seed, 0)  # enough images?
 
     model = build_model(config, console).to(device)
     optimizer = training.optimizer(config.optimizer, model.parameters(), config.lr)
@@ -200,11 +237,10 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
         for metrics in history:
             best = {"epoch": metrics["epoch"], "mean_auroc": metrics["mean_auroc"]} if _improved(metrics, best) \
                 else best
-    if state is None and rank == 0 and (out / "best.pt").is_file():
-        (out / "best.pt").unlink()  # a fresh run into an old folder: never leave another run's best model
+    if rank == 0:
+        clear_outputs(out, earlier)  # --overwrite: never leave another run's best model or metrics
     writer = _tensorboard(out) if config.tensorboard and rank == 0 else None
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         splits.save(out / "splits.json")
 
     per_rank = config.batch // world
@@ -270,6 +306,6 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
     if rank == 0 and last.is_file():  # the portable, weights-only copy to use the model elsewhere (dmfast export, inference)
         where = f"in {out / 'best.pt'}" if (out / "best.pt").is_file() else \
             "(its weights were not kept: the run began with an older dmfast)"
-        console.print(f"model file {export_model(last, out / 'model.pt')}" +
+        console.print(f"model file {export_model(last, out / 'model.pt', overwrite=True)}" +
                       (f"; best validation epoch {best['epoch']} {where}" if best else ""))
     return last

@@ -41,14 +41,14 @@ def test_end_to_end_train_align_resume(phantom, tmp_path, gen):
     checkpoint = train.run(TrainConfig(out=str(tmp_path / "base"), arch="resnet18", epochs=2, **common), resume=True)
     assert checkpoints.load(checkpoint, checkpoints.CLASSIFIER)["epoch"] == 1
     # Euclidean alignment: the known misalignment of held-out images must shrink substantially.
-    aligned = align.run(AlignConfig(out=str(tmp_path / "align"), epochs=6, input_size=64, anchor_images=500,
-                                optimizer="adam", **common))
+    aligned = align.run(AlignConfig(out=str(tmp_path / "align"), epochs=6, pool=12, input_size=64,
+                                    anchor_images=500, optimizer="adam", **common))
     stats = json.loads((tmp_path / "align" / "alignment_stats.json").read_text())
     error = stats["misalignment_error"]
     assert error["images"] > 20 and error["after"] < 0.8 * error["before"], error
     # The perceptual loss over that classifier's conv2_x..conv5_x runs and contributes.
-    align.run(AlignConfig(out=str(tmp_path / "perceptual"), epochs=1, max_steps=3, input_size=64, anchor_images=500,
-                      perceptual=str(checkpoint), perceptual_weight=0.1, **common))
+    align.run(AlignConfig(out=str(tmp_path / "perceptual"), epochs=1, pool=12, max_steps=3, input_size=64,
+                          anchor_images=500, perceptual=str(checkpoint), perceptual_weight=0.1, **common))
     history = json.loads((tmp_path / "perceptual" / "alignment_stats.json").read_text())["history"]
     assert history[0]["perceptual"] > 0 and all(map(lambda v: v == v, history[0].values()))
     assert (tmp_path / "align" / "alignment_grid.png").is_file() and (tmp_path / "align" / "anchor.png").is_file()
@@ -64,5 +64,6 @@ def test_end_to_end_train_align_resume(phantom, tmp_path, gen):
 def test_align_command_reports_bad_options(phantom, tmp_path):
     data, cache = phantom
     result = CliRunner().invoke(main, ["align", str(data), "--out", str(tmp_path), "--cache", str(cache), "--size",
-                                       "96", "--batch", "4096"])
+                                       "96", "--pool", "12", "--batch", "4096"])
     assert result.exit_code == 1 and "fewer than one batch" in result.output
+    assert not list(tmp_path.iterdir())  # refused before writing anything

@@ -17,13 +17,13 @@ def test_untagged_files_of_dmfast_0_1_read_as_version_1(tmp_path):
     # an untagged alignment checkpoint also has model and config: its net_config tells it apart
     torch.save({"model": {}, "net_config": {}, "config": {}}, tmp_path / "alignment.pt")
     assert "net_config" in checkpoints.load(tmp_path / "alignment.pt", checkpoints.ALIGNMENT)
-    with pytest.raises(ValueError, match="alignment.pt: a dmfast.alignment file, not a classifier checkpoint"):
+    with pytest.raises(ValueError, match="alignment.pt: an alignment checkpoint, not a classifier checkpoint"):
         checkpoints.load(tmp_path / "alignment.pt", checkpoints.CLASSIFIER)
 
 
 def test_wrong_kind_newer_version_and_missing_keys_are_named(tmp_path):
     checkpoints.save(tmp_path / "m.pt", checkpoints.MASKS, {"masks": torch.zeros(14, 8, 8)})
-    with pytest.raises(ValueError, match="m.pt: a dmfast.masks file, not a classifier checkpoint"):
+    with pytest.raises(ValueError, match="m.pt: a masks file, not a classifier checkpoint"):
         checkpoints.load(tmp_path / "m.pt", checkpoints.CLASSIFIER)
     torch.save({"format": checkpoints.CLASSIFIER, "version": checkpoints.VERSION + 1, "model": {}, "config": {}},
                tmp_path / "new.pt")

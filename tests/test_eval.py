@@ -102,14 +102,16 @@ def test_eval_scores_the_chosen_images_of_any_data_and_reports_training_overlap(
     assert report["selection"]["what"] == "the checkpoint's test split"
     assert report["selection"]["overlap"]["m"] == {"names": 0, "patients": 0}
     _recompute_from_the_csvs(tmp_path / "e0", report, open_dataset(a))
-    result, report = evaluate(b, cache_b)  # other data: exactly its own test_list.txt
+    result, _ = evaluate(b, cache_b)  # other data whose names the run trained on: refused unless allowed
+    assert result.exit_code == 1 and "share a name" in result.output and "--allow-overlap" in result.output
+    result, report = evaluate(b, cache_b, "--allow-overlap")  # then exactly its own test_list.txt
     other = open_dataset(b)
     assert result.exit_code == 0 and report["test_images"] == len(other.test)
     out = sorted(tmp_path.glob("e*"), key=lambda p: int(p.name[1:]))[-1]
     assert {line.split(",")[0] for line in (out / "predictions.csv").read_text().splitlines()[1:]} == other.test
     overlap = report["selection"]["overlap"]["m"]
     assert overlap["names"] > 0 and "share a name" in result.output  # phantoms reuse the NIH file names
-    _, report = evaluate(b, cache_b, "--split", "all", "--checkpoint", f"same={checkpoint}")
+    _, report = evaluate(b, cache_b, "--split", "all", "--checkpoint", f"same={checkpoint}", "--allow-overlap")
     assert report["test_images"] == len(other.images) == 48
     mine, same = report["methods"]["m"], report["methods"]["same"]
     low, high = mine["uncertainty"]["intervals"]["mean_auroc"]
@@ -117,19 +119,17 @@ def test_eval_scores_the_chosen_images_of_any_data_and_reports_training_overlap(
     for difference in same["uncertainty"]["difference"].values():  # a method against itself: exactly [0, 0]
         assert difference["point"] == 0 and difference["interval"] == [0, 0]
     c, cache_c = phantom_with_cache(tmp_path / "c", count=240, size=64, seed=5)  # five times the images of b
-    _, larger = evaluate(c, cache_c, "--split", "all")
+    _, larger = evaluate(c, cache_c, "--split", "all", "--allow-overlap")
     widths = [r["methods"]["m"]["uncertainty"]["intervals"]["mean_auroc"] for r in (report, larger)]
     assert widths[1][1] - widths[1][0] < 0.8 * (widths[0][1] - widths[0][0])  # about 1/sqrt(5) as wide
     (tmp_path / "names.txt").write_text("# three of them\n" + "\n".join(other.images[:3]) + "\n")
-    _, report = evaluate(b, cache_b, "--images", str(tmp_path / "names.txt"))
+    _, report = evaluate(b, cache_b, "--images", str(tmp_path / "names.txt"), "--allow-overlap")
     assert report["test_images"] == 3
-    result, _ = evaluate(b, cache_b, "--strict")
-    assert result.exit_code == 1 and "(--strict)" in result.output
     (tmp_path / "bad.txt").write_text("nope.png\n")
     result, _ = evaluate(b, cache_b, "--images", str(tmp_path / "bad.txt"))
     assert result.exit_code == 1 and "1 names are not images of" in result.output
     (b / "test_list.txt").unlink()
-    result, _ = evaluate(b, cache_b)
+    result, _ = evaluate(b, cache_b, "--allow-overlap")
     assert result.exit_code == 1 and "no test_list.txt" in result.output and "--split all" in result.output
 
 

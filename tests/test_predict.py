@@ -134,7 +134,7 @@ def test_predict_fails_only_when_nothing_can_be_read(run, tmp_path):
     assert result.exit_code == 1 and "splits.json: not a readable model file" in result.output
     result = CliRunner().invoke(main, ["predict", str(folder), str(tmp_path / "bad.dcm"), "--out", str(tmp_path / "o"),
                                        "--box-threshold", "1.5"])
-    assert result.exit_code == 1 and "box thresholds must lie in [0, 1]" in result.output
+    assert result.exit_code == 2 and "must be a finite number in [0, 1], got 1.5" in result.output
     for device, message in (("meta", "dmfast runs on cpu or cuda"), ("gpu", "not a device"),
                             ("cuda:7", "no CUDA GPU here" if not cuda_available() else "CUDA devices")):
         result = CliRunner().invoke(main, ["predict", str(folder), str(tmp_path / "bad.dcm"), "--out",
@@ -153,7 +153,7 @@ def test_load_model_reads_model_files_and_run_folders_and_refuses_pickles(run, t
         dmfast.load_model(folder / "checkpoint.pt", "cpu")  # a full pickle: never unpickled by load_model
     with pytest.raises(FileNotFoundError, match="a folder without model.pt"):
         dmfast.load_model(tmp_path, "cpu")
-    with pytest.raises(ValueError, match="min_probability must lie in"):
+    with pytest.raises(ValueError, match="min_probability must be a finite number in"):
         dmfast.load_model(folder, "cpu").predict(xray, min_probability=2)
 
 

@@ -141,7 +141,7 @@ def test_predict_reports_boxes_in_the_pixels_of_images_of_any_size(phantom, tmp_
     for name, boxes in found[3].boxes.items():  # a 2x larger image: the same boxes at twice the coordinates
         assert found[2].boxes[name] == [[2 * v for v in box[:4]] + box[4:] for box in boxes], name
     assert model.predict([padded], min_probability=1)[0].boxes == {}  # a briefly trained model: p < 1
-    with pytest.raises(ValueError, match="min_probability must lie in"):
+    with pytest.raises(ValueError, match="min_probability must be a finite number in"):
         model.predict([padded], min_probability=1.01)
     with pytest.raises(ValueError, match="2-D uint8"):
         model.predict([torch.zeros(3, 8, 8)])

@@ -20,11 +20,13 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from ..io import atomic_write_json, progress
+from ..config import SIZE, Range
+from ..io import atomic_write_json, check_outputs, kill_point, progress
 from .chestxray14 import DataError, Problems, open_dataset
 from .images import ImageError, load_gray, to_square
 
 CACHE_VERSION = 2  # 2: non-square images padded to a square (1 squashed them)
+WORKERS = Range(1, 1024)  # decoding processes
 
 
 def default_cache_dir(data_dir, size: int) -> Path:
@@ -57,12 +59,17 @@ class ImageCache:
         index_file = self.folder / "index.json"
         if not index_file.is_file():
             raise DataError(f"{self.folder}: no image cache here (run `dmfast prepare DATA_DIR`)")
-        with open(index_file) as f:
-            index = json.load(f)
+        try:
+            index = json.loads(index_file.read_text())
+        except (OSError, ValueError) as error:
+            raise DataError(f"{index_file}: not a readable cache index ({error}); run `dmfast prepare` again") from None
+        if not isinstance(index, dict):
+            raise DataError(f"{index_file}: not a cache index (expected a JSON object); run `dmfast prepare` again")
         if index.get("version") != CACHE_VERSION:
             raise DataError(f"{self.folder}: cache format {index.get('version')} is not {CACHE_VERSION}; prepare it again")
         if not index.get("complete"):
-            raise DataError(f"{self.folder}: the cache is incomplete (interrupted); run `dmfast prepare` to resume")
+            raise DataError(f"{self.folder}: the cache is incomplete (interrupted, or images that could not be decoded); "
+                            "run `dmfast prepare` to resume it (with --skip-problems to leave such images out)")
         self.size = int(index["size"])
         self.names = list(index["names"])
         self.bad = dict(index.get("bad", {}))
@@ -114,17 +121,25 @@ def prepare(data_dir, cache_dir=None, size: int = 512, workers: int | None = Non
 
     ``limit_chunks`` stops after that many chunks of work without completing (used to test resuming)."""
     console = console or Console(stderr=True)
-    dataset = open_dataset(data_dir, skip_problems=skip_problems)
+    size = SIZE.check(size, "size")
+    workers = WORKERS.check(workers, "workers")
+    dataset = open_dataset(data_dir, skip_problems, lists=False)
     if dataset.problems:
         console.print(f"[yellow]left out:[/yellow]\n{dataset.problems.report()}")
     folder = Path(cache_dir) if cache_dir else default_cache_dir(data_dir, size)
+    check_outputs(folder, (), "image cache")
     folder.mkdir(parents=True, exist_ok=True)
     names = dataset.images
     sources = [_source_stamp(dataset.paths[n]) for n in names]
     index = {"version": CACHE_VERSION, "size": size, "data_dir": str(Path(data_dir).resolve()), "names": names,
              "sources": sources, "bad": {}, "complete": False}
     index_file, images_file, done_file = folder / "index.json", folder / "images.u8", folder / "done.u8"
-    previous = json.loads(index_file.read_text()) if index_file.is_file() else None
+    try:
+        previous = json.loads(index_file.read_text()) if index_file.is_file() else None
+    except (OSError, ValueError):
+        previous = None  # a damaged index: the cache is built afresh
+    previous = previous if isinstance(previous, dict) else None
+    _check_owner(folder, previous or {}, data_dir)
     same = previous is not None and all(previous.get(k) == index[k] for k in ("version", "size", "names", "sources"))
     if same and previous.get("complete"):
         console.print(f"cache {folder} is up to date ({len(names)} images at {size}px)")
@@ -157,6 +172,7 @@ def prepare(data_dir, cache_dir=None, size: int = 512, workers: int | None = Non
                 else:
                     index["bad"][names[i]] = error
             images.flush()
+            kill_point("prepare-chunk")
             for i, _, _ in results:
                 done[i] = 1
             done.flush()
@@ -176,6 +192,14 @@ def prepare(data_dir, cache_dir=None, size: int = 512, workers: int | None = Non
     return folder
 
 
+def _check_owner(folder: Path, index: dict, data_dir) -> None:
+    """A cache holds the images of one data folder: another folder's cache is never used or written over."""
+    owner = index.get("data_dir")
+    if owner is not None and Path(owner) != Path(data_dir).resolve():
+        raise DataError(f"cache {folder} holds the images of {owner}, not of {Path(data_dir).resolve()}: give "
+                        "another --cache (or remove that one)")
+
+
 def open_or_prepare(data_dir, cache_dir=None, size: int = 512, skip_problems: bool = False,
                     console: Console | None = None) -> ImageCache:
     """The image cache of ``data_dir`` at ``size`` px (``cache_dir``, or the default folder), built first if it is
@@ -186,9 +210,11 @@ def open_or_prepare(data_dir, cache_dir=None, size: int = 512, skip_problems: bo
         found = json.loads(index.read_text()) if index.is_file() else {}
     except (OSError, ValueError):
         found = {}  # an unreadable index: the cache is rebuilt
+    found = found if isinstance(found, dict) else {}
     if found.get("size", size) != size:
         raise DataError(f"cache {folder} holds {found['size']} px images; {size} px are needed")
-    if found.get("version") != CACHE_VERSION:  # missing, damaged or of an older format
+    _check_owner(folder, found, data_dir)
+    if found.get("version") != CACHE_VERSION or not found.get("complete"):  # missing, damaged, older or unfinished
         prepare(data_dir, folder, size=size, skip_problems=skip_problems, console=console)
     cache = ImageCache(folder)
     if cache.size != size:

@@ -7,6 +7,7 @@ rows are left out and the report says which. Nothing is dropped silently.
 """
 
 import csv
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ BOX_LABEL_ALIASES = {"Infiltrate": "Infiltration"}
 # Boxes are given in the pixel space of the released 1024 x 1024 PNGs.
 RELEASE_SIZE = 1024
 BOX_SPACES = ("release", "image")  # the pixel spaces a BBox_List_2017.csv may be written in (boxes_xyxy)
+BOX_SLACK = 1.0  # pixels a box may reach past the image's edge (rounding of drawn boxes) before it is a problem
 
 
 class DataError(RuntimeError):
@@ -89,14 +91,34 @@ def find_images(root) -> dict:
     return found
 
 
+def read_text(path) -> str:
+    """The text of a data file (UTF-8, with or without a byte-order mark); a byte that is not UTF-8 is an error
+    naming the file and line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror or error})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x}); save it as UTF-8") from None
+
+
 def _csv_table(path: Path) -> tuple:
     """(header, [(line number, row)]) of a CSV file."""
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    try:
         header = next(reader, None)
         if header is None:
             raise DataError(f"{path}: empty file, expected a header row")
-        return header, list(enumerate(reader, start=2))
+        rows = []
+        for row in reader:
+            rows.append((reader.line_num, row))
+    except csv.Error as error:
+        raise DataError(f"{path}:{reader.line_num + 1}: not CSV ({error})") from None
+    return header, rows
 
 
 def read_data_entry(path, problems: Problems) -> list:
@@ -107,7 +129,7 @@ def read_data_entry(path, problems: Problems) -> list:
     missing = {"Image Index", "Finding Labels", "Patient ID"} - set(column)
     if missing:
         raise DataError(f"{path}: header lacks the columns {sorted(missing)} (got {header})")
-    records = []
+    records, seen, contradicted = [], {}, set()
     for line, row in rows:
         where = f"{path.name}:{line}"
         if not any(cell.strip() for cell in row):
@@ -141,14 +163,22 @@ def read_data_entry(path, problems: Problems) -> list:
             "View Position"] else ""
         follow = row[column["Follow-up #"]].strip() if "Follow-up #" in column and len(row) > column[
             "Follow-up #"] else ""
-        records.append(Record(image, labels, patient, view, int(follow) if follow.isdigit() else 0))
-    return records
+        record = Record(image, labels, patient, view, int(follow) if follow.isdigit() else 0)
+        first = seen.setdefault(image, (record, where))
+        if first[0] is record:
+            records.append(record)
+        elif (first[0].labels == labels).all() and first[0].patient == patient:
+            problems.add("duplicated rows", f"{where} ({image}, as {first[1]})")
+        else:
+            contradicted.add(image)
+            problems.add("contradictory rows", f"{where} ({image}: labels or patient differ from {first[1]})")
+    return [r for r in records if r.image not in contradicted]  # which row is right cannot be told
 
 
 def read_boxes(path, problems: Problems) -> list:
     """Rows of BBox_List_2017.csv (header ``Image Index,Finding Label,Bbox [x,y,w,h],,,``) as :class:`Box`."""
     path = Path(path)
-    boxes = []
+    boxes, seen = [], {}
     for line, row in _csv_table(path)[1]:
         where = f"{path.name}:{line}"
         if not any(cell.strip() for cell in row):
@@ -168,21 +198,36 @@ def read_boxes(path, problems: Problems) -> list:
         if not (w > 0 and h > 0) or not np.isfinite([x, y, w, h]).all():
             problems.add("malformed box rows", f"{where} (box {x, y, w, h})")
             continue
-        boxes.append(Box(row[0].strip(), FINDINGS.index(label), (x, y, w, h)))
+        if x < -BOX_SLACK or y < -BOX_SLACK:
+            problems.add("boxes outside the image", f"{where} ({row[0].strip()}: box {x, y, w, h})")
+            continue
+        box = Box(row[0].strip(), FINDINGS.index(label), (x, y, w, h))
+        key = (box.image, box.finding, box.xywh_release)
+        if key in seen:
+            problems.add("duplicated box rows", f"{where} ({box.image}, as {seen[key]})")
+            continue
+        seen[key] = where
+        boxes.append(box)
     return boxes
 
 
 def read_list(path) -> list:
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
+    return [line.strip() for line in read_text(path).splitlines() if line.strip()]
 
 
 def image_size(path) -> tuple:
     """(width, height) from the PNG header, without decoding the pixels."""
+    import warnings
+
     from PIL import Image
 
-    with Image.open(path) as image:
-        return image.size
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.size
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"{path}: not a readable image ({type(error).__name__}: {error})") from None
 
 
 @dataclass
@@ -242,10 +287,19 @@ class ChestXray14:
         return pad_x / scale, pad_y / scale, (pad_x + width) / scale, (pad_y + height) / scale
 
 
-def open_dataset(root, skip_problems: bool = False) -> ChestXray14:
+def open_dataset(root, skip_problems: bool = False, lists: bool = True, box_space: str | None = None) -> ChestXray14:
     """Index a ChestX-ray14-format directory. Raises :class:`DataError` naming every problem unless
-    ``skip_problems`` (then rows with problems are left out and ``dataset.problems`` lists them)."""
+    ``skip_problems`` (then rows with problems are left out and ``dataset.problems`` lists them).
+
+    With ``lists`` the split lists are checked too (an image in both, or in neither while both exist);
+    with a ``box_space`` (see :meth:`ChestXray14.boxes_xyxy`) the boxes must lie inside their images. Names in the
+    lists that Data_Entry_2017.csv does not have are not problems: the lists cover the whole release, a download
+    may hold part of it."""
     root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder")
+    if box_space not in (None, *BOX_SPACES):
+        raise ValueError(f"box space must be one of {', '.join(BOX_SPACES)}, got {box_space!r}")
     entry = root / "Data_Entry_2017.csv"
     if not entry.is_file():
         raise DataError(f"{root}: no Data_Entry_2017.csv (is this a ChestX-ray14 download?)")
@@ -263,13 +317,29 @@ def open_dataset(root, skip_problems: bool = False) -> ChestXray14:
     box_file = root / "BBox_List_2017.csv"
     if box_file.is_file():
         for box in read_boxes(box_file, problems):
-            if box.image in names:
-                boxes.append(box)
-            else:
+            if box.image not in names:
                 problems.add("boxes of images missing or not in Data_Entry_2017.csv", box.image)
-    train_val = set(read_list(root / "train_val_list.txt")) if (root / "train_val_list.txt").is_file() else set()
-    test = set(read_list(root / "test_list.txt")) if (root / "test_list.txt").is_file() else set()
+            elif box_space is not None and not _box_inside(box, paths[box.image], box_space):
+                problems.add("boxes outside the image", f"{box.image} ({FINDINGS[box.finding]} {box.xywh_release})")
+            else:
+                boxes.append(box)
+    lists = [root / f"{name}_list.txt" for name in ("train_val", "test")]
+    train_val, test = (set(read_list(path)) if path.is_file() else set() for path in lists)
+    if lists and train_val and test:
+        both = sorted(names & train_val & test)
+        for image in both:
+            problems.add("images in both train_val_list.txt and test_list.txt", image)
+        train_val, test = train_val - set(both), test - set(both)  # left out of both when skipping
+        for image in sorted(names - train_val - test - set(both)):
+            problems.add("images in neither train_val_list.txt nor test_list.txt", image)
     dataset = ChestXray14(root, kept, paths, boxes, train_val, test, problems)
     if problems and not skip_problems:
         raise DataError(f"{root}: problems found (pass --skip-problems to leave them out):\n{problems.report()}")
     return dataset
+
+
+def _box_inside(box: Box, path, space: str) -> bool:
+    """Whether ``box`` lies inside its image (within :data:`BOX_SLACK`), in the pixel space the box file uses."""
+    width, height = (RELEASE_SIZE, RELEASE_SIZE) if space == "release" else image_size(path)
+    x, y, w, h = box.xywh_release
+    return x + w <= width + BOX_SLACK and y + h <= height + BOX_SLACK

@@ -28,7 +28,8 @@ from rich.console import Console
 
 from .. import ops
 from ..anatomy import HEART, LUNGS
-from ..io import atomic_write_bytes, progress, torch_threads
+from ..config import FRACTION, SIZE, Range
+from ..io import atomic_write_bytes, check_outputs, clear_outputs, progress, torch_threads
 from .chestxray14 import FINDINGS, RELEASE_SIZE
 
 # Prevalence of each finding among images with findings (ChestX-ray14's order of magnitude, rare ones lifted so a
@@ -266,15 +267,23 @@ def sample_findings(rng: np.random.Generator, no_finding: float) -> list:
     return chosen
 
 
+# What synthesize writes (a folder holding any of them is not written over without overwrite).
+OUTPUTS = ("images", "Data_Entry_2017.csv", "BBox_List_2017.csv", "phantom_transforms.csv", "train_val_list.txt",
+           "test_list.txt")
+RANGES = {"count": Range(1, 10**7), "size": SIZE, "seed": Range(0, 2**32 - 1), "no_finding": FRACTION,
+          "test_fraction": Range(0, 0.9, integer=False)}
+
+
 def synthesize(out_dir, count: int = 2000, size: int = 256, seed: int = 0, no_finding: float = 0.4,
-               test_fraction: float = 0.2, console: Console | None = None) -> Path:
+               test_fraction: float = 0.2, console: Console | None = None, overwrite: bool = False) -> Path:
     """Write a phantom dataset of ``count`` images of ``size`` px to ``out_dir``; returns the folder."""
-    if count < 1 or size < 32:
-        raise ValueError(f"synth: need count >= 1 and size >= 32, got count={count}, size={size}")
+    given = {"count": count, "size": size, "seed": seed, "no_finding": no_finding, "test_fraction": test_fraction}
+    count, size, seed, no_finding, test_fraction = (RANGES[k].check(v, k) for k, v in given.items())
     from PIL import Image
 
     console = console or Console(stderr=True)
     out = Path(out_dir)
+    clear_outputs(out, check_outputs(out, OUTPUTS, "dmfast synth", overwrite))
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     entries, box_rows, transforms, names_by_patient = [], [], [], {}

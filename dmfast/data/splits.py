@@ -76,3 +76,12 @@ def make_splits(dataset, val_fraction: float = 0.1, seed: int = 0, box_folds: in
     boxed = sorted({b.image for b in dataset.boxes})
     folds = kfold_by_patient(boxed, box_folds, seed) if box_folds else []
     return Splits(train, val, test, seed, val_fraction, folds)
+
+
+def summary(dataset, splits: Splits, split: str) -> str:
+    """One line on a split: its sizes and, for the official lists, how many listed images the folder lacks (the
+    lists cover the whole release; a download may hold part of it)."""
+    text = (f"split ({'official lists' if split == 'official' else 'patient-grouped'}): {len(splits.train)} train, "
+            f"{len(splits.val)} validation, {len(splits.test)} test images")
+    absent = len((dataset.train_val | dataset.test) - set(dataset.images)) if split == "official" else 0
+    return text + (f"; the lists name {absent:,} more images this folder does not have" if absent else "")

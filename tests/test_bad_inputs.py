@@ -1,0 +1,473 @@
+"""The bad-input suite: what a careless or unlucky user gives dmfast, each built here and run through the command
+line (or the op), asserting the kind of answer: a usage error naming the option (exit 2), or ``error: ...`` naming
+the file, row or setting (exit 1); never a traceback, a crash, a silently wrong result or an overwritten run."""
+
+import os
+import shutil
+import struct
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli.main import main
+from dmfast import checkpoints, ops
+from dmfast.testing import phantom_with_cache
+
+SMALL_RUN = ["--arch", "resnet18", "--size", "64", "--cam-stride", "16", "--epochs", "1", "--max-steps", "1",
+             "--batch", "8", "--split", "patients", "--val-fraction", "0.2"]
+
+
+def invoke(*args) -> SimpleNamespace:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return SimpleNamespace(code=result.exit_code, output=result.output, exception=result.exception)
+
+
+def expect(args, *fragments, code: int = 1) -> str:
+    """Run the command line and check the answer: exit ``code``, no traceback or unforeseen error, every fragment
+    in the message."""
+    result = invoke(*args)
+    assert result.code == code, result.output
+    assert isinstance(result.exception, (SystemExit, type(None))), repr(result.exception)
+    assert "Traceback" not in result.output and "error: unexpected" not in result.output, result.output
+    if code:
+        assert ("error: " if code == 1 else "Invalid value") in result.output, result.output
+    for fragment in fragments:
+        assert fragment in result.output, (fragment, result.output)
+    if os.environ.get("DMFAST_SHOW_ANSWERS"):  # to read the messages: DMFAST_SHOW_ANSWERS=1 pytest -s ...
+        print(f"\n$ dmfast {' '.join(map(str, args))}\n{result.output.strip()}")
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A phantom with its cache, a trained run, an alignment run, a masks file, and files of the wrong kinds."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    data, cache = phantom_with_cache(root / "phantom", count=60, size=64, seed=11)
+    for args in (["train", data, "--out", root / "run", "--cache", cache, *SMALL_RUN],
+                 ["masks", data, "--out", root / "masks", "--pseudo", "--size", "64", "--cache", cache],
+                 ["align", data, "--out", root / "align", "--cache", cache, "--size", "64", "--pool", "8", "--epochs",
+                  "1", "--max-steps", "1", "--input-size", "32", "--anchor-images", "20", "--batch", "8", "--split",
+                  "patients", "--val-fraction", "0.2"]):
+        result = invoke(*args)
+        assert result.code == 0, result.output
+    files = root / "files"
+    files.mkdir()
+    checkpoint = root / "run" / "checkpoint.pt"
+    made = {"empty": b"", "garbage": bytes(range(256)) * 8, "text": b"just some notes\n",
+            "truncated": checkpoint.read_bytes()[:5000]}
+    for name, content in made.items():
+        (files / f"{name}.pt").write_bytes(content)
+    torch.save([1, 2, 3], files / "list.pt")
+    masks = checkpoints.load(root / "masks" / "masks.pt", checkpoints.MASKS)
+    for name, values in (("huge", 1e30), ("negative", -5.0)):
+        checkpoints.save(files / f"masks-{name}.pt", checkpoints.MASKS, {**masks, "masks": masks["masks"] * 0 + values})
+    checkpoints.save(files / "masks-shape.pt", checkpoints.MASKS, {**masks, "masks": masks["masks"][:3]})
+    state = checkpoints.load(checkpoint, checkpoints.CLASSIFIER)
+    checkpoints.save(files / "mismatched.pt", checkpoints.CLASSIFIER,
+                     {**state, "config": {**state["config"], "arch": "resnet34"}})  # resnet18 weights
+    checkpoints.save(files / "coarse.pt", checkpoints.CLASSIFIER,
+                     {**state, "config": {**state["config"], "cam_stride": 32}})  # 2 x 2 CAMs at 64 px
+    checkpoints.save(files / "elsewhere.pt", checkpoints.CLASSIFIER,
+                     {**state, "config": {**state["config"], "data": str(root / "moved-away")}})
+    (files / "test-names.txt").write_text("\n".join(state["splits"]["test"]) + "\n")
+    kinds = {"checkpoint": checkpoint, "model": root / "run" / "model.pt", "masks": root / "masks" / "masks.pt",
+             "alignment": root / "align" / "alignment.pt", "anchor": root / "align" / "anchor.pt"}
+    return SimpleNamespace(root=root, data=data, cache=cache, files=files, kinds=kinds)
+
+
+def file_of(world, name: str) -> Path:
+    return world.kinds[name] if name in world.kinds else world.files / f"{name}.pt"
+
+
+# --- command-line numbers and choices out of range: a usage error naming the option (exit 2) -------------------------
+
+def _command(world, tmp_path, command: str) -> list:
+    out = tmp_path / "out"
+    return {"train": ["train", world.data, "--out", out, "--cache", world.cache],
+            "align": ["align", world.data, "--out", out, "--cache", world.cache],
+            "masks": ["masks", world.data, "--out", out, "--cache", world.cache, "--pseudo"],
+            "eval": ["eval", world.data, "--checkpoint", f"m={world.kinds['checkpoint']}", "--out", out],
+            "predict": ["predict", world.kinds["model"], world.data / "images", "--out", out],
+            "synth": ["synth", out], "prepare": ["prepare", world.data, "--cache", out], "demo": ["demo", "--out", out],
+            }[command]
+
+
+RANGE_CASES = [
+    ("train", "--batch", v) for v in ("0", "-16", "1.5", "nan")] + [
+    ("train", "--epochs", "0"), ("train", "--max-steps", "0"), ("train", "--max-steps", "-1"),
+    ("train", "--lr", "0"), ("train", "--lr", "nan"), ("train", "--lr", "inf"), ("train", "--lr", "-1e-3"),
+    ("train", "--lr-decay", "nan"), ("train", "--lr-decay", "0"), ("train", "--lr-decay", "1.5"),
+    ("train", "--val-fraction", "-0.5"), ("train", "--val-fraction", "nan"), ("train", "--val-fraction", "1"),
+    ("train", "--size", "0"), ("train", "--size", "16"), ("train", "--size", "100000"), ("train", "--seed", "-1"),
+    ("train", "--cam-stride", "8"), ("train", "--arch", "resnet99"), ("train", "--optimizer", "rmsprop"),
+    ("train", "--split", "random"), ("train", "--batch", "twelve"),
+    ("align", "--pool", "0"), ("align", "--lr", "nan"), ("align", "--momentum", "1"), ("align", "--momentum", "-0.1"),
+    ("align", "--clip", "0"), ("align", "--input-size", "0"), ("align", "--anchor-images", "0"),
+    ("align", "--grid-images", "0"), ("align", "--perceptual-weight", "-1"), ("align", "--epochs", "0"),
+    ("align", "--batch", "0"), ("align", "--optimizer", "lbfgs"),
+    ("masks", "--confidence", "2"), ("masks", "--confidence", "nan"), ("masks", "--threshold", "-1"),
+    ("masks", "--batch", "0"), ("masks", "--min-images", "0"), ("masks", "--size", "0"),
+    ("masks", "--asymmetric", "Heart"),
+    ("eval", "--batch", "0"), ("eval", "--max-boxes", "0"), ("eval", "--max-boxes", str(2**40)),
+    ("eval", "--box-threshold", "2"), ("eval", "--box-threshold", "nan"), ("eval", "--box-threshold", "abc"),
+    ("eval", "--box-threshold", "0.5,-0.1"), ("eval", "--bootstrap", "-1"), ("eval", "--overlays", "-1"),
+    ("eval", "--seed", "-1"), ("eval", "--box-space", "pixels"), ("eval", "--split", "none"),
+    ("predict", "--batch", "0"), ("predict", "--min-probability", "2"), ("predict", "--min-probability", "nan"),
+    ("predict", "--max-boxes", "0"), ("predict", "--box-threshold", "1.5"),
+    ("synth", "--count", "0"), ("synth", "--count", "-5"), ("synth", "--size", "0"), ("synth", "--no-finding", "2"),
+    ("synth", "--no-finding", "nan"), ("synth", "--seed", "-1"),
+    ("prepare", "--size", "0"), ("prepare", "--size", "16"), ("prepare", "--workers", "0"),
+    ("demo", "--count", "0"), ("demo", "--size", "32"), ("demo", "--val-fraction", "0"), ("demo", "--epochs", "0"),
+    ("demo", "--attention-epochs", "0"), ("demo", "--batch", "0"), ("demo", "--lr", "nan"),
+    ("demo", "--predict-images", "-1"), ("demo", "--max-steps", "0"),
+]
+
+
+@pytest.mark.parametrize("command, flag, value", RANGE_CASES, ids=[" ".join(c) for c in RANGE_CASES])
+def test_out_of_range_options_are_usage_errors(world, tmp_path, command, flag, value):
+    expect([*_command(world, tmp_path, command), flag, value], flag, code=2)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+# --- settings that cannot work together: refused before the work starts --------------------------------------------
+
+def test_align_pool_must_divide_the_size(world, tmp_path):
+    expect([*_command(world, tmp_path, "align"), "--size", "64", "--pool", "7"], "pool 7 must divide")
+
+
+def test_align_refuses_too_few_pooled_cells(world, tmp_path):
+    expect([*_command(world, tmp_path, "align"), "--size", "64", "--pool", "16"], "4 x 4 cells", "at most 8")
+    assert not (tmp_path / "out").exists()
+
+
+def test_masks_refuse_cams_too_coarse(world, tmp_path):
+    expect(["masks", world.data, "--out", tmp_path / "out", "--cache", world.cache, "--checkpoint",
+            world.files / "coarse.pt"], "2 x 2", "--cam-stride 16")
+
+
+# --- files of the wrong kind: an error naming the file ---------------------------------------------------------------
+
+FILE_CASES = [("train", "--init", k) for k in ("empty", "garbage", "text", "list", "truncated", "masks", "model",
+                                                "alignment", "mismatched")] + \
+    [("train", "--aligned", k) for k in ("empty", "garbage", "checkpoint", "masks")] + \
+    [("train", "--masks", k) for k in ("empty", "garbage", "checkpoint", "masks-huge", "masks-negative",
+                                       "masks-shape")] + \
+    [("train", "--weights", k) for k in ("empty", "garbage", "text", "list", "checkpoint", "masks")] + \
+    [("align", "--perceptual", k) for k in ("empty", "garbage", "masks", "alignment")] + \
+    [("masks", "--checkpoint", k) for k in ("empty", "garbage", "masks", "alignment", "model")] + \
+    [("masks", "--anchor", k) for k in ("empty", "garbage", "checkpoint")] + \
+    [("eval", "--checkpoint", k) for k in ("empty", "garbage", "masks", "alignment")] + \
+    [("eval", "--masks", k) for k in ("garbage", "checkpoint")] + \
+    [("predict", "MODEL", k) for k in ("empty", "garbage", "text", "checkpoint", "masks")] + \
+    [("export", "SOURCE", k) for k in ("empty", "garbage", "masks", "model")]
+
+
+@pytest.mark.parametrize("command, where, kind", FILE_CASES, ids=[" ".join(c) for c in FILE_CASES])
+def test_files_of_the_wrong_kind_are_named(world, tmp_path, command, where, kind):
+    path, out = file_of(world, kind), tmp_path / "out"
+    if command == "train":
+        args = ["train", world.data, "--out", out, "--cache", world.cache, *SMALL_RUN, where, path] + \
+            (["--arch", "resnet34"] if kind == "mismatched" else [])  # its config's arch, another arch's weights
+    elif command == "align":
+        args = ["align", world.data, "--out", out, "--cache", world.cache, "--size", "64", "--pool", "8", "--epochs",
+                "1", "--max-steps", "1", "--input-size", "32", "--batch", "8", "--split", "patients", where, path]
+    elif command == "masks":
+        args = ["masks", world.data, "--out", out, "--cache", world.cache, where, path] + \
+            (["--pseudo", "--size", "64"] if where == "--anchor" else [])
+    elif command == "eval":
+        args = ["eval", world.data, "--out", out, "--cache", world.cache, "--checkpoint",
+                f"m={path if where == '--checkpoint' else world.kinds['checkpoint']}"] + \
+            (["--masks", f"x={path}"] if where == "--masks" else [])
+    elif command == "predict":
+        args = ["predict", path, world.data / "images", "--out", out]
+    else:
+        args = ["export", path, "--out", out / "model.pt"]
+    expect(args, str(path))
+    assert not (out / "checkpoint.pt").exists() and not (out / "model.pt").exists()
+
+
+# --- data problems: counted and named (file and line), left out only with --skip-problems ---------------------------
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims ``width x height`` (a decompression bomb's header) with one tiny IDAT."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def _mutated(world, tmp_path, mutate) -> Path:
+    data = tmp_path / "data"
+    shutil.copytree(world.data, data)
+    mutate(data)
+    return data
+
+
+def _rewrite(path: Path, change) -> None:
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(change(lines)) + "\n")
+
+
+def _entry(data):
+    return data / "Data_Entry_2017.csv"
+
+
+def _boxes(data):
+    return data / "BBox_List_2017.csv"
+
+
+def _first_image(data) -> str:
+    return _entry(data).read_text().splitlines()[1].split(",")[0]
+
+
+def _box_row(data, x, y, w, h) -> None:
+    lines = _boxes(data).read_text().splitlines()
+    image = lines[1].split(",")[0] if len(lines) > 1 else _first_image(data)
+    _boxes(data).write_text("\n".join(lines + [f"{image},Mass,{x},{y},{w},{h},,,"]) + "\n")
+
+
+DATA_CASES = {
+    "non-UTF-8 byte": (lambda d: _entry(d).write_bytes(_entry(d).read_bytes().replace(b"\n", b"\n\xff", 3)[:]),
+                       "prepare", ["Data_Entry_2017.csv:2", "not UTF-8"]),
+    "duplicated row": (lambda d: _rewrite(_entry(d), lambda ls: ls + [ls[1]]), "prepare",
+                       ["1 duplicated rows", "Data_Entry_2017.csv:"]),
+    "contradictory row": (lambda d: _rewrite(_entry(d), lambda ls: ls + [ls[1].replace(ls[1].split(",")[1],
+                                                                                         "Hernia", 1)]),
+                          "prepare", ["1 contradictory rows"]),
+    "header lacks columns": (lambda d: _rewrite(_entry(d), lambda ls: ["Image,Labels"] + ls[1:]), "prepare",
+                             ["header lacks the columns"]),
+    "empty Data_Entry": (lambda d: _entry(d).write_text(""), "prepare", ["empty file"]),
+    "no Data_Entry": (lambda d: _entry(d).unlink(), "prepare", ["no Data_Entry_2017.csv"]),
+    "unknown label": (lambda d: _rewrite(_entry(d), lambda ls: [ls[0], ls[1].replace(ls[1].split(",")[1], "Flu", 1),
+                                                                *ls[2:]]), "prepare", ["unknown labels", "Flu"]),
+    "bad patient ID": (lambda d: _rewrite(_entry(d), lambda ls: [ls[0], ",".join(
+        v if i != 3 else "abc" for i, v in enumerate(ls[1].split(","))), *ls[2:]]), "prepare", ["Patient ID 'abc'"]),
+    "missing image": (lambda d: (d / "images" / _first_image(d)).unlink(), "prepare", ["but missing"]),
+    "negative box": (lambda d: _box_row(d, -40, 10, 100, 100), "prepare", ["boxes outside the image"]),
+    "box past the edge": (lambda d: _box_row(d, 1000, 10, 100, 100), "eval", ["boxes outside the image"]),
+    "duplicated box": (lambda d: _rewrite(_boxes(d), lambda ls: ls + [ls[1]]), "prepare", ["duplicated box rows"]),
+    "box unknown label": (lambda d: _rewrite(_boxes(d), lambda ls: ls + [ls[1].replace(ls[1].split(",")[1], "Flu")]),
+                          "prepare", ["box rows with unknown labels"]),
+    "box not numeric": (lambda d: _box_row(d, "x", 1, 2, 3), "prepare", ["malformed box rows", "non-numeric"]),
+    "box of zero width": (lambda d: _box_row(d, 10, 10, 0, 30), "prepare", ["malformed box rows"]),
+    "image in both lists": (lambda d: (d / "test_list.txt").write_text(
+        (d / "test_list.txt").read_text() + _first_image(d) + "\n") if _first_image(d) not in (
+        d / "test_list.txt").read_text() else (d / "train_val_list.txt").write_text(
+        (d / "train_val_list.txt").read_text() + _first_image(d) + "\n"), "train",
+        ["images in both train_val_list.txt and test_list.txt"]),
+    "image in neither list": (lambda d: [_rewrite(d / f, lambda ls: [x for x in ls if x != _first_image(d)])
+                                         for f in ("train_val_list.txt", "test_list.txt")], "train",
+                              ["images in neither train_val_list.txt nor test_list.txt"]),
+    "non-UTF-8 list": (lambda d: (d / "test_list.txt").write_bytes(b"a.png\n\xfe\xff\n"), "train",
+                       ["test_list.txt:2", "not UTF-8"]),
+    "truncated PNG": (lambda d: (d / "images" / _first_image(d)).write_bytes(
+        (d / "images" / _first_image(d)).read_bytes()[:60]), "prepare", ["could not be decoded"]),
+    "decompression bomb": (lambda d: (d / "images" / _first_image(d)).write_bytes(_png_header(100000, 100000)),
+                           "prepare", ["could not be decoded"]),
+    "text named .png": (lambda d: (d / "images" / _first_image(d)).write_text("not an image"), "prepare",
+                        ["could not be decoded"]),
+    "empty box file": (lambda d: _boxes(d).write_text(""), "prepare", ["BBox_List_2017.csv: empty file"]),
+}
+
+
+@pytest.mark.parametrize("case", DATA_CASES, ids=list(DATA_CASES))
+def test_data_problems_are_reported_by_name(world, tmp_path, case):
+    mutate, command, fragments = DATA_CASES[case]
+    data = _mutated(world, tmp_path, mutate)
+    cache = tmp_path / "cache"
+    if command == "prepare":
+        args = ["prepare", data, "--cache", cache, "--size", "64", "--workers", "1"]
+    elif command == "train":
+        args = ["train", data, "--out", tmp_path / "out", "--cache", cache, *SMALL_RUN[:-4]]
+    else:
+        args = ["eval", data, "--checkpoint", f"m={world.kinds['checkpoint']}", "--out", tmp_path / "out", "--cache",
+                cache, "--split", "all", "--allow-overlap"]
+    expect(args, *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_skip_problems_leaves_the_bad_rows_out(world, tmp_path):
+    data = _mutated(world, tmp_path, lambda d: (_rewrite(_entry(d), lambda ls: ls + [ls[1], ls[2].replace(
+        ls[2].split(",")[1], "Hernia", 1)]), _box_row(d, -40, 10, 100, 100)))
+    output = expect(["prepare", data, "--cache", tmp_path / "cache", "--size", "64", "--workers", "1",
+                     "--skip-problems"], "duplicated", "contradictory", "outside", code=0)
+    from dmfast.data.chestxray14 import open_dataset
+
+    dataset = open_dataset(data, skip_problems=True)
+    second = _entry(data).read_text().splitlines()[2].split(",")[0]
+    assert second not in dataset.images and len(dataset.images) == len(set(dataset.images)) == 59, output
+
+
+def test_listed_images_the_folder_lacks_are_counted_not_refused(world, tmp_path):
+    from dmfast.data.chestxray14 import open_dataset
+    from dmfast.data.splits import make_splits, summary
+
+    data = _mutated(world, tmp_path, lambda d: (d / "test_list.txt").write_text(
+        (d / "test_list.txt").read_text() + "99999999_000.png\n99999999_001.png\n"))
+    dataset = open_dataset(data)
+    assert "the lists name 2 more images this folder does not have" in summary(dataset, make_splits(dataset),
+                                                                               "official")
+
+
+def test_a_folder_given_as_data_or_a_file_as_folder(world, tmp_path):
+    (tmp_path / "plain").write_text("x")
+    expect(["prepare", tmp_path / "plain"], "DATA_DIR", code=2)
+    expect(["prepare", world.data, "--cache", tmp_path / "plain" / "cache"], "is a file, not a folder")
+    expect(["train", world.data, "--out", tmp_path / "plain" / "run", "--cache", world.cache, *SMALL_RUN],
+           "is a file, not a folder")
+    expect(["eval", world.data, "--checkpoint", f"m={world.kinds['checkpoint']}", "--out", tmp_path / "o",
+            "--images", tmp_path / "plain"], "--images", "not images of")
+    (tmp_path / "blank").write_text("\n")
+    expect(["eval", world.data, "--checkpoint", f"m={world.kinds['checkpoint']}", "--out", tmp_path / "o",
+            "--images", tmp_path / "blank", "--cache", world.cache], "no image names")
+
+
+# --- runs are never overwritten or appended to ----------------------------------------------------------------------
+
+def test_runs_are_never_overwritten_without_asking(world, tmp_path):
+    run = world.root / "run"
+    before = (run / "checkpoint.pt").read_bytes(), (run / "metrics.jsonl").read_text()
+    train = ["train", world.data, "--out", run, "--cache", world.cache, *SMALL_RUN]
+    expect(train, "already holds", "--overwrite", "--resume")
+    expect([*train, "--resume", "--overwrite"], "give one of them")
+    expect([*train, "--resume", "--arch", "resnet34"], "arch", "resnet18")
+    assert ((run / "checkpoint.pt").read_bytes(), (run / "metrics.jsonl").read_text()) == before
+    expect(["train", world.data, "--out", tmp_path / "none", "--cache", world.cache, "--resume"], "not found")
+    expect(["align", world.data, "--out", world.root / "align", "--cache", world.cache, "--size", "64", "--pool", "8"],
+           "already holds", "alignment.pt")
+    expect(["masks", world.data, "--out", world.root / "masks", "--pseudo", "--cache", world.cache], "already holds")
+    expect(["export", run, "--out", run / "model.pt"], "already holds")
+    expect(["synth", world.data], "already holds", "Data_Entry_2017.csv")
+    for folder, command, name in ((tmp_path / "p", ["predict", world.kinds["model"], world.data / "images"],
+                                   "predictions.csv"),
+                                  (tmp_path / "e", ["eval", world.data, "--checkpoint",
+                                                    f"m={world.kinds['checkpoint']}"], "eval.json"),
+                                  (tmp_path / "d", ["demo"], "demo.json")):
+        folder.mkdir()
+        (folder / name).write_text("earlier\n")
+        expect([*command, "--out", folder], "already holds", name)
+        assert (folder / name).read_text() == "earlier\n"
+
+
+def test_overwrite_replaces_and_removes_stale_temporaries(world, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(world.root / "run", out)
+    (out / ".checkpoint.pt.abc.tmp").write_bytes(b"x" * 1000)  # left by a write killed mid-way
+    (out / "notes.txt").write_text("mine")
+    expect(["train", world.data, "--out", out, "--cache", world.cache, *SMALL_RUN, "--overwrite"], code=0)
+    assert not (out / ".checkpoint.pt.abc.tmp").exists() and (out / "notes.txt").read_text() == "mine"
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_eval_refuses_training_images_unless_allowed(world, tmp_path):
+    args = ["eval", world.data, "--checkpoint", f"m={world.kinds['checkpoint']}", "--out", tmp_path / "e", "--cache",
+            world.cache, "--split", "all", "--bootstrap", "0", "--overlays", "0"]
+    expect(args, "share a name", "--allow-overlap")
+    expect([*args, "--allow-overlap"], "warning", code=0)
+
+
+def test_unknown_patient_overlap_is_a_warning_or_with_strict_an_error(world, tmp_path):
+    args = ["eval", world.data, "--checkpoint", f"m={world.files / 'elsewhere.pt'}", "--cache", world.cache,
+            "--images", world.files / "test-names.txt", "--bootstrap", "0", "--overlays", "0"]
+    expect([*args, "--out", tmp_path / "a"], "an unknown number", code=0)
+    expect([*args, "--out", tmp_path / "b", "--strict"], "an unknown number", "(--strict)")
+
+
+def test_another_folders_cache_is_never_used_or_rebuilt(world, tmp_path):
+    data = _mutated(world, tmp_path, lambda d: None)  # the same images, another folder
+    before = (world.cache / "index.json").read_text()
+    expect(["prepare", data, "--cache", world.cache, "--size", "64"], "holds the images of", "another --cache")
+    expect(["train", data, "--out", tmp_path / "run", "--cache", world.cache, *SMALL_RUN], "holds the images of")
+    assert (world.cache / "index.json").read_text() == before
+
+
+def test_train_skip_problems_finishes_a_cache_left_incomplete(world, tmp_path):
+    data = _mutated(world, tmp_path, DATA_CASES["truncated PNG"][0])
+    cache = tmp_path / "cache"
+    expect(["prepare", data, "--cache", cache, "--size", "64", "--workers", "1"], "could not be decoded")
+    expect(["train", data, "--out", tmp_path / "run", "--cache", cache, *SMALL_RUN], "incomplete", "--skip-problems")
+    expect(["train", data, "--out", tmp_path / "run", "--cache", cache, *SMALL_RUN, "--skip-problems"], code=0)
+    assert (tmp_path / "run" / "model.pt").is_file()
+
+
+def test_an_unforeseen_error_saves_its_traceback(monkeypatch, tmp_path):
+    import dmfast.data.phantom
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something nobody foresaw")
+
+    monkeypatch.setattr(dmfast.data.phantom, "synthesize", broken)
+    monkeypatch.setattr("cli.main.synthesize", broken)
+    result = invoke("synth", tmp_path / "x")
+    assert result.code == 1 and "Traceback" not in result.output
+    assert "unexpected RuntimeError: something nobody foresaw" in result.output
+    saved = Path(result.output.split("the traceback is in ")[1].split(")")[0])
+    assert "Traceback" in saved.read_text() and "something nobody foresaw" in saved.read_text()
+
+
+# --- ops: every argument error names the argument ------------------------------------------------------------------
+
+def _images(shape=(2, 1, 16, 16), dtype=torch.float32):
+    return torch.rand(shape, dtype=dtype)
+
+
+IDENTITY = torch.eye(2, 3).expand(2, 2, 3).contiguous()
+OP_CASES = {
+    "affine_smooth images 3-d": (lambda: ops.affine_smooth(_images()[0], IDENTITY, 4), "images must be [B, C, H, W]"),
+    "affine_smooth theta shape": (lambda: ops.affine_smooth(_images(), IDENTITY[:, :, :2], 4), "theta must be"),
+    "affine_smooth batch": (lambda: ops.affine_smooth(_images((3, 1, 16, 16)), IDENTITY, 4), "batch sizes"),
+    "affine_smooth pool 0": (lambda: ops.affine_smooth(_images(), IDENTITY, 0), "pool must be >= 1"),
+    "affine_smooth pool 7": (lambda: ops.affine_smooth(_images(), IDENTITY, 7), "divisible by pool=7"),
+    "affine_smooth pool float": (lambda: ops.affine_smooth(_images(), IDENTITY, 4.0), "pool must be an int"),
+    "affine_smooth int images": (lambda: ops.affine_smooth(_images().long(), IDENTITY, 4), "images must be float"),
+    "affine_smooth theta dtype": (lambda: ops.affine_smooth(_images(), IDENTITY.double(), 4), "theta dtype"),
+    "affine_smooth empty": (lambda: ops.affine_smooth(_images((2, 0, 16, 16)), IDENTITY, 4), "C, H and W > 0"),
+    "affine_smooth half on CPU": (lambda: ops.affine_smooth(_images().half(), IDENTITY, 4), "on CPU"),
+    "cam_boxes size of one": (lambda: ops.cam_boxes(_images((2, 8, 8)), (32,), 0.5), "size must be (H, W)"),
+    "cam_boxes size of three": (lambda: ops.cam_boxes(_images((2, 8, 8)), (32, 32, 3), 0.5), "size must be (H, W)"),
+    "cam_boxes size float": (lambda: ops.cam_boxes(_images((2, 8, 8)), (32.5, 32), 0.5), "size must be (H, W)"),
+    "cam_boxes size zero": (lambda: ops.cam_boxes(_images((2, 8, 8)), (0, 32), 0.5), "size must be (H, W)"),
+    "cam_boxes huge max_boxes": (lambda: ops.cam_boxes(_images((2, 8, 8)), (32, 32), 0.5, 2**40), "max_boxes"),
+    "cam_boxes max_boxes 0": (lambda: ops.cam_boxes(_images((2, 8, 8)), (32, 32), 0.5, 0), "max_boxes"),
+    "cam_boxes max_boxes float": (lambda: ops.cam_boxes(_images((2, 8, 8)), (32, 32), 0.5, 2.5), "max_boxes"),
+    "cam_boxes threshold 2": (lambda: ops.cam_boxes(_images((2, 8, 8)), (32, 32), 2.0), "thresholds"),
+    "cam_boxes threshold nan": (lambda: ops.cam_boxes(_images((2, 8, 8)), (32, 32), float("nan")), "thresholds"),
+    "cam_boxes threshold text": (lambda: ops.cam_boxes(_images((2, 8, 8)), (32, 32), "high"), "threshold"),
+    "cam_boxes no thresholds": (lambda: ops.cam_boxes(_images((2, 8, 8)), (32, 32), []), "at least one threshold"),
+    "cam_boxes 2-d maps": (lambda: ops.cam_boxes(_images((8, 8)), (32, 32), 0.5), "cams must be"),
+    "cam_boxes int maps": (lambda: ops.cam_boxes(_images((2, 8, 8)).long(), (32, 32), 0.5), "cams must be float"),
+    "cam_boxes score": (lambda: ops.cam_boxes(_images((2, 8, 8)), (32, 32), 0.5, 1, "median"), "score must be"),
+    "cam_boxes not a tensor": (lambda: ops.cam_boxes([[0.5]], (32, 32), 0.5), "cams must be a tensor"),
+    "mask_attention shapes": (lambda: ops.mask_attention(_images((2, 4, 8, 8)), _images((2, 3, 8, 8))), "broadcast"),
+    "mask_attention dtype": (lambda: ops.mask_attention(_images((2, 4, 8, 8)), _images((1, 1, 8, 8)).double()),
+                             "masks has dtype"),
+    "mask_attention 3-d": (lambda: ops.mask_attention(_images((4, 8, 8)), _images((1, 8, 8))), "features must be"),
+    "attention_cam weight": (lambda: ops.attention_cam(_images((2, 4, 8, 8)), _images((3, 5)), _images((3,))),
+                             "weight must be [C, K]"),
+    "attention_cam bias": (lambda: ops.attention_cam(_images((2, 4, 8, 8)), _images((3, 4)), _images((2,))),
+                           "bias must be [C]"),
+    "attention_cam masks": (lambda: ops.attention_cam(_images((2, 4, 8, 8)), _images((3, 4)), _images((3,)),
+                                                      _images((2, 8, 8))), "masks must be"),
+    "attention_cam dtype": (lambda: ops.attention_cam(_images((2, 4, 8, 8)), _images((3, 4)).double(),
+                                                      _images((3,)).double()), "weight has dtype"),
+}
+
+
+@pytest.mark.parametrize("case", OP_CASES, ids=list(OP_CASES))
+def test_op_argument_errors_name_the_argument(case):
+    call, fragment = OP_CASES[case]
+    with pytest.raises((RuntimeError, ValueError, TypeError)) as error:
+        call()
+    assert fragment in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e7, 1e38, -3e38])
+def test_theta_outside_the_domain_is_a_nan_result_never_a_crash(value):
+    theta = IDENTITY.clone()
+    theta[1, 1, 0] = value
+    out = ops.affine_smooth(_images(), theta, 4)
+    assert out[1].isnan().all() and out[0].isfinite().all()
