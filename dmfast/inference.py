@@ -3,6 +3,7 @@ classifier on uint8 image batches (probabilities and class activation maps, on a
 on them), and the portable model file (:func:`export_model`, :func:`load_model`). Shared by ``dmfast train``
 (validation, model.pt), ``align`` (perceptual loss), ``masks``, ``eval`` and ``export``."""
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,18 +25,34 @@ def load_classifier(path, device="cpu") -> tuple:
     """A trained classifier from a ``dmfast train`` checkpoint, in eval mode with its disease masks (if it was
     trained with some): ``(model, config, state)``."""
     state = checkpoints.load(path, checkpoints.CLASSIFIER)
-    config = from_dict(TrainConfig, state["config"])
+    try:
+        config = from_dict(TrainConfig, state["config"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: its settings cannot be used ({error})") from None
     model = CAMClassifier(config.arch, len(FINDINGS), cam_stride=config.cam_stride)
-    model.set_masks(state["model"].get("masks"))
-    model.load_state_dict(state["model"])
+    with weights_of(path, config.arch):
+        model.set_masks(state["model"].get("masks"))
+        model.load_state_dict(state["model"])
     return model.to(device).eval(), config, state
+
+
+@contextmanager
+def weights_of(path, what: str):
+    """A block that loads the weights of file ``path`` into a ``what``: a mismatch is an error naming the file and
+    the first tensor that does not fit, not torch's traceback."""
+    try:
+        yield
+    except (RuntimeError, TypeError, ValueError, AttributeError, KeyError) as error:
+        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise ValueError(f"{path}: its weights do not fit a {what} ({detail[:300]})") from None
 
 
 def load_aligner(path, device="cpu") -> AlignmentNet:
     """A trained alignment module from a ``dmfast align`` checkpoint, in eval mode."""
     state = checkpoints.load(path, checkpoints.ALIGNMENT)
-    net = AlignmentNet(**state["net_config"])
-    net.load_state_dict(state["model"])
+    with weights_of(path, "alignment network"):
+        net = AlignmentNet(**state["net_config"])
+        net.load_state_dict(state["model"])
     return net.to(device).eval()
 
 

@@ -29,7 +29,7 @@ from .data.chestxray14 import FINDINGS, open_dataset
 from .data.images import to_model_input
 from .data.splits import Splits, make_splits, summary
 from .figures import training_figure
-from .inference import export_model, load_aligner
+from .inference import export_model, load_aligner, weights_of
 from .io import LOSS_AND_RATE, atomic_write_bytes, check_outputs, clear_outputs, json_text, progress, save_png
 from .metrics import roc_auc
 from .models import CAMClassifier
@@ -164,6 +164,8 @@ def _resumed_config(config: TrainConfig, saved: dict, path: Path) -> TrainConfig
     """The checkpoint's settings with the command line's :data:`RESUME_SETTINGS`; any other setting given with a
     value that differs from the run's is an error (it would be ignored)."""
     default = defaults(TrainConfig)
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume: {path}: its settings are not a dict")
     for name in (n for n in default if n not in RESUME_SETTINGS):
         given, kept = getattr(config, name), saved.get(name, default[name])
         if name in ("aligned", "init", "masks") and given:
@@ -172,7 +174,10 @@ def _resumed_config(config: TrainConfig, saved: dict, path: Path) -> TrainConfig
             raise ValueError(f"--resume: {path} was trained with {name} = {kept!r}; a resumed run keeps its settings "
                              f"(only epochs and tensorboard may change), so "
                              f"{name} = {given!r} cannot apply: start a new run for it")
-    return from_dict(TrainConfig, {**asdict(config), **saved, **{k: getattr(config, k) for k in RESUME_SETTINGS}})
+    try:
+        return from_dict(TrainConfig, {**asdict(config), **saved, **{k: getattr(config, k) for k in RESUME_SETTINGS}})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--resume: {path}: its settings cannot be used ({error})") from None
 
 
 def run(config: TrainConfig, resume: bool = False, console: Console | None = None) -> Path:
@@ -222,9 +227,10 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
     start_epoch = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        with weights_of(last, config.arch):
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"] + 1
         _set_rng_state(state["rng"])
         console.print(f"resumed from {last} after epoch {state['epoch'] + 1}")

@@ -71,6 +71,10 @@ def world(tmp_path_factory):
                      {**state, "config": {**state["config"], "arch": "resnet34"}})  # resnet18 weights
     checkpoints.save(files / "coarse.pt", checkpoints.CLASSIFIER,
                      {**state, "config": {**state["config"], "cam_stride": 32}})  # 2 x 2 CAMs at 64 px
+    checkpoints.save(files / "settings.pt", checkpoints.CLASSIFIER,
+                     {**state, "config": {**state["config"], "lr_decay": 5.0}})  # edited out of range
+    checkpoints.save(files / "weights.pt", checkpoints.CLASSIFIER,
+                     {**state, "model": {**state["model"], "fc.weight": state["model"]["fc.weight"][:3]}})
     checkpoints.save(files / "elsewhere.pt", checkpoints.CLASSIFIER,
                      {**state, "config": {**state["config"], "data": str(root / "moved-away")}})
     (files / "test-names.txt").write_text("\n".join(state["splits"]["test"]) + "\n")
@@ -152,18 +156,18 @@ def test_masks_refuse_cams_too_coarse(world, tmp_path):
 # --- files of the wrong kind: an error naming the file ---------------------------------------------------------------
 
 FILE_CASES = [("train", "--init", k) for k in ("empty", "garbage", "text", "list", "truncated", "masks", "model",
-                                                "alignment", "mismatched")] + \
+                                                "alignment", "mismatched", "weights")] + \
     [("train", "--aligned", k) for k in ("empty", "garbage", "checkpoint", "masks")] + \
     [("train", "--masks", k) for k in ("empty", "garbage", "checkpoint", "masks-huge", "masks-negative",
                                        "masks-shape")] + \
     [("train", "--weights", k) for k in ("empty", "garbage", "text", "list", "checkpoint", "masks")] + \
     [("align", "--perceptual", k) for k in ("empty", "garbage", "masks", "alignment")] + \
-    [("masks", "--checkpoint", k) for k in ("empty", "garbage", "masks", "alignment", "model")] + \
+    [("masks", "--checkpoint", k) for k in ("empty", "garbage", "masks", "alignment", "model", "settings")] + \
     [("masks", "--anchor", k) for k in ("empty", "garbage", "checkpoint")] + \
-    [("eval", "--checkpoint", k) for k in ("empty", "garbage", "masks", "alignment")] + \
+    [("eval", "--checkpoint", k) for k in ("empty", "garbage", "masks", "alignment", "settings", "weights")] + \
     [("eval", "--masks", k) for k in ("garbage", "checkpoint")] + \
     [("predict", "MODEL", k) for k in ("empty", "garbage", "text", "checkpoint", "masks")] + \
-    [("export", "SOURCE", k) for k in ("empty", "garbage", "masks", "model")]
+    [("export", "SOURCE", k) for k in ("empty", "garbage", "masks", "model", "settings", "weights")]
 
 
 @pytest.mark.parametrize("command, where, kind", FILE_CASES, ids=[" ".join(c) for c in FILE_CASES])
