@@ -195,7 +195,11 @@ def train(data_dir, resume, **kwargs):
     """Train the CAM classifier with weighted BCE on DATA_DIR (runs under torchrun for DDP)."""
     import dmfast.train
 
-    dmfast.train.run(TrainConfig(data=data_dir, **kwargs), resume=resume)
+    from click.core import ParameterSource
+
+    context = click.get_current_context()
+    given = {name for name in kwargs if context.get_parameter_source(name) != ParameterSource.DEFAULT}
+    dmfast.train.run(TrainConfig(data=data_dir, **kwargs), resume=resume, given=given)
 
 
 @main.command()
@@ -312,6 +316,8 @@ def evaluate(data_dir, checkpoints, masks_files, box_threshold, **kwargs):
     """Score AUROC and box localization (IoU, IoBB, AFP) of checkpoints side by side, with overlays."""
     import dmfast.eval
 
+    if kwargs.get("images") and kwargs.get("split"):
+        raise click.UsageError("give --images or --split, not both")
     config = EvalConfig(data=data_dir, checkpoints=_named_paths(checkpoints, "--checkpoint"),
                         masks=_named_paths(masks_files, "--masks"), box_thresholds=_box_thresholds(box_threshold),
                         **kwargs)

@@ -108,6 +108,8 @@ inline void check_attention_cam_bias(const at::Tensor& bias, const at::Tensor& w
 // Boxes kept per map at most: the outputs are [..., max_boxes, 4] whatever the maps hold, so a huge value would only
 // allocate memory for padding.
 constexpr int64_t kMaxBoxes = 65536;
+// The largest side of the image boxes are reported in (as dmfast.ops.MAX_SIDE).
+constexpr int64_t kMaxSide = 65536;
 
 // cams [N, h, w] or [B, C, h, w] floats, size (H, W) >= 1, thresholds in [0, 1], max_boxes in [1, kMaxBoxes], score
 // "max" or "mean".
@@ -118,8 +120,8 @@ inline void check_cam_boxes_args(const at::Tensor& cams, at::IntArrayRef size, a
               cams.sizes());
   TORCH_CHECK(cams.size(-1) > 0 && cams.size(-2) > 0, op, ": maps must have h, w > 0, got shape ", cams.sizes());
   check_float_dtype(op, "cams", cams);
-  TORCH_CHECK(size.size() == 2 && size[0] > 0 && size[1] > 0, op, ": size must be (H, W) with H, W >= 1, got ",
-              size);
+  TORCH_CHECK(size.size() == 2 && size[0] > 0 && size[1] > 0 && size[0] <= kMaxSide && size[1] <= kMaxSide, op,
+              ": size must be (H, W) with H, W in [1, ", kMaxSide, "], got ", size);
   TORCH_CHECK(!thresholds.empty(), op, ": give at least one threshold");
   for (const double t : thresholds) {
     TORCH_CHECK(t >= 0.0 && t <= 1.0, op, ": thresholds are fractions of the normalised range, in [0, 1]; got ", t);

@@ -153,7 +153,7 @@ def run(config: AlignConfig, console: Console | None = None) -> Path:
         console.print(f"epoch {epoch + 1}: loss {history[-1]['loss']:.5f} (euclidean {history[-1]['euclidean']:.5f}, "
                       f"perceptual {history[-1]['perceptual']:.5f})")
     net.eval()
-    check = validation_check(net, loss_fn, cache, val_names, config.batch)
+    check = validation_check(net, loss_fn, cache, [n for n in splits.val if n in cache] or val_names, config.batch)
     console.print(f"validation loss on {check['images']} images: {check['learned']:.5f} with the learned warp, "
                   f"{check['identity']:.5f} without (identity)")
     if check["kept"] == "identity":

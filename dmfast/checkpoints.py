@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .config import ARCHS, CAM_STRIDES, SIZE
 from .data.chestxray14 import FINDINGS
 from .io import atomic_torch_save
 
@@ -61,6 +62,9 @@ def load(path, kind: str) -> dict:
                          f"one reads up to version {VERSION}")
     if not found or any(key not in payload for key in required):
         raise ValueError(f"{path}: not a dmfast {what} (expected a dict with {', '.join(map(repr, required))})")
+    problem = _structure_problem(kind, payload)
+    if problem:
+        raise ValueError(f"{path}: not a usable {what}: {problem}")
     masks = payload.get("masks")
     if kind == MASKS and (not isinstance(masks, torch.Tensor) or masks.dim() != 3 or masks.shape[0] != len(FINDINGS)):
         raise ValueError(f"{path}: not a dmfast masks file (expected a dict with 'masks' [{len(FINDINGS)}, h, w])")
@@ -70,6 +74,45 @@ def load(path, kind: str) -> dict:
         raise ValueError(f"{path}: mask values must lie in [0, 1] (attention weights), found "
                          f"{masks.min().item():g} to {masks.max().item():g}")
     return payload
+
+
+def _structure_problem(kind: str, payload: dict) -> str | None:
+    """What is wrong with the fields of a file of format ``kind`` (an edited or damaged file), or None."""
+    def state(value) -> bool:
+        return isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+    if kind in (CLASSIFIER, ALIGNMENT) and not state(payload["model"]):
+        return "'model' is not a state dict of tensors"
+    if kind == CLASSIFIER:
+        config = payload["config"]
+        if not isinstance(config, dict) or "arch" not in config or "size" not in config:
+            return "its settings ('config') lack the architecture or the image size"
+        bad = SIZE.problem(config["size"]) or (None if config["arch"] in ARCHS else f"arch {config['arch']!r}")
+        return f"size {bad}" if bad and bad.startswith("must") else bad
+    if kind == ALIGNMENT:
+        net = payload["net_config"]
+        if not isinstance(net, dict) or not isinstance(net.get("input_size"), int):
+            return "'net_config' lacks the network's input_size"
+    if kind == MODEL:
+        classifier, aligner = payload["classifier"], payload["aligner"]
+        if not isinstance(classifier, dict) or not state(classifier.get("state")):
+            return "'classifier' lacks its weights"
+        if classifier.get("arch") not in ARCHS or classifier.get("cam_stride") not in CAM_STRIDES:
+            return f"classifier arch {classifier.get('arch')!r} or CAM stride {classifier.get('cam_stride')!r}"
+        if SIZE.problem(payload["size"]):
+            return f"size {SIZE.problem(payload['size'])}"
+        if not isinstance(payload["classes"], (list, tuple)) or list(payload["classes"]) != list(FINDINGS):
+            return f"its classes are not dmfast's {len(FINDINGS)} findings"
+        if aligner is not None and not (isinstance(aligner, dict) and state(aligner.get("state")) and
+                                        isinstance(aligner.get("input_size"), int)):
+            return "'aligner' lacks its weights or input size"
+    return None
+
+
+def non_finite(state: dict) -> list:
+    """The names of the floating-point tensors of ``state`` holding NaN or infinite values (a diverged run)."""
+    return [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+            and not torch.isfinite(v).all()]
 
 
 def _a(what: str) -> str:

@@ -404,6 +404,10 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
     if not config.checkpoints:
         raise ValueError("dmfast eval needs at least one --checkpoint")
+    names = [name for name, _ in [*config.checkpoints, *config.masks]]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"method names given twice: {', '.join(twice)} (name each --checkpoint/--masks NAME=PATH)")
     levels = box_levels(config.box_thresholds, config.max_boxes)
     out = Path(config.out)
     earlier = check_outputs(out, OUTPUTS, "dmfast eval", config.overwrite)

@@ -29,6 +29,10 @@ def load_classifier(path, device="cpu") -> tuple:
         config = from_dict(TrainConfig, state["config"])
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: its settings cannot be used ({error})") from None
+    diverged = checkpoints.non_finite(state["model"])
+    if diverged:
+        raise ValueError(f"{path}: its weights hold NaN or infinite values ({', '.join(diverged[:3])}): the run "
+                         "diverged (a lower --lr, or an earlier epoch's best.pt)")
     model = CAMClassifier(config.arch, len(FINDINGS), cam_stride=config.cam_stride)
     with weights_of(path, config.arch):
         model.set_masks(state["model"].get("masks"))
@@ -224,6 +228,9 @@ def export_model(source, out, half: bool = False, overwrite: bool = False) -> Pa
     out = Path(out)
     if out.is_dir():
         raise ValueError(f"--out {out}: a folder; give the model file's path (e.g. {out / 'model.pt'})")
+    if out.resolve() == source.resolve() or (out.name in ("checkpoint.pt", "best.pt") and out.exists()):
+        raise ValueError(f"--out {out}: that is a training checkpoint (never replaced by a model file); give another "
+                         "path, e.g. RUN/model.pt")
     check_outputs(out.parent, [out.name], "dmfast export", overwrite)
     model, config, _ = load_classifier(source)
     cast = (lambda state: {k: v.half() if v.is_floating_point() else v for k, v in state.items()}) if half else dict

@@ -69,8 +69,10 @@ def affine_smooth(images: Tensor, theta: Tensor, pool: int = 16) -> Tensor:
         ``[B, C, H, W]`` tensor. Differentiable with respect to ``images`` and ``theta`` (first order only).
         Deterministic on CPU; on CUDA the image gradient uses atomic adds.
     """
-    if isinstance(pool, bool) or not isinstance(pool, int):
-        raise TypeError(f"affine_smooth: pool must be an int, got {type(pool).__name__}")
+    _tensors("affine_smooth", images=images, theta=theta)
+    pool = _index(pool, "affine_smooth", "pool")
+    if not 1 <= pool <= MAX_SIDE:
+        raise ValueError(f"affine_smooth: pool must be in [1, {MAX_SIDE}], got {pool}")
     return torch.ops.dmfast.affine_smooth.default(images, theta, pool)
 
 
@@ -91,9 +93,15 @@ def affine_matrix(sx: Tensor, sy: Tensor, tx: Tensor, ty: Tensor, angle: Tensor)
 def affine_inverse(theta: Tensor) -> Tensor:
     """The inverse of affine matrices ``theta [..., 2, 3]`` (as 3 x 3 homogeneous transforms), in float64: maps the
     other way between the two frames, e.g. from an image back to its aligned version."""
+    _tensors("affine_inverse", theta=theta)
+    if theta.dim() < 2 or tuple(theta.shape[-2:]) != (2, 3):
+        raise ValueError(f"affine_inverse: theta must be [..., 2, 3], got {tuple(theta.shape)}")
     theta = theta.double()
     last = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64, device=theta.device).expand(*theta.shape[:-2], 1, 3)
-    return torch.linalg.inv(torch.cat([theta, last], -2))[..., :2, :]
+    inverse, info = torch.linalg.inv_ex(torch.cat([theta, last], -2))
+    if (info != 0).any():
+        raise ValueError("affine_inverse: theta is singular (it maps the image onto a line or a point)")
+    return inverse[..., :2, :]
 
 
 def mask_attention(features: Tensor, masks: Tensor) -> Tensor:
@@ -156,27 +164,38 @@ def cam_boxes(cams: Tensor, size, threshold, max_boxes: int = 16, score: str = "
         pixel). Entries past ``min(count, max_boxes)`` are zero. A constant map has no region: count 0.
         Not differentiable.
     """
-    if not isinstance(cams, Tensor):
-        raise TypeError(f"cam_boxes: cams must be a tensor, got {type(cams).__name__}")
+    _tensors("cam_boxes", cams=cams)
     try:
         levels = [float(threshold)] if isinstance(threshold, (int, float)) else [float(t) for t in threshold]
     except (TypeError, ValueError):
         raise ValueError(f"cam_boxes: threshold must be a fraction or a sequence of them, got {threshold!r}") from None
+    if len(levels) > MAX_THRESHOLDS:
+        raise ValueError(f"cam_boxes: at most {MAX_THRESHOLDS} thresholds, got {len(levels)}")
     try:
-        height, width = (_index(v) for v in size)
+        height, width = (_index(v, "cam_boxes", "size") for v in size)
     except (TypeError, ValueError):
         raise ValueError(f"cam_boxes: size must be (H, W), two ints, got {size!r}") from None
-    return torch.ops.dmfast.cam_boxes.default(cams.detach(), [height, width], levels, _index(max_boxes, "max_boxes"),
-                                              score)
+    if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE):
+        raise ValueError(f"cam_boxes: size must be (H, W) with H, W in [1, {MAX_SIDE}], got {size!r}")
+    return torch.ops.dmfast.cam_boxes.default(cams.detach(), [height, width], levels,
+                                              _index(max_boxes, "cam_boxes", "max_boxes"), score)
 
 
-def _index(value, name: str | None = None) -> int:
+MAX_SIDE = 1 << 16  # the largest image side (H, W, pool) the ops take: larger ones only exhaust memory
+MAX_THRESHOLDS = 256
+
+
+def _index(value, op: str, name: str) -> int:
     """``value`` as an int, when it is one (a Python or numpy int, or a one-element integer tensor)."""
     if isinstance(value, bool) or not hasattr(value, "__index__"):
-        if name is None:
-            raise TypeError(value)
-        raise TypeError(f"cam_boxes: {name} must be an int, got {value!r}")
+        raise TypeError(f"{op}: {name} must be an int, got {value!r}")
     return int(value.__index__())
+
+
+def _tensors(op: str, **named) -> None:
+    for name, value in named.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(value).__name__}")
 
 
 def _check_affine_smooth_shapes(images: Tensor, theta: Tensor, pool: int) -> None:

@@ -76,6 +76,8 @@ def build_model(config: TrainConfig, console: Console) -> CAMClassifier:
     if config.init:
         state = checkpoints.load(config.init, checkpoints.CLASSIFIER)
         previous = state["config"]
+        if checkpoints.non_finite(state["model"]):
+            raise ValueError(f"--init {config.init}: its weights hold NaN or infinite values (a diverged run)")
         if (previous.get("arch"), previous.get("cam_stride", 32)) != (config.arch, config.cam_stride):
             raise ValueError(f"--init {config.init} is a {previous.get('arch')} with CAM stride "
                              f"{previous.get('cam_stride', 32)}; this run asks for {config.arch} with "
@@ -157,32 +159,42 @@ def _improved(metrics: dict, best: dict | None) -> bool:
 # --overwrite.
 OUTPUTS = ("checkpoint.pt", "best.pt", "model.pt", "metrics.jsonl", "splits.json", "training.png", "tensorboard")
 # The settings a resumed run takes from the command line; every other one comes from its checkpoint.
-RESUME_SETTINGS = ("data", "out", "cache", "skip_problems", "overwrite", "epochs", "tensorboard")
+RESUME_SETTINGS = ("data", "out", "cache", "skip_problems", "overwrite", "tensorboard")
 
 
-def _resumed_config(config: TrainConfig, saved: dict, path: Path) -> TrainConfig:
-    """The checkpoint's settings with the command line's :data:`RESUME_SETTINGS`; any other setting given with a
-    value that differs from the run's is an error (it would be ignored)."""
+def _resumed_config(config: TrainConfig, saved: dict, path: Path, done: int, given=None) -> TrainConfig:
+    """The checkpoint's settings with the command line's :data:`RESUME_SETTINGS` and ``epochs`` when given. A
+    setting given with a value that differs from the run's is an error (it would be ignored), as is fewer epochs
+    than the ``done`` ones. ``given``: the names given on the command line (None, for a config built in Python:
+    ``epochs`` and the settings that differ from the defaults)."""
     default = defaults(TrainConfig)
     if not isinstance(saved, dict):
         raise ValueError(f"--resume: {path}: its settings are not a dict")
-    for name in (n for n in default if n not in RESUME_SETTINGS):
-        given, kept = getattr(config, name), saved.get(name, default[name])
-        if name in ("aligned", "init", "masks") and given:
-            given = str(Path(given).resolve())
-        if given != default[name] and given != kept:
+    from_python = given is None  # a config built in Python: its epochs count, other settings when not defaults
+    given = {n for n in default if getattr(config, n) != default[n]} | {"epochs"} if from_python else set(given)
+    for name in sorted(given - set(RESUME_SETTINGS) - {"epochs"}):
+        value, kept = getattr(config, name), saved.get(name, default.get(name))
+        if name in ("aligned", "init", "masks") and value:
+            value = str(Path(value).resolve())
+        if value != kept:
             raise ValueError(f"--resume: {path} was trained with {name} = {kept!r}; a resumed run keeps its settings "
-                             f"(only epochs and tensorboard may change), so "
-                             f"{name} = {given!r} cannot apply: start a new run for it")
+                             f"(only --epochs and --tensorboard may change), so {name} = {value!r} cannot apply: start "
+                             "a new run for it")
+    epochs = config.epochs if "epochs" in given else saved.get("epochs", config.epochs)
+    if epochs < done:
+        raise ValueError(f"--resume: {path} has trained {done} epochs already; --epochs {epochs} would train none "
+                         "(give more epochs to continue it)")
     try:
-        return from_dict(TrainConfig, {**asdict(config), **saved, **{k: getattr(config, k) for k in RESUME_SETTINGS}})
+        return from_dict(TrainConfig, {**asdict(config), **saved, "epochs": epochs,
+                                       **{k: getattr(config, k) for k in RESUME_SETTINGS}})
     except (TypeError, ValueError) as error:
         raise ValueError(f"--resume: {path}: its settings cannot be used ({error})") from None
 
 
-def run(config: TrainConfig, resume: bool = False, console: Console | None = None) -> Path:
+def run(config: TrainConfig, resume: bool = False, console: Console | None = None, given=None) -> Path:
     """Train (or resume) and return the path of the last checkpoint; the run's portable model file is written
-    beside it as ``model.pt``."""
+    beside it as ``model.pt``. ``given``: the settings named on the command line (for ``resume``, see
+    :func:`_resumed_config`)."""
     rank, world = _distributed()
     console = console or Console(stderr=True, quiet=rank != 0)
     device = _device()
@@ -191,7 +203,7 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
     earlier = check_outputs(out, OUTPUTS, "dmfast train run", config.overwrite, resume) if rank == 0 else []
     state = checkpoints.load(last, checkpoints.CLASSIFIER) if resume else None
     if state is not None:
-        config = _resumed_config(config, state["config"], last)
+        config = _resumed_config(config, state["config"], last, state.get("epoch", -1) + 1, given)
     cells = config.size // config.cam_stride
     if cells < 4:
         console.print(f"[yellow]warning: at {config.size} px with CAM stride {config.cam_stride} the CAMs are {cells} x "

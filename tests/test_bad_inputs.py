@@ -34,7 +34,7 @@ def expect(args, *fragments, code: int = 1) -> str:
     assert isinstance(result.exception, (SystemExit, type(None))), repr(result.exception)
     assert "Traceback" not in result.output and "error: unexpected" not in result.output, result.output
     if code:
-        assert ("error: " if code == 1 else "Invalid value") in result.output, result.output
+        assert ("error: " if code == 1 else "Error: ") in result.output, result.output
     for fragment in fragments:
         assert fragment in result.output, (fragment, result.output)
     if os.environ.get("DMFAST_SHOW_ANSWERS"):  # to read the messages: DMFAST_SHOW_ANSWERS=1 pytest -s ...
@@ -75,6 +75,17 @@ def world(tmp_path_factory):
                      {**state, "config": {**state["config"], "lr_decay": 5.0}})  # edited out of range
     checkpoints.save(files / "weights.pt", checkpoints.CLASSIFIER,
                      {**state, "model": {**state["model"], "fc.weight": state["model"]["fc.weight"][:3]}})
+    checkpoints.save(files / "nan.pt", checkpoints.CLASSIFIER,
+                     {**state, "model": {k: v * float("nan") if v.is_floating_point() else v
+                                         for k, v in state["model"].items()}})
+    checkpoints.save(files / "config-none.pt", checkpoints.CLASSIFIER, {**state, "config": None})
+    checkpoints.save(files / "no-size.pt", checkpoints.CLASSIFIER,
+                     {**state, "config": {k: v for k, v in state["config"].items() if k != "size"}})
+    model = torch.load(root / "run" / "model.pt", weights_only=True)
+    for name, change in (("size-0", {"size": 0}), ("size-huge", {"size": 10**6}), ("size-text", {"size": "64"}),
+                         ("classifier-none", {"classifier": None})):
+        checkpoints.save(files / f"model-{name}.pt", checkpoints.MODEL,
+                         {k: v for k, v in {**model, **change}.items() if k not in ("format", "version")})
     checkpoints.save(files / "elsewhere.pt", checkpoints.CLASSIFIER,
                      {**state, "config": {**state["config"], "data": str(root / "moved-away")}})
     (files / "test-names.txt").write_text("\n".join(state["splits"]["test"]) + "\n")
@@ -156,7 +167,7 @@ def test_masks_refuse_cams_too_coarse(world, tmp_path):
 # --- files of the wrong kind: an error naming the file ---------------------------------------------------------------
 
 FILE_CASES = [("train", "--init", k) for k in ("empty", "garbage", "text", "list", "truncated", "masks", "model",
-                                                "alignment", "mismatched", "weights")] + \
+                                                "alignment", "mismatched", "weights", "nan")] + \
     [("train", "--aligned", k) for k in ("empty", "garbage", "checkpoint", "masks")] + \
     [("train", "--masks", k) for k in ("empty", "garbage", "checkpoint", "masks-huge", "masks-negative",
                                        "masks-shape")] + \
@@ -164,10 +175,13 @@ FILE_CASES = [("train", "--init", k) for k in ("empty", "garbage", "text", "list
     [("align", "--perceptual", k) for k in ("empty", "garbage", "masks", "alignment")] + \
     [("masks", "--checkpoint", k) for k in ("empty", "garbage", "masks", "alignment", "model", "settings")] + \
     [("masks", "--anchor", k) for k in ("empty", "garbage", "checkpoint")] + \
-    [("eval", "--checkpoint", k) for k in ("empty", "garbage", "masks", "alignment", "settings", "weights")] + \
+    [("eval", "--checkpoint", k) for k in ("empty", "garbage", "masks", "alignment", "settings", "weights", "nan",
+                                           "config-none", "no-size")] + \
     [("eval", "--masks", k) for k in ("garbage", "checkpoint")] + \
-    [("predict", "MODEL", k) for k in ("empty", "garbage", "text", "checkpoint", "masks")] + \
-    [("export", "SOURCE", k) for k in ("empty", "garbage", "masks", "model", "settings", "weights")]
+    [("predict", "MODEL", k) for k in ("empty", "garbage", "text", "checkpoint", "masks", "model-size-0",
+                                       "model-size-huge", "model-size-text", "model-classifier-none")] + \
+    [("export", "SOURCE", k) for k in ("empty", "garbage", "masks", "model", "settings", "weights", "config-none",
+                                       "no-size")]
 
 
 @pytest.mark.parametrize("command, where, kind", FILE_CASES, ids=[" ".join(c) for c in FILE_CASES])
@@ -275,6 +289,19 @@ DATA_CASES = {
     "text named .png": (lambda d: (d / "images" / _first_image(d)).write_text("not an image"), "prepare",
                         ["could not be decoded"]),
     "empty box file": (lambda d: _boxes(d).write_text(""), "prepare", ["BBox_List_2017.csv: empty file"]),
+    "box file a folder": (lambda d: (_boxes(d).unlink(), _boxes(d).mkdir()), "prepare",
+                          ["BBox_List_2017.csv: not a file"]),
+    "header only": (lambda d: _rewrite(_entry(d), lambda ls: ls[:1]), "prepare", ["lists no images"]),
+    "image not listed": (lambda d: shutil.copy(d / "images" / _first_image(d), d / "images" / "00099999_000.png"),
+                         "prepare", ["images not listed in Data_Entry_2017.csv", "00099999_000.png"]),
+    "dangling link": (lambda d: ((d / "images" / _first_image(d)).unlink(),
+                                 (d / "images" / _first_image(d)).symlink_to(d / "nowhere.png")), "prepare",
+                      ["but missing"]),
+    "negative patient ID": (lambda d: _rewrite(_entry(d), lambda ls: [ls[0], ",".join(
+        v if i != 3 else "-4" for i, v in enumerate(ls[1].split(","))), *ls[2:]]), "prepare", ["Patient ID '-4'"]),
+    "test list a folder": (lambda d: ((d / "test_list.txt").unlink(), (d / "test_list.txt").mkdir()), "train",
+                           ["test_list.txt: cannot be read"]),
+    "cache in the data folder": (lambda d: None, "prepare-into-data", ["its images folder"]),
 }
 
 
@@ -283,7 +310,8 @@ def test_data_problems_are_reported_by_name(world, tmp_path, case):
     mutate, command, fragments = DATA_CASES[case]
     data = _mutated(world, tmp_path, mutate)
     cache = tmp_path / "cache"
-    if command == "prepare":
+    if command.startswith("prepare"):
+        cache = data / "images" if command == "prepare-into-data" else cache
         args = ["prepare", data, "--cache", cache, "--size", "64", "--workers", "1"]
     elif command == "train":
         args = ["train", data, "--out", tmp_path / "out", "--cache", cache, *SMALL_RUN[:-4]]
@@ -315,6 +343,10 @@ def test_listed_images_the_folder_lacks_are_counted_not_refused(world, tmp_path)
     dataset = open_dataset(data)
     assert "the lists name 2 more images this folder does not have" in summary(dataset, make_splits(dataset),
                                                                                "official")
+    (data / "test_list.txt").unlink()  # one list alone: what it leaves out is said
+    dataset = open_dataset(data)
+    said = summary(dataset, make_splits(dataset), "official")
+    assert "no test images" in said and f"{len(dataset.images) - len(dataset.train_val)} images are in neither" in said
 
 
 def test_a_folder_given_as_data_or_a_file_as_folder(world, tmp_path):
@@ -355,6 +387,58 @@ def test_runs_are_never_overwritten_without_asking(world, tmp_path):
         (folder / name).write_text("earlier\n")
         expect([*command, "--out", folder], "already holds", name)
         assert (folder / name).read_text() == "earlier\n"
+
+
+def test_resume_keeps_the_runs_settings_and_epochs(world, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(world.root / "run", run)
+    train = ["train", world.data, "--out", run, "--cache", world.cache, "--resume"]
+    expect([*train, "--size", "512"], "size = 64")  # a default value given explicitly still counts
+    expect([*train, "--epochs", "2", "--max-steps", "1", "--batch", "16"], "batch = 8")
+    expect(train, code=0)  # no --epochs: the run's own (1, done), not the default 5
+    assert checkpoints.load(run / "checkpoint.pt", checkpoints.CLASSIFIER)["config"]["epochs"] == 1
+    expect([*train, "--epochs", "2"], code=0)
+    expect([*train, "--epochs", "1"], "has trained 2 epochs already")
+
+
+def test_export_never_replaces_a_training_checkpoint(world, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(world.root / "run", run)
+    for target in ("checkpoint.pt", "best.pt"):
+        expect(["export", run, "--out", run / target, "--overwrite"], "training checkpoint")
+    assert checkpoints.load(run / "checkpoint.pt", checkpoints.CLASSIFIER)
+
+
+def test_eval_refuses_a_name_given_twice_and_images_with_a_split(world, tmp_path):
+    checkpoint = world.kinds["checkpoint"]
+    expect(["eval", world.data, "--checkpoint", f"m={checkpoint}", "--checkpoint", f"m={checkpoint}", "--out",
+            tmp_path / "e", "--cache", world.cache], "given twice: m")
+    expect(["eval", world.data, "--checkpoint", f"m={checkpoint}", "--out", tmp_path / "e", "--images",
+            world.files / "test-names.txt", "--split", "all"], "not both", code=2)
+
+
+def test_patient_split_follows_the_patient_id_column(world, tmp_path):
+    from dmfast.data.chestxray14 import open_dataset
+    from dmfast.data.splits import make_splits
+
+    def renumber(d):  # patients unrelated to the file names: 7 patients, every name prefix split among them
+        _rewrite(_entry(d), lambda ls: [ls[0]] + [",".join(v if i != 3 else str(n % 7) for i, v in
+                                                           enumerate(line.split(","))) for n, line in enumerate(ls[1:])])
+    dataset = open_dataset(_mutated(world, tmp_path, renumber))
+    splits = make_splits(dataset, 0.3, seed=2, split="patients")
+    patient = {r.image: r.patient for r in dataset.records}
+    sides = [{patient[n] for n in names} for names in (splits.train, splits.val, splits.test)]
+    assert all(sides) and not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2]), sides
+
+
+def test_a_copied_data_folder_keeps_its_own_default_cache(world, tmp_path):
+    data = _mutated(world, tmp_path, lambda d: None)
+    expect(["prepare", data, "--size", "64", "--workers", "1"], code=0)
+    shutil.copytree(data, tmp_path / "copy", symlinks=True)
+    expect(["prepare", tmp_path / "copy", "--size", "64", "--workers", "1"], code=0)
+    from dmfast.data.cache import open_or_prepare
+
+    assert len(open_or_prepare(tmp_path / "copy", size=64)) == 60
 
 
 def test_overwrite_replaces_and_removes_stale_temporaries(world, tmp_path):
@@ -424,7 +508,7 @@ OP_CASES = {
     "affine_smooth images 3-d": (lambda: ops.affine_smooth(_images()[0], IDENTITY, 4), "images must be [B, C, H, W]"),
     "affine_smooth theta shape": (lambda: ops.affine_smooth(_images(), IDENTITY[:, :, :2], 4), "theta must be"),
     "affine_smooth batch": (lambda: ops.affine_smooth(_images((3, 1, 16, 16)), IDENTITY, 4), "batch sizes"),
-    "affine_smooth pool 0": (lambda: ops.affine_smooth(_images(), IDENTITY, 0), "pool must be >= 1"),
+    "affine_smooth pool 0": (lambda: ops.affine_smooth(_images(), IDENTITY, 0), "pool must be in [1, 65536]"),
     "affine_smooth pool 7": (lambda: ops.affine_smooth(_images(), IDENTITY, 7), "divisible by pool=7"),
     "affine_smooth pool float": (lambda: ops.affine_smooth(_images(), IDENTITY, 4.0), "pool must be an int"),
     "affine_smooth int images": (lambda: ops.affine_smooth(_images().long(), IDENTITY, 4), "images must be float"),
@@ -456,6 +540,14 @@ OP_CASES = {
                            "bias must be [C]"),
     "attention_cam masks": (lambda: ops.attention_cam(_images((2, 4, 8, 8)), _images((3, 4)), _images((3,)),
                                                       _images((2, 8, 8))), "masks must be"),
+    "cam_boxes size beyond 2^16": (lambda: ops.cam_boxes(_images((2, 8, 8)), (2**31, 2**31), 0.5), "in [1, 65536]"),
+    "cam_boxes size beyond int64": (lambda: ops.cam_boxes(_images((2, 8, 8)), (2**63, 4), 0.5), "in [1, 65536]"),
+    "cam_boxes many thresholds": (lambda: ops.cam_boxes(_images((2, 8, 8)), (8, 8), [0.5] * 100000), "at most 256"),
+    "affine_smooth huge pool": (lambda: ops.affine_smooth(_images(), IDENTITY, 2**70), "pool must be in"),
+    "affine_smooth images None": (lambda: ops.affine_smooth(None, IDENTITY, 4), "images must be a tensor"),
+    "affine_smooth theta list": (lambda: ops.affine_smooth(_images(), IDENTITY.tolist(), 4), "theta must be a tensor"),
+    "affine_inverse singular": (lambda: ops.affine_inverse(torch.zeros(1, 2, 3)), "singular"),
+    "affine_inverse shape": (lambda: ops.affine_inverse(torch.zeros(1, 3, 3)), "[..., 2, 3]"),
     "attention_cam dtype": (lambda: ops.attention_cam(_images((2, 4, 8, 8)), _images((3, 4)).double(),
                                                       _images((3,)).double()), "weight has dtype"),
 }

@@ -105,7 +105,7 @@ BAD = [
 @pytest.mark.parametrize("name,args,message", BAD, ids=[b[0] for b in BAD])
 def test_bad_inputs(device, name, args, message, gen):
     cams = smooth_maps(3, 4, 4, gen).to(device)
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises((RuntimeError, ValueError), match=message):
         ops.cam_boxes(*args(cams))
 
 
@@ -125,3 +125,17 @@ def test_bad_score_and_max_boxes(gen):
         ops.cam_boxes(cams, (8, 8), 0.5, score="median")
     with pytest.raises(RuntimeError, match=r"max_boxes must be in \[1, 65536\], got 0"):
         ops.cam_boxes(cams, (8, 8), 0.5, max_boxes=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("view", ["transpose", "permute", "slice"])
+def test_strided_maps_give_the_boxes_of_their_contiguous_copy(device, dtype, view, gen):
+    # Found by a careless user: a transposed float64 map was once read as if it were contiguous.
+    maps = torch.rand((3, 8, 16), generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    strided = {"transpose": maps.transpose(1, 2), "permute": maps.permute(2, 0, 1)[:, :, :8],
+               "slice": maps[:, ::2, 1::3]}[view]
+    assert not strided.is_contiguous()
+    size = (64, 32)
+    for got, want in zip(ops.cam_boxes(strided, size, (0.3, 0.6), 4), ops.cam_boxes(strided.contiguous(), size,
+                                                                                   (0.3, 0.6), 4)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -12,10 +12,10 @@ def test_a_file_reads_back_with_its_format_tag(tmp_path):
 
 
 def test_untagged_files_of_dmfast_0_1_read_as_version_1(tmp_path):
-    torch.save({"model": {}, "config": {"arch": "resnet18"}}, tmp_path / "classifier.pt")
+    torch.save({"model": {}, "config": {"arch": "resnet18", "size": 64}}, tmp_path / "classifier.pt")
     assert checkpoints.load(tmp_path / "classifier.pt", checkpoints.CLASSIFIER)["config"]["arch"] == "resnet18"
     # an untagged alignment checkpoint also has model and config: its net_config tells it apart
-    torch.save({"model": {}, "net_config": {}, "config": {}}, tmp_path / "alignment.pt")
+    torch.save({"model": {}, "net_config": {"input_size": 128}, "config": {}}, tmp_path / "alignment.pt")
     assert "net_config" in checkpoints.load(tmp_path / "alignment.pt", checkpoints.ALIGNMENT)
     with pytest.raises(ValueError, match="alignment.pt: an alignment checkpoint, not a classifier checkpoint"):
         checkpoints.load(tmp_path / "alignment.pt", checkpoints.CLASSIFIER)

@@ -132,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cam_boxes_cpu(const at::Tensor& c
   at::Tensor boxes = at::zeros({N, max_boxes, 4}, cams.options().dtype(at::kLong));
   at::Tensor scores = at::zeros({N, max_boxes}, cams.options().dtype(at::kDouble));
   at::Tensor counts = at::zeros({N}, cams.options().dtype(at::kLong));
-  const at::Tensor maps = cams.to(at::kDouble);
+  const at::Tensor maps = cams.to(at::kDouble).contiguous();  // read as [N, h, w] rows: any strides in
   const double* data = maps.const_data_ptr<double>();
   int64_t* box_out = boxes.data_ptr<int64_t>();
   double* score_out = scores.data_ptr<double>();

@@ -127,6 +127,9 @@ def prepare(data_dir, cache_dir=None, size: int = 512, workers: int | None = Non
     if dataset.problems:
         console.print(f"[yellow]left out:[/yellow]\n{dataset.problems.report()}")
     folder = Path(cache_dir) if cache_dir else default_cache_dir(data_dir, size)
+    image_folders = {p.resolve() for p in {path.parent for path in dataset.paths.values()}}
+    if folder.resolve() in image_folders | {Path(data_dir).resolve()}:
+        raise DataError(f"--cache {folder}: the data folder or its images folder; give a folder of its own")
     check_outputs(folder, (), "image cache")
     folder.mkdir(parents=True, exist_ok=True)
     names = dataset.images
@@ -194,9 +197,10 @@ def prepare(data_dir, cache_dir=None, size: int = 512, workers: int | None = Non
 
 def _check_owner(folder: Path, index: dict, data_dir) -> None:
     """A cache holds the images of one data folder: another folder's cache is never used or written over."""
-    owner = index.get("data_dir")
-    if owner is not None and Path(owner) != Path(data_dir).resolve():
-        raise DataError(f"cache {folder} holds the images of {owner}, not of {Path(data_dir).resolve()}: give "
+    owner, data_dir = index.get("data_dir"), Path(data_dir).resolve()
+    inside = data_dir in Path(folder).resolve().parents  # the default cache-SIZE of a copied or moved folder
+    if owner is not None and Path(owner) != data_dir and not inside:
+        raise DataError(f"cache {folder} holds the images of {owner}, not of {data_dir}: give "
                         "another --cache (or remove that one)")
 
 
@@ -216,7 +220,7 @@ def open_or_prepare(data_dir, cache_dir=None, size: int = 512, skip_problems: bo
     _check_owner(folder, found, data_dir)
     if found.get("version") != CACHE_VERSION or not found.get("complete"):  # missing, damaged, older or unfinished
         prepare(data_dir, folder, size=size, skip_problems=skip_problems, console=console)
-    cache = ImageCache(folder)
+    cache = ImageCache(folder, data_dir=data_dir)
     if cache.size != size:
         raise DataError(f"cache {folder} holds {cache.size} px images; {size} px are needed")
     return cache

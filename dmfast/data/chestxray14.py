@@ -86,7 +86,7 @@ def find_images(root) -> dict:
         if folder.is_dir():
             with os.scandir(folder) as entries:
                 for entry in entries:
-                    if entry.name.lower().endswith(".png"):
+                    if entry.name.lower().endswith(".png") and entry.is_file():  # not a dangling link or folder
                         found.setdefault(entry.name, Path(entry.path))
     return found
 
@@ -121,8 +121,9 @@ def _csv_table(path: Path) -> tuple:
     return header, rows
 
 
-def read_data_entry(path, problems: Problems) -> list:
-    """Rows of Data_Entry_2017.csv as :class:`Record`; malformed rows and unknown labels go to ``problems``."""
+def read_data_entry(path, problems: Problems, named: set | None = None) -> list:
+    """Rows of Data_Entry_2017.csv as :class:`Record`; malformed rows and unknown labels go to ``problems``, and
+    the image of every row, also of those, to ``named``."""
     path = Path(path)
     header, rows = _csv_table(path)
     column = {name.strip(): i for i, name in enumerate(header)}
@@ -134,6 +135,8 @@ def read_data_entry(path, problems: Problems) -> list:
         where = f"{path.name}:{line}"
         if not any(cell.strip() for cell in row):
             continue
+        if named is not None and len(row) > column["Image Index"]:
+            named.add(row[column["Image Index"]].strip())
         if len(row) <= max(column["Image Index"], column["Finding Labels"], column["Patient ID"]):
             problems.add("malformed rows", f"{where} (too few columns)")
             continue
@@ -141,6 +144,8 @@ def read_data_entry(path, problems: Problems) -> list:
         try:
             patient = int(row[column["Patient ID"]])
         except ValueError:
+            patient = -1
+        if patient < 0:
             problems.add("malformed rows", f"{where} (Patient ID {row[column['Patient ID']]!r})")
             continue
         if not image:
@@ -304,8 +309,13 @@ def open_dataset(root, skip_problems: bool = False, lists: bool = True, box_spac
     if not entry.is_file():
         raise DataError(f"{root}: no Data_Entry_2017.csv (is this a ChestX-ray14 download?)")
     problems = Problems()
-    records = read_data_entry(entry, problems)
+    named = set()
+    records = read_data_entry(entry, problems, named)
+    if not records and not problems:
+        raise DataError(f"{entry}: lists no images (a header only)")
     paths = find_images(root)
+    for image in sorted(set(paths) - named):
+        problems.add("images not listed in Data_Entry_2017.csv", image)
     kept = []
     for r in records:
         if r.image in paths:
@@ -315,6 +325,8 @@ def open_dataset(root, skip_problems: bool = False, lists: bool = True, box_spac
     names = {r.image for r in kept}
     boxes = []
     box_file = root / "BBox_List_2017.csv"
+    if box_file.exists() and not box_file.is_file():
+        raise DataError(f"{box_file}: not a file")
     if box_file.is_file():
         for box in read_boxes(box_file, problems):
             if box.image not in names:
@@ -324,8 +336,8 @@ def open_dataset(root, skip_problems: bool = False, lists: bool = True, box_spac
             else:
                 boxes.append(box)
     lists = [root / f"{name}_list.txt" for name in ("train_val", "test")]
-    train_val, test = (set(read_list(path)) if path.is_file() else set() for path in lists)
-    if lists and train_val and test:
+    train_val, test = (set(read_list(path)) if path.exists() else set() for path in lists)
+    if lists and train_val and test:  # one list alone: the split's summary says what is missing
         both = sorted(names & train_val & test)
         for image in both:
             problems.add("images in both train_val_list.txt and test_list.txt", image)

@@ -29,29 +29,42 @@ class Splits:
             return cls(**json.load(f))
 
 
-def _patient(image: str) -> int:
-    return int(image.split("_", 1)[0])
+def _patient_of(images, patient_of: dict | None):
+    """The patient of each image: ``patient_of`` (the Patient ID column), else the NIH file name's prefix
+    (``00000001_000.png`` is patient 1)."""
+    if patient_of is not None:
+        return lambda image: patient_of[image]
+
+    def from_name(image: str) -> int:
+        prefix = image.split("_", 1)[0]
+        if not prefix.isdigit():
+            raise ValueError(f"{image}: no patient ID (the name does not start with NIH's patient number); give the "
+                             "patients (the dataset's Patient ID column)")
+        return int(prefix)
+    return from_name
 
 
-def patient_groups(images, fraction: float, seed: int) -> tuple:
-    """Split ``images`` into (rest, held_out) so that every patient falls on one side and about ``fraction`` of the
-    patients are held out; deterministic for a seed."""
-    patients = sorted({_patient(i) for i in images})
+def patient_groups(images, fraction: float, seed: int, patient_of: dict | None = None) -> tuple:
+    """Split ``images`` into (rest, held_out) so that every patient (``patient_of[image]``, or the NIH name's
+    prefix) falls on one side and about ``fraction`` of the patients are held out; deterministic for a seed."""
+    patient = _patient_of(images, patient_of)
+    patients = sorted({patient(i) for i in images})
     rng = np.random.default_rng(seed)
     held = set(rng.permutation(patients)[: int(round(fraction * len(patients)))].tolist())
-    rest = [i for i in images if _patient(i) not in held]
-    return rest, [i for i in images if _patient(i) in held]
+    rest = [i for i in images if patient(i) not in held]
+    return rest, [i for i in images if patient(i) in held]
 
 
-def kfold_by_patient(images, k: int, seed: int) -> list:
+def kfold_by_patient(images, k: int, seed: int, patient_of: dict | None = None) -> list:
     """``k`` patient-disjoint folds of ``images`` (patients shuffled with the seed, dealt round-robin)."""
     if k < 2:
         raise ValueError(f"k-fold needs k >= 2, got {k}")
-    patients = np.random.default_rng(seed).permutation(sorted({_patient(i) for i in images})).tolist()
+    patient = _patient_of(images, patient_of)
+    patients = np.random.default_rng(seed).permutation(sorted({patient(i) for i in images})).tolist()
     fold_of = {p: n % k for n, p in enumerate(patients)}
     folds = [[] for _ in range(k)]
     for image in images:
-        folds[fold_of[_patient(image)]].append(image)
+        folds[fold_of[patient(image)]].append(image)
     return folds
 
 
@@ -65,16 +78,17 @@ def make_splits(dataset, val_fraction: float = 0.1, seed: int = 0, box_folds: in
     k-fold over the images that have boxes.
     """
     images = dataset.images
+    patient_of = {r.image: r.patient for r in dataset.records}  # the Patient ID column, not the file name
     if split == "official":
         train_val = [i for i in images if i in dataset.train_val]
         test = [i for i in images if i in dataset.test]
     elif split == "patients":
-        train_val, test = patient_groups(images, val_fraction, seed + 1)
+        train_val, test = patient_groups(images, val_fraction, seed + 1, patient_of)
     else:
         raise ValueError(f"split must be 'official' or 'patients', got {split!r}")
-    train, val = patient_groups(train_val, val_fraction, seed)
+    train, val = patient_groups(train_val, val_fraction, seed, patient_of)
     boxed = sorted({b.image for b in dataset.boxes})
-    folds = kfold_by_patient(boxed, box_folds, seed) if box_folds else []
+    folds = kfold_by_patient(boxed, box_folds, seed, patient_of) if box_folds else []
     return Splits(train, val, test, seed, val_fraction, folds)
 
 
@@ -83,5 +97,10 @@ def summary(dataset, splits: Splits, split: str) -> str:
     lists cover the whole release; a download may hold part of it)."""
     text = (f"split ({'official lists' if split == 'official' else 'patient-grouped'}): {len(splits.train)} train, "
             f"{len(splits.val)} validation, {len(splits.test)} test images")
-    absent = len((dataset.train_val | dataset.test) - set(dataset.images)) if split == "official" else 0
-    return text + (f"; the lists name {absent:,} more images this folder does not have" if absent else "")
+    official = split == "official"
+    absent = len((dataset.train_val | dataset.test) - set(dataset.images)) if official else 0
+    unlisted = len(set(dataset.images) - dataset.train_val - dataset.test) if official else 0
+    text += f"; {unlisted:,} images are in neither list (not used)" if unlisted else ""
+    text += f"; the lists name {absent:,} more images this folder does not have" if absent else ""
+    return text + ("; no test images (test_list.txt is missing or empty: evaluate on other data, or --split "
+                   "patients)" if official and not splits.test else "")
