@@ -118,6 +118,11 @@ def run(config: AlignConfig, console: Console | None = None) -> Path:
                          f"and {len(val_names)} (a larger --val-fraction, or more images)")
     training.epoch_batches(len(train_names), config.batch, config.max_steps, config.seed, 0)  # enough images?
     anchor = make_anchor(cache, dataset, train_names, config.anchor_images)
+    training_set = set(train_names)
+    healthy = sum(r.labels.sum() == 0 and r.image in training_set for r in dataset.records)
+    console.print(f"anchor: mean of {min(healthy, config.anchor_images)} No Finding training images"
+                  + (f" (--anchor-images {config.anchor_images}: all there are)" if healthy < config.anchor_images
+                     else ""))
     clear_outputs(out, earlier)
     save_png(out / "anchor.png", to_uint8(anchor[0, 0], -1, 1))
     checkpoints.save_anchor(out / "anchor.pt", anchor)
