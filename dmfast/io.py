@@ -90,10 +90,11 @@ def remove_stale_temporaries(path) -> list:
     return removed
 
 
-def check_outputs(folder, names, what: str, overwrite: bool = False, resume: bool = False) -> list:
+def check_outputs(folder, names, what: str, overwrite: bool = False, resume: bool | None = None) -> list:
     """Check, before any work, that ``folder`` can take a stage's outputs ``names``: a folder (or creatable as one)
-    that can be written, holding none of them unless ``overwrite`` (or ``resume``: the stage continues its run).
-    Returns the outputs found (for :func:`clear_outputs`); never writes. ``what`` names the stage in messages."""
+    that can be written, holding none of them unless ``overwrite`` (or ``resume``, for a stage that can continue
+    its run: True continues it). Returns the outputs found (for :func:`clear_outputs`); never writes. ``what``
+    names the stage in messages."""
     folder = Path(folder)
     if overwrite and resume:
         raise ValueError("--resume continues a run and --overwrite replaces it: give one of them")
@@ -108,7 +109,7 @@ def check_outputs(folder, names, what: str, overwrite: bool = False, resume: boo
     if found and not (overwrite or resume):
         shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
         raise ValueError(f"{folder} already holds the outputs of an earlier {what} ({shown}); pass --overwrite to "
-                         f"replace them{' or --resume to continue it' if what == 'dmfast train run' else ''}, or "
+                         f"replace them{'' if resume is None else ' or --resume to continue it'}, or "
                          "choose another folder")
     return found if overwrite else []
 
