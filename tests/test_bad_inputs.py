@@ -322,6 +322,16 @@ def test_data_problems_are_reported_by_name(world, tmp_path, case):
     assert not (tmp_path / "out").exists()
 
 
+def test_split_lists_are_checked_only_where_a_split_uses_them(world, tmp_path):
+    from dmfast.data.chestxray14 import open_dataset
+
+    data = _mutated(world, tmp_path, DATA_CASES["image in both lists"][0])
+    expect(["prepare", data, "--cache", tmp_path / "cache", "--size", "64", "--workers", "1"], code=0)
+    assert not open_dataset(data, lists=False).problems
+    expect(["train", data, "--out", tmp_path / "run", "--cache", tmp_path / "cache", *SMALL_RUN[:-4]],
+           "images in both train_val_list.txt and test_list.txt")
+
+
 def test_skip_problems_leaves_the_bad_rows_out(world, tmp_path):
     data = _mutated(world, tmp_path, lambda d: (_rewrite(_entry(d), lambda ls: ls + [ls[1], ls[2].replace(
         ls[2].split(",")[1], "Hernia", 1)]), _box_row(d, -40, 10, 100, 100)))

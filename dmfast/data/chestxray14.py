@@ -335,8 +335,8 @@ def open_dataset(root, skip_problems: bool = False, lists: bool = True, box_spac
                 problems.add("boxes outside the image", f"{box.image} ({FINDINGS[box.finding]} {box.xywh_release})")
             else:
                 boxes.append(box)
-    lists = [root / f"{name}_list.txt" for name in ("train_val", "test")]
-    train_val, test = (set(read_list(path)) if path.exists() else set() for path in lists)
+    list_files = [root / f"{name}_list.txt" for name in ("train_val", "test")]
+    train_val, test = (set(read_list(path)) if path.exists() else set() for path in list_files)
     if lists and train_val and test:  # one list alone: the split's summary says what is missing
         both = sorted(names & train_val & test)
         for image in both:
