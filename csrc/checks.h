@@ -108,7 +108,7 @@ inline void check_attention_cam_bias(const at::Tensor& bias, const at::Tensor& w
 // Boxes kept per map at most: the outputs are [..., max_boxes, 4] whatever the maps hold, so a huge value would only
 // allocate memory for padding.
 constexpr int64_t kMaxBoxes = 65536;
-// The largest side of the image boxes are reported in (as dmfast.ops.MAX_SIDE).
+// The largest side of the image boxes are reported in (as dmfast.ops.OP_MAX_SIDE).
 constexpr int64_t kMaxSide = 65536;
 
 // cams [N, h, w] or [B, C, h, w] floats, size (H, W) >= 1, thresholds in [0, 1], max_boxes in [1, kMaxBoxes], score

@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 
 from . import checkpoints, ops, training
-from .anatomy import make_anchor
+from .anatomy import anchor_images, make_anchor
 from .config import AlignConfig
 from .data.cache import open_or_prepare
 from .data.chestxray14 import open_dataset
@@ -83,8 +83,8 @@ def validation_check(net: AlignmentNet, loss_fn: AlignmentLoss, cache, names: li
         for start in range(0, len(names), batch):
             images = to_model_input(cache.batch(names[start:start + batch]))
             identity = torch.eye(2, 3, dtype=images.dtype).expand(len(images), 2, 3)
-            count = len(images) / len(names)
-            totals += [loss_fn(images, net.theta(images))[0].item() * count, loss_fn(images, identity)[0].item() * count]
+            share = len(images) / len(names)
+            totals += [loss_fn(images, theta)[0].item() * share for theta in (net.theta(images), identity)]
     learned, identity = totals.tolist()
     return {"images": len(names), "learned": learned, "identity": identity,
             "kept": "learned" if learned < identity else "identity"}
@@ -118,11 +118,9 @@ def run(config: AlignConfig, console: Console | None = None) -> Path:
                          f"and {len(val_names)} (a larger --val-fraction, or more images)")
     training.epoch_batches(len(train_names), config.batch, config.max_steps, config.seed, 0)  # enough images?
     anchor = make_anchor(cache, dataset, train_names, config.anchor_images)
-    training_set = set(train_names)
-    healthy = sum(r.labels.sum() == 0 and r.image in training_set for r in dataset.records)
-    console.print(f"anchor: mean of {min(healthy, config.anchor_images)} No Finding training images"
-                  + (f" (--anchor-images {config.anchor_images}: all there are)" if healthy < config.anchor_images
-                     else ""))
+    used = len(anchor_images(dataset, train_names, config.anchor_images))
+    every = f" (--anchor-images {config.anchor_images}: all there are)" if used < config.anchor_images else ""
+    console.print(f"anchor: mean of {used} No Finding training images{every}")
     clear_outputs(out, earlier)
     save_png(out / "anchor.png", to_uint8(anchor[0, 0], -1, 1))
     checkpoints.save_anchor(out / "anchor.pt", anchor)

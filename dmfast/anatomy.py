@@ -31,11 +31,15 @@ PSEUDO_REGIONS = {
 }
 
 
-def make_anchor(cache, dataset, names, count: int) -> torch.Tensor:
-    """Pixel mean of up to ``count`` No Finding images among ``names`` (of an image cache), as a float [-1, 1]
-    image ``[1, 1, S, S]``."""
+def anchor_images(dataset, names, count: int) -> list:
+    """The images the anchor averages: up to ``count`` No Finding images among ``names``."""
     allowed = set(names)
-    healthy = [r.image for r in dataset.records if r.labels.sum() == 0 and r.image in allowed][:count]
+    return [r.image for r in dataset.records if r.labels.sum() == 0 and r.image in allowed][:count]
+
+
+def make_anchor(cache, dataset, names, count: int) -> torch.Tensor:
+    """Pixel mean of the :func:`anchor_images` (of an image cache), as a float [-1, 1] image ``[1, 1, S, S]``."""
+    healthy = anchor_images(dataset, names, count)
     if not healthy:
         raise ValueError("no 'No Finding' training images to build the anchor from")
     total = torch.zeros(1, 1, cache.size, cache.size, dtype=torch.float64)

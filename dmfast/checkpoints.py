@@ -87,8 +87,10 @@ def _structure_problem(kind: str, payload: dict) -> str | None:
         config = payload["config"]
         if not isinstance(config, dict) or "arch" not in config or "size" not in config:
             return "its settings ('config') lack the architecture or the image size"
-        bad = SIZE.problem(config["size"]) or (None if config["arch"] in ARCHS else f"arch {config['arch']!r}")
-        return f"size {bad}" if bad and bad.startswith("must") else bad
+        if SIZE.problem(config["size"]):
+            return f"size {SIZE.problem(config['size'])}"
+        if config["arch"] not in ARCHS:
+            return f"arch {config['arch']!r}"
     if kind == ALIGNMENT:
         net = payload["net_config"]
         if not isinstance(net, dict) or not isinstance(net.get("input_size"), int):

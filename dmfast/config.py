@@ -17,6 +17,7 @@ OPTIMIZERS = ("adam", "sgd")
 WANG_THRESHOLDS = (60 / 255, 180 / 255)  # Wang et al.'s two CAM levels for boxes (`--box-threshold wang`)
 ASYMMETRIC = ("Cardiomegaly",)  # the classes whose CAMs are not mirrored into their masks (Eq. 3)
 MIN_POOLED_CELLS = 8  # the alignment loss's pooled grid, per side: 4 x 4 cells let a warp lower it while misaligning
+MIN_CAM_CELLS = 4  # CAMs of fewer cells a side (2 x 2 at 64 px and stride 32) give half-plane masks
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,8 @@ class SplitConfig(DataConfig):
     size: int = ranged(512, SIZE.low, SIZE.high)  # working image size (the paper's)
     seed: int = ranged(0, 0, 2**32 - 1)
     val_fraction: float = ranged(0.1, 0, 0.9)  # patients of train_val held out for validation
-    split: str = chosen("official", ("official", "patients"))  # or "patients": a patient-grouped test split (for data without official lists)
+    # "patients": a patient-grouped test split (for data without official lists)
+    split: str = chosen("official", ("official", "patients"))
     max_steps: int | None = ranged(None, 1, integer=True)  # stop each epoch after this many steps (quick runs)
 
 
@@ -162,9 +164,9 @@ class AlignConfig(SplitConfig):
         if self.size % self.pool:
             raise ValueError(f"pool {self.pool} must divide the image size {self.size}")
         if cells < MIN_POOLED_CELLS:
-            raise ValueError(f"pool {self.pool} leaves {cells} x {cells} cells of a {self.size} px image; the alignment "
-                             f"loss needs at least {MIN_POOLED_CELLS} x {MIN_POOLED_CELLS} to see the chest's layout "
-                             f"(a larger size or a pool of at most {self.size // MIN_POOLED_CELLS})")
+            raise ValueError(f"pool {self.pool} leaves {cells} x {cells} cells of a {self.size} px image; the "
+                             f"alignment loss needs at least {MIN_POOLED_CELLS} x {MIN_POOLED_CELLS} to see the chest's "
+                             f"layout (a larger size or a pool of at most {self.size // MIN_POOLED_CELLS})")
 
 
 @dataclass(kw_only=True)
@@ -210,7 +212,8 @@ class EvalConfig(DataConfig, BoxConfig):
     images: str | None = None  # a file of image names to score instead
     strict: bool = False  # refuse evaluation images that may share a patient with the training images (unknown)
     allow_overlap: bool = False  # score images that share a name or patient with the training images anyway
-    box_space: str = chosen("release", ("release", "image"))  # the pixels BBox_List_2017.csv uses: ChestX-ray14's 1024 x 1024, or "image"
+    # the pixels BBox_List_2017.csv uses: ChestX-ray14's 1024 x 1024 ("release"), or each image's own ("image")
+    box_space: str = chosen("release", ("release", "image"))
     bootstrap: int = ranged(1000, 0, 1000000)  # patient resamples for the 95% intervals (0: none)
     seed: int = ranged(0, 0, 2**32 - 1)  # of the resampling
 

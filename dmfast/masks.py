@@ -25,7 +25,7 @@ from rich.console import Console
 from . import checkpoints
 from .anatomy import make_anchor, pseudo_masks
 from .checkpoints import MASK_SIZE
-from .config import AlignConfig, MasksConfig, SplitConfig
+from .config import MIN_CAM_CELLS, AlignConfig, MasksConfig, SplitConfig
 from .data.cache import open_or_prepare
 from .data.chestxray14 import FINDINGS, open_dataset
 from .data.splits import make_splits
@@ -118,7 +118,6 @@ def _anchor_for(config: MasksConfig, classifier, cache, dataset, train_names) ->
 
 
 OUTPUTS = ("masks.pt", "masks.png", "masks.json")
-MIN_CAM_CELLS = 4  # CAMs of fewer cells a side (2 x 2 at 64 px and stride 32) give half-plane masks
 
 
 def run(config: MasksConfig, console: Console | None = None) -> Path:

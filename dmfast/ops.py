@@ -10,6 +10,8 @@ from torch import Tensor
 from . import _C  # loading the extension registers the ops
 
 THETA_LIMIT = 1e6  # affine_smooth's domain: |theta| entries beyond it give NaN (csrc/affine_smooth.h, kThetaLimit)
+OP_MAX_SIDE = 1 << 16  # the largest image side (H, W, pool) the ops take: larger ones only exhaust memory
+MAX_THRESHOLDS = 256  # cam_boxes' threshold levels at most
 
 __all__ = ["affine_smooth", "affine_matrix", "affine_inverse", "mask_attention", "attention_cam", "cam_boxes",
            "cuda_ready", "default_device"]
@@ -71,8 +73,8 @@ def affine_smooth(images: Tensor, theta: Tensor, pool: int = 16) -> Tensor:
     """
     _tensors("affine_smooth", images=images, theta=theta)
     pool = _index(pool, "affine_smooth", "pool")
-    if not 1 <= pool <= MAX_SIDE:
-        raise ValueError(f"affine_smooth: pool must be in [1, {MAX_SIDE}], got {pool}")
+    if not 1 <= pool <= OP_MAX_SIDE:
+        raise ValueError(f"affine_smooth: pool must be in [1, {OP_MAX_SIDE}], got {pool}")
     return torch.ops.dmfast.affine_smooth.default(images, theta, pool)
 
 
@@ -175,14 +177,10 @@ def cam_boxes(cams: Tensor, size, threshold, max_boxes: int = 16, score: str = "
         height, width = (_index(v, "cam_boxes", "size") for v in size)
     except (TypeError, ValueError):
         raise ValueError(f"cam_boxes: size must be (H, W), two ints, got {size!r}") from None
-    if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE):
-        raise ValueError(f"cam_boxes: size must be (H, W) with H, W in [1, {MAX_SIDE}], got {size!r}")
+    if not (1 <= height <= OP_MAX_SIDE and 1 <= width <= OP_MAX_SIDE):
+        raise ValueError(f"cam_boxes: size must be (H, W) with H, W in [1, {OP_MAX_SIDE}], got {size!r}")
     return torch.ops.dmfast.cam_boxes.default(cams.detach(), [height, width], levels,
                                               _index(max_boxes, "cam_boxes", "max_boxes"), score)
-
-
-MAX_SIDE = 1 << 16  # the largest image side (H, W, pool) the ops take: larger ones only exhaust memory
-MAX_THRESHOLDS = 256
 
 
 def _index(value, op: str, name: str) -> int:

@@ -94,8 +94,6 @@ def run(config: PredictConfig, console: Console | None = None) -> dict:
     """Predict every X-ray of ``config.inputs``; write the outputs (see the module) and return the report."""
     console = console or Console(stderr=True)
     levels, floor = box_levels(config.box_thresholds, config.max_boxes), min_probability(config.min_probability)
-    if config.batch < 1:
-        raise ValueError(f"batch must be >= 1, got {config.batch}")
     out = Path(config.out)
     earlier = check_outputs(out, OUTPUTS, "dmfast predict", config.overwrite)
     files, roots, problems = list_xrays(config.inputs, exclude=[out])

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from rich.console import Console
 
 from . import checkpoints, ops, training
-from .config import TrainConfig, defaults, from_dict
+from .config import MIN_CAM_CELLS, TrainConfig, defaults, from_dict
 from .data.cache import ImageCache, open_or_prepare
 from .data.chestxray14 import FINDINGS, open_dataset
 from .data.images import to_model_input
@@ -82,12 +82,9 @@ def build_model(config: TrainConfig, console: Console) -> CAMClassifier:
             raise ValueError(f"--init {config.init} is a {previous.get('arch')} with CAM stride "
                              f"{previous.get('cam_stride', 32)}; this run asks for {config.arch} with "
                              f"{config.cam_stride}")
-        try:
+        with weights_of(f"--init {config.init}", config.arch):
             missing, unexpected = model.load_state_dict({k: v for k, v in state["model"].items() if k != "masks"},
                                                         strict=False)
-        except RuntimeError as error:  # shapes that do not fit: the first line says which tensor
-            raise ValueError(f"--init {config.init}: its weights do not fit a {config.arch} "
-                             f"({str(error).splitlines()[-1].strip()})") from None
         missing = [k for k in missing if k != "masks"]
         if missing or unexpected:
             raise ValueError(f"--init {config.init}: its weights do not match its {previous.get('arch')} config "
@@ -205,9 +202,9 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
     if state is not None:
         config = _resumed_config(config, state["config"], last, state.get("epoch", -1) + 1, given)
     cells = config.size // config.cam_stride
-    if cells < 4:
-        console.print(f"[yellow]warning: at {config.size} px with CAM stride {config.cam_stride} the CAMs are {cells} x "
-                      f"{cells}: too coarse for disease masks and boxes (a larger --size or --cam-stride 16)")
+    if cells < MIN_CAM_CELLS:
+        console.print(f"[yellow]warning: at {config.size} px with CAM stride {config.cam_stride} the CAMs are "
+                      f"{cells} x {cells}: too coarse for disease masks and boxes (a larger --size or --cam-stride 16)")
     # The checkpoint records where the alignment and masks came from; absolute, so it works from any folder.
     config = from_dict(TrainConfig, {**asdict(config), **{k: str(Path(getattr(config, k)).resolve())
                                                           for k in ("aligned", "init", "masks") if getattr(config, k)}})

@@ -68,8 +68,9 @@ class ImageCache:
         if index.get("version") != CACHE_VERSION:
             raise DataError(f"{self.folder}: cache format {index.get('version')} is not {CACHE_VERSION}; prepare it again")
         if not index.get("complete"):
-            raise DataError(f"{self.folder}: the cache is incomplete (interrupted, or images that could not be decoded); "
-                            "run `dmfast prepare` to resume it (with --skip-problems to leave such images out)")
+            raise DataError(f"{self.folder}: the cache is incomplete (interrupted, or images that could not be "
+                            "decoded); run `dmfast prepare` to resume it (with --skip-problems to leave such images "
+                            "out)")
         self.size = int(index["size"])
         self.names = list(index["names"])
         self.bad = dict(index.get("bad", {}))
@@ -137,11 +138,7 @@ def prepare(data_dir, cache_dir=None, size: int = 512, workers: int | None = Non
     index = {"version": CACHE_VERSION, "size": size, "data_dir": str(Path(data_dir).resolve()), "names": names,
              "sources": sources, "bad": {}, "complete": False}
     index_file, images_file, done_file = folder / "index.json", folder / "images.u8", folder / "done.u8"
-    try:
-        previous = json.loads(index_file.read_text()) if index_file.is_file() else None
-    except (OSError, ValueError):
-        previous = None  # a damaged index: the cache is built afresh
-    previous = previous if isinstance(previous, dict) else None
+    previous = _index_of(folder) or None  # missing or damaged: the cache is built afresh
     _check_owner(folder, previous or {}, data_dir)
     same = previous is not None and all(previous.get(k) == index[k] for k in ("version", "size", "names", "sources"))
     if same and previous.get("complete"):
@@ -195,6 +192,16 @@ def prepare(data_dir, cache_dir=None, size: int = 512, workers: int | None = Non
     return folder
 
 
+def _index_of(folder: Path) -> dict:
+    """The index of the cache in ``folder``, or {} when it is missing or damaged (the cache is then rebuilt)."""
+    index = folder / "index.json"
+    try:
+        found = json.loads(index.read_text()) if index.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def _check_owner(folder: Path, index: dict, data_dir) -> None:
     """A cache holds the images of one data folder: another folder's cache is never used or written over."""
     owner, data_dir = index.get("data_dir"), Path(data_dir).resolve()
@@ -209,18 +216,10 @@ def open_or_prepare(data_dir, cache_dir=None, size: int = 512, skip_problems: bo
     """The image cache of ``data_dir`` at ``size`` px (``cache_dir``, or the default folder), built first if it is
     missing. A cache of another size is refused by name."""
     folder = Path(cache_dir) if cache_dir else default_cache_dir(data_dir, size)
-    index = folder / "index.json"
-    try:
-        found = json.loads(index.read_text()) if index.is_file() else {}
-    except (OSError, ValueError):
-        found = {}  # an unreadable index: the cache is rebuilt
-    found = found if isinstance(found, dict) else {}
+    found = _index_of(folder)
     if found.get("size", size) != size:
         raise DataError(f"cache {folder} holds {found['size']} px images; {size} px are needed")
     _check_owner(folder, found, data_dir)
     if found.get("version") != CACHE_VERSION or not found.get("complete"):  # missing, damaged, older or unfinished
         prepare(data_dir, folder, size=size, skip_problems=skip_problems, console=console)
-    cache = ImageCache(folder, data_dir=data_dir)
-    if cache.size != size:
-        raise DataError(f"cache {folder} holds {cache.size} px images; {size} px are needed")
-    return cache
+    return ImageCache(folder, data_dir=data_dir)  # of this size: checked above, or just built

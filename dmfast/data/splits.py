@@ -29,7 +29,7 @@ class Splits:
             return cls(**json.load(f))
 
 
-def _patient_of(images, patient_of: dict | None):
+def _patient_of(patient_of: dict | None):
     """The patient of each image: ``patient_of`` (the Patient ID column), else the NIH file name's prefix
     (``00000001_000.png`` is patient 1)."""
     if patient_of is not None:
@@ -47,7 +47,7 @@ def _patient_of(images, patient_of: dict | None):
 def patient_groups(images, fraction: float, seed: int, patient_of: dict | None = None) -> tuple:
     """Split ``images`` into (rest, held_out) so that every patient (``patient_of[image]``, or the NIH name's
     prefix) falls on one side and about ``fraction`` of the patients are held out; deterministic for a seed."""
-    patient = _patient_of(images, patient_of)
+    patient = _patient_of(patient_of)
     patients = sorted({patient(i) for i in images})
     rng = np.random.default_rng(seed)
     held = set(rng.permutation(patients)[: int(round(fraction * len(patients)))].tolist())
@@ -59,7 +59,7 @@ def kfold_by_patient(images, k: int, seed: int, patient_of: dict | None = None) 
     """``k`` patient-disjoint folds of ``images`` (patients shuffled with the seed, dealt round-robin)."""
     if k < 2:
         raise ValueError(f"k-fold needs k >= 2, got {k}")
-    patient = _patient_of(images, patient_of)
+    patient = _patient_of(patient_of)
     patients = np.random.default_rng(seed).permutation(sorted({patient(i) for i in images})).tolist()
     fold_of = {p: n % k for n, p in enumerate(patients)}
     folds = [[] for _ in range(k)]
