@@ -141,7 +141,9 @@ def test_gradcheck(device, pool, kind, gen):
     images = rand_images(shape, gen, torch.float64, device).requires_grad_()
     theta = kink_free_theta(kind, shape, gen, eps=1e-6).to(device).requires_grad_()
     fn = lambda i, t: ops.affine_smooth(i, t, pool)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (images, theta), eps=1e-6, atol=1e-6, rtol=1e-4)
+    # On CUDA both gradients are summed with atomic adds, whose order varies between runs: rounding-level noise.
+    nondet_tol = 1e-12 if device == "cuda" else 0.0
+    assert torch.autograd.gradcheck(fn, (images, theta), eps=1e-6, atol=1e-6, rtol=1e-4, nondet_tol=nondet_tol)
 
 
 @pytest.mark.parametrize("pool", [1, 4, 16])
@@ -172,7 +174,8 @@ def test_theta_only_and_full_backward_agree(device, gen):
     gi_only, empty_t = bw(grad, images, theta, 4, [True, False])
     empty_i, gt_only = bw(grad, images, theta, 4, [False, True])
     torch.testing.assert_close(gt_only, gt, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(gi_only, gi, rtol=0, atol=0)
+    exact = device == "cpu"  # CUDA sums the image gradient with atomic adds, in a varying order
+    torch.testing.assert_close(gi_only, gi, rtol=0 if exact else 1e-12, atol=0 if exact else 1e-12)
     assert empty_t.numel() == 0 and empty_i.numel() == 0
 
 
