@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dmfast.data.cache import ImageCache, prepare
-from dmfast.data.chestxray14 import open_dataset
+from dmfast.data.formats import open_dataset
 from dmfast.data.images import load_gray, to_model_input
 from dmfast.testing import shared_data
 

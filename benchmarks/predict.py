@@ -19,7 +19,7 @@ from dmfast import eval as eval_stage
 from dmfast import checkpoints, predict, train
 from dmfast.config import EvalConfig, PredictConfig, TrainConfig
 from dmfast.data.cache import prepare
-from dmfast.data.chestxray14 import open_dataset
+from dmfast.data.formats import open_dataset
 from dmfast.data.phantom import synthesize
 
 from .common import environment, parse, parser, report

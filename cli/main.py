@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 import dmfast
-from dmfast.config import (FRACTION, SIZE, WANG_THRESHOLDS, AlignConfig, BoxConfig, DemoConfig, EvalConfig,
+from dmfast.config import (DATA_FORMATS, FRACTION, SIZE, WANG_THRESHOLDS, AlignConfig, BoxConfig, DemoConfig, EvalConfig,
                            MasksConfig, PredictConfig, Range, SplitConfig, TrainConfig, defaults, metadata_of)
 from dmfast.data import phantom
 from dmfast.data.cache import WORKERS
@@ -80,7 +80,7 @@ def _expected(error: BaseException) -> bool:
 
     if isinstance(error, (OSError, MemoryError, torch.OutOfMemoryError)):
         return True
-    from dmfast.data.chestxray14 import DataError
+    from dmfast.data.dataset import DataError
     from dmfast.data.images import ImageError
 
     if not isinstance(error, (DataError, ImageError, ValueError)):
@@ -139,6 +139,12 @@ CACHE = ("cache", {"type": FOLDER, "help": "Image cache [default: DATA_DIR/cache
                                             "DATA_DIR is read-only]."})
 SKIP = ("skip_problems", {"help": "Leave out missing or unreadable images instead of stopping."})
 MAX_STEPS = ("max_steps", {"help": "Steps per epoch at most (quick runs)."})
+FORMAT = ("format", {"type": click.Choice(DATA_FORMATS), "help": "The release's layout (README: 'Datasets') "
+                     "[default: detected from DATA_DIR]."})
+UNCERTAIN = ("uncertain", {"help": "Uncertain labels (-1: CheXpert, MIMIC-CXR, csv): unknown (ignore, left out of "
+                                   "loss and AUROC), positive or negative."})
+BLANK = ("blank", {"help": "Blank label cells (finding not mentioned): unknown or negative."})
+LABELS = (FORMAT, UNCERTAIN, BLANK)
 SPLIT = ("split", {"help": "The official test list, or a patient-grouped split (data without official lists)."})
 def out_option(help: str):
     return click.option("--out", required=True, type=FOLDER, help=help)
@@ -165,7 +171,7 @@ def synth(out_dir, **kwargs):
 
 @main.command()
 @DATA_DIR
-@options(prepare_cache, ("size", {"type": Number(SIZE), "help": "Working image size (the paper's is 512)."}),
+@options(prepare_cache, ("size", {"type": Number(SIZE), "help": "Working image size (the paper's is 512)."}), FORMAT,
          ("cache_dir", {**CACHE[1], "flag": "--cache"}),
          ("workers", {"type": Number(WORKERS), "help": "Decoding processes [default: all cores]."}), SKIP)
 def prepare(data_dir, **kwargs):
@@ -189,7 +195,10 @@ def prepare(data_dir, **kwargs):
          ("masks", {"type": FILE, "help": "Disease masks: attention retraining."}),
          ("freeze_bn", {"help": "Keep BatchNorm statistics fixed."}),
          ("tensorboard", {"help": "Also log loss and validation AUROC to OUT/tensorboard (dmfast[tensorboard])."}),
-         MAX_STEPS, SKIP, OVERWRITE)
+         ("mix", {"multiple": True, "type": click.Path(exists=True, file_okay=False),
+                  "help": "Another release's folder whose training images are added (format detected; labels it "
+                          "lacks are unknown). Repeatable."}),
+         *LABELS, MAX_STEPS, SKIP, OVERWRITE)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt (with its settings).")
 def train(data_dir, resume, **kwargs):
     """Train the CAM classifier with weighted BCE on DATA_DIR (runs under torchrun for DDP)."""
@@ -199,7 +208,8 @@ def train(data_dir, resume, **kwargs):
 
     context = click.get_current_context()
     given = {name for name in kwargs if context.get_parameter_source(name) != ParameterSource.DEFAULT}
-    dmfast.train.run(TrainConfig(data=data_dir, **kwargs), resume=resume, given=given)
+    dmfast.train.run(TrainConfig(data=data_dir, **{**kwargs, "mix": list(kwargs["mix"])}), resume=resume,
+                     given=given)
 
 
 @main.command()
@@ -213,7 +223,7 @@ def train(data_dir, resume, **kwargs):
          ("perceptual", {"type": FILE, "help": "Classifier checkpoint (dmfast train) for the perceptual loss."}),
          "perceptual_weight", ("input_size", {"help": "Resolution the alignment network sees."}), "seed",
          "val_fraction", SPLIT, ("grid_images", {"help": "Validation images in the before/after grid."}),
-         MAX_STEPS, SKIP, OVERWRITE)
+         *LABELS, MAX_STEPS, SKIP, OVERWRITE)
 def align(data_dir, **kwargs):
     """Train the alignment module on DATA_DIR: anchor image, checkpoint, before/after grid, statistics."""
     import dmfast.align
@@ -233,14 +243,14 @@ def align(data_dir, **kwargs):
          ("threshold", {"help": "Mask where the normalised average CAM reaches this."}),
          ("min_images", {"help": "Fewer confident images than this: use this many most probable labelled images."}),
          ("size", {"help": f"Working size with --pseudo and no --checkpoint [{SplitConfig.size}]."}),
-         "batch", CACHE, SKIP, OVERWRITE)
+         "batch", CACHE, *LABELS, SKIP, OVERWRITE)
 @click.option("--asymmetric", default=",".join(defaults(MasksConfig)["asymmetric"]), show_default=True,
               help="Comma-separated classes whose CAMs are not mirrored (Eq. 3); '' for none.")
 def masks(data_dir, asymmetric, **kwargs):
     """Average confident CAMs into per-disease masks (or draw pseudo masks from anatomy), with a figure."""
     import dmfast.masks
 
-    from dmfast.data.chestxray14 import FINDINGS
+    from dmfast.data.dataset import FINDINGS
 
     classes = [c.strip() for c in asymmetric.split(",") if c.strip()]
     unknown = [c for c in classes if c not in FINDINGS]
@@ -308,8 +318,11 @@ MAX_BOXES = ("max_boxes", {"help": "Boxes per CAM (best first)."})
          ("strict", {"help": "Stop when it cannot be told whether evaluation images share a patient with the "
                              "training images (their data is not here)."}),
          ("allow_overlap", {"help": "Score images that share a name or patient with the training images anyway."}),
-         ("box_space", {"help": "Pixels of BBox_List_2017.csv: the 1024 x 1024 release images (ChestX-ray14) or "
-                                "each stored image's own."}),
+         ("box_space", {"type": click.Choice(["release", "image"]),
+                        "help": "Pixels of the boxes: the 1024 x 1024 release images (ChestX-ray14's BBox_List_2017"
+                                ".csv) or each stored image's own [default: the release's own]."}),
+         ("fuse_readers", {"help": "Fuse overlapping boxes of several readers (VinDr-CXR) into one box (IoU >= "
+                                   "0.5, mean corners) before scoring."}), *LABELS,
          ("bootstrap", {"help": "Patient resamples for the 95% intervals and paired differences (0: none)."}),
          ("seed", {"help": "Seed of the resampling."}))
 def evaluate(data_dir, checkpoints, masks_files, box_threshold, **kwargs):

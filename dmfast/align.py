@@ -21,7 +21,7 @@ from . import checkpoints, ops, training
 from .anatomy import anchor_images, make_anchor
 from .config import AlignConfig
 from .data.cache import open_or_prepare
-from .data.chestxray14 import open_dataset
+from .data.formats import open_data
 from .data.images import to_model_input
 from .data.phantom import read_transforms
 from .data.splits import make_splits, summary
@@ -107,8 +107,8 @@ def run(config: AlignConfig, console: Console | None = None) -> Path:
     out = Path(config.out)
     earlier = check_outputs(out, OUTPUTS, "dmfast align", config.overwrite)
     classifier = load_classifier(config.perceptual)[0].requires_grad_(False) if config.perceptual else None
-    dataset = open_dataset(config.data, config.skip_problems, lists=config.split == "official")
-    cache = open_or_prepare(config.data, config.cache, config.size, config.skip_problems, console)
+    dataset = open_data(config, lists=config.split == "official")
+    cache = open_or_prepare(config.data, config.cache, config.size, config.skip_problems, console, config.format)
     splits = make_splits(dataset, config.val_fraction, config.seed, split=config.split)
     console.print(summary(dataset, splits, config.split))
     train_names = [n for n in splits.train if n in cache]

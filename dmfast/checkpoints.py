@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import ARCHS, CAM_STRIDES, SIZE
-from .data.chestxray14 import FINDINGS
+from .data.dataset import FINDINGS
 from .io import atomic_torch_save
 
 VERSION = 1

@@ -9,6 +9,8 @@ import inspect
 import math
 from dataclasses import dataclass, field
 
+from .data.dataset import BLANK_POLICIES, UNCERTAIN_POLICIES
+from .data.formats import FORMATS as DATA_FORMATS
 from .metrics import DEFAULT_THRESHOLDS
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
@@ -107,8 +109,11 @@ class Checked:
 
 @dataclass(kw_only=True)
 class DataConfig(Checked):
-    data: str  # a ChestX-ray14-format directory
+    data: str  # the folder of a release (see dmfast.data.formats)
     out: str  # the stage's output folder
+    format: str | None = chosen(None, (None, *DATA_FORMATS))  # the release's layout (default: detected)
+    uncertain: str = chosen("ignore", UNCERTAIN_POLICIES)  # CheXpert-style -1 labels: unknown, positive or negative
+    blank: str = chosen("unknown", BLANK_POLICIES)  # blank label cells (finding not mentioned)
     cache: str | None = None  # image cache folder (default: see data.cache.default_cache_dir)
     batch: int = ranged(32, 1, 65536)
     skip_problems: bool = False  # leave out missing or unreadable images instead of stopping
@@ -141,6 +146,7 @@ class TrainConfig(SplitConfig):
     masks: str | None = None  # disease masks file: attention retraining
     freeze_bn: bool = False  # BatchNorm in inference mode (statistics from the loaded weights)
     tensorboard: bool = False  # also log the epoch scalars to RUN/tensorboard
+    mix: list = field(default_factory=list)  # folders of other releases whose training images are added
 
 
 @dataclass(kw_only=True)
@@ -212,8 +218,10 @@ class EvalConfig(DataConfig, BoxConfig):
     images: str | None = None  # a file of image names to score instead
     strict: bool = False  # refuse evaluation images that may share a patient with the training images (unknown)
     allow_overlap: bool = False  # score images that share a name or patient with the training images anyway
-    # the pixels BBox_List_2017.csv uses: ChestX-ray14's 1024 x 1024 ("release"), or each image's own ("image")
-    box_space: str = chosen("release", ("release", "image"))
+    # the pixels the boxes are in: ChestX-ray14's 1024 x 1024 ("release"), or each image's own ("image");
+    # default: the release's own
+    box_space: str | None = chosen(None, (None, "release", "image"))
+    fuse_readers: bool = False  # fuse overlapping boxes of several readers (VinDr-CXR) into one
     bootstrap: int = ranged(1000, 0, 1000000)  # patient resamples for the 95% intervals (0: none)
     seed: int = ranged(0, 0, 2**32 - 1)  # of the resampling
 

@@ -21,7 +21,7 @@ from rich.console import Console
 from . import align, checkpoints, eval, masks, predict, train
 from .config import MIN_POOLED_CELLS, AlignConfig, DemoConfig, EvalConfig, MasksConfig, PredictConfig, TrainConfig
 from .data.cache import prepare
-from .data.chestxray14 import open_dataset
+from .data.formats import open_dataset
 from .data.phantom import synthesize
 from .io import atomic_write_json, check_outputs, clear_outputs, print_table
 

@@ -32,7 +32,8 @@ import dmfast
 from . import checkpoints, ops
 from .config import EvalConfig, box_levels
 from .data.cache import ImageCache, open_or_prepare
-from .data.chestxray14 import FINDINGS, image_size, open_dataset, read_text
+from .data.dataset import FINDINGS, DataError, fuse_readers, image_size, read_text
+from .data.formats import open_data, open_dataset
 from .data.images import square_geometry
 from .figures import BLACK, RED, draw, grid, heat_overlay
 from .inference import Classifier
@@ -81,7 +82,7 @@ class Method:
 class GroundTruth:
     """The test images with boxes and their (image, class) pairs, boxes in the pixels of ``size``-px images."""
 
-    def __init__(self, dataset, test_names: list, size: int, space: str = "release"):
+    def __init__(self, dataset, test_names: list, size: int, space: str | None = None):
         boxes = dataset.boxes_in_square(test_names, size, space)
         self.images = [n for n in test_names if n in boxes]
         rows = [(n, int(b[0]), b[1:]) for n in self.images for b in boxes[n]]
@@ -165,12 +166,16 @@ def select_images(config: EvalConfig, dataset, first: Classifier) -> Selection:
     if split == "all":
         return Selection(dataset.images, f"all {len(dataset.images)} images of {config.data}", own)
     listed = dataset.test if split == "test" else dataset.train_val
+    lists = dataset.format == "chestxray14"  # other releases split by folder or file, not by lists
     if not listed:
-        raise ValueError(f"{config.data}: no {split}_list.txt (or it is empty): choose --split all or --images FILE")
+        raise ValueError(f"{config.data}: " + (f"no {split}_list.txt (or it is empty)" if lists else
+                         f"the {dataset.format} release has no official {split} images") +
+                         ": choose --split all or --images FILE")
     names = [n for n in dataset.images if n in listed]
     if not names:
         raise ValueError(f"{config.data}: none of the images in {split}_list.txt is present")
-    return Selection(names, f"{config.data}'s {split}_list.txt", own)
+    return Selection(names, f"{config.data}'s {split}_list.txt" if lists else
+                     f"the official {split} images of {config.data}", own)
 
 
 def training_overlap(classifier: Classifier, dataset, names: list) -> dict:
@@ -179,10 +184,12 @@ def training_overlap(classifier: Classifier, dataset, names: list) -> dict:
     trained = set(classifier.splits.train) | set(classifier.splits.val)
     patients = None
     source = Path(classifier.config.data)
-    if (source / "Data_Entry_2017.csv").is_file():
+    try:
         training_data = dataset if Path(dataset.root).resolve() == source.resolve() else \
-            open_dataset(source, skip_problems=True, lists=False)
+            open_dataset(source, classifier.config.format, skip_problems=True, lists=False)
         patients = {r.patient for r in training_data.records if r.image in trained}
+    except (DataError, OSError):  # the training data is not here (or no longer readable)
+        pass
     patient_of = {r.image: r.patient for r in dataset.records}
     return {"names": sum(n in trained for n in names),
             "patients": None if patients is None else sum(patient_of[n] in patients for n in names)}
@@ -412,14 +419,17 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
     out = Path(config.out)
     earlier = check_outputs(out, OUTPUTS, "dmfast eval", config.overwrite)
     classifiers = [(name, Classifier(path)) for name, path in config.checkpoints]
-    dataset = open_dataset(config.data, config.skip_problems, lists=config.split != "all" and not config.images,
-                           box_space=config.box_space)
+    dataset = open_data(config, lists=config.split != "all" and not config.images, box_space=config.box_space,
+                        check_boxes=True)
+    if config.fuse_readers:
+        dataset.boxes = fuse_readers(dataset.boxes)
     label_of = {r.image: r.labels for r in dataset.records}
     caches = {}
     for _, classifier in classifiers:
         size = classifier.config.size
         if size not in caches:
-            caches[size] = open_or_prepare(config.data, config.cache, size, config.skip_problems, console)
+            caches[size] = open_or_prepare(config.data, config.cache, size, config.skip_problems, console,
+                                           config.format)
     first = classifiers[0][1]
     selection = select_images(config, dataset, first)
     test_names = [n for n in selection.names if n in caches[first.config.size]]
@@ -455,7 +465,7 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
     for name, classifier in classifiers:
         cache = caches[classifier.config.size]
         if cache.size not in truth_at:
-            truth_at[cache.size] = GroundTruth(dataset, test_names, cache.size, config.box_space)
+            truth_at[cache.size] = GroundTruth(dataset, test_names, cache.size)
         truth = truth_at[cache.size]
         keep = _chosen_for_overlays(truth, config.overlays) if keep is None else keep
         method, kept = evaluate_checkpoint(name, classifier, cache, test_names, labels, truth, config, keep, console)

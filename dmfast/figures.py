@@ -5,7 +5,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.chestxray14 import FINDINGS
+from .data.dataset import FINDINGS
 
 # Anchor points of the heat colour map (dark blue -> blue -> cyan -> yellow -> red), as in the paper's figures.
 _HEAT = torch.tensor([[0.0, 0.0, 0.5], [0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from . import __version__, checkpoints, ops
 from .config import TrainConfig, box_levels, from_dict
 from .config import min_probability as probability_floor
-from .data.chestxray14 import FINDINGS
+from .data.dataset import FINDINGS
 from .data.images import NORMALISATION, Square, load_gray, to_model_input, to_square
 from .data.splits import Splits
 from .io import check_outputs

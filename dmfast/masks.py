@@ -27,7 +27,8 @@ from .anatomy import make_anchor, pseudo_masks
 from .checkpoints import MASK_SIZE
 from .config import MIN_CAM_CELLS, AlignConfig, MasksConfig, SplitConfig
 from .data.cache import open_or_prepare
-from .data.chestxray14 import FINDINGS, open_dataset
+from .data.dataset import FINDINGS
+from .data.formats import open_data
 from .data.splits import make_splits
 from .figures import masks_figure
 from .inference import Classifier
@@ -66,7 +67,7 @@ def disease_masks(classifier, cache, names: list, labels: np.ndarray, config: Ma
     classes = len(FINDINGS)
     sums = torch.zeros(classes, MASK_SIZE, MASK_SIZE, dtype=torch.float64)
     kept = torch.zeros(classes, dtype=torch.long)
-    positive = torch.from_numpy(labels.astype(bool))
+    positive = torch.from_numpy(labels == 1)  # unknown labels (-1) are not positives
     probabilities = torch.zeros(len(names), classes)
     with progress("masks: CAMs of the training images", console) as bar:
         task = bar.add_task("cams", total=len(names))
@@ -135,8 +136,8 @@ def run(config: MasksConfig, console: Console | None = None) -> Path:
                              f"stride {classifier.config.cam_stride}); masks need at least {MIN_CAM_CELLS} x "
                              f"{MIN_CAM_CELLS}: train at a larger --size or with --cam-stride 16")
     size = classifier.config.size if classifier else (config.size or SplitConfig.size)
-    dataset = open_dataset(config.data, config.skip_problems, lists=False)
-    cache = open_or_prepare(config.data, config.cache, size, config.skip_problems, console)
+    dataset = open_data(config, lists=False)
+    cache = open_or_prepare(config.data, config.cache, size, config.skip_problems, console, config.format)
     splits = classifier.splits if classifier is not None else make_splits(dataset)
     train_names = [n for n in splits.train if n in cache]
     anchor, anchor_source = _anchor_for(config, classifier, cache, dataset, train_names)

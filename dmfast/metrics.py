@@ -153,17 +153,24 @@ class AUROC:
 
 def roc_auc(labels, scores) -> AUROC:
     """Exact ROC AUC per class (column): the Mann-Whitney statistic with average ranks, so tied scores count
-    one half. Classes without positives or without negatives are reported as undefined (NaN)."""
+    one half. A label of -1 (unknown: the image's release does not say) leaves that image out of that class.
+    Classes without positives or without negatives are reported as undefined (NaN)."""
     y = _array(labels)
     s = _array(scores, np.float64)
     if y.ndim == 1:
         y, s = y[:, None], s[:, None]
     if y.shape != s.shape:
         raise ValueError(f"roc_auc: labels {y.shape} and scores {s.shape} differ in shape")
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError("roc_auc: labels must be 0 or 1")
+    if not np.isin(y, (0, 1, -1)).all():
+        raise ValueError("roc_auc: labels must be 0, 1 or -1 (unknown)")
     if not np.isfinite(s).all():
         raise ValueError("roc_auc: scores contain NaN or infinite values")
+    if (y == -1).any():
+        per_class = np.array([roc_auc(y[y[:, c] != -1, c], s[y[:, c] != -1, c]).per_class[0]
+                              for c in range(y.shape[1])])
+        undefined = np.flatnonzero(np.isnan(per_class))
+        defined = np.delete(per_class, undefined)
+        return AUROC(per_class, undefined.tolist(), float(defined.mean()) if len(defined) else float("nan"))
     y = y.astype(bool)
     positives, negatives = y.sum(0), (~y).sum(0)
     ranks = rankdata(s, axis=0, method="average") if len(s) else np.zeros_like(s)
@@ -188,14 +195,15 @@ def patient_bootstrap(patients, resamples: int, seed: int) -> np.ndarray:
 
 def weighted_mean_auroc(labels, scores, weights: np.ndarray, chunk: int = 128) -> np.ndarray:
     """Mean AUROC over the classes defined in each resample, for image weights ``[R, N]`` (a bootstrap's
-    multiplicities): the Mann-Whitney statistic with ties counting one half, as :func:`roc_auc`. ``[R]``."""
-    y, s = _array(labels).astype(bool), _array(scores, np.float64)
+    multiplicities): the Mann-Whitney statistic with ties counting one half, as :func:`roc_auc` (a label of -1,
+    unknown, counts as neither). ``[R]``."""
+    y, s = _array(labels), _array(scores, np.float64)
     total = np.zeros((len(weights), y.shape[1]))
     defined = np.zeros_like(total, dtype=bool)
     for c in range(y.shape[1]):
         order = np.argsort(s[:, c], kind="stable")
         starts = np.flatnonzero(np.r_[True, np.diff(s[order, c]) != 0])  # groups of tied scores
-        pos, neg = y[order, c], ~y[order, c]
+        pos, neg = y[order, c] == 1, y[order, c] == 0
         for r0 in range(0, len(weights), chunk):
             w = weights[r0:r0 + chunk, order]
             wp, wn = w * pos, w * neg

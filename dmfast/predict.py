@@ -25,7 +25,7 @@ from rich.markup import escape
 import dmfast
 
 from .config import PredictConfig, box_levels, min_probability
-from .data.chestxray14 import FINDINGS
+from .data.dataset import FINDINGS
 from .data.images import ImageError, list_xrays, load_gray
 from .figures import finding_panels
 from .inference import ImagePrediction, load_model

@@ -24,8 +24,9 @@ from rich.console import Console
 
 from . import checkpoints, ops, training
 from .config import MIN_CAM_CELLS, TrainConfig, defaults, from_dict
-from .data.cache import ImageCache, open_or_prepare
-from .data.chestxray14 import FINDINGS, open_dataset
+from .data.cache import CacheSet, ImageCache, open_or_prepare, report_left_out
+from .data.dataset import FINDINGS, LabelPolicy
+from .data.formats import open_data, open_dataset
 from .data.images import to_model_input
 from .data.splits import Splits, make_splits, summary
 from .figures import training_figure
@@ -214,19 +215,37 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
     np.random.seed(config.seed)
     random.seed(config.seed)
 
-    dataset = open_dataset(config.data, config.skip_problems, lists=config.split == "official")
-    opened = lambda: open_or_prepare(config.data, config.cache, config.size, config.skip_problems, console)  # noqa: E731
+    dataset = open_data(config, lists=config.split == "official")
+    report_left_out(dataset.problems, console)
+    mixed = [open_dataset(folder, None, config.skip_problems, lists=False,
+                          policy=LabelPolicy(config.uncertain, config.blank)) for folder in config.mix]
+
+    def opened():
+        main = open_or_prepare(config.data, config.cache, config.size, config.skip_problems, console, config.format)
+        return CacheSet(main, [open_or_prepare(m.root, None, config.size, config.skip_problems, console, m.format)
+                               for m in mixed])
     cache = opened() if rank == 0 else None  # the other ranks open it once rank 0 has built it
     if world > 1:
         dist.barrier()
     if cache is None:
         cache = opened()
-    splits = Splits(**state["splits"]) if state else make_splits(dataset, config.val_fraction, config.seed,
-                                                                   split=config.split)
-    console.print(summary(dataset, splits, config.split))
+    label_of = {r.image: r.labels for r in dataset.records}
+    added = {}  # the mixed folders' training images (their official train split, else all), by key
+    for i, other in enumerate(mixed):
+        for r in other.records:
+            if not other.train_val or r.image in other.train_val:
+                added[CacheSet.key(i, r.image)] = r.labels
+    if state:
+        splits = Splits(**state["splits"])
+    else:
+        splits = make_splits(dataset, config.val_fraction, config.seed, split=config.split)
+        splits.train += list(added)
+    label_of.update(added)
+    console.print(summary(dataset, splits, config.split) + "".join(
+        f"; {sum(k.startswith(CacheSet.key(i, '')) for k in added):,} training images mixed in from {m.root} "
+        f"({m.format})" for i, m in enumerate(mixed)))
     train_names = [n for n in splits.train if n in cache]
     val_names = [n for n in splits.val if n in cache]
-    label_of = {r.image: r.labels for r in dataset.records}
     if not train_names:
         raise ValueError(f"{config.data}: no training images in the {config.split!r} split")
     training.epoch_batches(len(train_names), config.batch, config.max_steps, config.seed, 0)  # enough images?
@@ -272,9 +291,9 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
                 targets = torch.from_numpy(np.stack([label_of[n] for n in mine])).to(device)
                 counts = None
                 if world > 1:  # Eq. 10's weights come from the global batch
-                    counts = torch.cat([targets.sum(0).float(), torch.tensor([float(len(mine))], device=device)])
+                    counts = training.label_counts(targets)
                     dist.all_reduce(counts)
-                    counts = (counts[:-1], counts[-1])
+                    counts = (counts[0], counts[1])
                 with torch.autocast(device.type, enabled=scaler.is_enabled()):
                     loss = training.weighted_bce(ddp(images).float(), targets, counts)
                 optimizer.zero_grad(set_to_none=True)

@@ -9,23 +9,38 @@ def weighted_bce(logits: Tensor, targets: Tensor, counts: tuple | None = None) -
     """The paper's Eq. 10: binary cross-entropy with per-batch, per-class weights against label imbalance,
     ``w_P = (|P| + |N|) / |P|`` on positives and ``w_N = (|P| + |N|) / |N|`` on negatives, averaged over the batch
     and the classes. A class without positives (or negatives) in the batch has only negative (positive) terms, with
-    weight 1 - the count it divides by is the whole batch.
+    weight 1.
+
+    A target of -1 (:data:`~dmfast.data.dataset.UNKNOWN`: the image's release does not say) has no term and is
+    counted in neither ``|P|`` nor ``|N|``; the mean is over the known targets. With every target known this is
+    exactly the mean over the batch and the classes.
 
     Args:
-        logits: ``[B, C]``; targets: ``[B, C]`` in {0, 1} (any float or integer dtype).
-        counts: ``(positives [C], batch)`` of the whole batch when this is one shard of it (data parallel), so every
-            shard weighs its terms as the global batch does.
+        logits: ``[B, C]``; targets: ``[B, C]`` in {0, 1, -1} (any float or integer dtype).
+        counts: ``(positives [C], negatives [C])`` of the whole batch when this is one shard of it (data
+            parallel), so every shard weighs its terms as the global batch does.
     """
     if logits.shape != targets.shape or logits.dim() != 2:
         raise ValueError(f"weighted_bce: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must both "
                          "be [B, C]")
     y = targets.to(logits.dtype)
-    positives, batch = counts if counts is not None else (y.sum(0), y.shape[0])
-    negatives = batch - positives
-    w_pos = torch.where(positives > 0, batch / positives.clamp(min=1), torch.zeros_like(positives))
-    w_neg = torch.where(negatives > 0, batch / negatives.clamp(min=1), torch.zeros_like(negatives))
-    weights = y * w_pos + (1 - y) * w_neg
-    return F.binary_cross_entropy_with_logits(logits, y, weight=weights, reduction="mean")
+    positive, negative = (y == 1).to(logits.dtype), (y == 0).to(logits.dtype)
+    positives, negatives = counts if counts is not None else (positive.sum(0), negative.sum(0))
+    total = positives + negatives
+    w_pos = torch.where(positives > 0, total / positives.clamp(min=1), torch.zeros_like(positives))
+    w_neg = torch.where(negatives > 0, total / negatives.clamp(min=1), torch.zeros_like(negatives))
+    weights = positive * w_pos + negative * w_neg  # 0 on unknown targets
+    known = positive + negative
+    if bool(known.all()):
+        return F.binary_cross_entropy_with_logits(logits, y, weight=weights, reduction="mean")
+    terms = F.binary_cross_entropy_with_logits(logits, positive, weight=weights, reduction="sum")
+    return terms / known.sum().clamp(min=1)
+
+
+def label_counts(targets: Tensor) -> Tensor:
+    """``[2, C]``: the positives and negatives of each class among ``targets`` (unknown ones in neither), to sum
+    over the shards of a data-parallel batch for :func:`weighted_bce`'s ``counts``."""
+    return torch.stack([(targets == 1).sum(0), (targets == 0).sum(0)]).float()
 
 
 def optimizer(name: str, parameters, lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:

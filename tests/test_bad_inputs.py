@@ -323,7 +323,7 @@ def test_data_problems_are_reported_by_name(world, tmp_path, case):
 
 
 def test_split_lists_are_checked_only_where_a_split_uses_them(world, tmp_path):
-    from dmfast.data.chestxray14 import open_dataset
+    from dmfast.data.formats import open_dataset
 
     data = _mutated(world, tmp_path, DATA_CASES["image in both lists"][0])
     expect(["prepare", data, "--cache", tmp_path / "cache", "--size", "64", "--workers", "1"], code=0)
@@ -337,7 +337,7 @@ def test_skip_problems_leaves_the_bad_rows_out(world, tmp_path):
         ls[2].split(",")[1], "Hernia", 1)]), _box_row(d, -40, 10, 100, 100)))
     output = expect(["prepare", data, "--cache", tmp_path / "cache", "--size", "64", "--workers", "1",
                      "--skip-problems"], "duplicated", "contradictory", "outside", code=0)
-    from dmfast.data.chestxray14 import open_dataset
+    from dmfast.data.formats import open_dataset
 
     dataset = open_dataset(data, skip_problems=True)
     second = _entry(data).read_text().splitlines()[2].split(",")[0]
@@ -345,7 +345,7 @@ def test_skip_problems_leaves_the_bad_rows_out(world, tmp_path):
 
 
 def test_listed_images_the_folder_lacks_are_counted_not_refused(world, tmp_path):
-    from dmfast.data.chestxray14 import open_dataset
+    from dmfast.data.formats import open_dataset
     from dmfast.data.splits import make_splits, summary
 
     data = _mutated(world, tmp_path, lambda d: (d / "test_list.txt").write_text(
@@ -428,7 +428,7 @@ def test_eval_refuses_a_name_given_twice_and_images_with_a_split(world, tmp_path
 
 
 def test_patient_split_follows_the_patient_id_column(world, tmp_path):
-    from dmfast.data.chestxray14 import open_dataset
+    from dmfast.data.formats import open_dataset
     from dmfast.data.splits import make_splits
 
     def renumber(d):  # patients unrelated to the file names: 7 patients, every name prefix split among them

@@ -9,7 +9,8 @@ from PIL import Image
 
 from dmfast.data import phantom
 from dmfast.data.cache import ImageCache, prepare
-from dmfast.data.chestxray14 import FINDINGS, DataError, open_dataset
+from dmfast.data.dataset import FINDINGS, DataError
+from dmfast.data.formats import open_dataset
 from dmfast.data.images import ImageError, load_gray, to_model_input
 from dmfast.data.splits import Splits, kfold_by_patient, make_splits
 from dmfast.testing import shared_data
@@ -213,7 +214,7 @@ def test_boxes_come_from_the_release_space_or_the_images_own(tmp_path):
 
     dataset = open_dataset(synthesize(tmp_path / "ph", count=12, size=64, seed=4))
     box = dataset.boxes[0]
-    x, y, w, h = box.xywh_release
+    x, y, w, h = box.xywh
     release = [b for b in dataset.boxes_xyxy()[box.image] if b[0] == box.finding][0]
     assert release[1:] == pytest.approx([v * 64 / 1024 for v in (x, y, x + w, y + h)])  # 1024 px -> the 64 px PNG
     own = [b for b in dataset.boxes_xyxy(space="image")[box.image] if b[0] == box.finding][0]

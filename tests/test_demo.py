@@ -103,7 +103,8 @@ def test_predict_finds_the_phantom_findings_in_resized_padded_images(demo, tmp_p
     """The +DM model file (aligned, with attention) on test X-rays enlarged 1.5x and padded to a non-square
     canvas: the boxes of the findings it reports land on the ground-truth boxes, in the canvas's pixels."""
     from dmfast import checkpoints
-    from dmfast.data.chestxray14 import FINDINGS, open_dataset
+    from dmfast.data.dataset import FINDINGS
+    from dmfast.data.formats import open_dataset
 
     out, _ = demo
     dataset = open_dataset(out / "phantom")

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from dmfast.cli.main import main
-from dmfast.data.chestxray14 import FINDINGS
+from dmfast.data.dataset import FINDINGS
 from dmfast.config import EvalConfig
 from dmfast.eval import GroundTruth, mask_only
 from dmfast.inference import to_image_frame
@@ -80,7 +80,7 @@ def test_eval_scores_the_chosen_images_of_any_data_and_reports_training_overlap(
 
     from dmfast import train
     from dmfast.config import TrainConfig
-    from dmfast.data.chestxray14 import open_dataset
+    from dmfast.data.formats import open_dataset
     from dmfast.testing import phantom_with_cache
 
     a, cache_a = phantom_with_cache(tmp_path / "a", count=64, size=64, seed=1)

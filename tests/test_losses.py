@@ -33,3 +33,43 @@ def test_class_without_positives_or_negatives():
 def test_shape_error():
     with pytest.raises(ValueError, match="must both be \\[B, C\\]"):
         weighted_bce(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_unknown_targets_have_no_term_and_no_weight():
+    logits = torch.tensor([[0.0, 2.0], [1.0, -1.0], [-2.0, 0.5], [3.0, 0.0]], dtype=torch.float64,
+                          requires_grad=True)
+    targets = torch.tensor([[1, 0], [0, -1], [0, 1], [-1, 0]])  # -1: the image's release does not say
+    # class 0 known on rows 0-2: P = 1, N = 2 -> w_P = 3, w_N = 3/2; class 1 on rows 0, 2, 3: P = 1, N = 2 likewise
+    logsig = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
+    terms = [3 * -logsig(0.0), 1.5 * -logsig(-2.0), 1.5 * -logsig(-1.0), 1.5 * -logsig(2.0), 3 * -logsig(0.5),
+             1.5 * -logsig(0.0)]
+    loss = weighted_bce(logits, targets)
+    assert loss.item() == pytest.approx(sum(terms) / 6, rel=1e-12)
+    loss.backward()
+    assert logits.grad[1, 1] == 0 and logits.grad[3, 0] == 0  # unknown targets pull the logit nowhere
+    assert (logits.grad[targets != -1] != 0).all()
+
+
+def test_unknown_targets_equal_the_loss_on_the_known_ones_only(gen):
+    # Mixed data: ChestX-ray14 rows know all 14 findings, CheXpert rows only 7; the loss of a mixed batch is the
+    # loss over the known entries with the weights counted on them, whatever logits the unknown entries have.
+    logits = torch.randn(6, 14, generator=gen, dtype=torch.float64)
+    targets = (torch.rand(6, 14, generator=gen) < 0.3).long()
+    targets[3:, 7:] = -1
+    other = logits.clone()
+    other[3:, 7:] = torch.randn(3, 7, generator=gen, dtype=torch.float64) * 10
+    assert weighted_bce(logits, targets).item() == pytest.approx(weighted_bce(other, targets).item(), rel=1e-12)
+    known = weighted_bce(logits[:, :7], targets[:, :7]) * 42 + weighted_bce(logits[:3, 7:], targets[:3, 7:]) * 21
+    assert weighted_bce(logits, targets).item() == pytest.approx(known.item() / 63, rel=1e-12)
+
+
+def test_data_parallel_counts_match_the_whole_batch(gen):
+    from dmfast.training import label_counts
+
+    logits = torch.randn(8, 5, generator=gen, dtype=torch.float64)
+    targets = torch.randint(-1, 2, (8, 5), generator=gen)
+    counts = label_counts(targets[:4]) + label_counts(targets[4:])  # what all_reduce sums over two shards
+    shards = [weighted_bce(logits[s], targets[s], (counts[0].double(), counts[1].double())) *
+              (targets[s] != -1).sum() for s in (slice(0, 4), slice(4, 8))]
+    whole = weighted_bce(logits, targets) * (targets != -1).sum()
+    assert (shards[0] + shards[1]).item() == pytest.approx(whole.item(), rel=1e-12)

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from dmfast.cli.main import main
-from dmfast.data.chestxray14 import FINDINGS
+from dmfast.data.dataset import FINDINGS
 from dmfast.anatomy import HEART, LUNGS, anatomy, pseudo_masks
 from dmfast.checkpoints import MASK_SIZE
 from dmfast.config import MasksConfig

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dmfast import ops
-from dmfast.metrics import box_overlap, localization, predictions_from_padded, roc_auc
+from dmfast.metrics import box_overlap, localization, predictions_from_padded, roc_auc, weighted_mean_auroc
 from dmfast.testing import shared_data
 
 REFERENCE = shared_data("reference-predictions")
@@ -72,8 +72,25 @@ def test_roc_auc_by_hand_with_ties_and_undefined_classes():
     assert roc_auc(torch.tensor([0, 1]), torch.tensor([0.2, 0.8])).mean == 1.0
     with pytest.raises(ValueError, match="NaN"):
         roc_auc([0, 1], [0.1, float("nan")])
-    with pytest.raises(ValueError, match="0 or 1"):
+    with pytest.raises(ValueError, match="0, 1 or -1"):
         roc_auc([0, 2], [0.1, 0.2])
+
+
+@pytest.mark.random_inputs
+def test_unknown_labels_are_left_out_of_their_class(gen):
+    labels = (torch.rand(200, 3, generator=gen) < 0.3).long().numpy()
+    scores = torch.rand(200, 3, generator=gen).numpy()
+    unknown = torch.rand(200, 3, generator=gen).numpy() < 0.4
+    labels[:, 2] = -1  # a class the release never gives: undefined, not all-negative
+    with_unknown = np.where(unknown, -1, labels)
+    result = roc_auc(with_unknown, scores)
+    for c in range(2):
+        known = ~unknown[:, c]
+        assert result.per_class[c] == pytest.approx(roc_auc(labels[known, c], scores[known, c]).mean, abs=1e-12)
+    assert np.isnan(result.per_class[2]) and result.undefined == [2]
+    assert result.mean == pytest.approx(np.mean(result.per_class[:2]), abs=1e-12)
+    ones = np.ones((1, 200))
+    assert weighted_mean_auroc(with_unknown, scores, ones)[0] == pytest.approx(result.mean, abs=1e-12)
 
 
 def test_roc_auc_matches_pairwise_definition(gen):

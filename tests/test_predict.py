@@ -16,7 +16,7 @@ import dmfast
 from dmfast import train
 from dmfast.cli.main import main
 from dmfast.config import TrainConfig
-from dmfast.data.chestxray14 import FINDINGS
+from dmfast.data.dataset import FINDINGS
 from dmfast.data.dicom import DicomError, read_dicom, window
 from dmfast.data.images import ImageError, list_xrays, load_gray
 from dmfast.predict import output_names

@@ -1,3 +1,5 @@
-"""Data layer: the ChestX-ray14 release reader, splits, the image cache and the synthetic chest phantom."""
+"""Data layer: the dataset interface and the readers of the public releases, splits, the image cache and the
+synthetic chest phantom."""
 
-from .chestxray14 import FINDINGS, ChestXray14, DataError, Problems, open_dataset  # noqa: F401
+from .dataset import FINDINGS, UNKNOWN, Dataset, DataError, LabelPolicy, Problems  # noqa: F401
+from .formats import FORMATS, detect_format, open_dataset  # noqa: F401

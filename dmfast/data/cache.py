@@ -22,7 +22,8 @@ from rich.console import Console
 
 from ..config import SIZE, Range
 from ..io import atomic_write_json, check_outputs, kill_point, progress
-from .chestxray14 import DataError, Problems, open_dataset
+from .dataset import DataError, Problems
+from .formats import open_dataset
 from .images import ImageError, load_gray, to_square
 
 CACHE_VERSION = 2  # 2: non-square images padded to a square (1 squashed them)
@@ -76,6 +77,7 @@ class ImageCache:
         self.bad = dict(index.get("bad", {}))
         self.data_dir = Path(data_dir or index["data_dir"])
         self.sources = index["sources"]
+        self.paths = index.get("paths")  # each image's file relative to the data folder (older caches: none)
         self.rows = {name: i for i, name in enumerate(self.names) if name not in self.bad}
         self.array = np.memmap(self.folder / "images.u8", dtype=np.uint8, mode="r",
                                shape=(len(self.names), self.size, self.size))
@@ -87,9 +89,13 @@ class ImageCache:
                                 f"since it was built ({shown}); run `dmfast prepare` again")
 
     def stale_sources(self) -> list:
-        from .chestxray14 import find_images
+        if self.paths is not None:
+            paths = {name: self.data_dir / relative for name, relative in zip(self.names, self.paths)}
+            paths = {name: path for name, path in paths.items() if path.is_file()}
+        else:  # a cache of an older dmfast: ChestX-ray14's PNGs, found by name
+            from .chestxray14 import find_images
 
-        paths = find_images(self.data_dir)
+            paths = find_images(self.data_dir)
         stale = []
         for name, stamp in zip(self.names, self.sources):
             path = paths.get(name)
@@ -116,17 +122,57 @@ class ImageCache:
         return torch.from_numpy(out).unsqueeze(1)
 
 
+class CacheSet:
+    """Image caches of several data folders read as one (training on mixed releases): the first cache's images by
+    their names, the others' as :meth:`key` ``(i, name)``."""
+
+    def __init__(self, main: ImageCache, mixed: list):
+        self.main, self.mixed = main, list(mixed)
+        self.size, self.folder = main.size, main.folder
+
+    @staticmethod
+    def key(i: int, name: str) -> str:
+        """The name of image ``name`` of the ``i``-th mixed folder (from 0)."""
+        return f"mix{i + 1}:{name}"
+
+    def _locate(self, name: str) -> tuple:
+        prefix, _, rest = name.partition(":")
+        if rest and prefix.startswith("mix") and prefix[3:].isdigit() and 1 <= int(prefix[3:]) <= len(self.mixed):
+            return self.mixed[int(prefix[3:]) - 1], rest
+        return self.main, name
+
+    def __contains__(self, name) -> bool:
+        cache, own = self._locate(name)
+        return own in cache
+
+    def __len__(self) -> int:
+        return len(self.main) + sum(len(c) for c in self.mixed)
+
+    def batch(self, names) -> torch.Tensor:
+        """As :meth:`ImageCache.batch`, each image from its own cache."""
+        out = torch.empty((len(names), 1, self.size, self.size), dtype=torch.uint8)
+        groups = {}  # id(cache) -> (cache, rows of the batch, names in that cache)
+        for i, name in enumerate(names):
+            cache, own = self._locate(name)
+            _, rows, owns = groups.setdefault(id(cache), (cache, [], []))
+            rows.append(i)
+            owns.append(own)
+        for cache, rows, owns in groups.values():
+            out[rows] = cache.batch(owns)
+        return out
+
+
 def prepare(data_dir, cache_dir=None, size: int = 512, workers: int | None = None, skip_problems: bool = False,
-            console: Console | None = None, limit_chunks: int | None = None) -> Path:
-    """Build (or resume, or refresh) the cache of ``data_dir`` at ``size``; returns the cache folder.
+            console: Console | None = None, limit_chunks: int | None = None, format: str | None = None) -> Path:
+    """Build (or resume, or refresh) the cache of ``data_dir`` (a release of ``format``, default detected) at
+    ``size``; returns the cache folder.
 
     ``limit_chunks`` stops after that many chunks of work without completing (used to test resuming)."""
     console = console or Console(stderr=True)
     size = SIZE.check(size, "size")
     workers = WORKERS.check(workers, "workers")
-    dataset = open_dataset(data_dir, skip_problems, lists=False)
-    if dataset.problems:
-        console.print(f"[yellow]left out:[/yellow]\n{dataset.problems.report()}")
+    dataset = open_dataset(data_dir, format, skip_problems, lists=False)
+    report_left_out(dataset.problems, console)
     folder = Path(cache_dir) if cache_dir else default_cache_dir(data_dir, size)
     image_folders = {p.resolve() for p in {path.parent for path in dataset.paths.values()}}
     if folder.resolve() in image_folders | {Path(data_dir).resolve()}:
@@ -135,12 +181,15 @@ def prepare(data_dir, cache_dir=None, size: int = 512, workers: int | None = Non
     folder.mkdir(parents=True, exist_ok=True)
     names = dataset.images
     sources = [_source_stamp(dataset.paths[n]) for n in names]
-    index = {"version": CACHE_VERSION, "size": size, "data_dir": str(Path(data_dir).resolve()), "names": names,
-             "sources": sources, "bad": {}, "complete": False}
+    root = Path(data_dir).resolve()
+    relative = [os.path.relpath(os.path.abspath(dataset.paths[n]), os.path.abspath(data_dir)) for n in names]
+    index = {"version": CACHE_VERSION, "size": size, "data_dir": str(root), "names": names,
+             "sources": sources, "paths": relative, "bad": {}, "complete": False}
     index_file, images_file, done_file = folder / "index.json", folder / "images.u8", folder / "done.u8"
     previous = _index_of(folder) or None  # missing or damaged: the cache is built afresh
     _check_owner(folder, previous or {}, data_dir)
-    same = previous is not None and all(previous.get(k) == index[k] for k in ("version", "size", "names", "sources"))
+    same = previous is not None and all(previous.get(k) == index[k] for k in ("version", "size", "names", "sources")) \
+        and previous.get("paths", relative) == relative  # older caches kept no paths
     if same and previous.get("complete"):
         console.print(f"cache {folder} is up to date ({len(names)} images at {size}px)")
         return folder
@@ -192,6 +241,14 @@ def prepare(data_dir, cache_dir=None, size: int = 512, workers: int | None = Non
     return folder
 
 
+def report_left_out(problems: Problems, console: Console) -> None:
+    """Print what a dataset left out: the problems skipped and the reader's notes."""
+    if problems:
+        console.print(f"[yellow]left out:[/yellow]\n{problems.report()}")
+    if problems.notes:
+        console.print(f"left out on purpose:\n{Problems(notes=problems.notes).report(notes=True)}")
+
+
 def _index_of(folder: Path) -> dict:
     """The index of the cache in ``folder``, or {} when it is missing or damaged (the cache is then rebuilt)."""
     index = folder / "index.json"
@@ -212,14 +269,14 @@ def _check_owner(folder: Path, index: dict, data_dir) -> None:
 
 
 def open_or_prepare(data_dir, cache_dir=None, size: int = 512, skip_problems: bool = False,
-                    console: Console | None = None) -> ImageCache:
-    """The image cache of ``data_dir`` at ``size`` px (``cache_dir``, or the default folder), built first if it is
-    missing. A cache of another size is refused by name."""
+                    console: Console | None = None, format: str | None = None) -> ImageCache:
+    """The image cache of ``data_dir`` (a release of ``format``) at ``size`` px (``cache_dir``, or the default
+    folder), built first if it is missing. A cache of another size is refused by name."""
     folder = Path(cache_dir) if cache_dir else default_cache_dir(data_dir, size)
     found = _index_of(folder)
     if found.get("size", size) != size:
         raise DataError(f"cache {folder} holds {found['size']} px images; {size} px are needed")
     _check_owner(folder, found, data_dir)
     if found.get("version") != CACHE_VERSION or not found.get("complete"):  # missing, damaged, older or unfinished
-        prepare(data_dir, folder, size=size, skip_problems=skip_problems, console=console)
+        prepare(data_dir, folder, size=size, skip_problems=skip_problems, console=console, format=format)
     return ImageCache(folder, data_dir=data_dir)  # of this size: checked above, or just built

@@ -30,7 +30,7 @@ from .. import ops
 from ..anatomy import HEART, LUNGS
 from ..config import FRACTION, SIZE, Range
 from ..io import atomic_write_bytes, check_outputs, clear_outputs, progress, torch_threads
-from .chestxray14 import FINDINGS, RELEASE_SIZE
+from .dataset import FINDINGS, RELEASE_SIZE
 
 # Prevalence of each finding among images with findings (ChestX-ray14's order of magnitude, rare ones lifted so a
 # small phantom still has some).

@@ -70,10 +70,10 @@ def kfold_by_patient(images, k: int, seed: int, patient_of: dict | None = None) 
 
 def make_splits(dataset, val_fraction: float = 0.1, seed: int = 0, box_folds: int = 0,
                 split: str = "official") -> Splits:
-    """Splits of ``dataset`` (a :class:`~dmfast.data.chestxray14.ChestXray14`).
+    """Splits of ``dataset`` (a :class:`~dmfast.data.dataset.Dataset`).
 
-    ``split="official"`` uses train_val_list.txt / test_list.txt (images in neither are left out and reported by
-    the caller); ``split="patients"`` ignores the lists and holds out ``val_fraction`` of the patients for test as
+    ``split="official"`` uses the release's own split (ChestX-ray14's train_val_list.txt / test_list.txt: images in
+    neither are left out and reported by the caller); ``split="patients"`` ignores the lists and holds out ``val_fraction`` of the patients for test as
     well (for small directories whose images all sit in one official list). ``box_folds=k`` adds a patient-grouped
     k-fold over the images that have boxes.
     """
@@ -102,5 +102,7 @@ def summary(dataset, splits: Splits, split: str) -> str:
     unlisted = len(set(dataset.images) - dataset.train_val - dataset.test) if official else 0
     text += f"; {unlisted:,} images are in neither list (not used)" if unlisted else ""
     text += f"; the lists name {absent:,} more images this folder does not have" if absent else ""
-    return text + ("; no test images (test_list.txt is missing or empty: evaluate on other data, or --split "
-                   "patients)" if official and not splits.test else "")
+    where = "test_list.txt is missing or empty" if dataset.format == "chestxray14" else \
+        f"the {dataset.format} release has no official test split"
+    return text + (f"; no test images ({where}: evaluate on other data, or --split patients)"
+                   if official and not splits.test else "")

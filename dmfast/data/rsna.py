@@ -1,0 +1,81 @@
+"""Reader of the RSNA Pneumonia Detection Challenge as downloaded (format ``rsna``): ``stage_2_train_labels.csv``
+(``patientId,x,y,width,height,Target``: one row per box of a positive image, one row without a box for a negative
+one) and ``stage_2_train_images/<patientId>.dcm`` (stage 1's names are read too).
+
+Target 1 is Pneumonia, 0 its absence; the release says nothing of the other 13 findings, so they are unknown. Boxes
+are in each image's own pixels. The challenge's test images have no labels: the release has no official test split
+(evaluate with ``--split all``). Each image is its own patient (RSNA's ``patientId`` names one image).
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+from .dataset import (FINDINGS, UNKNOWN, Box, Dataset, DataError, LabelPolicy, Problems, Record, box_problem, cell,
+                      columns_of, csv_table)
+
+COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
+PNEUMONIA = FINDINGS.index("Pneumonia")
+
+
+def _labels_file(root: Path) -> Path | None:
+    for stage in (2, 1):
+        if (root / f"stage_{stage}_train_labels.csv").is_file():
+            return root / f"stage_{stage}_train_labels.csv"
+    return None
+
+
+def detect(root: Path) -> bool:
+    return _labels_file(root) is not None
+
+
+def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True) -> Dataset:
+    """Index an RSNA Pneumonia folder (see :func:`dmfast.data.formats.open_dataset`)."""
+    path = _labels_file(root)
+    if path is None:
+        raise DataError(f"{root}: no stage_2_train_labels.csv (is this the RSNA Pneumonia download?)")
+    images = root / path.name.replace("_labels.csv", "_images")
+    header, rows = csv_table(path)
+    column = columns_of(path, header, COLUMNS, COLUMNS, problems)
+    target, boxes, contradicted = {}, [], set()
+    for line, row in rows:
+        where = f"{path.name}:{line}"
+        image, value = cell(row, column, "patientId"), cell(row, column, "Target")
+        if not image or value not in ("0", "1"):
+            problems.add("malformed rows", f"{where} (patientId {image!r}, Target {value!r})")
+            continue
+        if target.setdefault(image, int(value)) != int(value):
+            contradicted.add(image)
+            problems.add("contradictory rows", f"{where} ({image}: Target differs from an earlier row)")
+            continue
+        numbers = [cell(row, column, c) for c in ("x", "y", "width", "height")]
+        if value == "0":
+            if any(numbers):
+                problems.add("malformed box rows", f"{where} ({image}: a box with Target 0)")
+            continue
+        try:
+            x, y, w, h = (float(v) for v in numbers)
+        except ValueError:
+            problems.add("malformed box rows", f"{where} (non-numeric box {numbers})")
+            continue
+        problem = box_problem(x, y, w, h)
+        if problem:
+            problems.add(problem, f"{where} ({image}: box {x, y, w, h})")
+            continue
+        boxes.append(Box(image, PNEUMONIA, (x, y, w, h)))
+    files = {p.stem: p for p in sorted(images.glob("*.dcm"))} if images.is_dir() else {}
+    for image in sorted(set(files) - set(target)):
+        problems.add(f"images in {images.name}/ not listed in {path.name}", image)
+    records, paths = [], {}
+    for image, value in target.items():
+        if image in contradicted:
+            continue
+        if image not in files:
+            problems.add(f"images listed in {path.name} but missing from {images.name}/", image)
+            continue
+        labels = np.full(len(FINDINGS), UNKNOWN, np.int8)
+        labels[PNEUMONIA] = value
+        records.append(Record(image, labels, image))
+        paths[image] = files[image]
+    boxes = [b for b in boxes if b.image in paths]
+    return Dataset(root, records, paths, boxes, set(paths), set(), problems, "rsna", "image")

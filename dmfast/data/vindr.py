@@ -1,0 +1,176 @@
+"""Reader of VinDr-CXR as downloaded (format ``vindr``): ``train/`` and ``test/`` with one DICOM per image
+(``<image_id>.dicom``), ``annotations_train.csv`` / ``annotations_test.csv`` (each radiologist's boxes: ``image_id,
+rad_id, class_name, x_min, y_min, x_max, y_max``; Kaggle's copy adds ``class_id``) and ``image_labels_train.csv`` /
+``image_labels_test.csv`` (image-level labels, one column per finding), at the top or under ``annotations/``.
+
+Boxes are in each image's own pixels and keep their reader (``rad_id``); ``eval --fuse-readers`` fuses overlapping
+boxes of several readers. VinDr-CXR has no patient IDs: each image counts as its own patient. The mapping of
+VinDr-CXR's findings onto the 14 (:data:`TO_FINDINGS`) is documented in the README; findings outside the 14 are
+noted and left out; names VinDr-CXR does not have are problems.
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+from .dataset import (FINDINGS, UNKNOWN, Box, Dataset, DataError, LabelPolicy, Problems, Record, box_problem, cell,
+                      columns_of, csv_header, csv_table)
+from .images import IMAGE_SUFFIXES
+
+# VinDr-CXR finding -> the findings of the 14 it stands for ("Nodule/Mass" is both).
+TO_FINDINGS = {
+    "Atelectasis": ("Atelectasis",), "Cardiomegaly": ("Cardiomegaly",), "Pleural effusion": ("Effusion",),
+    "Infiltration": ("Infiltration",), "Nodule/Mass": ("Nodule", "Mass"), "Pneumonia": ("Pneumonia",),
+    "Pneumothorax": ("Pneumothorax",), "Consolidation": ("Consolidation",), "Edema": ("Edema",),
+    "Emphysema": ("Emphysema",), "Pulmonary fibrosis": ("Fibrosis",), "Pleural thickening": ("Pleural_Thickening",),
+}
+# VinDr-CXR's 22 local (boxed) and 6 global findings (PhysioNet release; Kaggle's copy has 14 local ones).
+LOCAL = ("Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Clavicle fracture", "Consolidation",
+         "Edema", "Emphysema", "Enlarged PA", "ILD", "Infiltration", "Lung Opacity", "Lung cavity", "Lung cyst",
+         "Mediastinal shift", "Nodule/Mass", "Other lesion", "Pleural effusion", "Pleural thickening",
+         "Pneumothorax", "Pulmonary fibrosis", "Rib fracture")
+KAGGLE_LOCAL = ("Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Consolidation", "ILD",
+                "Infiltration", "Lung Opacity", "Nodule/Mass", "Other lesion", "Pleural effusion",
+                "Pleural thickening", "Pneumothorax", "Pulmonary fibrosis")
+GLOBAL = ("Lung tumor", "Pneumonia", "Tuberculosis", "Other diseases", "Other disease", "COPD", "No finding")
+KNOWN = set(LOCAL) | set(GLOBAL)
+SPLITS = ("train", "test")
+BOX_COLUMNS = ("x_min", "y_min", "x_max", "y_max")
+
+
+def _file(root: Path, name: str) -> Path | None:
+    for path in (root / name, root / "annotations" / name):
+        if path.is_file():
+            return path
+    return None
+
+
+def _annotations(root: Path, split: str) -> Path | None:
+    found = _file(root, f"annotations_{split}.csv")
+    if found is None and split == "train" and (root / "train.csv").is_file():  # Kaggle's copy
+        found = root / "train.csv" if {"image_id", "class_name"} <= set(csv_header(root / "train.csv")) else None
+    return found
+
+
+def detect(root: Path) -> bool:
+    return any(_annotations(root, s) or _file(root, f"image_labels_{s}.csv") for s in SPLITS)
+
+
+def _targets(name: str) -> list:
+    return [FINDINGS.index(f) for f in TO_FINDINGS.get(name, ())]
+
+
+def _images(folder: Path) -> dict:
+    """image_id -> file of the images in ``folder`` (DICOM as released, or PNG/JPEG conversions)."""
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True) -> Dataset:
+    """Index a VinDr-CXR folder (see :func:`dmfast.data.formats.open_dataset`)."""
+    records, paths, boxes, split_of = [], {}, [], {}
+    for split in SPLITS:
+        annotations, image_labels = _annotations(root, split), _file(root, f"image_labels_{split}.csv")
+        if annotations is None and image_labels is None:
+            continue
+        labels, covered = {}, np.zeros(len(FINDINGS), bool)
+        if image_labels is not None:
+            _read_image_labels(image_labels, problems, labels, covered)
+        if annotations is not None:
+            found = _read_annotations(annotations, problems, labels if image_labels is None else None, covered
+                                      if image_labels is None else None)
+            boxes += found
+        files = _images(root / split)
+        for image in sorted(set(files) - set(labels)):
+            problems.add(f"images in {split}/ not listed in the {split} annotations", image)
+        for image, positive in labels.items():
+            if image not in files:
+                problems.add(f"images listed in the {split} annotations but missing from {split}/", image)
+                continue
+            vector = np.where(covered, positive.astype(np.int8), UNKNOWN).astype(np.int8)
+            records.append(Record(image, vector, image))
+            paths[image] = files[image]
+            split_of[image] = split
+    if not split_of and not problems:
+        raise DataError(f"{root}: no VinDr-CXR images found (train/ and test/ with annotations)")
+    boxes = [b for b in boxes if b.image in paths]
+    train_val = {n for n, s in split_of.items() if s == "train"}
+    test = {n for n, s in split_of.items() if s == "test"}
+    return Dataset(root, records, paths, boxes, train_val, test, problems, "vindr", "image")
+
+
+def _read_image_labels(path: Path, problems: Problems, labels: dict, covered: np.ndarray) -> None:
+    """Image-level labels: an image has a finding when any of its readers marked it."""
+    header, rows = csv_table(path)
+    column = columns_of(path, header, ("image_id",), KNOWN | {"image_id", "rad_id"}, problems)
+    findings = [name for name in header if name in TO_FINDINGS]
+    for name in findings:
+        covered[_targets(name)] = True
+    for line, row in rows:
+        image = cell(row, column, "image_id")
+        if not image:
+            problems.add("malformed rows", f"{path.name}:{line} (empty image_id)")
+            continue
+        vector = labels.setdefault(image, np.zeros(len(FINDINGS), np.uint8))
+        for name in findings:
+            value = cell(row, column, name)
+            if value not in ("0", "1", "0.0", "1.0"):
+                problems.add("malformed rows", f"{path.name}:{line} ({image}: {name} = {value!r})")
+                continue
+            if float(value) == 1:
+                vector[_targets(name)] = 1
+
+
+def _read_annotations(path: Path, problems: Problems, labels: dict | None, covered: np.ndarray | None) -> list:
+    """Boxes of the findings among the 14; with ``labels``, also the image-level labels they imply (a finding is
+    present when a reader boxed it; the findings the release can box are the covered ones)."""
+    header, rows = csv_table(path)
+    column = columns_of(path, header, ("image_id", "class_name"),
+                        {"image_id", "class_name", "class_id", "rad_id", *BOX_COLUMNS}, problems)
+    local = KAGGLE_LOCAL if "class_id" in column else LOCAL
+    if covered is not None:
+        for name in local:
+            covered[_targets(name)] = True
+    boxes, seen, outside = [], {}, {}
+    for line, row in rows:
+        where = f"{path.name}:{line}"
+        image, name, reader = cell(row, column, "image_id"), cell(row, column, "class_name"), cell(row, column,
+                                                                                                    "rad_id")
+        if not image:
+            problems.add("malformed rows", f"{where} (empty image_id)")
+            continue
+        if labels is not None:
+            labels.setdefault(image, np.zeros(len(FINDINGS), np.uint8))
+        if name not in KNOWN:
+            problems.add("unknown findings", f"{where} ({name!r})")
+            continue
+        targets = _targets(name)
+        if not targets:
+            if name != "No finding":
+                outside[name] = outside.get(name, 0) + 1
+            continue
+        if labels is not None:
+            labels[image][targets] = 1
+        corners = [cell(row, column, c) for c in BOX_COLUMNS]
+        if not any(corners):
+            continue  # an image-level finding without a box
+        try:
+            x0, y0, x1, y1 = (float(v) for v in corners)
+        except ValueError:
+            problems.add("malformed box rows", f"{where} (non-numeric box {corners})")
+            continue
+        problem = box_problem(x0, y0, x1 - x0, y1 - y0)
+        if problem:
+            problems.add(problem, f"{where} ({image}: box {x0, y0, x1, y1})")
+            continue
+        for finding in targets:
+            key = (image, finding, reader, (x0, y0, x1, y1))
+            if key in seen:
+                problems.add("duplicated box rows", f"{where} ({image}, as {seen[key]})")
+                continue
+            seen[key] = where
+            boxes.append(Box(image, finding, (x0, y0, x1 - x0, y1 - y0), reader))
+    for name, count in sorted(outside.items()):
+        problems.note(f"findings of {path.name} outside the 14 (left out)", f"{name} ({count} rows)")
+    return boxes
