@@ -20,7 +20,7 @@ from rich.console import Console
 from . import checkpoints, ops, training
 from .anatomy import anchor_images, make_anchor
 from .config import AlignConfig
-from .data.cache import open_or_prepare
+from .data.cache import open_or_prepare, report_left_out
 from .data.formats import open_data
 from .data.images import to_model_input
 from .data.phantom import read_transforms
@@ -108,6 +108,7 @@ def run(config: AlignConfig, console: Console | None = None) -> Path:
     earlier = check_outputs(out, OUTPUTS, "dmfast align", config.overwrite)
     classifier = load_classifier(config.perceptual)[0].requires_grad_(False) if config.perceptual else None
     dataset = open_data(config, lists=config.split == "official")
+    report_left_out(dataset, console)
     cache = open_or_prepare(config.data, config.cache, config.size, config.skip_problems, console, config.format)
     splits = make_splits(dataset, config.val_fraction, config.seed, split=config.split)
     console.print(summary(dataset, splits, config.split))

@@ -32,18 +32,18 @@ PSEUDO_REGIONS = {
 
 
 def anchor_images(dataset, names, count: int) -> list:
-    """The images the anchor averages: up to ``count`` No Finding images among ``names`` (every one of the 14
-    findings known to be absent; an unknown label does not count as absent)."""
+    """The images the anchor averages: up to ``count`` No Finding images among ``names`` (as the release says, else
+    every one of the 14 findings known to be absent: see :attr:`~dmfast.data.dataset.Record.healthy`)."""
     allowed = set(names)
-    return [r.image for r in dataset.records if (r.labels == 0).all() and r.image in allowed][:count]
+    return [r.image for r in dataset.records if r.healthy and r.image in allowed][:count]
 
 
 def make_anchor(cache, dataset, names, count: int) -> torch.Tensor:
     """Pixel mean of the :func:`anchor_images` (of an image cache), as a float [-1, 1] image ``[1, 1, S, S]``."""
     healthy = anchor_images(dataset, names, count)
     if not healthy:
-        raise ValueError("no 'No Finding' training images to build the anchor from (images known to be free of all "
-                         "14 findings; releases that leave some findings unknown have none)")
+        raise ValueError("no 'No Finding' training images to build the anchor from (images the release says are "
+                         "free of findings; give --anchor of another run)")
     total = torch.zeros(1, 1, cache.size, cache.size, dtype=torch.float64)
     for start in range(0, len(healthy), 64):
         total += to_model_input(cache.batch(healthy[start:start + 64])).double().sum(0, keepdim=True)

@@ -31,7 +31,7 @@ import dmfast
 
 from . import checkpoints, ops
 from .config import EvalConfig, box_levels
-from .data.cache import ImageCache, open_or_prepare
+from .data.cache import ImageCache, open_or_prepare, report_left_out
 from .data.dataset import FINDINGS, DataError, fuse_readers, image_size, read_text
 from .data.formats import open_data, open_dataset
 from .data.images import square_geometry
@@ -423,6 +423,7 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
                         check_boxes=True)
     if config.fuse_readers:
         dataset.boxes = fuse_readers(dataset.boxes)
+    report_left_out(dataset, console)
     label_of = {r.image: r.labels for r in dataset.records}
     caches = {}
     for _, classifier in classifiers:

@@ -26,7 +26,7 @@ from . import checkpoints
 from .anatomy import make_anchor, pseudo_masks
 from .checkpoints import MASK_SIZE
 from .config import MIN_CAM_CELLS, AlignConfig, MasksConfig, SplitConfig
-from .data.cache import open_or_prepare
+from .data.cache import open_or_prepare, report_left_out
 from .data.dataset import FINDINGS
 from .data.formats import open_data
 from .data.splits import make_splits
@@ -137,6 +137,7 @@ def run(config: MasksConfig, console: Console | None = None) -> Path:
                              f"{MIN_CAM_CELLS}: train at a larger --size or with --cam-stride 16")
     size = classifier.config.size if classifier else (config.size or SplitConfig.size)
     dataset = open_data(config, lists=False)
+    report_left_out(dataset, console)
     cache = open_or_prepare(config.data, config.cache, size, config.skip_problems, console, config.format)
     splits = classifier.splits if classifier is not None else make_splits(dataset)
     train_names = [n for n in splits.train if n in cache]

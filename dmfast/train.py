@@ -216,9 +216,11 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
     random.seed(config.seed)
 
     dataset = open_data(config, lists=config.split == "official")
-    report_left_out(dataset.problems, console)
+    report_left_out(dataset, console)
     mixed = [open_dataset(folder, None, config.skip_problems, lists=False,
                           policy=LabelPolicy(config.uncertain, config.blank)) for folder in config.mix]
+    for other in mixed:
+        report_left_out(other, console)
 
     def opened():
         main = open_or_prepare(config.data, config.cache, config.size, config.skip_problems, console, config.format)

@@ -95,18 +95,22 @@ def rsna(source, out, names=None) -> Path:
     """The ``names`` of ``source`` (default all) as the RSNA Pneumonia challenge: ``stage_2_train_images/*.dcm``
     and ``stage_2_train_labels.csv`` (a row per Pneumonia box, one empty row with Target 0 per negative image)."""
     dataset, out = open_dataset(source), Path(out)
-    rows = []
+    rows, ids = [], {}
     pneumonia = FINDINGS.index("Pneumonia")
     for name in (n for n in dataset.images if names is None or n in names):
         pid = image_id(name)[:8] + "-" + image_id(name)[8:12] + "-" + image_id(name)[12:16] + "-" + \
             image_id(name)[16:20] + "-" + image_id(name)[20:32]
         dicom_of(dataset.paths[name], out / "stage_2_train_images" / f"{pid}.dcm")
+        ids[name] = pid, bool(_record(dataset, name).labels[pneumonia])
         boxes = [b for b in _image_boxes(dataset, name) if b[0] == pneumonia]
         if _record(dataset, name).labels[pneumonia] == 1:
             rows += [[pid, repr(x0), repr(y0), repr(x1 - x0), repr(y1 - y0), 1] for _, x0, y0, x1, y1 in boxes]
         else:
             rows.append([pid, "", "", "", "", 0])
     write_csv(out / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"], rows)
+    classes = [[pid, "Lung Opacity" if target else "Normal" if not _record(dataset, name).labels.any() else
+                "No Lung Opacity / Not Normal"] for name, (pid, target) in ids.items()]
+    write_csv(out / "stage_2_detailed_class_info.csv", ["patientId", "class"], classes)
     (out / "stage_2_test_images").mkdir(exist_ok=True)  # unlabelled in the challenge: not read
     return out
 

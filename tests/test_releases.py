@@ -308,3 +308,77 @@ def test_mixed_training_masks_the_unknown_labels_out_of_the_loss(phantom, tmp_pa
         moved = logits.clone()
         moved[batch == UNKNOWN] += 100.0
         assert original(moved, batch).item() == pytest.approx(original(logits, batch).item(), rel=1e-6)
+
+
+def _cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("release", ["vindr", "rsna", "chexpert", "mimic", "generic"])
+def test_every_stage_runs_on_every_release(phantom, tmp_path, release):
+    """prepare, align, train, masks, eval and predict on each layout (of the phantom's images), through the CLI."""
+    folder = getattr(releases, release)(phantom, tmp_path / release)
+    dataset = open_dataset(folder)
+    _cli("prepare", folder, "--size", 64, "--workers", 1)
+    output = _cli("align", folder, "--out", tmp_path / "align", "--size", 64, "--pool", 8, "--epochs", 1,
+                  "--batch", 4, "--max-steps", 1, "--input-size", 64, "--anchor-images", 8)
+    assert "anchor: mean of 8 No Finding training images" in output  # the images the release calls normal
+    _cli("train", folder, "--out", tmp_path / "run", "--arch", "resnet18", "--size", 64, "--batch", 8, "--epochs", 1,
+         "--max-steps", 1, "--cam-stride", 16)
+    _cli("masks", folder, "--checkpoint", tmp_path / "run" / "checkpoint.pt", "--out", tmp_path / "masks")
+    masks = json.loads((tmp_path / "masks" / "masks.json").read_text())
+    labelled = {FINDINGS[f] for f in range(14) if (dataset.labels()[:, f] == 1).any()}
+    assert {c for c, n in masks["counts"].items() if n} <= labelled  # no mask from unknown labels
+    _cli("eval", folder, "--checkpoint", f"m={tmp_path / 'run' / 'checkpoint.pt'}", "--out", tmp_path / "eval",
+         "--split", "all", "--allow-overlap", "--overlays", "0", "--bootstrap", "10")
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["test_images"] == len(dataset.images) and report["gt_boxes"] == len(dataset.boxes)
+    _cli("predict", tmp_path / "run" / "model.pt", folder, "--out", tmp_path / "predict")
+    predicted = (tmp_path / "predict" / "predictions.csv").read_text().splitlines()[1:]
+    assert len(predicted) >= len(dataset.images)
+
+
+def test_predict_reads_the_releases_dicoms_as_the_cache_does(phantom, tmp_path):
+    """The same pixels as DICOM (VinDr-CXR) and as PNG give the same probabilities through predict."""
+    import dmfast
+
+    nih = open_dataset(phantom)
+    vindr = open_dataset(releases.vindr(phantom, tmp_path / "vindr"))
+    model = dmfast.load_model(_train(phantom, tmp_path / "run").parent / "model.pt")
+    names = nih.images[:6]
+    png = model.predict([nih.paths[n] for n in names], min_probability=0)
+    dicom = model.predict([vindr.paths[releases.image_id(n)] for n in names], min_probability=0)
+    for a, b in zip(png, dicom):
+        assert a.probabilities == b.probabilities
+
+
+def test_bad_release_inputs_get_named_errors(phantom, tmp_path):
+    from tests.test_bad_inputs import expect
+
+    run = ["--out", tmp_path / "run", "--arch", "resnet18", "--size", 64, "--batch", 8, "--epochs", 1, "--max-steps",
+           1, "--cam-stride", 16]
+    for format, fragment in (("vindr", "no VinDr-CXR images found"), ("rsna", "no stage_2_train_labels.csv"),
+                             ("chexpert", "no CheXpert train.csv"), ("mimic", "MIMIC-CXR-JPG needs"),
+                             ("csv", "no labels.csv")):
+        expect(["prepare", phantom, "--format", format], fragment)  # the wrong --format for the folder
+    expect(["train", tmp_path, *run], "not a folder of a known release")
+    expect(["train", phantom, "--format", "dicom", *run], "Invalid value for '--format'", code=2)
+    expect(["train", phantom, "--mix", tmp_path, *run], f"{tmp_path}: not a folder of a known release")
+    expect(["train", phantom, "--uncertain", "maybe", *run], "Invalid value for '--uncertain'", code=2)
+    expect(["eval", releases.rsna(phantom, tmp_path / "rsna"), "--checkpoint", f"m={tmp_path}/none.pt",
+            "--out", tmp_path / "e", "--box-space", "release"], "none.pt", code=2)
+    cx = releases.chexpert(phantom, tmp_path / "cx")
+    (cx / "CheXpert-v1.0-small" / "train.csv").write_text(
+        (cx / "CheXpert-v1.0-small" / "train.csv").read_text().replace(",1.0,", ",yes,", 1))
+    expect(["train", phantom, "--mix", cx, *run], "problems found", "label 'yes' is not 1, 0, -1 or blank")
+    output = expect(["train", phantom, "--mix", cx, "--skip-problems", *run], code=0)  # the row is left out
+    assert f"left out of {cx}" in output.replace("\n", "") and "train.csv:2" in output
+    expect(["train", phantom, "--resume", "--mix", releases.generic(phantom, tmp_path / "csv"), *run[:2]],
+           "was trained with mix")
+
+
+def test_box_space_release_is_refused_for_releases_that_draw_on_their_images(phantom, tmp_path):
+    with pytest.raises(ValueError, match="box space 'release' is ChestX-ray14's"):
+        open_dataset(releases.rsna(phantom, tmp_path / "rsna"), box_space="release")

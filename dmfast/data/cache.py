@@ -172,7 +172,7 @@ def prepare(data_dir, cache_dir=None, size: int = 512, workers: int | None = Non
     size = SIZE.check(size, "size")
     workers = WORKERS.check(workers, "workers")
     dataset = open_dataset(data_dir, format, skip_problems, lists=False)
-    report_left_out(dataset.problems, console)
+    report_left_out(dataset, console)
     folder = Path(cache_dir) if cache_dir else default_cache_dir(data_dir, size)
     image_folders = {p.resolve() for p in {path.parent for path in dataset.paths.values()}}
     if folder.resolve() in image_folders | {Path(data_dir).resolve()}:
@@ -241,12 +241,13 @@ def prepare(data_dir, cache_dir=None, size: int = 512, workers: int | None = Non
     return folder
 
 
-def report_left_out(problems: Problems, console: Console) -> None:
-    """Print what a dataset left out: the problems skipped and the reader's notes."""
+def report_left_out(dataset, console: Console) -> None:
+    """Print what ``dataset`` left out: the problems skipped and its reader's notes."""
+    problems = dataset.problems
     if problems:
-        console.print(f"[yellow]left out:[/yellow]\n{problems.report()}")
+        console.print(f"[yellow]left out of {dataset.root}:[/yellow]\n{problems.report()}")
     if problems.notes:
-        console.print(f"left out on purpose:\n{Problems(notes=problems.notes).report(notes=True)}")
+        console.print(f"left out of {dataset.root} on purpose:\n{Problems(notes=problems.notes).report(notes=True)}")
 
 
 def _index_of(folder: Path) -> dict:

@@ -87,7 +87,8 @@ class CheXpert:
                     problems.add("duplicated rows", f"{where} ({key})")
                     continue
                 patient = next((part for part in relative.parts if part.startswith("patient")), relative.parent.name)
-                records.append(Record(key, labels, patient, cell(row, column, "AP/PA")))
+                records.append(Record(key, labels, patient, cell(row, column, "AP/PA"),
+                                      no_finding=cell(row, column, "No Finding") in ("1", "1.0")))
                 paths[key] = file
                 names.add(key)
         if lateral:
@@ -117,11 +118,11 @@ class MimicCXR:
         header, rows = csv_table(label_file)
         column = columns_of(label_file, header, ("subject_id", "study_id"), {"subject_id", "study_id", *LABELS},
                             problems)
-        study_labels = {}
+        study_labels = {}  # study -> (labels, no finding)
         for line, row in rows:
             labels = labels_of(row, column, policy, f"{label_file.name}:{line}", problems)
             if labels is not None:
-                study_labels[cell(row, column, "study_id")] = labels
+                study_labels[cell(row, column, "study_id")] = labels, cell(row, column, "No Finding") in ("1", "1.0")
         views = {}
         metadata = self._file(root, "metadata")
         if metadata is not None:
@@ -148,7 +149,8 @@ class MimicCXR:
             if not file.is_file():
                 problems.add(f"images listed in {split_file.name} but missing", image)
                 continue
-            records.append(Record(image, study_labels[study].copy(), subject, views.get(image, "")))
+            labels, nothing = study_labels[study]
+            records.append(Record(image, labels.copy(), subject, views.get(image, ""), no_finding=nothing))
             paths[image] = file
             (test if split == "test" else train_val).add(image)
         if other_views:

@@ -90,7 +90,10 @@ class LabelPolicy:
         cell = cell.strip()
         if not cell:
             return 0 if self.blank == "negative" else UNKNOWN
-        number = float(cell)
+        try:
+            number = float(cell)
+        except ValueError:
+            raise ValueError(cell) from None
         if number == 1:
             return 1
         if number == 0:
@@ -107,6 +110,13 @@ class Record:
     patient: object  # an int or a str, one kind per dataset
     view: str = ""
     follow_up: int = 0
+    # the release says the image has no finding at all (also none outside the 14); None: every label known and 0
+    no_finding: bool | None = None
+
+    @property
+    def healthy(self) -> bool:
+        """Free of every finding: as the release says, else by its 14 labels (an unknown label is not a 0)."""
+        return self.no_finding if self.no_finding is not None else bool((self.labels == 0).all())
 
 
 @dataclass

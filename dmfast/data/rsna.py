@@ -4,7 +4,9 @@ one) and ``stage_2_train_images/<patientId>.dcm`` (stage 1's names are read too)
 
 Target 1 is Pneumonia, 0 its absence; the release says nothing of the other 13 findings, so they are unknown. Boxes
 are in each image's own pixels. The challenge's test images have no labels: the release has no official test split
-(evaluate with ``--split all``). Each image is its own patient (RSNA's ``patientId`` names one image).
+(evaluate with ``--split all``). Each image is its own patient (RSNA's ``patientId`` names one image). When
+``stage_2_detailed_class_info.csv`` is there, its "Normal" images are the ones without any finding (the others
+without pneumonia may have other findings).
 """
 
 from pathlib import Path
@@ -63,6 +65,7 @@ def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True
             problems.add(problem, f"{where} ({image}: box {x, y, w, h})")
             continue
         boxes.append(Box(image, PNEUMONIA, (x, y, w, h)))
+    normal = _normal_images(root / path.name.replace("train_labels", "detailed_class_info"), problems)
     files = {p.stem: p for p in sorted(images.glob("*.dcm"))} if images.is_dir() else {}
     for image in sorted(set(files) - set(target)):
         problems.add(f"images in {images.name}/ not listed in {path.name}", image)
@@ -75,7 +78,26 @@ def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True
             continue
         labels = np.full(len(FINDINGS), UNKNOWN, np.int8)
         labels[PNEUMONIA] = value
-        records.append(Record(image, labels, image))
+        records.append(Record(image, labels, image, no_finding=None if normal is None else image in normal))
         paths[image] = files[image]
     boxes = [b for b in boxes if b.image in paths]
     return Dataset(root, records, paths, boxes, set(paths), set(), problems, "rsna", "image")
+
+
+CLASSES = ("Lung Opacity", "No Lung Opacity / Not Normal", "Normal")
+
+
+def _normal_images(path: Path, problems: Problems) -> set | None:
+    """The images ``stage_2_detailed_class_info.csv`` calls Normal (None without that file)."""
+    if not path.is_file():
+        return None
+    header, rows = csv_table(path)
+    column = columns_of(path, header, ("patientId", "class"), ("patientId", "class"), problems)
+    normal = set()
+    for line, row in rows:
+        kind = cell(row, column, "class")
+        if kind not in CLASSES:
+            problems.add("unknown findings", f"{path.name}:{line} ({kind!r})")
+        elif kind == "Normal":
+            normal.add(cell(row, column, "patientId"))
+    return normal

@@ -56,6 +56,12 @@ def detect(root: Path) -> bool:
     return any(_annotations(root, s) or _file(root, f"image_labels_{s}.csv") for s in SPLITS)
 
 
+def _table(path: Path) -> tuple:
+    """A VinDr-CXR CSV file, its reader column named ``rad_id`` (the image labels files spell it ``rad_ID``)."""
+    header, rows = csv_table(path)
+    return ["rad_id" if name == "rad_ID" else name for name in header], rows
+
+
 def _targets(name: str) -> list:
     return [FINDINGS.index(f) for f in TO_FINDINGS.get(name, ())]
 
@@ -74,12 +80,12 @@ def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True
         annotations, image_labels = _annotations(root, split), _file(root, f"image_labels_{split}.csv")
         if annotations is None and image_labels is None:
             continue
-        labels, covered = {}, np.zeros(len(FINDINGS), bool)
+        labels, covered, findings = {}, np.zeros(len(FINDINGS), bool), set()
         if image_labels is not None:
-            _read_image_labels(image_labels, problems, labels, covered)
+            _read_image_labels(image_labels, problems, labels, covered, findings)
         if annotations is not None:
             found = _read_annotations(annotations, problems, labels if image_labels is None else None, covered
-                                      if image_labels is None else None)
+                                      if image_labels is None else None, findings if image_labels is None else None)
             boxes += found
         files = _images(root / split)
         for image in sorted(set(files) - set(labels)):
@@ -89,7 +95,7 @@ def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True
                 problems.add(f"images listed in the {split} annotations but missing from {split}/", image)
                 continue
             vector = np.where(covered, positive.astype(np.int8), UNKNOWN).astype(np.int8)
-            records.append(Record(image, vector, image))
+            records.append(Record(image, vector, image, no_finding=image not in findings))
             paths[image] = files[image]
             split_of[image] = split
     if not split_of and not problems:
@@ -100,12 +106,14 @@ def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True
     return Dataset(root, records, paths, boxes, train_val, test, problems, "vindr", "image")
 
 
-def _read_image_labels(path: Path, problems: Problems, labels: dict, covered: np.ndarray) -> None:
-    """Image-level labels: an image has a finding when any of its readers marked it."""
-    header, rows = csv_table(path)
+def _read_image_labels(path: Path, problems: Problems, labels: dict, covered: np.ndarray, findings: set) -> None:
+    """Image-level labels: an image has a finding when any of its readers marked it (``findings``: the images with
+    any finding, also outside the 14)."""
+    header, rows = _table(path)
     column = columns_of(path, header, ("image_id",), KNOWN | {"image_id", "rad_id"}, problems)
-    findings = [name for name in header if name in TO_FINDINGS]
-    for name in findings:
+    mapped = [name for name in header if name in TO_FINDINGS]
+    others = [name for name in header if name in KNOWN and name not in TO_FINDINGS and name != "No finding"]
+    for name in mapped:
         covered[_targets(name)] = True
     for line, row in rows:
         image = cell(row, column, "image_id")
@@ -113,19 +121,22 @@ def _read_image_labels(path: Path, problems: Problems, labels: dict, covered: np
             problems.add("malformed rows", f"{path.name}:{line} (empty image_id)")
             continue
         vector = labels.setdefault(image, np.zeros(len(FINDINGS), np.uint8))
-        for name in findings:
+        for name in mapped + others:
             value = cell(row, column, name)
             if value not in ("0", "1", "0.0", "1.0"):
                 problems.add("malformed rows", f"{path.name}:{line} ({image}: {name} = {value!r})")
                 continue
             if float(value) == 1:
                 vector[_targets(name)] = 1
+                findings.add(image)
 
 
-def _read_annotations(path: Path, problems: Problems, labels: dict | None, covered: np.ndarray | None) -> list:
+def _read_annotations(path: Path, problems: Problems, labels: dict | None, covered: np.ndarray | None,
+                      findings: set | None) -> list:
     """Boxes of the findings among the 14; with ``labels``, also the image-level labels they imply (a finding is
-    present when a reader boxed it; the findings the release can box are the covered ones)."""
-    header, rows = csv_table(path)
+    present when a reader boxed it; the findings the release can box are the covered ones) and ``findings``, the
+    images with any finding."""
+    header, rows = _table(path)
     column = columns_of(path, header, ("image_id", "class_name"),
                         {"image_id", "class_name", "class_id", "rad_id", *BOX_COLUMNS}, problems)
     local = KAGGLE_LOCAL if "class_id" in column else LOCAL
@@ -145,6 +156,8 @@ def _read_annotations(path: Path, problems: Problems, labels: dict | None, cover
         if name not in KNOWN:
             problems.add("unknown findings", f"{where} ({name!r})")
             continue
+        if findings is not None and name != "No finding":
+            findings.add(image)
         targets = _targets(name)
         if not targets:
             if name != "No finding":
