@@ -31,7 +31,7 @@ import dmfast
 
 from . import checkpoints, ops
 from .config import EvalConfig, box_levels
-from .data.cache import ImageCache, open_or_prepare, report_left_out
+from .data.cache import CacheSet, ImageCache, open_or_prepare, report_left_out
 from .data.dataset import FINDINGS, DataError, fuse_readers, image_size, read_text
 from .data.formats import open_data, open_dataset
 from .data.images import square_geometry
@@ -180,16 +180,24 @@ def select_images(config: EvalConfig, dataset, first: Classifier) -> Selection:
 
 def training_overlap(classifier: Classifier, dataset, names: list) -> dict:
     """How many of ``names`` share an image name, and how many a patient ID, with the classifier's training and
-    validation images (patients read from its training data when that is still there)."""
+    validation images (patients read from its training data when that is still there). When ``dataset`` is one
+    of the folders mixed into its training (``train --mix``), those images count too."""
     trained = set(classifier.splits.train) | set(classifier.splits.val)
     patients = None
     source = Path(classifier.config.data)
+    here = Path(dataset.root).resolve()
     try:
-        training_data = dataset if Path(dataset.root).resolve() == source.resolve() else \
+        training_data = dataset if here == source.resolve() else \
             open_dataset(source, classifier.config.format, skip_problems=True, lists=False)
         patients = {r.patient for r in training_data.records if r.image in trained}
     except (DataError, OSError):  # the training data is not here (or no longer readable)
         pass
+    for i, folder in enumerate(classifier.config.mix):
+        prefix = CacheSet.key(i, "")
+        if Path(folder).resolve() == here:
+            mixed = {n[len(prefix):] for n in classifier.splits.train if n.startswith(prefix)}
+            trained |= mixed
+            patients = (patients or set()) | {r.patient for r in dataset.records if r.image in mixed}
     patient_of = {r.image: r.patient for r in dataset.records}
     return {"names": sum(n in trained for n in names),
             "patients": None if patients is None else sum(patient_of[n] in patients for n in names)}

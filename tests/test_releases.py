@@ -304,6 +304,9 @@ def test_mixed_training_masks_the_unknown_labels_out_of_the_loss(phantom, tmp_pa
     assert (targets == UNKNOWN).any() and ((targets == 0) | (targets == 1) | (targets == UNKNOWN)).all()
     unknown_rows = (targets == UNKNOWN).any(1)
     assert unknown_rows.any() and (~unknown_rows).any()  # CheXpert images and ChestX-ray14 images in the batches
+    result = CliRunner().invoke(main, ["eval", str(cx), "--checkpoint", f"m={checkpoint}", "--out",
+                                       str(tmp_path / "e"), "--overlays", "0", "--split", "all"])
+    assert result.exit_code == 1 and "share a name" in result.output  # its mixed-in images are training images
     for logits, batch in seen:  # each batch's loss is the loss of its known entries alone
         moved = logits.clone()
         moved[batch == UNKNOWN] += 100.0
