@@ -84,7 +84,8 @@ def cases(g: torch.Generator):
     bias = torch.randn(classes, generator=g, device="cuda")
     masks = rand(classes, h, h)
     head = [t.clone().requires_grad_() for t in (features, weight, bias, masks)]
-    yield ("attention_cam", f"fwd {b}x{k}x{h}x{h} C={classes}", lambda: ops.attention_cam(features, weight, bias, masks),
+    yield ("attention_cam", f"fwd {b}x{k}x{h}x{h} C={classes}",
+           lambda: ops.attention_cam(features, weight, bias, masks),
            lambda: reference.attention_cam(features, weight, bias, masks), n * FLOAT)
     yield ("attention_cam", f"fwd+bwd(logits) {b}x{k}x{h}x{h} C={classes}",
            lambda: torch.autograd.grad(ops.attention_cam(*head)[0].sum(), head),

@@ -11,8 +11,9 @@ from pathlib import Path
 import click
 
 import dmfast
-from dmfast.config import (DATA_FORMATS, FRACTION, SIZE, WANG_THRESHOLDS, AlignConfig, BoxConfig, DemoConfig, EvalConfig,
-                           MasksConfig, PredictConfig, Range, SplitConfig, TrainConfig, defaults, metadata_of)
+from dmfast.config import (DATA_FORMATS, FRACTION, SIZE, WANG_THRESHOLDS, AlignConfig, BoxConfig, DemoConfig,
+                           EvalConfig, MasksConfig, PredictConfig, Range, SplitConfig, TrainConfig, defaults,
+                           metadata_of)
 from dmfast.data import phantom
 from dmfast.data.cache import WORKERS
 from dmfast.data.cache import prepare as prepare_cache

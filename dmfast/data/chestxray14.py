@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import (FINDINGS, Box, Dataset, DataError, LabelPolicy, Problems, Record, box_problem, csv_table,
+from .dataset import (FINDINGS, Box, Dataset, DataError, LabelPolicy, Problems, Record, csv_table, parse_box,
                       read_text)
 
 NO_FINDING = "No Finding"
@@ -102,16 +102,10 @@ def read_boxes(path, problems: Problems) -> list:
         if label not in FINDINGS:
             problems.add("box rows with unknown labels", f"{where} ({row[1]!r})")
             continue
-        try:
-            x, y, w, h = (float(v) for v in row[2:6])
-        except ValueError:
-            problems.add("malformed box rows", f"{where} (non-numeric box {row[2:6]})")
+        xywh = parse_box(row[2:6], False, where, row[0].strip(), problems)
+        if xywh is None:
             continue
-        problem = box_problem(x, y, w, h)
-        if problem:
-            problems.add(problem, f"{where} ({row[0].strip()}: box {x, y, w, h})")
-            continue
-        box = Box(row[0].strip(), FINDINGS.index(label), (x, y, w, h))
+        box = Box(row[0].strip(), FINDINGS.index(label), xywh)
         key = (box.image, box.finding, box.xywh)
         if key in seen:
             problems.add("duplicated box rows", f"{where} ({box.image}, as {seen[key]})")

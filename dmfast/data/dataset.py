@@ -74,7 +74,7 @@ class Problems:
 
 @dataclass(frozen=True)
 class LabelPolicy:
-    """What an uncertain label (``-1``) and a blank cell mean: see :data:`UNCERTAIN_POLICIES`, :data:`BLANK_POLICIES`."""
+    """What an uncertain label (``-1``) and a blank cell mean (:data:`UNCERTAIN_POLICIES`, :data:`BLANK_POLICIES`)."""
 
     uncertain: str = "ignore"
     blank: str = "unknown"
@@ -295,13 +295,23 @@ def box_inside(box: Box, path, space: str) -> bool:
     return x + w <= width + BOX_SLACK and y + h <= height + BOX_SLACK
 
 
-def box_problem(x, y, w, h) -> str | None:
-    """What is wrong with a listed box (xywh), or None."""
+def parse_box(cells, corners: bool, where: str, image: str, problems: Problems) -> tuple | None:
+    """``(x, y, w, h)`` of a listed box, four cells: ``x, y, w, h`` or (``corners``) ``x0, y0, x1, y1``. None, with
+    the problem in ``problems`` (``where`` is file:line), when they are not numbers, not a box, or off the image's
+    top or left edge."""
+    try:
+        a, b, c, d = (float(v) for v in cells)
+    except ValueError:
+        problems.add("malformed box rows", f"{where} (non-numeric box {list(cells)})")
+        return None
+    x, y, w, h = (a, b, c - a, d - b) if corners else (a, b, c, d)
     if not (w > 0 and h > 0) or not np.isfinite([x, y, w, h]).all():
-        return "malformed box rows"
+        problems.add("malformed box rows", f"{where} ({image}: box {a, b, c, d})")
+        return None
     if x < -BOX_SLACK or y < -BOX_SLACK:
-        return "boxes outside the image"
-    return None
+        problems.add("boxes outside the image", f"{where} ({image}: box {a, b, c, d})")
+        return None
+    return x, y, w, h
 
 
 def fuse_readers(boxes: list, iou: float = 0.5) -> list:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import (FINDINGS, UNKNOWN, Box, Dataset, DataError, LabelPolicy, Problems, Record, box_problem, cell,
-                      columns_of, csv_table)
+from .dataset import (FINDINGS, UNKNOWN, Box, Dataset, DataError, LabelPolicy, Problems, Record, cell, columns_of,
+                      csv_table, parse_box)
 
 LABEL_COLUMNS = ("image", "patient", "split", "view", *FINDINGS)
 BOX_COLUMNS = ("image", "finding", "x_min", "y_min", "x_max", "y_max")
@@ -74,14 +74,7 @@ def _read_boxes(path: Path, problems: Problems, paths: dict) -> list:
         if image not in paths:
             problems.add("boxes of images missing or not in labels.csv", image)
             continue
-        try:
-            x0, y0, x1, y1 = (float(cell(row, column, c)) for c in BOX_COLUMNS[2:])
-        except ValueError:
-            problems.add("malformed box rows", f"{where} (non-numeric box)")
-            continue
-        problem = box_problem(x0, y0, x1 - x0, y1 - y0)
-        if problem:
-            problems.add(problem, f"{where} ({image}: box {x0, y0, x1, y1})")
-            continue
-        boxes.append(Box(image, FINDINGS.index(finding), (x0, y0, x1 - x0, y1 - y0), cell(row, column, "reader")))
+        xywh = parse_box([cell(row, column, c) for c in BOX_COLUMNS[2:]], True, where, image, problems)
+        if xywh is not None:
+            boxes.append(Box(image, FINDINGS.index(finding), xywh, cell(row, column, "reader")))
     return boxes

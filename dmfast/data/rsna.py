@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import (FINDINGS, UNKNOWN, Box, Dataset, DataError, LabelPolicy, Problems, Record, box_problem, cell,
-                      columns_of, csv_table)
+from .dataset import (FINDINGS, UNKNOWN, Box, Dataset, DataError, LabelPolicy, Problems, Record, cell, columns_of,
+                      csv_table, parse_box)
 
 COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
 PNEUMONIA = FINDINGS.index("Pneumonia")
@@ -55,16 +55,9 @@ def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True
             if any(numbers):
                 problems.add("malformed box rows", f"{where} ({image}: a box with Target 0)")
             continue
-        try:
-            x, y, w, h = (float(v) for v in numbers)
-        except ValueError:
-            problems.add("malformed box rows", f"{where} (non-numeric box {numbers})")
-            continue
-        problem = box_problem(x, y, w, h)
-        if problem:
-            problems.add(problem, f"{where} ({image}: box {x, y, w, h})")
-            continue
-        boxes.append(Box(image, PNEUMONIA, (x, y, w, h)))
+        xywh = parse_box(numbers, False, where, image, problems)
+        if xywh is not None:
+            boxes.append(Box(image, PNEUMONIA, xywh))
     normal = _normal_images(root / path.name.replace("train_labels", "detailed_class_info"), problems)
     files = {p.stem: p for p in sorted(images.glob("*.dcm"))} if images.is_dir() else {}
     for image in sorted(set(files) - set(target)):

@@ -73,8 +73,9 @@ def make_splits(dataset, val_fraction: float = 0.1, seed: int = 0, box_folds: in
     """Splits of ``dataset`` (a :class:`~dmfast.data.dataset.Dataset`).
 
     ``split="official"`` uses the release's own split (ChestX-ray14's train_val_list.txt / test_list.txt: images in
-    neither are left out and reported by the caller); ``split="patients"`` ignores the lists and holds out ``val_fraction`` of the patients for test as
-    well (for small directories whose images all sit in one official list). ``box_folds=k`` adds a patient-grouped
+    neither are left out and reported by the caller); ``split="patients"`` ignores the lists and holds out
+    ``val_fraction`` of the patients for test as well (for small directories whose images all sit in one official
+    list). ``box_folds=k`` adds a patient-grouped
     k-fold over the images that have boxes.
     """
     images = dataset.images

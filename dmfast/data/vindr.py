@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import (FINDINGS, UNKNOWN, Box, Dataset, DataError, LabelPolicy, Problems, Record, box_problem, cell,
-                      columns_of, csv_header, csv_table)
+from .dataset import (FINDINGS, UNKNOWN, Box, Dataset, DataError, LabelPolicy, Problems, Record, cell, columns_of,
+                      csv_header, csv_table, parse_box)
 from .images import IMAGE_SUFFIXES
 
 # VinDr-CXR finding -> the findings of the 14 it stands for ("Nodule/Mass" is both).
@@ -168,22 +168,16 @@ def _read_annotations(path: Path, problems: Problems, labels: dict | None, cover
         corners = [cell(row, column, c) for c in BOX_COLUMNS]
         if not any(corners):
             continue  # an image-level finding without a box
-        try:
-            x0, y0, x1, y1 = (float(v) for v in corners)
-        except ValueError:
-            problems.add("malformed box rows", f"{where} (non-numeric box {corners})")
-            continue
-        problem = box_problem(x0, y0, x1 - x0, y1 - y0)
-        if problem:
-            problems.add(problem, f"{where} ({image}: box {x0, y0, x1, y1})")
+        xywh = parse_box(corners, True, where, image, problems)
+        if xywh is None:
             continue
         for finding in targets:
-            key = (image, finding, reader, (x0, y0, x1, y1))
+            key = (image, finding, reader, xywh)
             if key in seen:
                 problems.add("duplicated box rows", f"{where} ({image}, as {seen[key]})")
                 continue
             seen[key] = where
-            boxes.append(Box(image, finding, (x0, y0, x1 - x0, y1 - y0), reader))
+            boxes.append(Box(image, finding, xywh, reader))
     for name, count in sorted(outside.items()):
         problems.note(f"findings of {path.name} outside the 14 (left out)", f"{name} ({count} rows)")
     return boxes
