@@ -348,7 +348,10 @@ def evaluate(data_dir, checkpoints, masks_files, box_threshold, **kwargs):
          MAX_BOXES, ("batch", {"help": "Images per forward pass."}),
          ("cams", {"help": "Also write every class's CAM per image to cams.npz."}),
          ("overlays", {"help": "Also write one overlay PNG per image (CAMs, boxes, probabilities)."}),
-         ("device", {"help": "cpu, cuda or cuda:N [default: cuda when available]."}), OVERWRITE)
+         ("device", {"help": "cpu, cuda or cuda:N [default: cuda when available]."}),
+         ("format", {"type": click.Choice(["auto", *DATA_FORMATS]),
+                     "help": "INPUTS are release folders (of this layout, or auto: detected): predict the images each "
+                             "lists (its frontal X-rays) instead of every image file."}), OVERWRITE)
 def predict(model, inputs, box_threshold, **kwargs):
     """Probabilities, CAMs and boxes of a trained MODEL (model file, run folder or checkpoint) for X-ray INPUTS:
     PNG, JPEG and DICOM files, or folders of them (recursive). Boxes are in each image's own pixels."""

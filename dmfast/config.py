@@ -237,6 +237,8 @@ class PredictConfig(BoxConfig):
     overlays: bool = False  # write one overlay PNG per image
     device: str | None = None  # default: CUDA when available, else the CPU
     overwrite: bool = False  # replace the outputs of an earlier prediction in ``out``
+    # the inputs are release folders (of this format, or "auto": detected): the images they list, not every file
+    format: str | None = chosen(None, (None, "auto", *DATA_FORMATS))
 
 
 @dataclass(kw_only=True)

@@ -33,7 +33,8 @@ from . import checkpoints, ops
 from .config import EvalConfig, box_levels
 from .data.cache import CacheSet, ImageCache, open_or_prepare, report_left_out
 from .data.dataset import FINDINGS, DataError, fuse_readers, image_size, read_text
-from .data.formats import open_data, open_dataset
+from .data import rsna
+from .data.formats import detect_format, open_data, open_dataset
 from .data.images import square_geometry
 from .figures import BLACK, RED, draw, grid, heat_overlay
 from .inference import Classifier
@@ -183,13 +184,14 @@ def training_overlap(classifier: Classifier, dataset, names: list) -> dict:
     validation images (patients read from its training data when that is still there). When ``dataset`` is one
     of the folders mixed into its training (``train --mix``), those images count too."""
     trained = set(classifier.splits.train) | set(classifier.splits.val)
-    patients = None
+    patients, why, formats = None, "its training data is not readable here", set()
     source = Path(classifier.config.data)
     here = Path(dataset.root).resolve()
     try:
         training_data = dataset if here == source.resolve() else \
             open_dataset(source, classifier.config.format, skip_problems=True, lists=False)
         patients = {r.patient for r in training_data.records if r.image in trained}
+        formats.add(training_data.format)
     except (DataError, OSError):  # the training data is not here (or no longer readable)
         pass
     for i, folder in enumerate(classifier.config.mix):
@@ -198,9 +200,19 @@ def training_overlap(classifier: Classifier, dataset, names: list) -> dict:
             mixed = {n[len(prefix):] for n in classifier.splits.train if n.startswith(prefix)}
             trained |= mixed
             patients = (patients or set()) | {r.patient for r in dataset.records if r.image in mixed}
+    for folder in classifier.config.mix:
+        try:
+            formats.add(detect_format(folder))
+        except DataError:
+            formats.add(None)
+    if dataset.format == "rsna" and not rsna.mapped(dataset) and formats & {"chestxray14", None}:
+        patients, why = None, ("RSNA Pneumonia's images are ChestX-ray14 images under new names; put the challenge's "
+                               f"{rsna.MAPPING} into {dataset.root} to tell which")
     patient_of = {r.image: r.patient for r in dataset.records}
-    return {"names": sum(n in trained for n in names),
-            "patients": None if patients is None else sum(patient_of[n] in patients for n in names)}
+    same_as = {r.image: r.same_as for r in dataset.records}
+    return {"names": sum(n in trained or same_as[n] in trained for n in names),
+            "patients": None if patients is None else sum(patient_of[n] in patients for n in names),
+            "unknown_because": why if patients is None else None}
 
 
 def evaluate_checkpoint(name: str, classifier: Classifier, cache: ImageCache, test_names: list, labels: np.ndarray,
@@ -454,11 +466,11 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
     for name, classifier in classifiers:
         overlap = training_overlap(classifier, dataset, test_names)
         selection.overlap[name] = overlap
-        patients = "an unknown number (its training data is not readable here)" if overlap["patients"] is None \
-            else overlap["patients"]
+        patients = "an unknown number" if overlap["patients"] is None else overlap["patients"]
         if overlap["names"] or overlap["patients"] != 0:
             message = (f"{overlap['names']} of the {len(test_names)} evaluation images share a name and "
-                       f"{patients} a patient ID with the training images of {name}")
+                       f"{patients} a patient ID with the training images of {name}" +
+                       (f" ({overlap['unknown_because']})" if overlap["patients"] is None else ""))
             known = overlap["names"] or overlap["patients"]
             if known and not config.allow_overlap:
                 raise ValueError(f"{message}: scores on training images are not test scores (choose other images "

@@ -26,6 +26,7 @@ import dmfast
 
 from .config import PredictConfig, box_levels, min_probability
 from .data.dataset import FINDINGS
+from .data.formats import open_dataset
 from .data.images import ImageError, list_xrays, load_gray
 from .figures import finding_panels
 from .inference import ImagePrediction, load_model
@@ -90,13 +91,30 @@ def _record(path: Path, result: ImagePrediction) -> dict:
 OUTPUTS = ("predictions.csv", "predictions.json", "problems.csv", "cams.npz", "overlays")
 
 
+def _release_files(inputs, format: str) -> tuple:
+    """The images that release folders list (as :func:`~dmfast.data.images.list_xrays`' ``files, roots,
+    problems``): their records' files, frontal views only where the release says; what the readers left out as
+    problems."""
+    files, roots, problems = [], [], []
+    for folder in map(Path, inputs):
+        if not folder.is_dir():
+            raise ValueError(f"{folder}: with --format, each input is a release's folder")
+        dataset = open_dataset(folder, None if format == "auto" else format, skip_problems=True, lists=False)
+        files += [dataset.paths[n] for n in dataset.images]
+        roots += [folder] * len(dataset.images)
+        for kinds in (dataset.problems.items, dataset.problems.notes):
+            problems += [(str(folder), f"{kind}: {item}") for kind, items in kinds.items() for item in items]
+    return files, roots, problems
+
+
 def run(config: PredictConfig, console: Console | None = None) -> dict:
     """Predict every X-ray of ``config.inputs``; write the outputs (see the module) and return the report."""
     console = console or Console(stderr=True)
     levels, floor = box_levels(config.box_thresholds, config.max_boxes), min_probability(config.min_probability)
     out = Path(config.out)
     earlier = check_outputs(out, OUTPUTS, "dmfast predict", config.overwrite)
-    files, roots, problems = list_xrays(config.inputs, exclude=[out])
+    files, roots, problems = _release_files(config.inputs, config.format) if config.format else \
+        list_xrays(config.inputs, exclude=[out])
     if not files:
         raise ValueError(f"no PNG, JPEG or DICOM files in {', '.join(map(str, config.inputs))}")
     model = load_model(config.model, config.device)

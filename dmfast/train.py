@@ -26,6 +26,7 @@ from . import checkpoints, ops, training
 from .config import MIN_CAM_CELLS, TrainConfig, defaults, from_dict
 from .data.cache import CacheSet, ImageCache, open_or_prepare, report_left_out
 from .data.dataset import FINDINGS, LabelPolicy
+from .data import rsna
 from .data.formats import open_data, open_dataset
 from .data.images import to_model_input
 from .data.splits import Splits, make_splits, summary
@@ -217,7 +218,7 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
 
     dataset = open_data(config, lists=config.split == "official")
     report_left_out(dataset, console)
-    mixed = [open_dataset(folder, None, config.skip_problems, lists=False,
+    mixed = [open_dataset(folder, skip_problems=config.skip_problems, lists=False,
                           policy=LabelPolicy(config.uncertain, config.blank)) for folder in config.mix]
     for other in mixed:
         report_left_out(other, console)
@@ -232,20 +233,32 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
     if cache is None:
         cache = opened()
     label_of = {r.image: r.labels for r in dataset.records}
-    added = {}  # the mixed folders' training images (their official train split, else all), by key
+    splits = Splits(**state["splits"]) if state else make_splits(dataset, config.val_fraction, config.seed,
+                                                                   split=config.split)
+    # The mixed folders' training images (their official train split, else all), by key; never one of a patient
+    # of DATA_DIR's validation or test images (RSNA's images are ChestX-ray14's: its mapping names the patients).
+    patient_of = {r.image: r.patient for r in dataset.records}
+    held_out = {patient_of[n] for n in splits.val + splits.test if n in patient_of}
+    added, kept_apart = {}, 0
     for i, other in enumerate(mixed):
         for r in other.records:
-            if not other.train_val or r.image in other.train_val:
+            if other.train_val and r.image not in other.train_val:
+                continue
+            if r.patient in held_out:
+                kept_apart += 1
+            else:
                 added[CacheSet.key(i, r.image)] = r.labels
-    if state:
-        splits = Splits(**state["splits"])
-    else:
-        splits = make_splits(dataset, config.val_fraction, config.seed, split=config.split)
+    if not state:
         splits.train += list(added)
     label_of.update(added)
     console.print(summary(dataset, splits, config.split) + "".join(
         f"; {sum(k.startswith(CacheSet.key(i, '')) for k in added):,} training images mixed in from {m.root} "
-        f"({m.format})" for i, m in enumerate(mixed)))
+        f"({m.format})" for i, m in enumerate(mixed)) +
+        (f"; {kept_apart} mixed images left out: their patients are in the validation or test split" if kept_apart
+         else ""))
+    if dataset.format == "chestxray14" and any(m.format == "rsna" and not rsna.mapped(m) for m in mixed):
+        console.print(f"[yellow]warning: RSNA Pneumonia's images are ChestX-ray14 images under new names: without "
+                      f"the challenge's {rsna.MAPPING} in its folder, some may be test images of {config.data}")
     train_names = [n for n in splits.train if n in cache]
     val_names = [n for n in splits.val if n in cache]
     if not train_names:
@@ -295,7 +308,7 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
                 if world > 1:  # Eq. 10's weights come from the global batch
                     counts = training.label_counts(targets)
                     dist.all_reduce(counts)
-                    counts = (counts[0], counts[1])
+                    counts = training.shard_counts(counts, world)
                 with torch.autocast(device.type, enabled=scaler.is_enabled()):
                     loss = training.weighted_bce(ddp(images).float(), targets, counts)
                 optimizer.zero_grad(set_to_none=True)

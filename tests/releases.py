@@ -59,41 +59,45 @@ def _record(dataset, name: str):
 
 
 def vindr(source, out, readers=("R8",)) -> Path:
-    """``source`` (a phantom) as VinDr-CXR: ``train/`` and ``test/`` DICOMs named by image_id, annotations in the
-    column order of the release's files with every reader's box (``readers`` each draw the same box), image labels
-    per reader. Returns ``out``."""
+    """``source`` (a phantom) as VinDr-CXR on PhysioNet: ``train/`` and ``test/`` DICOMs named by image_id,
+    ``annotations/``: the train files with every reader's box and labels (``readers`` each draw the same box), the
+    test files as the five readers' consensus (no reader column; the last label column spelled "Other disease").
+    Returns ``out``."""
     dataset, out = open_dataset(source), Path(out)
     for split, names in (("train", dataset.train_val), ("test", dataset.test)):
         annotations, labels = [], []
+        who = readers if split == "train" else ("",)
         for name in (n for n in dataset.images if n in names):
             iid = image_id(name)
             dicom_of(dataset.paths[name], out / split / f"{iid}.dicom")
             record, boxes = _record(dataset, name), _image_boxes(dataset, name)
-            for reader in readers:
+            for reader in who:
                 for finding, x0, y0, x1, y1 in boxes:
                     if FINDINGS[finding] in VINDR_BOXED:
                         vname = VINDR_NAME.get(FINDINGS[finding], FINDINGS[finding])
-                        annotations.append([iid, vname, VINDR_LABEL_COLUMNS.index(vname), reader, repr(x0), repr(y0),
-                                            repr(x1), repr(y1)])
+                        annotations.append([iid, reader, vname, repr(x0), repr(y0), repr(x1), repr(y1)])
                 if not record.labels.any():
-                    annotations.append([iid, "No finding", 14, reader, "", "", "", ""])
+                    annotations.append([iid, reader, "No finding", "", "", "", ""])
                 row = dict.fromkeys(VINDR_LABEL_COLUMNS, 0)
                 for finding in np.flatnonzero(record.labels == 1):
                     name14 = FINDINGS[finding]
                     if name14 != "Hernia":
                         row[VINDR_NAME.get(name14, name14)] = 1
                 row["No finding"] = int(not record.labels.any())
-                labels.append([iid, reader, *row.values()])
+                labels.append([iid, reader, *row.values()] if reader else [iid, *row.values()])
+        reader_column = ["rad_id"] if split == "train" else []
+        columns = [c if split == "train" or c != "Other diseases" else "Other disease" for c in VINDR_LABEL_COLUMNS]
         write_csv(out / "annotations" / f"annotations_{split}.csv",
-                  ["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max"], annotations)
-        write_csv(out / "annotations" / f"image_labels_{split}.csv", ["image_id", "rad_id", *VINDR_LABEL_COLUMNS],
-                  labels)
+                  ["image_id", *reader_column, "class_name", "x_min", "y_min", "x_max", "y_max"],
+                  [[r[0], *r[1:]] if reader_column else [r[0], *r[2:]] for r in annotations])
+        write_csv(out / "annotations" / f"image_labels_{split}.csv", ["image_id", *reader_column, *columns], labels)
     return out
 
 
-def rsna(source, out, names=None) -> Path:
-    """The ``names`` of ``source`` (default all) as the RSNA Pneumonia challenge: ``stage_2_train_images/*.dcm``
-    and ``stage_2_train_labels.csv`` (a row per Pneumonia box, one empty row with Target 0 per negative image)."""
+def rsna(source, out, names=None, mapping=False) -> Path:
+    """The ``names`` of ``source`` (default all) as the RSNA Pneumonia challenge: ``stage_2_train_images/*.dcm``,
+    ``stage_2_train_labels.csv`` (a row per Pneumonia box, one empty row with Target 0 per negative image),
+    ``stage_2_detailed_class_info.csv``, and with ``mapping`` the challenge's file of the ChestX-ray14 names."""
     dataset, out = open_dataset(source), Path(out)
     rows, ids = [], {}
     pneumonia = FINDINGS.index("Pneumonia")
@@ -111,6 +115,12 @@ def rsna(source, out, names=None) -> Path:
     classes = [[pid, "Lung Opacity" if target else "Normal" if not _record(dataset, name).labels.any() else
                 "No Lung Opacity / Not Normal"] for name, (pid, target) in ids.items()]
     write_csv(out / "stage_2_detailed_class_info.csv", ["patientId", "class"], classes)
+    if mapping:  # its real fields; img_id without the suffix
+        import json
+
+        (out / "pneumonia-challenge-dataset-mappings_2018.json").write_text(json.dumps(
+            [{"img_id": name[:-4], "subset_img_id": pid, "orig_labels": [], "StudyInstanceUID": f"1.2.{n}"}
+             for n, (name, (pid, _)) in enumerate(ids.items())]))
     (out / "stage_2_test_images").mkdir(exist_ok=True)  # unlabelled in the challenge: not read
     return out
 
@@ -155,9 +165,10 @@ def chexpert(source, out, uncertain=None, lateral=True) -> Path:
     return Path(out)
 
 
-def mimic(source, out, uncertain=None) -> Path:
+def mimic(source, out, uncertain=None, unlabelled=()) -> Path:
     """``source`` as MIMIC-CXR-JPG: ``files/pNN/pSUBJECT/sSTUDY/DICOM_ID.jpg``, the gzipped label (per study),
-    split and metadata CSVs; every train patient also has a lateral (LL) view, and one study has no label row."""
+    split and metadata CSVs; some train images also have a lateral (LL) view; the studies of the images
+    ``unlabelled`` have no label row."""
     import gzip
 
     dataset, out = open_dataset(source), Path(out)
@@ -171,7 +182,9 @@ def mimic(source, out, uncertain=None) -> Path:
         split = "test" if name in dataset.test else "validate" if n % 7 == 0 else "train"
         split_rows.append([dicom, study, subject, split])
         metadata.append([dicom, subject, study, "PA", 512, 512])
-        labels.append([subject, study, *chexpert_cells(record.labels, set((uncertain or {}).get(name, ())), set())])
+        if name not in unlabelled:
+            labels.append([subject, study, *chexpert_cells(record.labels, set((uncertain or {}).get(name, ())),
+                                                           set())])
         if split == "train" and n % 5 == 0:
             split_rows.append([dicom + "L", study, subject, split])
             metadata.append([dicom + "L", subject, study, "LL", 512, 512])

@@ -100,7 +100,7 @@ def test_eval_scores_the_chosen_images_of_any_data_and_reports_training_overlap(
     trained = train.checkpoints.load(checkpoint, train.checkpoints.CLASSIFIER)["splits"]
     assert report["test_images"] == len(trained["test"])
     assert report["selection"]["what"] == "the checkpoint's test split"
-    assert report["selection"]["overlap"]["m"] == {"names": 0, "patients": 0}
+    assert report["selection"]["overlap"]["m"] == {"names": 0, "patients": 0, "unknown_because": None}
     _recompute_from_the_csvs(tmp_path / "e0", report, open_dataset(a))
     result, _ = evaluate(b, cache_b)  # other data whose names the run trained on: refused unless allowed
     assert result.exit_code == 1 and "share a name" in result.output and "--allow-overlap" in result.output

@@ -63,13 +63,19 @@ def test_unknown_targets_equal_the_loss_on_the_known_ones_only(gen):
     assert weighted_bce(logits, targets).item() == pytest.approx(known.item() / 63, rel=1e-12)
 
 
-def test_data_parallel_counts_match_the_whole_batch(gen):
-    from dmfast.training import label_counts
+@pytest.mark.parametrize("unknown", [0.0, 0.5])
+def test_data_parallel_shards_average_to_the_whole_batch(gen, unknown):
+    """DDP averages the shards' gradients: the mean of the shards' losses must be the whole batch's loss, also when
+    one shard holds most of the unknown labels (mixed releases)."""
+    from dmfast.training import label_counts, shard_counts
 
-    logits = torch.randn(8, 5, generator=gen, dtype=torch.float64)
-    targets = torch.randint(-1, 2, (8, 5), generator=gen)
-    counts = label_counts(targets[:4]) + label_counts(targets[4:])  # what all_reduce sums over two shards
-    shards = [weighted_bce(logits[s], targets[s], (counts[0].double(), counts[1].double())) *
-              (targets[s] != -1).sum() for s in (slice(0, 4), slice(4, 8))]
-    whole = weighted_bce(logits, targets) * (targets != -1).sum()
-    assert (shards[0] + shards[1]).item() == pytest.approx(whole.item(), rel=1e-12)
+    logits = torch.randn(8, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = (torch.rand(8, 5, generator=gen) < 0.4).long()
+    targets[4:][torch.rand(4, 5, generator=gen) < unknown] = -1  # the second shard's images know less
+    counts = shard_counts(sum(label_counts(targets[s]) for s in (slice(0, 4), slice(4, 8))), 2)
+    shards = [weighted_bce(logits[s], targets[s], tuple(c.double() for c in counts)) for s in (slice(0, 4),
+                                                                                                 slice(4, 8))]
+    whole = weighted_bce(logits, targets)
+    assert ((shards[0] + shards[1]) / 2).item() == pytest.approx(whole.item(), rel=1e-12)
+    gradient = torch.autograd.grad((shards[0] + shards[1]) / 2, logits)[0]
+    torch.testing.assert_close(gradient, torch.autograd.grad(whole, logits)[0], rtol=1e-12, atol=1e-15)

@@ -54,6 +54,8 @@ def test_vindr_records_labels_boxes_readers_and_splits(phantom, tmp_path):
     nih = open_dataset(phantom)
     vindr = open_dataset(releases.vindr(phantom, tmp_path / "vindr", readers=("R8", "R9")))
     assert vindr.format == "vindr" and vindr.box_space == "image" and not vindr.problems
+    header = (tmp_path / "vindr" / "annotations" / "annotations_test.csv").read_text().splitlines()[0]
+    assert header == "image_id,class_name,x_min,y_min,x_max,y_max"  # the test set's consensus: no reader
     ids = {releases.image_id(n): n for n in nih.images}
     assert {ids[i] for i in vindr.train_val} == nih.train_val and {ids[i] for i in vindr.test} == nih.test
     assert all(vindr.paths[i].suffix == ".dicom" and vindr.paths[i].parent.name in ("train", "test")
@@ -67,15 +69,20 @@ def test_vindr_records_labels_boxes_readers_and_splits(phantom, tmp_path):
                 assert record.labels[f] == int(own.labels[[4, 5]].any())
             elif f != hernia:
                 assert record.labels[f] == own.labels[f]
-    # Boxes in image pixels, each reader's kept apart: two of every box of the one-to-one findings.
+    # Boxes in image pixels, each reader's kept apart: two of every train box of the one-to-one findings.
     theirs = nih.boxes_xyxy()
     for image, boxes in vindr.boxes_xyxy().items():
         mine = sorted(b for b in boxes if FINDINGS[b[0]] in ONE_TO_ONE)
         want = sorted(b for b in theirs[ids[image]] if FINDINGS[b[0]] in ONE_TO_ONE)
-        np.testing.assert_allclose(np.array(mine)[::2], np.array(want), rtol=0, atol=1e-9)
-    assert {b.reader for b in vindr.boxes} == {"R8", "R9"}
+        step = 2 if image in vindr.train_val else 1
+        np.testing.assert_allclose(np.array(mine)[::step], np.array(want), rtol=0, atol=1e-9)
+    assert {b.reader for b in vindr.boxes} == {"R8", "R9", ""}
     fused = fuse_readers(vindr.boxes)
-    assert len(fused) * 2 == len(vindr.boxes) and {b.reader for b in fused} == {"R8+R9"}
+    train = [b for b in vindr.boxes if b.image in vindr.train_val]
+    assert len(fused) == len(train) // 2 + len(vindr.boxes) - len(train)
+    assert {b.reader for b in fused} == {"R8+R9", ""}
+    healthy = [r for r in vindr.records if r.healthy]
+    assert healthy and all(not records[ids[r.image]].labels.any() for r in healthy)
 
 
 def test_vindr_fusion_keeps_disagreeing_readers_apart():
@@ -89,12 +96,12 @@ def test_vindr_fusion_keeps_disagreeing_readers_apart():
 
 
 @needs_formats
-def test_vindr_real_annotations_excerpt(tmp_path):
-    """The release's own annotations file: every image_id gets a small DICOM; no image labels file, so the labels
-    come from the boxes and the findings Kaggle's 14 local classes do not cover are unknown."""
-    (tmp_path / "annotations").mkdir()
+def test_vindr_real_annotations_excerpt_in_kaggles_layout(tmp_path):
+    """The excerpt of Kaggle's copy (its train.csv, with class_id): every image_id gets a small DICOM in train/; no
+    image labels file, so the labels come from the boxes and the findings Kaggle's 14 local classes do not cover
+    (Pneumonia, Edema, Emphysema, Hernia) are unknown."""
     source = FORMATS_DIR / "vindr-cxr_annotations_train.excerpt.csv"
-    shutil.copy(source, tmp_path / "annotations" / "annotations_train.csv")
+    shutil.copy(source, tmp_path / "train.csv")
     rows = [line.split(",") for line in source.read_text().splitlines()[1:]]
     for image in {r[0] for r in rows}:
         write_dicom(tmp_path / "train" / f"{image}.dicom", np.full((2400, 2400), 90, np.uint8)[::8, ::8])
@@ -120,21 +127,28 @@ def test_vindr_unknown_findings_and_columns_and_unreadable_dicoms_are_reported(p
     folder = releases.vindr(phantom, tmp_path / "vindr")
     path = folder / "annotations" / "annotations_train.csv"
     lines = path.read_text().splitlines()
-    lines.append(lines[1].replace(lines[1].split(",")[1], "Lung nodule", 1))
+    lines.append(",".join(["Lung nodule" if i == 2 else v for i, v in enumerate(lines[1].split(","))]))
     path.write_text("\n".join(lines) + "\n")
-    labels = folder / "annotations" / "image_labels_test.csv"
+    labels = folder / "annotations" / "image_labels_train.csv"
     labels.write_text(labels.read_text().replace("No finding", "No finding,Hernia", 1).replace("\n", ",0\n")
                       .replace(",Hernia,0\n", ",Hernia\n", 1))
     with pytest.raises(DataError) as error:
         open_dataset(folder)
     assert "1 unknown findings: annotations_train.csv" in str(error.value) and "'Lung nodule'" in str(error.value)
-    assert "1 unknown columns: image_labels_test.csv: 'Hernia'" in str(error.value)
-    broken = sorted((folder / "train").iterdir())[0]
+    assert "1 unknown columns: image_labels_train.csv: 'Hernia'" in str(error.value)
+    boxed = next(line.split(",")[0] for line in lines[1:] if line.split(",")[3])
+    broken = folder / "train" / f"{boxed}.dicom"  # an image with boxes: eval reads its header for them
     broken.write_bytes(b"DICM? no: " + broken.read_bytes()[:300])
     result = CliRunner().invoke(main, ["prepare", str(folder), "--size", "32", "--skip-problems", "--workers", "1"])
     assert result.exit_code == 0, result.output
     assert "images that could not be decoded" in result.output and broken.name in result.output.replace("\n", "")
     assert "unknown findings" in result.output
+    checkpoint = _train(phantom, tmp_path / "run")
+    result = CliRunner().invoke(main, ["eval", str(folder), "--checkpoint", f"m={checkpoint}", "--out",
+                                       str(tmp_path / "e"), "--split", "all", "--skip-problems", "--overlays", "0",
+                                       "--bootstrap", "0"])
+    assert result.exit_code == 0, result.output
+    assert "images whose size cannot be read" in result.output and boxed in "".join(result.output.split())
 
 
 @needs_formats
@@ -193,7 +207,7 @@ def test_chexpert_real_train_excerpt_with_each_policy(tmp_path, uncertain, blank
         for name, finding in (("Atelectasis", "Atelectasis"), ("Pleural Effusion", "Effusion"), ("Edema", "Edema"),
                               ("Pneumonia", "Pneumonia"), ("Cardiomegaly", "Cardiomegaly")):
             cell = row[header.index(name)]
-            want = 0 if nothing and value[cell] == UNKNOWN else value[cell]
+            want = 0 if nothing and not cell else value[cell]  # No Finding: a blank is absent, a -1 follows policy
             assert record.labels[FINDINGS.index(finding)] == want, (row[0], name, cell)
         for finding in ("Infiltration", "Mass", "Nodule", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"):
             assert record.labels[FINDINGS.index(finding)] == UNKNOWN
@@ -265,7 +279,8 @@ def test_cross_dataset_eval_gives_identical_numbers_for_the_shared_classes(phant
     nih = open_dataset(phantom)
     checkpoint = _train(phantom, tmp_path / "run")
     own = _eval(phantom, checkpoint, tmp_path / "e-nih", "--split", "all", "--allow-overlap")
-    vindr = _eval(releases.vindr(phantom, tmp_path / "vindr"), checkpoint, tmp_path / "e-vindr", "--split", "all")
+    vindr = _eval(releases.vindr(phantom, tmp_path / "vindr", readers=("R8", "R9")), checkpoint, tmp_path / "e-vindr",
+                  "--split", "all", "--fuse-readers")  # two readers' boxes fused into one
     rsna = _eval(releases.rsna(phantom, tmp_path / "rsna"), checkpoint, tmp_path / "e-rsna", "--split", "all")
     assert own["images"] == vindr["images"] == rsna["images"] == len(nih.images)
     for metric in ("iou", "iobb"):
@@ -338,9 +353,9 @@ def test_every_stage_runs_on_every_release(phantom, tmp_path, release):
          "--split", "all", "--allow-overlap", "--overlays", "0", "--bootstrap", "10")
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert report["test_images"] == len(dataset.images) and report["gt_boxes"] == len(dataset.boxes)
-    _cli("predict", tmp_path / "run" / "model.pt", folder, "--out", tmp_path / "predict")
-    predicted = (tmp_path / "predict" / "predictions.csv").read_text().splitlines()[1:]
-    assert len(predicted) >= len(dataset.images)
+    _cli("predict", tmp_path / "run" / "model.pt", folder, "--out", tmp_path / "predict", "--format", "auto")
+    predicted = [line.split(",")[0] for line in (tmp_path / "predict" / "predictions.csv").read_text().splitlines()[1:]]
+    assert sorted(predicted) == sorted(str(dataset.paths[n]) for n in dataset.images)  # the listed images only
 
 
 def test_predict_reads_the_releases_dicoms_as_the_cache_does(phantom, tmp_path):
@@ -385,3 +400,66 @@ def test_bad_release_inputs_get_named_errors(phantom, tmp_path):
 def test_box_space_release_is_refused_for_releases_that_draw_on_their_images(phantom, tmp_path):
     with pytest.raises(ValueError, match="box space 'release' is ChestX-ray14's"):
         open_dataset(releases.rsna(phantom, tmp_path / "rsna"), box_space="release")
+
+
+def test_generic_csv_label_cells_follow_the_policies(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "x").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("L", (16, 16), 50).save(tmp_path / "x" / name)
+    (tmp_path / "labels.csv").write_text("image,Edema,Mass,Hernia\nx/a.png,1,-1,\nx/b.png,0.0,,-1.0\n")
+    edema, mass, hernia = (FINDINGS.index(f) for f in ("Edema", "Mass", "Hernia"))
+    for uncertain, blank, want_a, want_b in (("ignore", "unknown", (1, -1, -1), (0, -1, -1)),
+                                             ("positive", "negative", (1, 1, 0), (0, 0, 1))):
+        dataset = open_dataset(tmp_path, policy=LabelPolicy(uncertain, blank))
+        for record, want in zip(dataset.records, (want_a, want_b)):
+            assert tuple(record.labels[[edema, mass, hernia]]) == want
+            assert (np.delete(record.labels, [edema, mass, hernia]) == UNKNOWN).all()  # no column: unknown
+    (tmp_path / "labels.csv").write_text("image,Edema\nx/a.png,2\n")
+    with pytest.raises(DataError, match="label '2' is not 1, 0, -1 or blank"):
+        open_dataset(tmp_path)
+
+
+def test_vindr_malformed_cell_is_unknown_not_negative(phantom, tmp_path):
+    folder = releases.vindr(phantom, tmp_path / "vindr")
+    path = folder / "annotations" / "image_labels_test.csv"
+    lines = path.read_text().splitlines()
+    header, first = lines[0].split(","), lines[1].split(",")
+    first[header.index("Atelectasis")] = "maybe"
+    path.write_text("\n".join([lines[0], ",".join(first), *lines[2:]]) + "\n")
+    dataset = open_dataset(folder, skip_problems=True)
+    assert "Atelectasis = 'maybe'" in dataset.problems.report()
+    record = _by_image(dataset)[first[0]]
+    assert record.labels[FINDINGS.index("Atelectasis")] == UNKNOWN
+
+
+def test_mimic_studies_without_labels_and_a_missing_metadata_file(phantom, tmp_path):
+    nih = open_dataset(phantom)
+    folder = releases.mimic(phantom, tmp_path / "mimic", unlabelled=nih.images[:2])
+    with pytest.raises(DataError, match="2 images whose study has no row in mimic-cxr-2.0.0-chexpert.csv.gz"):
+        open_dataset(folder)
+    assert len(open_dataset(folder, skip_problems=True).images) == len(nih.images) - 2
+    (folder / "mimic-cxr-2.0.0-metadata.csv.gz").unlink()
+    dataset = open_dataset(folder, skip_problems=True)
+    assert "views unknown, every image read" in dataset.problems.report(notes=True)
+
+
+def test_rsna_images_are_chestxray14_images_and_overlap_is_found_with_the_mapping(phantom, tmp_path):
+    from tests.test_bad_inputs import expect
+
+    checkpoint = _train(phantom, tmp_path / "run")
+    plain = releases.rsna(phantom, tmp_path / "rsna")
+    args = ["--checkpoint", f"m={checkpoint}", "--split", "all", "--overlays", "0", "--bootstrap", "0"]
+    output = expect(["eval", plain, *args, "--out", tmp_path / "e1"], code=0)
+    assert "RSNA Pneumonia's images are ChestX-ray14 images under new names" in " ".join(output.split())
+    expect(["eval", plain, *args, "--out", tmp_path / "e2", "--strict"], "(--strict)")
+    mapped = releases.rsna(phantom, tmp_path / "rsna-mapped", mapping=True)
+    dataset = open_dataset(mapped)
+    assert all(r.same_as and r.patient == int(r.same_as.split("_")[0]) for r in dataset.records)
+    output = expect(["eval", mapped, *args, "--out", tmp_path / "e3"], "share a name", "--allow-overlap")
+    trained = json.loads((tmp_path / "run" / "splits.json").read_text())
+    assert f"{len(trained['train']) + len(trained['val'])} of the 40 evaluation images share a name" in output
+    output = expect(["train", phantom, "--mix", mapped, "--out", tmp_path / "mixed", "--arch", "resnet18", "--size",
+                     64, "--batch", 8, "--epochs", 1, "--max-steps", 1, "--cam-stride", 16], code=0)
+    assert "mixed images left out: their patients are in the validation or test split" in " ".join(output.split())

@@ -171,7 +171,7 @@ def prepare(data_dir, cache_dir=None, size: int = 512, workers: int | None = Non
     console = console or Console(stderr=True)
     size = SIZE.check(size, "size")
     workers = WORKERS.check(workers, "workers")
-    dataset = open_dataset(data_dir, format, skip_problems, lists=False)
+    dataset = open_dataset(data_dir, format, skip_problems=skip_problems, lists=False)
     report_left_out(dataset, console)
     folder = Path(cache_dir) if cache_dir else default_cache_dir(data_dir, size)
     image_folders = {p.resolve() for p in {path.parent for path in dataset.paths.values()}}

@@ -5,9 +5,10 @@ labels per study, ``mimic-cxr-2.0.0-split.csv``, ``mimic-cxr-2.0.0-metadata.csv`
 
 Both give image-level labels only, in 14 columns of their own; seven map onto the 14 findings (:data:`TO_FINDINGS`),
 the other seven of the 14 are unknown. A cell is ``1.0``, ``0.0``, ``-1.0`` (uncertain) or blank (not mentioned):
-:class:`~dmfast.data.dataset.LabelPolicy` says what uncertain and blank mean (default: unknown), except that an
-image with "No Finding" = 1 has every finding absent. Only frontal views are read (lateral ones are noted and left
-out). The official splits: CheXpert's train / valid, MIMIC's train + validate / test.
+:class:`~dmfast.data.dataset.LabelPolicy` says what uncertain and blank mean (default: unknown), except that on an
+image with "No Finding" = 1 a blank mapped finding is absent. Only frontal views are read (lateral ones are noted
+and left out; MIMIC's views come from its metadata file). The official splits: CheXpert's train / valid, MIMIC's
+train + validate / test.
 """
 
 from pathlib import Path
@@ -29,14 +30,15 @@ FRONTAL_VIEWS = ("PA", "AP")  # MIMIC's ViewPosition of a frontal X-ray
 
 
 def labels_of(row: list, column: dict, policy: LabelPolicy, where: str, problems: Problems) -> np.ndarray | None:
-    """The 14-finding label vector of a CheXpert-labeler row (None, with a problem, for a malformed cell)."""
+    """The 14-finding label vector of a CheXpert-labeler row (None, with a problem, for a malformed cell). With "No
+    Finding" = 1 a blank mapped label is absent, whatever the blank policy."""
     labels = np.full(len(FINDINGS), UNKNOWN, np.int8)
     try:
-        nothing = policy.value(cell(row, column, "No Finding")) == 1 if "No Finding" in column else False
+        nothing = "No Finding" in column and policy.value(cell(row, column, "No Finding")) == 1
         for name, finding in TO_FINDINGS.items():
             if name in column:
-                value = policy.value(cell(row, column, name))
-                labels[FINDINGS.index(finding)] = 0 if nothing and value == UNKNOWN else value
+                text = cell(row, column, name)
+                labels[FINDINGS.index(finding)] = 0 if nothing and not text else policy.value(text)
     except ValueError as error:
         problems.add("malformed rows", f"{where} (label {str(error)!r} is not 1, 0, -1 or blank)")
         return None
@@ -125,7 +127,9 @@ class MimicCXR:
                 study_labels[cell(row, column, "study_id")] = labels, cell(row, column, "No Finding") in ("1", "1.0")
         views = {}
         metadata = self._file(root, "metadata")
-        if metadata is not None:
+        if metadata is None:
+            problems.note(f"no {self.STEM}metadata.csv: views unknown, every image read (lateral ones too)", "all")
+        else:
             header, rows = csv_table(metadata)
             column = columns_of(metadata, header, ("dicom_id", "ViewPosition"))
             views = {cell(row, column, "dicom_id"): cell(row, column, "ViewPosition") for _, row in rows}
@@ -139,7 +143,10 @@ class MimicCXR:
             if split not in ("train", "validate", "test") or not (image and study and subject):
                 problems.add("malformed rows", f"{split_file.name}:{line}")
                 continue
-            if views and views.get(image) not in FRONTAL_VIEWS:
+            if metadata is not None and image not in views:
+                problems.add(f"images not in {metadata.name}", image)
+                continue
+            if metadata is not None and views[image] not in FRONTAL_VIEWS:
                 other_views += 1
                 continue
             if study not in study_labels:

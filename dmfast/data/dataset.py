@@ -112,6 +112,7 @@ class Record:
     follow_up: int = 0
     # the release says the image has no finding at all (also none outside the 14); None: every label known and 0
     no_finding: bool | None = None
+    same_as: str = ""  # the image's name in ChestX-ray14 when the release took it from there (RSNA Pneumonia)
 
     @property
     def healthy(self) -> bool:
@@ -125,6 +126,10 @@ class Box:
     finding: int  # index into FINDINGS
     xywh: tuple  # as listed, in the dataset's box space
     reader: str = ""  # who drew it, when the release keeps its readers apart (VinDr-CXR's rad_id)
+
+    @property
+    def xywh_release(self) -> tuple:  # the name before other releases were read (ChestX-ray14's release space)
+        return self.xywh
 
 
 def known_labels(labels: np.ndarray) -> np.ndarray:
@@ -156,17 +161,19 @@ class Dataset:
     def patients(self) -> np.ndarray:
         return np.array([r.patient for r in self.records])
 
-    def boxes_xyxy(self, image_sizes: dict | None = None, space: str | None = None) -> dict:
+    def boxes_xyxy(self, image_sizes: dict | None = None, space: str | None = None, names=None) -> dict:
         """Boxes per image as ``(finding, x0, y0, x1, y1)`` rows in the pixel space of the stored image (or of
         ``image_sizes[image] = (width, height)``; the image cache's frame is :meth:`boxes_in_square`), mapped from
         the space the box file uses (default: the release's own, :attr:`box_space`):
         ``"release"``, the 1024 x 1024 images of the ChestX-ray14 release (whatever size the stored PNGs have),
-        or ``"image"``, the pixels of the stored image itself (datasets that draw boxes on their own images)."""
+        or ``"image"``, the pixels of the stored image itself (datasets that draw boxes on their own images).
+        ``names``: only the boxes of these images."""
         space = space or self.box_space
         if space not in BOX_SPACES:
             raise ValueError(f"box space must be one of {', '.join(BOX_SPACES)}, got {space!r}")
+        wanted = None if names is None else set(names)
         out = {}
-        for box in self.boxes:
+        for box in (b for b in self.boxes if wanted is None or b.image in wanted):
             width, height = (image_sizes or {}).get(box.image) or image_size(self.paths[box.image])
             source = (RELEASE_SIZE, RELEASE_SIZE) if space == "release" else image_size(self.paths[box.image])
             sx, sy = width / source[0], height / source[1]
@@ -177,7 +184,7 @@ class Dataset:
     def boxes_in_square(self, names, size: int, space: str | None = None) -> dict:
         """The boxes of ``names`` (as :meth:`boxes_xyxy`) in the frame of the image cache: each image padded to a
         centred square and resized to ``size`` (:func:`dmfast.data.images.square_geometry`)."""
-        own, out = self.boxes_xyxy(None, space), {}
+        own, out = self.boxes_xyxy(None, space, names), {}
         for name in (n for n in names if n in own):
             left, top, right, _ = self.image_in_square(name, size)
             scale = (right - left) / image_size(self.paths[name])[0]  # cache pixels per image pixel

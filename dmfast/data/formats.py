@@ -41,15 +41,17 @@ def detect_format(root) -> str:
     raise DataError(f"{root}: looks like several releases ({', '.join(found)}); give --format")
 
 
-def open_dataset(root, format: str | None = None, skip_problems: bool = False, lists: bool = True,
-                 box_space: str | None = None, policy: LabelPolicy | None = None, check_boxes: bool = False) -> Dataset:
+def open_dataset(root, format: str | None = None, *, skip_problems: bool = False, lists: bool = True,
+                 box_space: str | None = None, policy: LabelPolicy | None = None,
+                 check_boxes: bool | None = None) -> Dataset:
     """Index the release in folder ``root``. Raises :class:`DataError` naming every problem unless
     ``skip_problems`` (then rows with problems are left out and ``dataset.problems`` lists them).
 
     ``format``: one of :data:`FORMATS` (default: detected). ``lists``: check the official split (ChestX-ray14's
     lists: an image in both, or in neither while both exist). ``box_space``: the pixels the boxes are in (see
     :meth:`~dmfast.data.dataset.Dataset.boxes_xyxy`; default the release's own, which becomes the dataset's);
-    ``check_boxes``: boxes must lie inside their images there. ``policy``: what uncertain and blank labels mean
+    ``check_boxes`` (default: when ``box_space`` is given): boxes must lie inside their images there, and images
+    whose size cannot be read are problems. ``policy``: what uncertain and blank labels mean
     (releases that have them)."""
     root = Path(root)
     if not root.is_dir():
@@ -66,14 +68,20 @@ def open_dataset(root, format: str | None = None, skip_problems: bool = False, l
         raise ValueError(f"{root}: a {format} release draws its boxes on its own images; box space 'release' is "
                          "ChestX-ray14's 1024 x 1024 frame")
     dataset.box_space = space
-    if check_boxes:
-        inside = []
+    if check_boxes if check_boxes is not None else box_space is not None:
+        inside, unreadable = [], set()
         for box in dataset.boxes:
-            if box_inside(box, dataset.paths[box.image], space):
-                inside.append(box)
-            else:
-                problems.add("boxes outside the image", f"{box.image} ({FINDINGS[box.finding]} {box.xywh})")
-        dataset.boxes = inside
+            try:
+                if box_inside(box, dataset.paths[box.image], space):
+                    inside.append(box)
+                else:
+                    problems.add("boxes outside the image", f"{box.image} ({FINDINGS[box.finding]} {box.xywh})")
+            except DataError as error:  # a header that cannot be read: the image cannot be scored
+                if box.image not in unreadable:
+                    unreadable.add(box.image)
+                    problems.add("images whose size cannot be read", str(error))
+        dataset.boxes = [b for b in inside if b.image not in unreadable]
+        dataset.records = [r for r in dataset.records if r.image not in unreadable]
     if problems and not skip_problems:
         raise DataError(f"{root}: problems found (pass --skip-problems to leave them out):\n{problems.report()}")
     return dataset
@@ -82,5 +90,5 @@ def open_dataset(root, format: str | None = None, skip_problems: bool = False, l
 def open_data(config, lists: bool = True, **kwargs) -> Dataset:
     """:func:`open_dataset` of a stage's :class:`~dmfast.config.DataConfig` (its folder, format, skipping and label
     policy)."""
-    return open_dataset(config.data, config.format, config.skip_problems, lists,
+    return open_dataset(config.data, config.format, skip_problems=config.skip_problems, lists=lists,
                         policy=LabelPolicy(config.uncertain, config.blank), **kwargs)

@@ -4,12 +4,18 @@ one) and ``stage_2_train_images/<patientId>.dcm`` (stage 1's names are read too)
 
 Target 1 is Pneumonia, 0 its absence; the release says nothing of the other 13 findings, so they are unknown. Boxes
 are in each image's own pixels. The challenge's test images have no labels: the release has no official test split
-(evaluate with ``--split all``). Each image is its own patient (RSNA's ``patientId`` names one image). When
-``stage_2_detailed_class_info.csv`` is there, its "Normal" images are the ones without any finding (the others
-without pneumonia may have other findings).
+(evaluate with ``--split all``). When ``stage_2_detailed_class_info.csv`` is there, its "Normal" images are the ones
+without any finding (the others without pneumonia may have other findings).
+
+RSNA's images are ChestX-ray14 images under new names. With the challenge's ``pneumonia-challenge-dataset-
+mappings_2018.json`` in the folder, each record knows its ChestX-ray14 name (``same_as``) and patient (the patient of
+that name), so overlap with a ChestX-ray14-trained model is found; without it each image is its own patient and the
+overlap cannot be told.
 """
 
 from pathlib import Path
+
+import json
 
 import numpy as np
 
@@ -17,6 +23,7 @@ from .dataset import (FINDINGS, UNKNOWN, Box, Dataset, DataError, LabelPolicy, P
                       csv_table, parse_box)
 
 COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
+MAPPING = "pneumonia-challenge-dataset-mappings_2018.json"  # RSNA's patientId -> ChestX-ray14's image
 PNEUMONIA = FINDINGS.index("Pneumonia")
 
 
@@ -59,6 +66,7 @@ def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True
         if xywh is not None:
             boxes.append(Box(image, PNEUMONIA, xywh))
     normal = _normal_images(root / path.name.replace("train_labels", "detailed_class_info"), problems)
+    nih = _nih_names(root / MAPPING)
     files = {p.stem: p for p in sorted(images.glob("*.dcm"))} if images.is_dir() else {}
     for image in sorted(set(files) - set(target)):
         problems.add(f"images in {images.name}/ not listed in {path.name}", image)
@@ -71,13 +79,34 @@ def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True
             continue
         labels = np.full(len(FINDINGS), UNKNOWN, np.int8)
         labels[PNEUMONIA] = value
-        records.append(Record(image, labels, image, no_finding=None if normal is None else image in normal))
+        same = nih.get(image, "")
+        patient = int(same.split("_")[0]) if same.split("_")[0].isdigit() else image  # ChestX-ray14's patient
+        records.append(Record(image, labels, patient, no_finding=None if normal is None else image in normal,
+                              same_as=same))
         paths[image] = files[image]
     boxes = [b for b in boxes if b.image in paths]
     return Dataset(root, records, paths, boxes, set(paths), set(), problems, "rsna", "image")
 
 
 CLASSES = ("Lung Opacity", "No Lung Opacity / Not Normal", "Normal")
+
+
+def mapped(dataset) -> bool:
+    """Whether an RSNA dataset knows its images' ChestX-ray14 names (the mapping file was there)."""
+    return (Path(dataset.root) / MAPPING).is_file()
+
+
+def _nih_names(path: Path) -> dict:
+    """patientId -> ChestX-ray14 image name from the challenge's mapping file ({} without it)."""
+    if not path.is_file():
+        return {}
+    try:
+        entries = json.loads(path.read_text())
+        pairs = {e["subset_img_id"]: str(e["img_id"]) for e in entries}
+    except (ValueError, TypeError, KeyError) as error:
+        raise DataError(f"{path}: not the challenge's mapping (a list of objects with subset_img_id and img_id): "
+                        f"{type(error).__name__}: {error}") from None
+    return {k: v if v.endswith(".png") else f"{v}.png" for k, v in pairs.items()}
 
 
 def _normal_images(path: Path, problems: Problems) -> set | None:

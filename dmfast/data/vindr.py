@@ -66,11 +66,19 @@ def _targets(name: str) -> list:
     return [FINDINGS.index(f) for f in TO_FINDINGS.get(name, ())]
 
 
-def _images(folder: Path) -> dict:
-    """image_id -> file of the images in ``folder`` (DICOM as released, or PNG/JPEG conversions)."""
+def _images(folder: Path, problems: Problems) -> dict:
+    """image_id -> file of the images in ``folder`` (DICOM as released, or PNG/JPEG conversions); an image_id with
+    several files is a problem (which one is meant cannot be told) and is left out."""
     if not folder.is_dir():
         return {}
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+    found = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            found.setdefault(path.stem, []).append(path)
+    for stem, paths in found.items():
+        if len(paths) > 1:
+            problems.add(f"images with several files in {folder.name}/", ", ".join(p.name for p in paths))
+    return {stem: paths[0] for stem, paths in found.items() if len(paths) == 1}
 
 
 def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True) -> Dataset:
@@ -87,14 +95,17 @@ def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True
             found = _read_annotations(annotations, problems, labels if image_labels is None else None, covered
                                       if image_labels is None else None, findings if image_labels is None else None)
             boxes += found
-        files = _images(root / split)
+        files = _images(root / split, problems)
+        if image_labels is not None:  # boxes of images the labels file does not list: no record to hold them
+            for image in sorted({b.image for b in boxes if b.image not in labels and b.image in files}):
+                problems.add(f"images with boxes but not in {image_labels.name}", image)
         for image in sorted(set(files) - set(labels)):
             problems.add(f"images in {split}/ not listed in the {split} annotations", image)
         for image, positive in labels.items():
             if image not in files:
                 problems.add(f"images listed in the {split} annotations but missing from {split}/", image)
                 continue
-            vector = np.where(covered, positive.astype(np.int8), UNKNOWN).astype(np.int8)
+            vector = np.where(covered, positive, UNKNOWN).astype(np.int8)
             records.append(Record(image, vector, image, no_finding=image not in findings))
             paths[image] = files[image]
             split_of[image] = split
@@ -120,11 +131,13 @@ def _read_image_labels(path: Path, problems: Problems, labels: dict, covered: np
         if not image:
             problems.add("malformed rows", f"{path.name}:{line} (empty image_id)")
             continue
-        vector = labels.setdefault(image, np.zeros(len(FINDINGS), np.uint8))
+        vector = labels.setdefault(image, np.zeros(len(FINDINGS), np.int8))
         for name in mapped + others:
             value = cell(row, column, name)
             if value not in ("0", "1", "0.0", "1.0"):
                 problems.add("malformed rows", f"{path.name}:{line} ({image}: {name} = {value!r})")
+                targets = _targets(name)
+                vector[targets] = np.where(vector[targets] == 1, 1, UNKNOWN)  # unless another reader marked it
                 continue
             if float(value) == 1:
                 vector[_targets(name)] = 1
@@ -152,7 +165,7 @@ def _read_annotations(path: Path, problems: Problems, labels: dict | None, cover
             problems.add("malformed rows", f"{where} (empty image_id)")
             continue
         if labels is not None:
-            labels.setdefault(image, np.zeros(len(FINDINGS), np.uint8))
+            labels.setdefault(image, np.zeros(len(FINDINGS), np.int8))
         if name not in KNOWN:
             problems.add("unknown findings", f"{where} ({name!r})")
             continue
