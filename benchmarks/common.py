@@ -35,19 +35,29 @@ def parse(p: argparse.ArgumentParser, name: str, argv=None) -> argparse.Namespac
     return args
 
 
-def environment(device: str, threads: int) -> dict:
-    cpu = platform.processor()
+def cpu_facts() -> tuple:
+    """(model name, the vector instruction sets the CPU has among sse4.2/avx2/avx512f) from /proc/cpuinfo."""
+    cpu, flags = platform.processor(), set()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            lines = f.read().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags")))
     except (OSError, StopIteration):
         pass
+    return cpu, [isa for isa in ("sse4_2", "avx2", "avx512f") if isa in flags]
+
+
+def environment(device: str, threads: int) -> dict:
+    cpu, cpu_flags = cpu_facts()
     env = {
         "dmfast": dmfast.__version__,
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu": cpu,
+        "cpu_flags": cpu_flags,
+        "cpu_isa": dmfast._C.cpu_isa(),  # the instruction set the CPU kernels run with
         "threads": threads,
         "device": device,
         "built_with_cuda": dmfast._C.built_with_cuda(),
@@ -75,7 +85,8 @@ def report(title: str, cases: dict, reference_name: str, env: dict, config: dict
     """Print a table of ``cases = {case: {impl: ms}}`` with speed-ups of ``reference_name`` over each
     implementation, and write the JSON to ``out``."""
     console = console or Console()
-    table = Table(title=f"{title}  ({env['device']}, {env['threads']} threads)")
+    where = env["gpu"] if env["device"] == "cuda" else f"{env['cpu']}, {env['cpu_isa']}"
+    table = Table(title=f"{title}  ({env['device']}: {where}, {env['threads']} threads)")
     for column in ("case", "implementation", "median ms", f"{reference_name} speed-up"):
         table.add_column(column, justify="left" if column in ("case", "implementation") else "right")
     results = []
