@@ -55,7 +55,7 @@ bench: build
 # Compile (and link) the CUDA kernels for sm_80 and sm_90 without a GPU, into build-cuda/, so they never rot.
 cuda-compile: $(INSTALLED)
 	@test -n "$(CUDA_HOME)" || { echo "cuda-compile: no CUDA toolkit found (set CUDA_HOME)"; exit 1; }
-	CUDA_HOME=$(CUDA_HOME) DMFAST_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=2 \
+	CUDA_HOME=$(CUDA_HOME) DMFAST_CUDA=1 DMFAST_CPU_VARIANTS=base TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=2 \
 	  $(PY) setup.py -q build_ext --build-temp build-cuda/temp --build-lib build-cuda/lib
 
 # The CMake library against libtorch plus its C++ test.

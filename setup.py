@@ -1,13 +1,20 @@
 """Build of dmfast's C++/CUDA extension (metadata lives in pyproject.toml).
 
-The CPU kernels are always built, for this machine's CPU unless DMFAST_CPU_ARCH says otherwise. CUDA kernels are built when DMFAST_CUDA=1, or when DMFAST_CUDA is unset and
-torch sees a GPU; DMFAST_CUDA=0 turns them off. Set CUDA_HOME to the toolkit root and TORCH_CUDA_ARCH_LIST
-(e.g. "8.0;9.0") to compile them on a machine without a GPU.
+``dmfast._C`` holds the op schemas, the Python module and the CUDA kernels; the CPU kernels are built once per x86
+instruction set into ``dmfast._cpu_<variant>`` libraries (``base``: x86-64-v2, ``avx2``: x86-64-v3, ``avx512``:
+x86-64-v4), of which ``dmfast.ops`` loads the best the CPU runs (``DMFAST_CPU_VARIANT`` forces one). No build uses
+``-march=native``: one build runs on every x86-64-v2 machine. ``DMFAST_CPU_VARIANTS`` (comma-separated) limits the
+variants built; other machines build one ``base`` variant with the compiler's defaults.
+
+CUDA kernels are built when DMFAST_CUDA=1, or when DMFAST_CUDA is unset and torch sees a GPU; DMFAST_CUDA=0 turns
+them off. Set CUDA_HOME to the toolkit root and TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0") to compile them on a machine
+without a GPU.
 """
 
 import glob
 import os
 import platform
+import sys
 
 import torch
 from setuptools import setup
@@ -28,36 +35,70 @@ def openmp_flags() -> list[str]:
     return ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
 
 
-def cpu_arch_flags() -> list[str]:
-    # The kernels are built on the machine that runs them, so by default they use its whole vector ISA (the hot
-    # loops vectorise into gathers). DMFAST_CPU_ARCH picks another -march (e.g. x86-64-v3); "none" drops it.
-    arch = os.environ.get("DMFAST_CPU_ARCH", "native")
-    if arch == "none":
-        return []
-    flags = [f"-march={arch}"]
-    if platform.machine() in ("x86_64", "AMD64"):
-        flags.append("-mprefer-vector-width=512")
-    return flags
+# The CPU variants and their flags, narrowest first (dmfast.cpu_variants.VARIANTS lists the same names).
+X86_VARIANTS = {
+    "base": ["-march=x86-64-v2"],
+    "avx2": ["-march=x86-64-v3"],
+    "avx512": ["-march=x86-64-v4", "-mprefer-vector-width=512"],
+}
 
 
-def extension():
+def cpu_variants() -> dict:
+    """name -> extra flags of the CPU kernel libraries to build."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return {"base": []}
+    wanted = [v.strip() for v in os.environ.get("DMFAST_CPU_VARIANTS", ",".join(X86_VARIANTS)).split(",") if v.strip()]
+    unknown = [v for v in wanted if v not in X86_VARIANTS]
+    if unknown or not wanted:
+        raise SystemExit(f"DMFAST_CPU_VARIANTS: {unknown or 'none'} not among {', '.join(X86_VARIANTS)}")
+    return {v: X86_VARIANTS[v] for v in X86_VARIANTS if v in wanted}
+
+
+def variant_sources(name: str, sources: list) -> list:
+    """Per-variant copies of the kernel sources' names (one #include each) so that every variant's objects have
+    their own paths in the shared build folder."""
+    folder = os.path.join("build", "cpu-variants", name)
+    os.makedirs(folder, exist_ok=True)
+    out = []
+    for source in sources:
+        path = os.path.join(folder, os.path.basename(source))
+        text = f'#include "{os.path.join(HERE, source)}"  // compiled for the {name} CPU variant\n'
+        if not os.path.exists(path) or open(path).read() != text:  # unchanged: ninja keeps the object
+            with open(path, "w") as f:
+                f.write(text)
+        out.append(path)
+    return out
+
+
+def extensions():
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++20"] + cpu_arch_flags() + openmp_flags()
+    shared = rel("csrc/attention_cam_op.cpp")  # the attention head's passes, used by the CPU and CUDA kernels
+    main = rel("csrc/*.cpp")
+    cxx = ["-O3", "-std=c++20"] + openmp_flags()
+    includes = [os.path.join(HERE, "csrc")]
     if want_cuda():
         nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-DDMFAST_WITH_CUDA"]
-        return CUDAExtension(
-            "dmfast._C",
-            sources + rel("csrc/cuda/*.cu"),
-            extra_compile_args={"cxx": cxx + ["-DDMFAST_WITH_CUDA"], "nvcc": nvcc},
-            extra_link_args=openmp_flags(),
-        )
-    return CppExtension("dmfast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=openmp_flags())
+        modules = [CUDAExtension("dmfast._C", main + rel("csrc/cuda/*.cu"),
+                                 extra_compile_args={"cxx": cxx + ["-DDMFAST_WITH_CUDA"], "nvcc": nvcc},
+                                 extra_link_args=openmp_flags())]
+    else:
+        modules = [CppExtension("dmfast._C", main, extra_compile_args={"cxx": cxx}, extra_link_args=openmp_flags())]
+    for name, flags in cpu_variants().items():
+        sources = variant_sources(name, rel("csrc/cpu/*.cpp") + shared)
+        modules.append(CppExtension(f"dmfast._cpu_{name}", sources, include_dirs=includes,
+                                    extra_compile_args={"cxx": cxx + flags}, extra_link_args=openmp_flags()))
+    return modules
 
+
+# An in-place build leaves no kernels of variants it no longer builds (they would be loaded).
+if "--inplace" in sys.argv or "-i" in sys.argv:
+    for stale in glob.glob(os.path.join(HERE, "dmfast", "_cpu_*.so")):
+        if os.path.basename(stale).split(".")[0][len("_cpu_"):] not in cpu_variants():
+            os.remove(stale)
 
 setup(
     packages=["dmfast", "dmfast.data", "dmfast.cli"],
     package_dir={"dmfast": "dmfast", "dmfast.cli": "cli"},
-    ext_modules=[extension()],
+    ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -57,7 +57,7 @@ def environment(device: str, threads: int) -> dict:
         "platform": platform.platform(),
         "cpu": cpu,
         "cpu_flags": cpu_flags,
-        "cpu_isa": dmfast._C.cpu_isa(),  # the instruction set the CPU kernels run with
+        "cpu_variant": dmfast.cpu_variants.loaded(),  # the CPU kernels' instruction set (DMFAST_CPU_VARIANT)
         "threads": threads,
         "device": device,
         "built_with_cuda": dmfast._C.built_with_cuda(),
@@ -85,7 +85,7 @@ def report(title: str, cases: dict, reference_name: str, env: dict, config: dict
     """Print a table of ``cases = {case: {impl: ms}}`` with speed-ups of ``reference_name`` over each
     implementation, and write the JSON to ``out``."""
     console = console or Console()
-    where = env["gpu"] if env["device"] == "cuda" else f"{env['cpu']}, {env['cpu_isa']}"
+    where = env["gpu"] if env["device"] == "cuda" else f"{env['cpu']}, {env['cpu_variant']} kernels"
     table = Table(title=f"{title}  ({env['device']}: {where}, {env['threads']} threads)")
     for column in ("case", "implementation", "median ms", f"{reference_name} speed-up"):
         table.add_column(column, justify="left" if column in ("case", "implementation") else "right")

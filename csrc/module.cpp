@@ -22,27 +22,10 @@ bool built_with_openmp() {
 #endif
 }
 
-// The widest x86 vector instruction set the compiler was allowed (this translation unit is compiled with the CPU
-// kernels' flags, e.g. -march=native): what the benchmarks report with their ratios.
-std::string cpu_isa() {
-#if defined(__AVX512F__)
-  return "avx512";
-#elif defined(__AVX2__)
-  return "avx2";
-#elif defined(__SSE4_2__)
-  return "sse4.2";
-#elif defined(__x86_64__)
-  return "x86-64";
-#else
-  return "other";
-#endif
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dmfast C++/CUDA ops (registered under torch.ops.dmfast)";
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled into this build");
   m.def("built_with_openmp", &built_with_openmp, "Whether the CPU kernels were compiled with OpenMP");
-  m.def("cpu_isa", &cpu_isa, "The widest x86 vector instruction set the CPU kernels were compiled for");
 }

@@ -7,7 +7,10 @@ makes them work with ``torch.compile(fullgraph=True)`` and ``torch.library.opche
 import torch
 from torch import Tensor
 
-from . import _C  # loading the extension registers the ops
+from . import _C  # loading the extension registers the ops and their CUDA kernels
+from . import cpu_variants
+
+cpu_variants.load()  # the CPU kernels built for the widest instruction set this CPU runs
 
 THETA_LIMIT = 1e6  # affine_smooth's domain: |theta| entries beyond it give NaN (csrc/affine_smooth.h, kThetaLimit)
 OP_MAX_SIDE = 1 << 16  # the largest image side (H, W, pool) the ops take: larger ones only exhaust memory
