@@ -75,7 +75,6 @@ def extensions():
     shared = rel("csrc/attention_cam_op.cpp")  # the attention head's passes, used by the CPU and CUDA kernels
     main = rel("csrc/*.cpp")
     cxx = ["-O3", "-std=c++20"] + openmp_flags()
-    includes = [os.path.join(HERE, "csrc")]
     if want_cuda():
         nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-DDMFAST_WITH_CUDA"]
         modules = [CUDAExtension("dmfast._C", main + rel("csrc/cuda/*.cu"),
@@ -85,8 +84,8 @@ def extensions():
         modules = [CppExtension("dmfast._C", main, extra_compile_args={"cxx": cxx}, extra_link_args=openmp_flags())]
     for name, flags in cpu_variants().items():
         sources = variant_sources(name, rel("csrc/cpu/*.cpp") + shared)
-        modules.append(CppExtension(f"dmfast._cpu_{name}", sources, include_dirs=includes,
-                                    extra_compile_args={"cxx": cxx + flags}, extra_link_args=openmp_flags()))
+        modules.append(CppExtension(f"dmfast._cpu_{name}", sources, extra_compile_args={"cxx": cxx + flags},
+                                    extra_link_args=openmp_flags()))
     return modules
 
 

@@ -194,18 +194,19 @@ def training_overlap(classifier: Classifier, dataset, names: list) -> dict:
         formats.add(training_data.format)
     except (DataError, OSError):  # the training data is not here (or no longer readable)
         pass
+    rsna_unmapped = dataset.format == "rsna" and not rsna.mapped(dataset)
     for i, folder in enumerate(classifier.config.mix):
         prefix = CacheSet.key(i, "")
         if Path(folder).resolve() == here:
             mixed = {n[len(prefix):] for n in classifier.splits.train if n.startswith(prefix)}
             trained |= mixed
             patients = (patients or set()) | {r.patient for r in dataset.records if r.image in mixed}
-    for folder in classifier.config.mix:
-        try:
-            formats.add(detect_format(folder))
-        except DataError:
-            formats.add(None)
-    if dataset.format == "rsna" and not rsna.mapped(dataset) and formats & {"chestxray14", None}:
+        if rsna_unmapped:  # did ChestX-ray14 images (perhaps these) go into training?
+            try:
+                formats.add(detect_format(folder))
+            except DataError:
+                formats.add(None)
+    if rsna_unmapped and formats & {"chestxray14", None}:
         patients, why = None, ("RSNA Pneumonia's images are ChestX-ray14 images under new names; put the challenge's "
                                f"{rsna.MAPPING} into {dataset.root} to tell which")
     patient_of = {r.image: r.patient for r in dataset.records}

@@ -25,9 +25,9 @@ from rich.console import Console
 from . import checkpoints, ops, training
 from .config import MIN_CAM_CELLS, TrainConfig, defaults, from_dict
 from .data.cache import CacheSet, ImageCache, open_or_prepare, report_left_out
-from .data.dataset import FINDINGS, LabelPolicy
+from .data.dataset import FINDINGS
 from .data import rsna
-from .data.formats import open_data, open_dataset
+from .data.formats import label_policy, open_data, open_dataset
 from .data.images import to_model_input
 from .data.splits import Splits, make_splits, summary
 from .figures import training_figure
@@ -218,8 +218,8 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
 
     dataset = open_data(config, lists=config.split == "official")
     report_left_out(dataset, console)
-    mixed = [open_dataset(folder, skip_problems=config.skip_problems, lists=False,
-                          policy=LabelPolicy(config.uncertain, config.blank)) for folder in config.mix]
+    mixed = [open_dataset(folder, skip_problems=config.skip_problems, lists=False, policy=label_policy(config))
+             for folder in config.mix]
     for other in mixed:
         report_left_out(other, console)
 

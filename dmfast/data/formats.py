@@ -87,8 +87,13 @@ def open_dataset(root, format: str | None = None, *, skip_problems: bool = False
     return dataset
 
 
+def label_policy(config) -> LabelPolicy:
+    """The label policy of a stage's :class:`~dmfast.config.DataConfig`."""
+    return LabelPolicy(config.uncertain, config.blank)
+
+
 def open_data(config, lists: bool = True, **kwargs) -> Dataset:
     """:func:`open_dataset` of a stage's :class:`~dmfast.config.DataConfig` (its folder, format, skipping and label
     policy)."""
     return open_dataset(config.data, config.format, skip_problems=config.skip_problems, lists=lists,
-                        policy=LabelPolicy(config.uncertain, config.blank), **kwargs)
+                        policy=label_policy(config), **kwargs)

@@ -92,9 +92,7 @@ def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True
         if image_labels is not None:
             _read_image_labels(image_labels, problems, labels, covered, findings)
         if annotations is not None:
-            found = _read_annotations(annotations, problems, labels if image_labels is None else None, covered
-                                      if image_labels is None else None, findings if image_labels is None else None)
-            boxes += found
+            boxes += _read_annotations(annotations, problems, labels, covered, findings, derive=image_labels is None)
         files = _images(root / split, problems)
         if image_labels is not None:  # boxes of images the labels file does not list: no record to hold them
             for image in sorted({b.image for b in boxes if b.image not in labels and b.image in files}):
@@ -144,16 +142,16 @@ def _read_image_labels(path: Path, problems: Problems, labels: dict, covered: np
                 findings.add(image)
 
 
-def _read_annotations(path: Path, problems: Problems, labels: dict | None, covered: np.ndarray | None,
-                      findings: set | None) -> list:
-    """Boxes of the findings among the 14; with ``labels``, also the image-level labels they imply (a finding is
-    present when a reader boxed it; the findings the release can box are the covered ones) and ``findings``, the
-    images with any finding."""
+def _read_annotations(path: Path, problems: Problems, labels: dict, covered: np.ndarray, findings: set,
+                      derive: bool) -> list:
+    """Boxes of the findings among the 14; with ``derive`` (no image labels file), also the image-level labels they
+    imply into ``labels`` (a finding is present when a reader boxed it; the findings the release can box are the
+    ``covered`` ones) and ``findings``, the images with any finding."""
     header, rows = _table(path)
     column = columns_of(path, header, ("image_id", "class_name"),
                         {"image_id", "class_name", "class_id", "rad_id", *BOX_COLUMNS}, problems)
     local = KAGGLE_LOCAL if "class_id" in column else LOCAL
-    if covered is not None:
+    if derive:
         for name in local:
             covered[_targets(name)] = True
     boxes, seen, outside = [], {}, {}
@@ -164,19 +162,19 @@ def _read_annotations(path: Path, problems: Problems, labels: dict | None, cover
         if not image:
             problems.add("malformed rows", f"{where} (empty image_id)")
             continue
-        if labels is not None:
+        if derive:
             labels.setdefault(image, np.zeros(len(FINDINGS), np.int8))
         if name not in KNOWN:
             problems.add("unknown findings", f"{where} ({name!r})")
             continue
-        if findings is not None and name != "No finding":
+        if derive and name != "No finding":
             findings.add(image)
         targets = _targets(name)
         if not targets:
             if name != "No finding":
                 outside[name] = outside.get(name, 0) + 1
             continue
-        if labels is not None:
+        if derive:
             labels[image][targets] = 1
         corners = [cell(row, column, c) for c in BOX_COLUMNS]
         if not any(corners):
