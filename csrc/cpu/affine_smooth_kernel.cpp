@@ -26,6 +26,7 @@
 
 #include "../affine_smooth.h"
 #include "../checks.h"
+#include "warp_rows.h"
 
 namespace dmfast {
 namespace {
@@ -33,16 +34,18 @@ namespace {
 constexpr int64_t kRowGrain = 4;
 
 // Samples of output row i with all four corners inside the image form one interval of j (the coordinates are
-// affine in j). inside_span returns it, shrunk by the worst rounding of the sample loops, so the fast loops need
-// no bounds checks; the few samples near the border take the checked path.
+// affine in j), and so do those with any corner inside. row_span returns the first, shrunk by the worst rounding of
+// the sample loops, so the fast loops need no bounds checks (inside = true), or the second, widened by it
+// (inside = false): the samples beyond it read nothing, so their values and gradients are exactly zero.
 template <typename T>
-inline std::pair<int64_t, int64_t> inside_span(const PixelMap<T>& map, int64_t i, int64_t H, int64_t W) {
+inline std::pair<int64_t, int64_t> row_span(const PixelMap<T>& map, int64_t i, int64_t H, int64_t W, bool inside) {
   double lo = 0, hi = double(W - 1);
   const auto clip = [&](double slope, double base, double size) {
     // The loops compute slope * j + base in T: allow for its rounding at the largest term, plus a small margin.
     const double err = 1e-3 + 8 * double(std::numeric_limits<T>::epsilon()) *
                                   (std::abs(slope) * double(W) + std::abs(base) + size);
-    const double v_lo = err, v_hi = size - 1 - err;  // need v_lo <= slope * j + base <= v_hi
+    // need v_lo <= slope * j + base <= v_hi
+    const double v_lo = inside ? err : -1 - err, v_hi = inside ? size - 1 - err : size + err;
     if (slope == 0) {
       if (base < v_lo || base > v_hi) lo = 1, hi = 0;
       return;
@@ -54,18 +57,26 @@ inline std::pair<int64_t, int64_t> inside_span(const PixelMap<T>& map, int64_t i
   clip(double(map.x_col), double(map.x_row) * double(i) + double(map.x0), double(W));
   clip(double(map.y_col), double(map.y_row) * double(i) + double(map.y0), double(H));
   if (!(lo <= hi)) return {0, 0};
-  const int64_t begin = int64_t(std::ceil(lo)) + 1, end = int64_t(std::floor(hi));  // one sample of slack each side
+  // One sample of slack each side.
+  const int64_t begin = inside ? int64_t(std::ceil(lo)) + 1 : std::max<int64_t>(int64_t(std::floor(lo)) - 1, 0);
+  const int64_t end = inside ? int64_t(std::floor(hi)) : std::min<int64_t>(int64_t(std::floor(hi)) + 2, W);
   return begin < end ? std::make_pair(begin, end) : std::make_pair<int64_t, int64_t>(0, 0);
 }
 
-// Calls fn(inside, j, corners) for samples j in [j_begin, j_end) of row i, with `inside` a std::bool_constant
-// telling whether the corners may be read without bounds checks.
+template <typename T>
+inline std::pair<int64_t, int64_t> inside_span(const PixelMap<T>& map, int64_t i, int64_t H, int64_t W) {
+  return row_span(map, i, H, W, true);
+}
+
+// Calls fn(inside, j, corners) for samples j in [j_begin, j_end) of row i that read any pixel, with `inside` a
+// std::bool_constant telling whether the corners may be read without bounds checks.
 template <typename T, typename Fn>
 inline void for_each_row_sample(const PixelMap<T>& map, int64_t i, int64_t j_begin, int64_t j_end, int64_t H,
                                 int64_t W, Fn&& fn) {
   const auto [span_begin, span_end] = inside_span(map, i, H, W);
+  const auto [reach_begin, reach_end] = row_span(map, i, H, W, false);
   const T x_base = map.x_row * T(i) + map.x0, y_base = map.y_row * T(i) + map.y0;
-  for (int64_t j = j_begin; j < j_end; ++j) {
+  for (int64_t j = std::max(j_begin, reach_begin); j < std::min(j_end, reach_end); ++j) {
     if (j >= span_begin && j < span_end) {
       const T ix = map.x_col * T(j) + x_base, iy = map.y_col * T(j) + y_base;
       const int64_t x0 = int64_t(ix), y0 = int64_t(iy);  // positive here: truncation is floor
@@ -192,12 +203,19 @@ void pooled_warp(const scalar_t* images, const std::vector<PixelMap<at::opmath_t
       std::fill(columns.begin(), columns.end(), T(0));
       for (int64_t i = r * pool; i < (r + 1) * pool; ++i) {
         const auto [span_begin, span_end] = inside_span(map, i, H, W);
-        if constexpr (kChannels > 0) {
-          add_inside_samples<kChannels>(img, HW, W, map, i, span_begin, span_end, columns.data());
-        } else {
-          for (int64_t ch = 0; ch < C; ++ch) {
-            add_inside_samples<1>(img + ch * HW, HW, W, map, i, span_begin, span_end, columns.data() + ch * W);
+        const auto inside = [&](int64_t j_begin, int64_t j_end) {
+          if constexpr (kChannels > 0) {
+            add_inside_samples<kChannels>(img, HW, W, map, i, j_begin, j_end, columns.data());
+          } else {
+            for (int64_t ch = 0; ch < C; ++ch) {
+              add_inside_samples<1>(img + ch * HW, HW, W, map, i, j_begin, j_end, columns.data() + ch * W);
+            }
           }
+        };
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          add_row_samples(img, C, H, W, map, i, span_begin, span_end, columns.data(), inside);
+        } else {
+          inside(span_begin, span_end);
         }
         const auto border = [&](auto inside, int64_t j, const Corners<T>& c) {
           if constexpr (decltype(inside)::value) return;  // done by the vector loop above
@@ -365,12 +383,19 @@ std::vector<Moments> theta_moments(const scalar_t* images, const std::vector<at:
       for (int64_t i = r * pool; i < (r + 1) * pool; ++i) {
         T m[6] = {0, 0, 0, 0, 0, 0};
         const auto [span_begin, span_end] = inside_span(map, i, H, W);
-        if constexpr (kChannels > 0) {
-          add_inside_moments<kChannels>(img, HW, W, map, i, span_begin, span_end, g.data(), m);
-        } else {
-          for (int64_t ch = 0; ch < C; ++ch) {
-            add_inside_moments<1>(img + ch * HW, HW, W, map, i, span_begin, span_end, g.data() + ch * W, m);
+        const auto inside = [&](int64_t j_begin, int64_t j_end) {
+          if constexpr (kChannels > 0) {
+            add_inside_moments<kChannels>(img, HW, W, map, i, j_begin, j_end, g.data(), m);
+          } else {
+            for (int64_t ch = 0; ch < C; ++ch) {
+              add_inside_moments<1>(img + ch * HW, HW, W, map, i, j_begin, j_end, g.data() + ch * W, m);
+            }
           }
+        };
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          add_row_moments(img, C, H, W, map, i, span_begin, span_end, g.data(), m, inside);
+        } else {
+          inside(span_begin, span_end);
         }
         const auto border = [&](auto inside, int64_t j, const Corners<T>& c) {
           if constexpr (decltype(inside)::value) return;

@@ -1,0 +1,289 @@
+// Bilinear samples of the affine warp along one output row, a vector of lanes at a time, without vector gathers
+// (slow on many x86 parts). Along a row the source point moves by (x_col, y_col) per sample, so for a warp that
+// neither shrinks the image by ~2x nor turns it steeply, the kLanes samples of a vector read at most three
+// consecutive source rows and, in each, a window of 2 * kLanes consecutive pixels: the kernel loads those windows
+// whole and permutes each sample's corners into its lane. Vectors that do not fit take the caller's general path.
+//
+// float32 only, compiled where the CPU variant has AVX2 or AVX-512 (kHasRowLanes); plain C++ and intrinsics, no
+// ATen, so the per-variant builds stay cheap.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+#include "../affine_smooth.h"
+
+namespace dmfast {
+
+#if defined(__AVX512F__)
+constexpr bool kHasRowLanes = true;
+
+struct RowLanes {
+  using V = __m512;
+  using I = __m512i;
+  static constexpr int kLanes = 16;
+
+  static V set1(float v) { return _mm512_set1_ps(v); }
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V at_least_one(V a) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, set1(1.0f), _CMP_GE_OQ), set1(1.0f)); }
+  static V lane_index() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+  static I truncate(V v) { return _mm512_cvttps_epi32(v); }
+  static V to_float(I v) { return _mm512_cvtepi32_ps(v); }
+  static I lane_int() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+  static I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static I minus(I v, int s) { return _mm512_sub_epi32(v, _mm512_set1_epi32(s)); }
+  static int first(I v) { return _mm512_cvtsi512_si32(v); }
+  static int last(I v) { return _mm_extract_epi32(_mm512_extracti32x4_epi32(v, 3), 3); }
+  // Every lane in [0, limit], limit one less than a power of two.
+  static bool all_within(I v, int limit) { return _mm512_test_epi32_mask(v, _mm512_set1_epi32(~limit)) == 0; }
+  static float sum(V v) { return _mm512_reduce_add_ps(v); }
+  // Window p[0, 2 * kLanes) read at idx in every lane.
+  using Pick = I;
+  static Pick make_pick(I idx) { return idx; }
+  static V pick(const float* p, Pick idx) { return _mm512_permutex2var_ps(load(p), idx, load(p + kLanes)); }
+};
+
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr bool kHasRowLanes = true;
+
+struct RowLanes {
+  using V = __m256;
+  using I = __m256i;
+  static constexpr int kLanes = 8;
+
+  static V set1(float v) { return _mm256_set1_ps(v); }
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V at_least_one(V a) { return _mm256_and_ps(_mm256_cmp_ps(a, set1(1.0f), _CMP_GE_OQ), set1(1.0f)); }
+  static V lane_index() { return _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7); }
+  static I truncate(V v) { return _mm256_cvttps_epi32(v); }
+  static V to_float(I v) { return _mm256_cvtepi32_ps(v); }
+  static I lane_int() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+  static I sub(I a, I b) { return _mm256_sub_epi32(a, b); }
+  static I minus(I v, int s) { return _mm256_sub_epi32(v, _mm256_set1_epi32(s)); }
+  static int first(I v) { return _mm256_cvtsi256_si32(v); }
+  static int last(I v) { return _mm_extract_epi32(_mm256_extracti128_si256(v, 1), 3); }
+  // Every lane in [0, limit], limit one less than a power of two.
+  static bool all_within(I v, int limit) { return _mm256_testz_si256(v, _mm256_set1_epi32(~limit)); }
+  static float sum(V v) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+  }
+  // Window p[0, 16) read at idx in every lane: each half permuted, then bit 3 of idx chooses (blendv reads bit 31).
+  struct Pick {
+    I idx;
+    V upper;
+  };
+  static Pick make_pick(I idx) { return {idx, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))}; }
+  static V pick(const float* p, const Pick& k) {
+    const V lo = _mm256_permutevar8x32_ps(load(p), k.idx), hi = _mm256_permutevar8x32_ps(load(p + kLanes), k.idx);
+    return _mm256_blendv_ps(lo, hi, k.upper);
+  }
+};
+
+#else
+constexpr bool kHasRowLanes = false;
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+
+// kLanes consecutive samples j0 .. j0 + kLanes - 1 of one output row: where they read and their fractions.
+// Two ways to bring each lane its corners without a gather:
+//  - shift: when the map keeps the scale along x near 1, lane k's left corner column is first + k or first + k + 1,
+//    so three contiguous loads (at first, first + 1, first + 2) hold every lane's corners;
+//  - window: otherwise, while the samples span at most 2 * kLanes columns, two loads of a window and a permute per
+//    corner.
+// Either way the lanes' top corners lie in one of two consecutive rows, so three rows are read. Three points
+// p0, p1, p2 at offsets 0, 1, 2 are interpolated at t in [0, 2) without a blend as
+//   p0 + t (p1 - p0) + max(t - 1, 0) (p2 - 2 p1 + p0),
+// which is the bilinear weight of each pair on its side of 1 (floor's side at t = 1).
+struct RowVector {
+  using L = RowLanes;
+  L::V j;
+  L::V u, u_past, u_step;  // shift: x relative to first + k, max(u - 1, 0), and u >= 1 as 0 or 1
+  L::V fx;                 // window: x fraction
+  L::V v, v_past, v_step;  // y relative to the first row read, max(v - 1, 0), v >= 1 as 0 or 1
+  L::Pick picks;           // window: each lane's left corner column in the window
+  bool by_shift;
+  int64_t offset;     // of `first` (shift) or of the window (window) in the first row read, within a plane
+  int64_t third_row;  // offset of the third row read: 2W when the top corners span two rows, else W (read twice)
+  int64_t ahead;      // offset of the row to prefetch
+  static constexpr int kPrefetchRows = 3;
+
+  // false when the samples fit neither way (the caller samples them its general way). The caller guarantees that
+  // every corner of these samples lies inside the image (inside_span) and that W >= 2 * kLanes + 1.
+  bool place(const PixelMap<float>& map, float x_base, float y_base, int64_t j0, int64_t H, int64_t W) {
+    constexpr int n = L::kLanes;
+    j = L::add(L::set1(float(j0)), L::lane_index());
+    const L::V ix = L::fma(L::set1(map.x_col), j, L::set1(x_base));
+    const L::V iy = L::fma(L::set1(map.y_col), j, L::set1(y_base));
+    const L::I x0 = L::truncate(ix), y0 = L::truncate(iy);  // positive: truncation is floor
+    // The first and last lanes bound the (affine) coordinates; the vector checks below make sure they did.
+    const int x_first = L::first(x0), x_last = L::last(x0);
+    const int y_first = L::first(y0), y_last = L::last(y0);
+    const int y_lo = y_first < y_last ? y_first : y_last;
+    if (!L::all_within(L::minus(y0, y_lo), 1)) return false;
+    const int first = map.x_col >= 1.0f ? x_first : x_last - (n - 1);
+    by_shift = first >= 0 && first + n + 1 < W && L::all_within(L::minus(L::sub(x0, L::lane_int()), first), 1);
+    if (by_shift) {
+      u = L::sub(ix, L::add(L::set1(float(first)), L::lane_index()));  // exact: both are multiples of ix's ulp
+      u_past = L::max(L::sub(u, L::set1(1.0f)), L::zero());
+      u_step = L::at_least_one(u);
+      offset = int64_t(y_lo) * W + first;
+    } else {
+      const int x_lo = x_first < x_last ? x_first : x_last;
+      const int left = x_lo < W - 2 * n - 1 ? x_lo : int(W) - 2 * n - 1;  // both windows end inside the row
+      const L::I dx = L::minus(x0, left);
+      if (!L::all_within(dx, 2 * n - 1)) return false;
+      picks = L::make_pick(dx);
+      fx = L::sub(ix, L::to_float(x0));
+      offset = int64_t(y_lo) * W + left;
+    }
+    v = L::sub(iy, L::set1(float(y_lo)));
+    v_past = L::max(L::sub(v, L::set1(1.0f)), L::zero());
+    v_step = L::at_least_one(v);
+    third_row = y_first != y_last ? 2 * W : W;
+    ahead = y_lo + kPrefetchRows < H ? kPrefetchRows * W : 0;
+    return true;
+  }
+
+  // Asks for the pixels that the row kPrefetchRows - 2 output rows further down will read (for a map near the
+  // identity): along a tilted row the hardware prefetchers see no stream.
+  void prefetch(const float* plane) const {
+    _mm_prefetch(reinterpret_cast<const char*>(plane + offset + ahead), _MM_HINT_T0);
+  }
+
+  // One plane's samples and, with kGradient, their derivatives to the source x and y.
+  struct Sample {
+    L::V value, d_x, d_y;
+  };
+
+  template <bool kGradient = false>
+  Sample sample(const float* plane, int64_t W) const {
+    const float* p = plane + offset;
+    L::V h[3], d[3];  // each row interpolated along x, and its derivative along x
+    const int64_t rows[3] = {0, W, third_row};  // always three rows: no branch to mispredict
+    for (int r = 0; r < 3; ++r) {
+      const float* row = p + rows[r];
+      if (by_shift) {
+        const L::V p0 = L::load(row), p1 = L::load(row + 1), p2 = L::load(row + 2);
+        const L::V d1 = L::sub(p1, p0), d2 = L::sub(L::sub(p2, p1), d1);
+        h[r] = L::fma(u_past, d2, L::fma(u, d1, p0));
+        if constexpr (kGradient) d[r] = L::fma(u_step, d2, d1);
+      } else {
+        const L::V left = L::pick(row, picks);
+        d[r] = L::sub(L::pick(row + 1, picks), left);
+        h[r] = L::fma(fx, d[r], left);
+      }
+    }
+    Sample s;
+    const L::V e1 = L::sub(h[1], h[0]), e2 = L::sub(L::sub(h[2], h[1]), e1);
+    s.value = L::fma(v_past, e2, L::fma(v, e1, h[0]));
+    if constexpr (kGradient) {
+      s.d_y = L::fma(v_step, e2, e1);
+      const L::V f1 = L::sub(d[1], d[0]), f2 = L::sub(L::sub(d[2], d[1]), f1);
+      s.d_x = L::fma(v_past, f2, L::fma(v, f1, d[0]));
+    }
+    return s;
+  }
+};
+
+// The samples [begin, end) of output row i, all inside the image: fast(v, j) for each vector that fits,
+// general(j_begin, j_end) for the others and the remainder.
+template <typename Fast, typename General>
+inline void for_each_row_vector(const PixelMap<float>& map, int64_t i, int64_t begin, int64_t end, int64_t H,
+                                int64_t W, Fast&& fast, General&& general) {
+  constexpr int n = RowLanes::kLanes;
+  const float x_base = map.x_row * float(i) + map.x0, y_base = map.y_row * float(i) + map.y0;
+  RowVector v;
+  int64_t j = begin;
+  if (W > 2 * n) {
+    for (; j + n <= end; j += n) {
+      if (v.place(map, x_base, y_base, j, H, W)) {
+        fast(v, j);
+      } else {
+        general(j, j + n);
+      }
+    }
+  }
+  if (j < end) general(j, end);
+}
+
+// Adds the bilinear samples [begin, end) of output row i of the C planes at img to columns[c * W + j].
+template <typename General>
+inline void add_row_samples(const float* img, int64_t C, int64_t H, int64_t W, const PixelMap<float>& map, int64_t i,
+                            int64_t begin, int64_t end, float* columns, General&& general) {
+  using L = RowLanes;
+  const auto lanes = [&](const RowVector& v, int64_t j) {
+    for (int64_t c = 0; c < C; ++c) {
+      const float* plane = img + c * H * W;
+      v.prefetch(plane);
+      float* col = columns + c * W + j;
+      L::store(col, L::add(L::load(col), v.sample(plane, W).value));
+    }
+  };
+  for_each_row_vector(map, i, begin, end, H, W, lanes, general);
+}
+
+// Adds the theta moments of the samples [begin, end) of output row i (see theta_grad_from_moments) to m, with
+// g[c * W + j] the gradient of sample j of channel c.
+template <typename General>
+inline void add_row_moments(const float* img, int64_t C, int64_t H, int64_t W, const PixelMap<float>& map, int64_t i,
+                            int64_t begin, int64_t end, const float* g, float* m, General&& general) {
+  using L = RowLanes;
+  L::V sx = L::zero(), sxj = L::zero(), sy = L::zero(), syj = L::zero();
+  const auto lanes = [&](const RowVector& v, int64_t j) {
+    L::V gx = L::zero(), gy = L::zero();  // dL/dix and dL/diy of the lanes' samples, all channels
+    for (int64_t c = 0; c < C; ++c) {
+      const float* plane = img + c * H * W;
+      v.prefetch(plane);
+      const auto sample = v.sample<true>(plane, W);
+      const L::V grad = L::load(g + c * W + j);
+      gx = L::fma(grad, sample.d_x, gx);
+      gy = L::fma(grad, sample.d_y, gy);
+    }
+    sx = L::add(sx, gx), sxj = L::fma(gx, v.j, sxj);
+    sy = L::add(sy, gy), syj = L::fma(gy, v.j, syj);
+  };
+  for_each_row_vector(map, i, begin, end, H, W, lanes, general);
+  const float row_sx = L::sum(sx), row_sy = L::sum(sy);
+  m[0] += row_sx, m[1] += L::sum(sxj), m[2] += row_sx * float(i);
+  m[3] += row_sy, m[4] += L::sum(syj), m[5] += row_sy * float(i);
+}
+
+#else
+
+// Without AVX2 the general (gathering or scalar) loops do every sample.
+template <typename General>
+inline void add_row_samples(const float*, int64_t, int64_t, int64_t, const PixelMap<float>&, int64_t, int64_t begin,
+                            int64_t end, float*, General&& general) {
+  general(begin, end);
+}
+
+template <typename General>
+inline void add_row_moments(const float*, int64_t, int64_t, int64_t, const PixelMap<float>&, int64_t, int64_t begin,
+                            int64_t end, const float*, float*, General&& general) {
+  general(begin, end);
+}
+
+#endif
+
+}  // namespace dmfast
