@@ -265,25 +265,41 @@ struct TapRuns {
   }
 };
 
-// Forward, stage 2: bilinear restore of the pooled planes to H x W, one output row per step.
+// Forward, stage 2: bilinear restore of the pooled planes to H x W, in ATen's order: each pooled row restored along
+// x once, then every output row a blend of two of those (long contiguous loops; short runs per output row cost
+// more than the writes). Tasks are bands of kRestoreBand output rows of one plane.
+constexpr int64_t kRestoreBand = 32;
+
 template <typename scalar_t>
 void restore(const scalar_t* pooled, int64_t planes, int64_t Hp, int64_t Wp, int64_t H, int64_t W, scalar_t* out) {
   using T = at::opmath_type<scalar_t>;
   const auto ty = restore_taps<T>(Hp, H);
   const TapRuns<T> tx(Wp, W);
-  at::parallel_for(0, planes * H, kRowGrain * 4, [&](int64_t begin, int64_t end) {
-    std::vector<T> blended(Wp);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t plane = row / H, y = row % H;
-      const scalar_t* p0 = pooled + (plane * Hp + ty[y].i0) * Wp;
-      const scalar_t* p1 = pooled + (plane * Hp + ty[y].i1) * Wp;
-      for (int64_t q = 0; q < Wp; ++q) blended[q] = ty[y].lambda0 * T(p0[q]) + ty[y].lambda1 * T(p1[q]);
-      scalar_t* o = out + row * W;
+  const int64_t bands = (H + kRestoreBand - 1) / kRestoreBand;
+  at::parallel_for(0, planes * bands, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> along_x;  // the band's pooled rows restored along x
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t plane = task / bands, y_begin = (task % bands) * kRestoreBand;
+      const int64_t y_end = std::min(y_begin + kRestoreBand, H);
+      const int64_t r_lo = ty[y_begin].i0, r_hi = ty[y_end - 1].i1 + 1;  // taps only grow with y
+      along_x.resize((r_hi - r_lo) * W);
       const T *l0 = tx.lambda0.data(), *l1 = tx.lambda1.data();
-      for (const auto& run : tx.runs) {
-        const T a = blended[run.i0], b = blended[run.i1];
+      for (int64_t r = r_lo; r < r_hi; ++r) {
+        const scalar_t* p = pooled + (plane * Hp + r) * Wp;
+        T* o = along_x.data() + (r - r_lo) * W;
+        for (const auto& run : tx.runs) {
+          const T a = T(p[run.i0]), b = T(p[run.i1]);
 #pragma omp simd
-        for (int64_t x = run.begin; x < run.end; ++x) o[x] = scalar_t(l0[x] * a + l1[x] * b);
+          for (int64_t x = run.begin; x < run.end; ++x) o[x] = l0[x] * a + l1[x] * b;
+        }
+      }
+      for (int64_t y = y_begin; y < y_end; ++y) {
+        const T* a = along_x.data() + (ty[y].i0 - r_lo) * W;
+        const T* b = along_x.data() + (ty[y].i1 - r_lo) * W;
+        const T w0 = ty[y].lambda0, w1 = ty[y].lambda1;
+        scalar_t* o = out + (plane * H + y) * W;
+#pragma omp simd
+        for (int64_t x = 0; x < W; ++x) o[x] = scalar_t(w0 * a[x] + w1 * b[x]);
       }
     }
   });
