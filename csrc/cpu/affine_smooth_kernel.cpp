@@ -326,35 +326,35 @@ struct TransposedTaps {
 };
 
 // Backward, stage 1: grad_pooled = restore^T grad_output, scaled by 1 / pool^2 so it is the gradient of each
-// sample of the cell. Gathers only (rows, then columns): deterministic and race-free.
+// sample of the cell. One task per (plane, cell row) owns its cells: it sums its band of grad_output rows with
+// their weights along y (long contiguous loops), then each cell's taps along x. Deterministic and race-free.
 template <typename scalar_t>
 std::vector<at::opmath_type<scalar_t>> restore_transposed(const scalar_t* grad, int64_t planes, int64_t Hp,
                                                            int64_t Wp, int64_t H, int64_t W, int64_t pool) {
   using T = at::opmath_type<scalar_t>;
   const TransposedTaps<T> tx(Wp, W), ty(Hp, H);
-  std::vector<T> rows(planes * H * Wp), cells(planes * Hp * Wp, T(0));
-  at::parallel_for(0, planes * H, kRowGrain * 4, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      for (int64_t q = 0; q < Wp; ++q) {
-        const scalar_t* g = grad + row * W + tx.lo[q];
-        const T* w = tx.weight[q].data();
-        T s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t k = 0; k < tx.len[q]; ++k) s += w[k] * T(g[k]);
-        rows[row * Wp + q] = s;
-      }
-    }
-  });
+  std::vector<T> cells(planes * Hp * Wp);
   const T inv_area = T(1) / T(pool * pool);
   at::parallel_for(0, planes * Hp, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> band(W);  // the task's rows of grad_output, weighted and summed along y
     for (int64_t task = begin; task < end; ++task) {
       const int64_t plane = task / Hp, r = task % Hp;
-      T* out = cells.data() + task * Wp;
+      std::fill(band.begin(), band.end(), T(0));
+      T* acc = band.data();
       for (int64_t k = 0; k < ty.len[r]; ++k) {
         const T w = ty.weight[r][k] * inv_area;
-        const T* src = rows.data() + (plane * H + ty.lo[r] + k) * Wp;
+        const scalar_t* g = grad + (plane * H + ty.lo[r] + k) * W;
 #pragma omp simd
-        for (int64_t q = 0; q < Wp; ++q) out[q] += w * src[q];
+        for (int64_t x = 0; x < W; ++x) acc[x] += w * T(g[x]);
+      }
+      T* out = cells.data() + task * Wp;
+      for (int64_t q = 0; q < Wp; ++q) {
+        const T* w = tx.weight[q].data();
+        const T* src = acc + tx.lo[q];
+        T sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t k = 0; k < tx.len[q]; ++k) sum += w[k] * src[k];
+        out[q] = sum;
       }
     }
   });
