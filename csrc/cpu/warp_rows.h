@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -105,26 +106,26 @@ constexpr bool kHasRowLanes = false;
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 
-// kLanes consecutive samples j0 .. j0 + kLanes - 1 of one output row: where they read and their fractions.
+// kLanes consecutive samples j0 .. j0 + kLanes - 1 of one output row: where they read and their weights.
 // Two ways to bring each lane its corners without a gather:
 //  - shift: when the map keeps the scale along x near 1, lane k's left corner column is first + k or first + k + 1,
 //    so three contiguous loads (at first, first + 1, first + 2) hold every lane's corners;
 //  - window: otherwise, while the samples span at most 2 * kLanes columns, two loads of a window and a permute per
 //    corner.
-// Either way the lanes' top corners lie in one of two consecutive rows, so three rows are read. Three points
-// p0, p1, p2 at offsets 0, 1, 2 are interpolated at t in [0, 2) without a blend as
-//   p0 + t (p1 - p0) + max(t - 1, 0) (p2 - 2 p1 + p0),
-// which is the bilinear weight of each pair on its side of 1 (floor's side at t = 1).
+// Either way the lanes' top corners lie in one of two consecutive rows, so two or three rows are read. Each lane
+// weighs the three points at offsets 0, 1, 2 from it at position t in [0, 2) by the hat functions
+//   max(1 - t, 0), 1 - |t - 1|, max(t - 1, 0),
+// which are the bilinear weights of the pair on t's side of 1 (floor's side at t = 1) and zero for the other point.
 struct RowVector {
   using L = RowLanes;
   L::V j;
-  L::V u, u_past, u_step;  // shift: x relative to first + k, max(u - 1, 0), and u >= 1 as 0 or 1
-  L::V fx;                 // window: x fraction
-  L::V v, v_past, v_step;  // y relative to the first row read, max(v - 1, 0), v >= 1 as 0 or 1
-  L::Pick picks;           // window: each lane's left corner column in the window
+  L::V u;   // shift: x relative to first + k, in [0, 2)
+  L::V fx;  // window: x fraction
+  L::V v;   // y relative to the first row read, in [0, 2)
+  L::Pick picks;      // window: each lane's left corner column in the window
   bool by_shift;
+  bool straddles;     // the lanes' top corners span two rows, so three rows are read (else two)
   int64_t offset;     // of `first` (shift) or of the window (window) in the first row read, within a plane
-  int64_t third_row;  // offset of the third row read: 2W when the top corners span two rows, else W (read twice)
   int64_t ahead;      // offset of the row to prefetch
   static constexpr int kPrefetchRows = 3;
 
@@ -145,8 +146,6 @@ struct RowVector {
     by_shift = first >= 0 && first + n + 1 < W && L::all_within(L::minus(L::sub(x0, L::lane_int()), first), 1);
     if (by_shift) {
       u = L::sub(ix, L::add(L::set1(float(first)), L::lane_index()));  // exact: both are multiples of ix's ulp
-      u_past = L::max(L::sub(u, L::set1(1.0f)), L::zero());
-      u_step = L::at_least_one(u);
       offset = int64_t(y_lo) * W + first;
     } else {
       const int x_lo = x_first < x_last ? x_first : x_last;
@@ -158,9 +157,7 @@ struct RowVector {
       offset = int64_t(y_lo) * W + left;
     }
     v = L::sub(iy, L::set1(float(y_lo)));
-    v_past = L::max(L::sub(v, L::set1(1.0f)), L::zero());
-    v_step = L::at_least_one(v);
-    third_row = y_first != y_last ? 2 * W : W;
+    straddles = y_first != y_last;
     ahead = y_lo + kPrefetchRows < H ? kPrefetchRows * W : 0;
     return true;
   }
@@ -171,36 +168,85 @@ struct RowVector {
     _mm_prefetch(reinterpret_cast<const char*>(plane + offset + ahead), _MM_HINT_T0);
   }
 
-  // One plane's samples and, with kGradient, their derivatives to the source x and y.
-  struct Sample {
-    L::V value, d_x, d_y;
+  // Calls fn(rows, shift) with the vector's kind as constants: the number of rows read (2, or 3 when the top
+  // corners span two rows) and the way along x, so the channel loops inside fn carry no per-lane branch.
+  template <typename Fn>
+  void with_kind(Fn&& fn) const {
+    using two = std::integral_constant<int, 2>;
+    using three = std::integral_constant<int, 3>;
+    if (straddles) {
+      by_shift ? fn(three{}, std::true_type{}) : fn(three{}, std::false_type{});
+    } else {
+      by_shift ? fn(two{}, std::true_type{}) : fn(two{}, std::false_type{});
+    }
+  }
+
+  // The points a vector of kind (kRows, kShift) reads, per row: kCols of them per lane.
+  template <int kRows, bool kShift>
+  struct Points {
+    static constexpr int kCols = kShift ? 3 : 2;
+    L::V at[kRows][kCols];
   };
 
-  template <bool kGradient = false>
-  Sample sample(const float* plane, int64_t W) const {
-    const float* p = plane + offset;
-    L::V h[3], d[3];  // each row interpolated along x, and its derivative along x
-    const int64_t rows[3] = {0, W, third_row};  // always three rows: no branch to mispredict
-    for (int r = 0; r < 3; ++r) {
-      const float* row = p + rows[r];
-      if (by_shift) {
-        const L::V p0 = L::load(row), p1 = L::load(row + 1), p2 = L::load(row + 2);
-        const L::V d1 = L::sub(p1, p0), d2 = L::sub(L::sub(p2, p1), d1);
-        h[r] = L::fma(u_past, d2, L::fma(u, d1, p0));
-        if constexpr (kGradient) d[r] = L::fma(u_step, d2, d1);
+  template <int kRows, bool kShift>
+  Points<kRows, kShift> points(const float* plane, int64_t W) const {
+    Points<kRows, kShift> p;
+    for (int r = 0; r < kRows; ++r) {
+      const float* row = plane + offset + r * W;
+      if constexpr (kShift) {
+        p.at[r][0] = L::load(row), p.at[r][1] = L::load(row + 1), p.at[r][2] = L::load(row + 2);
       } else {
-        const L::V left = L::pick(row, picks);
-        d[r] = L::sub(L::pick(row + 1, picks), left);
-        h[r] = L::fma(fx, d[r], left);
+        p.at[r][0] = L::pick(row, picks), p.at[r][1] = L::pick(row + 1, picks);
       }
     }
-    Sample s;
-    const L::V e1 = L::sub(h[1], h[0]), e2 = L::sub(L::sub(h[2], h[1]), e1);
-    s.value = L::fma(v_past, e2, L::fma(v, e1, h[0]));
-    if constexpr (kGradient) {
-      s.d_y = L::fma(v_step, e2, e1);
-      const L::V f1 = L::sub(d[1], d[0]), f2 = L::sub(L::sub(d[2], d[1]), f1);
-      s.d_x = L::fma(v_past, f2, L::fma(v, f1, d[0]));
+    return p;
+  }
+
+  // Weights of the points along one axis (see the hat functions above) and their derivatives to the coordinate.
+  template <int kCount>
+  static void hats(L::V t, L::V* w, L::V* dw) {
+    const L::V one = L::set1(1.0f);
+    if constexpr (kCount == 2) {
+      w[0] = L::sub(one, t), w[1] = t;
+      dw[0] = L::set1(-1.0f), dw[1] = one;
+    } else {
+      const L::V past = L::at_least_one(t);  // t >= 1 as 0 or 1
+      w[0] = L::max(L::sub(one, t), L::zero());
+      w[2] = L::max(L::sub(t, one), L::zero());
+      w[1] = L::sub(L::sub(one, w[0]), w[2]);
+      dw[2] = past, dw[0] = L::sub(past, one), dw[1] = L::sub(L::sub(one, past), past);
+    }
+  }
+
+  // Bilinear weights of the points, and with kGradient their derivatives to the source x and y.
+  template <int kRows, bool kShift, bool kGradient = false>
+  struct Weights {
+    static constexpr int kCols = Points<kRows, kShift>::kCols;
+    L::V value[kRows][kCols], d_x[kRows][kCols], d_y[kRows][kCols];
+  };
+
+  template <int kRows, bool kShift, bool kGradient = false>
+  Weights<kRows, kShift, kGradient> weights() const {
+    constexpr int kCols = Points<kRows, kShift>::kCols;
+    L::V x[kCols], dx[kCols], y[kRows], dy[kRows];
+    hats<kCols>(kShift ? u : fx, x, dx);
+    hats<kRows>(v, y, dy);
+    Weights<kRows, kShift, kGradient> w;
+    for (int r = 0; r < kRows; ++r) {
+      for (int k = 0; k < kCols; ++k) {
+        w.value[r][k] = L::mul(y[r], x[k]);
+        if constexpr (kGradient) w.d_x[r][k] = L::mul(y[r], dx[k]), w.d_y[r][k] = L::mul(dy[r], x[k]);
+      }
+    }
+    return w;
+  }
+
+  // sum over the points of weight * point.
+  template <int kRows, int kCols>
+  static L::V weighted(const L::V (&w)[kRows][kCols], const L::V (&p)[kRows][kCols]) {
+    L::V s = L::mul(w[0][0], p[0][0]);
+    for (int r = 0; r < kRows; ++r) {
+      for (int k = r == 0 ? 1 : 0; k < kCols; ++k) s = L::fma(w[r][k], p[r][k], s);
     }
     return s;
   }
@@ -233,12 +279,15 @@ inline void add_row_samples(const float* img, int64_t C, int64_t H, int64_t W, c
                             int64_t begin, int64_t end, float* columns, General&& general) {
   using L = RowLanes;
   const auto lanes = [&](const RowVector& v, int64_t j) {
-    for (int64_t c = 0; c < C; ++c) {
-      const float* plane = img + c * H * W;
-      v.prefetch(plane);
-      float* col = columns + c * W + j;
-      L::store(col, L::add(L::load(col), v.sample(plane, W).value));
-    }
+    v.with_kind([&](auto rows, auto shift) {
+      const auto w = v.weights<rows, shift>();
+      for (int64_t c = 0; c < C; ++c) {
+        const float* plane = img + c * H * W;
+        v.prefetch(plane);
+        float* col = columns + c * W + j;
+        L::store(col, L::add(L::load(col), RowVector::weighted(w.value, v.points<rows, shift>(plane, W).at)));
+      }
+    });
   };
   for_each_row_vector(map, i, begin, end, H, W, lanes, general);
 }
@@ -251,15 +300,23 @@ inline void add_row_moments(const float* img, int64_t C, int64_t H, int64_t W, c
   using L = RowLanes;
   L::V sx = L::zero(), sxj = L::zero(), sy = L::zero(), syj = L::zero();
   const auto lanes = [&](const RowVector& v, int64_t j) {
-    L::V gx = L::zero(), gy = L::zero();  // dL/dix and dL/diy of the lanes' samples, all channels
-    for (int64_t c = 0; c < C; ++c) {
-      const float* plane = img + c * H * W;
-      v.prefetch(plane);
-      const auto sample = v.sample<true>(plane, W);
-      const L::V grad = L::load(g + c * W + j);
-      gx = L::fma(grad, sample.d_x, gx);
-      gy = L::fma(grad, sample.d_y, gy);
-    }
+    L::V gx, gy;  // dL/dix and dL/diy of the lanes' samples, all channels
+    v.with_kind([&](auto rows, auto shift) {
+      // The points of the gradient-weighted image sum_c g_c I_c, then its derivatives.
+      decltype(v.points<rows, shift>(img, W)) sum{};
+      for (int64_t c = 0; c < C; ++c) {
+        const float* plane = img + c * H * W;
+        v.prefetch(plane);
+        const auto p = v.points<rows, shift>(plane, W);
+        const L::V grad = L::load(g + c * W + j);
+        for (int r = 0; r < rows; ++r) {
+          for (int k = 0; k < decltype(p)::kCols; ++k) sum.at[r][k] = L::fma(grad, p.at[r][k], c == 0 ? L::zero() : sum.at[r][k]);
+        }
+      }
+      const auto w = v.weights<rows, shift, true>();
+      gx = RowVector::weighted(w.d_x, sum.at);
+      gy = RowVector::weighted(w.d_y, sum.at);
+    });
     sx = L::add(sx, gx), sxj = L::fma(gx, v.j, sxj);
     sy = L::add(sy, gy), syj = L::fma(gy, v.j, syj);
   };
