@@ -165,6 +165,58 @@ def test_float32_gradient_matches_reference(device, pool, need, gen):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
+# Maps of the alignment regime and around it, which the AVX2/AVX-512 kernels sample a vector of lanes at a time
+# (shifted loads near unit scale, a permuted window otherwise, two to four rows as the map turns) and past it,
+# where they fall back to the general loop: every kind against the float64 reference.
+ROW_VECTOR_MAPS = {
+    "identity": (1.0, 1.0, 0.0, 0.0, 0.0),
+    "near identity": (1.02, 0.97, 0.03, -0.02, 0.01),
+    "turned 3 degrees": (1.0, 1.0, 0.01, 0.02, math.radians(3)),
+    "turned 6 degrees": (1.05, 0.95, -0.02, 0.01, math.radians(-6)),
+    "turned 12 degrees": (1.0, 1.0, 0.0, 0.0, math.radians(12)),
+    "shrunk": (0.7, 0.8, 0.1, 0.0, 0.02),
+    "enlarged": (1.5, 1.4, -0.1, 0.05, -0.01),
+    "enlarged past the window": (2.2, 1.0, 0.0, 0.0, 0.0),
+    "mirrored": (-1.0, 1.0, 0.0, 0.0, 0.0),
+    "partly out of frame": (1.0, 1.1, 0.6, -0.3, 0.05),
+}
+
+
+def kink_bound(theta, shape, grad_out, pool, near=1e-3):
+    """How far float32 rounding can move each theta gradient: the derivative of a bilinear sample jumps where its
+    coordinate crosses an integer, by at most twice the image's range (1 here) per channel, so a sample within
+    ``near`` pixels of one may land on the other side. Bounds the sum of those samples' jumps times their
+    gradient and the coordinate's derivative to theta (at most W/2 or H/2)."""
+    grid = F.affine_grid(theta, list(shape), align_corners=False)
+    x, y = ((grid[..., 0] + 1) * shape[3] - 1) / 2, ((grid[..., 1] + 1) * shape[2] - 1) / 2
+    warped = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+    restored = F.interpolate(F.avg_pool2d(warped, pool), size=shape[2:], mode="bilinear", align_corners=False)
+    (per_sample,) = torch.autograd.grad(restored, warped, grad_out.double())
+    weight = 2 * per_sample.abs().sum(1)  # over channels
+    at_x = ((x - x.round()).abs() < near).double() * weight * shape[3] / 2
+    at_y = ((y - y.round()).abs() < near).double() * weight * shape[2] / 2
+    return torch.stack([at_x.sum((1, 2)).expand(3, -1).T, at_y.sum((1, 2)).expand(3, -1).T], 1)
+
+
+@pytest.mark.parametrize("name", list(ROW_VECTOR_MAPS))
+def test_float32_row_vectors_match_reference(name, gen):
+    scale_x, scale_y, shift_x, shift_y, angle = ROW_VECTOR_MAPS[name]
+    one = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    theta = ops.affine_matrix(one(scale_x), one(scale_y), one(shift_x), one(shift_y), one(angle)).expand(2, 2, 3)
+    theta = (theta + 0.002 * torch.randn(2, 2, 3, generator=gen, dtype=torch.float64)).float()
+    images = rand_images((2, 3, 64, 160), gen, torch.float32, "cpu")
+    grad_out = torch.randn(images.shape, generator=gen)
+    for pool in (1, 4, 16):
+        want = reference.affine_smooth(images.double(), theta.double(), pool)
+        # float32 places a sample to about 1e-5 pixels at this width; the images change by up to 1 per pixel.
+        torch.testing.assert_close(ops.affine_smooth(images, theta, pool).double(), want, rtol=0, atol=1e-4)
+        t32, t64 = theta.clone().requires_grad_(), theta.double().requires_grad_()
+        (got,) = torch.autograd.grad(ops.affine_smooth(images, t32, pool), t32, grad_out)
+        (exact,) = torch.autograd.grad(reference.affine_smooth(images.double(), t64, pool), t64, grad_out.double())
+        error = (got.double() - exact).abs()
+        assert (error <= 1e-4 * exact.abs().max() + kink_bound(theta.double(), images.shape, grad_out, pool)).all()
+
+
 def test_theta_only_and_full_backward_agree(device, gen):
     images = rand_images((2, 3, 32, 32), gen, torch.float64, device)
     theta = make_theta("out_of_frame", 2, gen).to(device)

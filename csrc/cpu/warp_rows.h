@@ -37,7 +37,8 @@ struct RowLanes {
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
-  static V at_least_one(V a) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, set1(1.0f), _CMP_GE_OQ), set1(1.0f)); }
+  static V at_least(V a, float b) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, set1(b), _CMP_GE_OQ), set1(1.0f)); }
+  static V abs(V a) { return _mm512_abs_ps(a); }
   static V lane_index() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
   static I truncate(V v) { return _mm512_cvttps_epi32(v); }
   static V to_float(I v) { return _mm512_cvtepi32_ps(v); }
@@ -46,8 +47,10 @@ struct RowLanes {
   static I minus(I v, int s) { return _mm512_sub_epi32(v, _mm512_set1_epi32(s)); }
   static int first(I v) { return _mm512_cvtsi512_si32(v); }
   static int last(I v) { return _mm_extract_epi32(_mm512_extracti32x4_epi32(v, 3), 3); }
-  // Every lane in [0, limit], limit one less than a power of two.
-  static bool all_within(I v, int limit) { return _mm512_test_epi32_mask(v, _mm512_set1_epi32(~limit)) == 0; }
+  // Every lane in [0, limit] (unsigned: a negative lane is above any limit).
+  static bool all_within(I v, int limit) {
+    return _mm512_cmp_epu32_mask(v, _mm512_set1_epi32(limit), _MM_CMPINT_LE) == 0xFFFF;
+  }
   static float sum(V v) { return _mm512_reduce_add_ps(v); }
   // Window p[0, 2 * kLanes) read at idx in every lane.
   using Pick = I;
@@ -72,7 +75,8 @@ struct RowLanes {
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
-  static V at_least_one(V a) { return _mm256_and_ps(_mm256_cmp_ps(a, set1(1.0f), _CMP_GE_OQ), set1(1.0f)); }
+  static V at_least(V a, float b) { return _mm256_and_ps(_mm256_cmp_ps(a, set1(b), _CMP_GE_OQ), set1(1.0f)); }
+  static V abs(V a) { return _mm256_andnot_ps(set1(-0.0f), a); }
   static V lane_index() { return _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7); }
   static I truncate(V v) { return _mm256_cvttps_epi32(v); }
   static V to_float(I v) { return _mm256_cvtepi32_ps(v); }
@@ -81,8 +85,11 @@ struct RowLanes {
   static I minus(I v, int s) { return _mm256_sub_epi32(v, _mm256_set1_epi32(s)); }
   static int first(I v) { return _mm256_cvtsi256_si32(v); }
   static int last(I v) { return _mm_extract_epi32(_mm256_extracti128_si256(v, 1), 3); }
-  // Every lane in [0, limit], limit one less than a power of two.
-  static bool all_within(I v, int limit) { return _mm256_testz_si256(v, _mm256_set1_epi32(~limit)); }
+  // Every lane in [0, limit] (unsigned: a negative lane is above any limit).
+  static bool all_within(I v, int limit) {
+    const I top = _mm256_set1_epi32(limit);
+    return _mm256_movemask_epi8(_mm256_cmpeq_epi32(_mm256_max_epu32(v, top), top)) == -1;
+  }
   static float sum(V v) {
     const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -112,10 +119,9 @@ constexpr bool kHasRowLanes = false;
 //    so three contiguous loads (at first, first + 1, first + 2) hold every lane's corners;
 //  - window: otherwise, while the samples span at most 2 * kLanes columns, two loads of a window and a permute per
 //    corner.
-// Either way the lanes' top corners lie in one of two consecutive rows, so two or three rows are read. Each lane
-// weighs the three points at offsets 0, 1, 2 from it at position t in [0, 2) by the hat functions
-//   max(1 - t, 0), 1 - |t - 1|, max(t - 1, 0),
-// which are the bilinear weights of the pair on t's side of 1 (floor's side at t = 1) and zero for the other point.
+// Along y the lanes' top corners lie in one to three consecutive rows (a turn of up to about 2 / kLanes radians),
+// so two to four rows are read. Each lane weighs the points at offsets k = 0, 1, ... from it, at position t, by the
+// hat functions max(1 - |t - k|, 0): the bilinear weights of the pair around t, zero for the others.
 struct RowVector {
   using L = RowLanes;
   L::V j;
@@ -124,7 +130,7 @@ struct RowVector {
   L::V v;   // y relative to the first row read, in [0, 2)
   L::Pick picks;      // window: each lane's left corner column in the window
   bool by_shift;
-  bool straddles;     // the lanes' top corners span two rows, so three rows are read (else two)
+  int top_rows;       // rows the lanes' top corners span (1 to 3): one more is read
   int64_t offset;     // of `first` (shift) or of the window (window) in the first row read, within a plane
   int64_t ahead;      // offset of the row to prefetch
   static constexpr int kPrefetchRows = 3;
@@ -141,7 +147,8 @@ struct RowVector {
     const int x_first = L::first(x0), x_last = L::last(x0);
     const int y_first = L::first(y0), y_last = L::last(y0);
     const int y_lo = y_first < y_last ? y_first : y_last;
-    if (!L::all_within(L::minus(y0, y_lo), 1)) return false;
+    const int y_span = (y_first < y_last ? y_last : y_first) - y_lo;
+    if (y_span > 2 || !L::all_within(L::minus(y0, y_lo), y_span)) return false;
     const int first = map.x_col >= 1.0f ? x_first : x_last - (n - 1);
     by_shift = first >= 0 && first + n + 1 < W && L::all_within(L::minus(L::sub(x0, L::lane_int()), first), 1);
     if (by_shift) {
@@ -157,7 +164,7 @@ struct RowVector {
       offset = int64_t(y_lo) * W + left;
     }
     v = L::sub(iy, L::set1(float(y_lo)));
-    straddles = y_first != y_last;
+    top_rows = y_span + 1;
     ahead = y_lo + kPrefetchRows < H ? kPrefetchRows * W : 0;
     return true;
   }
@@ -168,16 +175,15 @@ struct RowVector {
     _mm_prefetch(reinterpret_cast<const char*>(plane + offset + ahead), _MM_HINT_T0);
   }
 
-  // Calls fn(rows, shift) with the vector's kind as constants: the number of rows read (2, or 3 when the top
-  // corners span two rows) and the way along x, so the channel loops inside fn carry no per-lane branch.
+  // Calls fn(rows, shift) with the vector's kind as constants: the number of rows read (2 to 4) and the way along
+  // x, so the channel loops inside fn carry no per-lane branch.
   template <typename Fn>
   void with_kind(Fn&& fn) const {
-    using two = std::integral_constant<int, 2>;
-    using three = std::integral_constant<int, 3>;
-    if (straddles) {
-      by_shift ? fn(three{}, std::true_type{}) : fn(three{}, std::false_type{});
-    } else {
-      by_shift ? fn(two{}, std::true_type{}) : fn(two{}, std::false_type{});
+    const auto along_x = [&](auto rows) { by_shift ? fn(rows, std::true_type{}) : fn(rows, std::false_type{}); };
+    switch (top_rows) {
+      case 1: along_x(std::integral_constant<int, 2>{}); break;
+      case 2: along_x(std::integral_constant<int, 3>{}); break;
+      default: along_x(std::integral_constant<int, 4>{}); break;
     }
   }
 
@@ -202,7 +208,9 @@ struct RowVector {
     return p;
   }
 
-  // Weights of the points along one axis (see the hat functions above) and their derivatives to the coordinate.
+  // Weights of the kCount points along one axis (see the hat functions above) and their derivatives to the
+  // coordinate t in [0, kCount - 1): the pair around t gets 1 - f and f, f = t - floor(t), and the derivatives
+  // -1 and 1, with floor's pair at an integer t.
   template <int kCount>
   static void hats(L::V t, L::V* w, L::V* dw) {
     const L::V one = L::set1(1.0f);
@@ -210,11 +218,18 @@ struct RowVector {
       w[0] = L::sub(one, t), w[1] = t;
       dw[0] = L::set1(-1.0f), dw[1] = one;
     } else {
-      const L::V past = L::at_least_one(t);  // t >= 1 as 0 or 1
-      w[0] = L::max(L::sub(one, t), L::zero());
-      w[2] = L::max(L::sub(t, one), L::zero());
-      w[1] = L::sub(L::sub(one, w[0]), w[2]);
-      dw[2] = past, dw[0] = L::sub(past, one), dw[1] = L::sub(L::sub(one, past), past);
+      L::V floor_is[kCount];  // floor_is[k]: floor(t) == k as 0 or 1 (never for the last point)
+      L::V reached = one;     // t >= k
+      for (int k = 0; k < kCount - 1; ++k) {
+        const L::V next = k + 2 < kCount ? L::at_least(t, float(k + 1)) : L::zero();
+        floor_is[k] = L::sub(reached, next);
+        reached = next;
+      }
+      floor_is[kCount - 1] = L::zero();
+      for (int k = 0; k < kCount; ++k) {
+        w[k] = L::max(L::sub(one, L::abs(L::sub(t, L::set1(float(k))))), L::zero());
+        dw[k] = L::sub(k > 0 ? floor_is[k - 1] : L::zero(), floor_is[k]);
+      }
     }
   }
 
