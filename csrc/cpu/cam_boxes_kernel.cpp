@@ -16,6 +16,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "../cam_boxes.h"
 #include "../checks.h"
 
@@ -44,19 +48,33 @@ void unite(std::vector<Run>& runs, int64_t a, int64_t b) {
 
 // Everything one task needs between maps, allocated once per thread.
 struct Scratch {
-  std::vector<double> map, row;
+  std::vector<double> map, along_x, row;
   std::vector<uint64_t> bits;
   std::vector<UpsampleTap> taps_x, taps_y;
 };
+
+// bits of row[0, n) >= threshold, n <= 64 (bit k for pixel k).
+inline uint64_t threshold_bits(const double* row, int64_t n, double threshold) {
+  uint64_t b = 0;
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  const __m512d t = _mm512_set1_pd(threshold);
+  for (; k + 8 <= n; k += 8) b |= uint64_t(_mm512_cmp_pd_mask(_mm512_loadu_pd(row + k), t, _CMP_GE_OQ)) << k;
+#elif defined(__AVX2__)
+  const __m256d t = _mm256_set1_pd(threshold);
+  for (; k + 4 <= n; k += 4) {
+    b |= uint64_t(_mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(row + k), t, _CMP_GE_OQ))) << k;
+  }
+#endif
+  for (; k < n; ++k) b |= uint64_t(row[k] >= threshold) << k;
+  return b;
+}
 
 // Foreground runs of one row (values >= threshold), appended to runs with their statistics.
 void row_runs(const double* row, int64_t W, double threshold, std::vector<uint64_t>& bits, std::vector<Run>& runs) {
   const int64_t words = (W + 63) / 64;
   for (int64_t word = 0; word < words; ++word) {
-    const int64_t base = word * 64, n = std::min<int64_t>(64, W - base);
-    uint64_t b = 0;
-    for (int64_t k = 0; k < n; ++k) b |= uint64_t(row[base + k] >= threshold) << k;
-    bits[word] = b;
+    bits[word] = threshold_bits(row + word * 64, std::min<int64_t>(64, W - word * 64), threshold);
   }
   int64_t x = 0;
   while (x < W) {
@@ -81,12 +99,22 @@ void row_runs(const double* row, int64_t W, double threshold, std::vector<uint64
 // All components of one normalised map at every threshold level.
 void map_components(const double* map, int64_t h, int64_t w, int64_t H, int64_t W, const std::vector<double>& levels,
                     Scratch& s, std::vector<Component>& out) {
-  s.row.resize(W), s.bits.resize((W + 63) / 64);
+  s.row.resize(W), s.bits.resize((W + 63) / 64), s.along_x.resize(h * W);
+  // ATen's order: every map row interpolated along x once, then each output row a blend of two of those.
+  for (int64_t r = 0; r < h; ++r) {
+    for (int64_t x = 0; x < W; ++x) {
+      const UpsampleTap& tx = s.taps_x[x];
+      s.along_x[r * W + x] = tx.lambda0 * map[r * w + tx.i0] + tx.lambda1 * map[r * w + tx.i1];
+    }
+  }
   std::vector<std::vector<Run>> runs(levels.size());
   std::vector<std::vector<int64_t>> row_start(levels.size(), std::vector<int64_t>(H + 1, 0));
   for (int64_t y = 0; y < H; ++y) {
     const UpsampleTap& ty = s.taps_y[y];
-    for (int64_t x = 0; x < W; ++x) s.row[x] = bilinear(map, w, ty, s.taps_x[x]);
+    const double *top = s.along_x.data() + ty.i0 * W, *bottom = s.along_x.data() + ty.i1 * W;
+    double* row = s.row.data();
+#pragma omp simd
+    for (int64_t x = 0; x < W; ++x) row[x] = ty.lambda0 * top[x] + ty.lambda1 * bottom[x];
     for (size_t level = 0; level < levels.size(); ++level) {
       auto& rs = runs[level];
       const int64_t first_new = int64_t(rs.size());
