@@ -88,10 +88,10 @@ void row_runs(const double* row, int64_t W, double threshold, std::vector<uint64
     uint64_t c = ~bits[word] & (~uint64_t(0) << (start % 64));
     while (c == 0 && ++word < words) c = ~bits[word];
     const int64_t end = std::min<int64_t>(c == 0 ? W : word * 64 + __builtin_ctzll(c), W);
-    double sum = 0, max = row[start];
-#pragma omp simd reduction(+ : sum) reduction(max : max)
-    for (int64_t k = start; k < end; ++k) sum += row[k], max = std::max(max, row[k]);
-    runs.push_back(Run{start, end, int64_t(runs.size()), sum, max});
+    double sum = 0, peak = row[start];
+#pragma omp simd reduction(+ : sum) reduction(max : peak)
+    for (int64_t k = start; k < end; ++k) sum += row[k], peak = peak > row[k] ? peak : row[k];
+    runs.push_back(Run{start, end, int64_t(runs.size()), sum, peak});
     x = end;
   }
 }
@@ -112,9 +112,10 @@ void map_components(const double* map, int64_t h, int64_t w, int64_t H, int64_t 
   for (int64_t y = 0; y < H; ++y) {
     const UpsampleTap& ty = s.taps_y[y];
     const double *top = s.along_x.data() + ty.i0 * W, *bottom = s.along_x.data() + ty.i1 * W;
+    const double l0 = ty.lambda0, l1 = ty.lambda1;
     double* row = s.row.data();
 #pragma omp simd
-    for (int64_t x = 0; x < W; ++x) row[x] = ty.lambda0 * top[x] + ty.lambda1 * bottom[x];
+    for (int64_t x = 0; x < W; ++x) row[x] = l0 * top[x] + l1 * bottom[x];
     for (size_t level = 0; level < levels.size(); ++level) {
       auto& rs = runs[level];
       const int64_t first_new = int64_t(rs.size());
