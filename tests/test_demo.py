@@ -116,11 +116,19 @@ def test_predict_finds_the_phantom_findings_in_resized_padded_images(demo, tmp_p
         canvas = np.zeros((int(image.height * 1.5) + 16, int(image.width * 1.5)), np.uint8)
         canvas[16:] = np.asarray(image.resize((canvas.shape[1], canvas.shape[1]), Image.Resampling.LANCZOS))
         Image.fromarray(canvas).save(tmp_path / "in" / name)
-    result = CliRunner().invoke(main, ["predict", str(out / "dm" / "model.pt"), str(tmp_path / "in"), "--out",
-                                       str(tmp_path / "p")])
-    assert result.exit_code == 0, result.output
-    found = {Path(i["path"]).name: i for i in json.loads((tmp_path / "p" / "predictions.json").read_text())["images"]}
-    reported, hits = 0, []
+    (tmp_path / "original").mkdir()
+    for name in truth:
+        (tmp_path / "original" / name).symlink_to(dataset.paths[name])
+
+    def predict(folder):
+        result = CliRunner().invoke(main, ["predict", str(out / "dm" / "model.pt"), str(tmp_path / folder), "--out",
+                                           str(tmp_path / f"p-{folder}")])
+        assert result.exit_code == 0, result.output
+        images = json.loads((tmp_path / f"p-{folder}" / "predictions.json").read_text())["images"]
+        return {Path(i["path"]).name: i for i in images}
+
+    found, original = predict("in"), predict("original")
+    reported, hits, agree = 0, [], []
     for name, boxes in truth.items():
         for finding, *box in boxes:
             gt = [1.5 * box[0], 1.5 * box[1] + 16, 1.5 * box[2], 1.5 * box[3] + 16]
@@ -128,5 +136,14 @@ def test_predict_finds_the_phantom_findings_in_resized_padded_images(demo, tmp_p
             if mine:
                 reported += 1
                 hits.append(max((_iou(gt, b["box"]) for b in mine["boxes"]), default=0.0))
+        # The same finding's boxes on the original image, carried into the canvas, land on the canvas's boxes:
+        # the model sees nearly the same pixels, so a wrong scale or offset would show here, not its accuracy.
+        for finding, result in found[name]["findings"].items():
+            if finding in original[name]["findings"] and result["boxes"]:
+                carried = [[1.5 * b[0], 1.5 * b[1] + 16, 1.5 * b[2], 1.5 * b[3] + 16]
+                           for b in (o["box"] for o in original[name]["findings"][finding]["boxes"])]
+                agree.append(max(_iou(result["boxes"][0]["box"], c) for c in carried))
     print(f"{reported} of {sum(map(len, truth.values()))} ground-truth boxes of a reported class; IoU {hits}")
-    assert reported >= 10 and sum(h > 0.1 for h in hits) >= 0.5 * reported and max(hits) >= 0.3
+    print(f"canvas against carried original boxes: IoU {agree}")
+    assert reported >= 10 and sum(h > 0.1 for h in hits) >= 0.4 * reported and max(hits) >= 0.3
+    assert len(agree) >= 10 and sorted(agree)[len(agree) // 2] >= 0.7
