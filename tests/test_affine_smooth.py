@@ -217,6 +217,27 @@ def test_float32_row_vectors_match_reference(name, gen):
         assert (error <= 1e-4 * exact.abs().max() + kink_bound(theta.double(), images.shape, grad_out, pool)).all()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_float32_non_finite_pixels_spread_as_in_the_reference(bad, gen):
+    # The vector kernels read points a sample weighs by zero; a non-finite one must not turn that sample into NaN
+    # where the eager chain, which reads only each sample's four corners, keeps it finite.
+    images = rand_images((2, 3, 64, 160), gen, torch.float32, "cpu")
+    images[0, 1, 20, 40] = bad
+    images[1, 0, 33, 101] = bad
+    one = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    theta = ops.affine_matrix(one(1.03), one(0.98), one(0.013), one(-0.007), one(0.02)).expand(2, 2, 3).float()
+    for pool in (1, 4):
+        want = reference.affine_smooth(images.double(), theta.double(), pool)
+        got = ops.affine_smooth(images, theta, pool).double()
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4, equal_nan=True)
+    grad_out = torch.randn(images.shape, generator=gen)
+    t32, t64 = theta.clone().requires_grad_(), theta.double().requires_grad_()
+    (got,) = torch.autograd.grad(ops.affine_smooth(images, t32, 4), t32, grad_out)
+    (want,) = torch.autograd.grad(reference.affine_smooth(images.double(), t64, 4), t64, grad_out.double())
+    assert torch.equal(got.isfinite(), want.isfinite())
+
+
 def test_theta_only_and_full_backward_agree(device, gen):
     images = rand_images((2, 3, 32, 32), gen, torch.float64, device)
     theta = make_theta("out_of_frame", 2, gen).to(device)

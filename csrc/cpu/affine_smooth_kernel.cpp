@@ -40,10 +40,11 @@ constexpr int64_t kRowGrain = 4;
 template <typename T>
 inline std::pair<int64_t, int64_t> row_span(const PixelMap<T>& map, int64_t i, int64_t H, int64_t W, bool inside) {
   double lo = 0, hi = double(W - 1);
-  const auto clip = [&](double slope, double base, double size) {
+  // base_terms: the largest magnitude the loops meet while computing base (row term plus offset, unrounded).
+  const auto clip = [&](double slope, double base, double base_terms, double size) {
     // The loops compute slope * j + base in T: allow for its rounding at the largest term, plus a small margin.
     const double err = 1e-3 + 8 * double(std::numeric_limits<T>::epsilon()) *
-                                  (std::abs(slope) * double(W) + std::abs(base) + size);
+                                  (std::abs(slope) * double(W) + std::abs(base_terms) + size);
     // need v_lo <= slope * j + base <= v_hi
     const double v_lo = inside ? err : -1 - err, v_hi = inside ? size - 1 - err : size + err;
     if (slope == 0) {
@@ -54,8 +55,9 @@ inline std::pair<int64_t, int64_t> row_span(const PixelMap<T>& map, int64_t i, i
     if (j0 > j1) std::swap(j0, j1);
     lo = std::max(lo, j0), hi = std::min(hi, j1);
   };
-  clip(double(map.x_col), double(map.x_row) * double(i) + double(map.x0), double(W));
-  clip(double(map.y_col), double(map.y_row) * double(i) + double(map.y0), double(H));
+  const double x_row = double(map.x_row) * double(i), y_row = double(map.y_row) * double(i);
+  clip(double(map.x_col), x_row + double(map.x0), std::abs(x_row) + std::abs(double(map.x0)), double(W));
+  clip(double(map.y_col), y_row + double(map.y0), std::abs(y_row) + std::abs(double(map.y0)), double(H));
   if (!(lo <= hi)) return {0, 0};
   // One sample of slack each side.
   const int64_t begin = inside ? int64_t(std::ceil(lo)) + 1 : std::max<int64_t>(int64_t(std::floor(lo)) - 1, 0);
@@ -213,7 +215,10 @@ void pooled_warp(const scalar_t* images, const std::vector<PixelMap<at::opmath_t
           }
         };
         if constexpr (std::is_same_v<scalar_t, float>) {
-          add_row_samples(img, C, H, W, map, i, span_begin, span_end, columns.data(), inside);
+          const auto inside_channel = [&](int64_t ch, int64_t j_begin, int64_t j_end) {
+            add_inside_samples<1>(img + ch * HW, HW, W, map, i, j_begin, j_end, columns.data() + ch * W);
+          };
+          add_row_samples(img, C, H, W, map, i, span_begin, span_end, columns.data(), inside, inside_channel);
         } else {
           inside(span_begin, span_end);
         }

@@ -1,11 +1,11 @@
 // Bilinear samples of the affine warp along one output row, a vector of lanes at a time, without vector gathers
-// (slow on many x86 parts). Along a row the source point moves by (x_col, y_col) per sample, so for a warp that
-// neither shrinks the image by ~2x nor turns it steeply, the kLanes samples of a vector read at most three
-// consecutive source rows and, in each, a window of 2 * kLanes consecutive pixels: the kernel loads those windows
-// whole and permutes each sample's corners into its lane. Vectors that do not fit take the caller's general path.
+// (slow on many x86 parts). Along a row the source point moves by (x_col, y_col) per sample, so for a warp near the
+// identity the kLanes samples of a vector read two to four consecutive source rows and, in each, a few contiguous
+// loads or one window of 2 * kLanes pixels permuted into place (RowVector below). Vectors that do not fit, and the
+// samples near the image's border, take the caller's general loop.
 //
-// float32 only, compiled where the CPU variant has AVX2 or AVX-512 (kHasRowLanes); plain C++ and intrinsics, no
-// ATen, so the per-variant builds stay cheap.
+// float32 only, compiled where the CPU variant has AVX2 and FMA or AVX-512; plain C++ and intrinsics, no ATen, so
+// the per-variant builds stay cheap.
 #pragma once
 
 #include <cmath>
@@ -21,8 +21,6 @@
 namespace dmfast {
 
 #if defined(__AVX512F__)
-constexpr bool kHasRowLanes = true;
-
 struct RowLanes {
   using V = __m512;
   using I = __m512i;
@@ -52,6 +50,7 @@ struct RowLanes {
     return _mm512_cmp_epu32_mask(v, _mm512_set1_epi32(limit), _MM_CMPINT_LE) == 0xFFFF;
   }
   static float sum(V v) { return _mm512_reduce_add_ps(v); }
+  static bool any_nan(V v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0; }
   // Window p[0, 2 * kLanes) read at idx in every lane.
   using Pick = I;
   static Pick make_pick(I idx) { return idx; }
@@ -59,8 +58,6 @@ struct RowLanes {
 };
 
 #elif defined(__AVX2__) && defined(__FMA__)
-constexpr bool kHasRowLanes = true;
-
 struct RowLanes {
   using V = __m256;
   using I = __m256i;
@@ -90,6 +87,7 @@ struct RowLanes {
     const I top = _mm256_set1_epi32(limit);
     return _mm256_movemask_epi8(_mm256_cmpeq_epi32(_mm256_max_epu32(v, top), top)) == -1;
   }
+  static bool any_nan(V v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0; }
   static float sum(V v) {
     const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -107,8 +105,6 @@ struct RowLanes {
   }
 };
 
-#else
-constexpr bool kHasRowLanes = false;
 #endif
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -127,7 +123,7 @@ struct RowVector {
   L::V j;
   L::V u;   // shift: x relative to first + k, in [0, 2)
   L::V fx;  // window: x fraction
-  L::V v;   // y relative to the first row read, in [0, 2)
+  L::V v;   // y relative to the first row read, in [0, top_rows)
   L::Pick picks;      // window: each lane's left corner column in the window
   bool by_shift;
   int top_rows;       // rows the lanes' top corners span (1 to 3): one more is read
@@ -148,7 +144,8 @@ struct RowVector {
     const int y_first = L::first(y0), y_last = L::last(y0);
     const int y_lo = y_first < y_last ? y_first : y_last;
     const int y_span = (y_first < y_last ? y_last : y_first) - y_lo;
-    if (y_span > 2 || !L::all_within(L::minus(y0, y_lo), y_span)) return false;
+    if (y_span > 2 || y_lo < 0 || y_lo + y_span + 1 >= H) return false;  // the rows read stay in the image
+    if (!L::all_within(L::minus(y0, y_lo), y_span)) return false;
     const int first = map.x_col >= 1.0f ? x_first : x_last - (n - 1);
     by_shift = first >= 0 && first + n + 1 < W && L::all_within(L::minus(L::sub(x0, L::lane_int()), first), 1);
     if (by_shift) {
@@ -158,7 +155,7 @@ struct RowVector {
       const int x_lo = x_first < x_last ? x_first : x_last;
       const int left = x_lo < W - 2 * n - 1 ? x_lo : int(W) - 2 * n - 1;  // both windows end inside the row
       const L::I dx = L::minus(x0, left);
-      if (!L::all_within(dx, 2 * n - 1)) return false;
+      if (left < 0 || !L::all_within(dx, 2 * n - 1)) return false;
       picks = L::make_pick(dx);
       fx = L::sub(ix, L::to_float(x0));
       offset = int64_t(y_lo) * W + left;
@@ -169,7 +166,7 @@ struct RowVector {
     return true;
   }
 
-  // Asks for the pixels that the row kPrefetchRows - 2 output rows further down will read (for a map near the
+  // Asks for the pixels that the row kPrefetchRows - 1 output rows further down will read (for a map near the
   // identity): along a tilted row the hardware prefetchers see no stream.
   void prefetch(const float* plane) const {
     _mm_prefetch(reinterpret_cast<const char*>(plane + offset + ahead), _MM_HINT_T0);
@@ -288,10 +285,15 @@ inline void for_each_row_vector(const PixelMap<float>& map, int64_t i, int64_t b
   if (j < end) general(j, end);
 }
 
-// Adds the bilinear samples [begin, end) of output row i of the C planes at img to columns[c * W + j].
-template <typename General>
+// Adds the bilinear samples [begin, end) of output row i of the C planes at img to columns[c * W + j];
+// general(j_begin, j_end) and general_channel(c, j_begin, j_end) add the ones the vectors do not.
+//
+// A lane also reads points its sample weighs by zero; a non-finite one makes it NaN where the general loop (and the
+// eager chain), which read only the lane's four corners, may not. Such a vector goes to the general loop instead.
+template <typename General, typename GeneralChannel>
 inline void add_row_samples(const float* img, int64_t C, int64_t H, int64_t W, const PixelMap<float>& map, int64_t i,
-                            int64_t begin, int64_t end, float* columns, General&& general) {
+                            int64_t begin, int64_t end, float* columns, General&& general,
+                            GeneralChannel&& general_channel) {
   using L = RowLanes;
   const auto lanes = [&](const RowVector& v, int64_t j) {
     v.with_kind([&](auto rows, auto shift) {
@@ -299,8 +301,13 @@ inline void add_row_samples(const float* img, int64_t C, int64_t H, int64_t W, c
       for (int64_t c = 0; c < C; ++c) {
         const float* plane = img + c * H * W;
         v.prefetch(plane);
+        const L::V value = RowVector::weighted(w.value, v.points<rows, shift>(plane, W).at);
+        if (L::any_nan(value)) {
+          general_channel(c, j, j + L::kLanes);
+          continue;
+        }
         float* col = columns + c * W + j;
-        L::store(col, L::add(L::load(col), RowVector::weighted(w.value, v.points<rows, shift>(plane, W).at)));
+        L::store(col, L::add(L::load(col), value));
       }
     });
   };
@@ -308,7 +315,7 @@ inline void add_row_samples(const float* img, int64_t C, int64_t H, int64_t W, c
 }
 
 // Adds the theta moments of the samples [begin, end) of output row i (see theta_grad_from_moments) to m, with
-// g[c * W + j] the gradient of sample j of channel c.
+// g[c * W + j] the gradient of sample j of channel c; a vector with a NaN goes to general, as in add_row_samples.
 template <typename General>
 inline void add_row_moments(const float* img, int64_t C, int64_t H, int64_t W, const PixelMap<float>& map, int64_t i,
                             int64_t begin, int64_t end, const float* g, float* m, General&& general) {
@@ -332,6 +339,10 @@ inline void add_row_moments(const float* img, int64_t C, int64_t H, int64_t W, c
       gx = RowVector::weighted(w.d_x, sum.at);
       gy = RowVector::weighted(w.d_y, sum.at);
     });
+    if (L::any_nan(L::add(gx, gy))) {
+      general(j, j + L::kLanes);
+      return;
+    }
     sx = L::add(sx, gx), sxj = L::fma(gx, v.j, sxj);
     sy = L::add(sy, gy), syj = L::fma(gy, v.j, syj);
   };
@@ -344,9 +355,9 @@ inline void add_row_moments(const float* img, int64_t C, int64_t H, int64_t W, c
 #else
 
 // Without AVX2 the general (gathering or scalar) loops do every sample.
-template <typename General>
+template <typename General, typename GeneralChannel>
 inline void add_row_samples(const float*, int64_t, int64_t, int64_t, const PixelMap<float>&, int64_t, int64_t begin,
-                            int64_t end, float*, General&& general) {
+                            int64_t end, float*, General&& general, GeneralChannel&&) {
   general(begin, end);
 }
 
