@@ -31,7 +31,6 @@
 namespace dmfast {
 namespace {
 
-constexpr int64_t kRowGrain = 4;
 
 // Samples of output row i with all four corners inside the image form one interval of j (the coordinates are
 // affine in j), and so do those with any corner inside. row_span returns the first, shrunk by the worst rounding of
@@ -205,19 +204,17 @@ void pooled_warp(const scalar_t* images, const std::vector<PixelMap<at::opmath_t
       std::fill(columns.begin(), columns.end(), T(0));
       for (int64_t i = r * pool; i < (r + 1) * pool; ++i) {
         const auto [span_begin, span_end] = inside_span(map, i, H, W);
+        const auto inside_channel = [&](int64_t ch, int64_t j_begin, int64_t j_end) {
+          add_inside_samples<1>(img + ch * HW, HW, W, map, i, j_begin, j_end, columns.data() + ch * W);
+        };
         const auto inside = [&](int64_t j_begin, int64_t j_end) {
           if constexpr (kChannels > 0) {
             add_inside_samples<kChannels>(img, HW, W, map, i, j_begin, j_end, columns.data());
           } else {
-            for (int64_t ch = 0; ch < C; ++ch) {
-              add_inside_samples<1>(img + ch * HW, HW, W, map, i, j_begin, j_end, columns.data() + ch * W);
-            }
+            for (int64_t ch = 0; ch < C; ++ch) inside_channel(ch, j_begin, j_end);
           }
         };
         if constexpr (std::is_same_v<scalar_t, float>) {
-          const auto inside_channel = [&](int64_t ch, int64_t j_begin, int64_t j_end) {
-            add_inside_samples<1>(img + ch * HW, HW, W, map, i, j_begin, j_end, columns.data() + ch * W);
-          };
           add_row_samples(img, C, H, W, map, i, span_begin, span_end, columns.data(), inside, inside_channel);
         } else {
           inside(span_begin, span_end);
