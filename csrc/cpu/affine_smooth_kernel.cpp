@@ -31,7 +31,6 @@
 namespace dmfast {
 namespace {
 
-
 // Samples of output row i with all four corners inside the image form one interval of j (the coordinates are
 // affine in j), and so do those with any corner inside. row_span returns the first, shrunk by the worst rounding of
 // the sample loops, so the fast loops need no bounds checks (inside = true), or the second, widened by it
