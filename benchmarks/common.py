@@ -75,7 +75,7 @@ def best_median_ms(statements: dict, threads: int, min_run_time: float, rounds: 
     best = {name: float("inf") for name in statements}
     for _ in range(rounds):
         for name, fn in statements.items():
-            timer = tb.Timer("fn()", globals={"fn": fn}, num_threads=threads, label=name)
+            timer = tb.Timer("fn()", globals={"fn": fn}, num_threads=threads, label=str(name))
             best[name] = min(best[name], timer.blocked_autorange(min_run_time=min_run_time).median * 1e3)
     return best
 

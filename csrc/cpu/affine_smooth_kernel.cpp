@@ -63,21 +63,27 @@ inline std::pair<int64_t, int64_t> row_span(const PixelMap<T>& map, int64_t i, i
   return begin < end ? std::make_pair(begin, end) : std::make_pair<int64_t, int64_t>(0, 0);
 }
 
+// Both spans of output row i (see row_span): inside, the samples read without bounds checks; reach, those that read
+// any pixel.
+struct RowSpans {
+  int64_t inside_begin, inside_end, reach_begin, reach_end;
+};
+
 template <typename T>
-inline std::pair<int64_t, int64_t> inside_span(const PixelMap<T>& map, int64_t i, int64_t H, int64_t W) {
-  return row_span(map, i, H, W, true);
+inline RowSpans row_spans(const PixelMap<T>& map, int64_t i, int64_t H, int64_t W) {
+  const auto [inside_begin, inside_end] = row_span(map, i, H, W, true);
+  const auto [reach_begin, reach_end] = row_span(map, i, H, W, false);
+  return {inside_begin, inside_end, reach_begin, reach_end};
 }
 
 // Calls fn(inside, j, corners) for samples j in [j_begin, j_end) of row i that read any pixel, with `inside` a
 // std::bool_constant telling whether the corners may be read without bounds checks.
 template <typename T, typename Fn>
-inline void for_each_row_sample(const PixelMap<T>& map, int64_t i, int64_t j_begin, int64_t j_end, int64_t H,
-                                int64_t W, Fn&& fn) {
-  const auto [span_begin, span_end] = inside_span(map, i, H, W);
-  const auto [reach_begin, reach_end] = row_span(map, i, H, W, false);
+inline void for_each_row_sample(const PixelMap<T>& map, int64_t i, const RowSpans& spans, int64_t j_begin,
+                                int64_t j_end, int64_t H, int64_t W, Fn&& fn) {
   const T x_base = map.x_row * T(i) + map.x0, y_base = map.y_row * T(i) + map.y0;
-  for (int64_t j = std::max(j_begin, reach_begin); j < std::min(j_end, reach_end); ++j) {
-    if (j >= span_begin && j < span_end) {
+  for (int64_t j = std::max(j_begin, spans.reach_begin); j < std::min(j_end, spans.reach_end); ++j) {
+    if (j >= spans.inside_begin && j < spans.inside_end) {
       const T ix = map.x_col * T(j) + x_base, iy = map.y_col * T(j) + y_base;
       const int64_t x0 = int64_t(ix), y0 = int64_t(iy);  // positive here: truncation is floor
       fn(std::true_type{}, j, Corners<T>{x0, y0, ix - T(x0), iy - T(y0)});
@@ -86,6 +92,18 @@ inline void for_each_row_sample(const PixelMap<T>& map, int64_t i, int64_t j_beg
       fn(std::false_type{}, j, corners_of(ix, iy));
     }
   }
+}
+
+// Calls fn(j, corners) for the samples of row i that read some pixels but not all four corners inside: the ones
+// the inside loops leave out.
+template <typename T, typename Fn>
+inline void for_each_border_sample(const PixelMap<T>& map, int64_t i, const RowSpans& spans, int64_t H, int64_t W,
+                                   Fn&& fn) {
+  const auto border = [&](auto inside, int64_t j, const Corners<T>& c) {
+    if constexpr (!decltype(inside)::value) fn(j, c);
+  };
+  for_each_row_sample(map, i, spans, 0, spans.inside_begin, H, W, border);
+  for_each_row_sample(map, i, spans, spans.inside_end, W, H, W, border);
 }
 
 // Inside span of row i: adds the bilinear samples of channels [0, kChannels) to columns[c * W + j]. Written so
@@ -202,7 +220,7 @@ void pooled_warp(const scalar_t* images, const std::vector<PixelMap<at::opmath_t
       const auto& map = maps[b];
       std::fill(columns.begin(), columns.end(), T(0));
       for (int64_t i = r * pool; i < (r + 1) * pool; ++i) {
-        const auto [span_begin, span_end] = inside_span(map, i, H, W);
+        const RowSpans spans = row_spans(map, i, H, W);
         const auto inside_channel = [&](int64_t ch, int64_t j_begin, int64_t j_end) {
           add_inside_samples<1>(img + ch * HW, HW, W, map, i, j_begin, j_end, columns.data() + ch * W);
         };
@@ -214,21 +232,19 @@ void pooled_warp(const scalar_t* images, const std::vector<PixelMap<at::opmath_t
           }
         };
         if constexpr (std::is_same_v<scalar_t, float>) {
-          add_row_samples(img, C, H, W, map, i, span_begin, span_end, columns.data(), inside, inside_channel);
+          add_row_samples<kChannels>(img, C, H, W, map, i, spans.inside_begin, spans.inside_end, columns.data(), inside,
+                          inside_channel);
         } else {
-          inside(span_begin, span_end);
+          inside(spans.inside_begin, spans.inside_end);
         }
-        const auto border = [&](auto inside, int64_t j, const Corners<T>& c) {
-          if constexpr (decltype(inside)::value) return;  // done by the vector loop above
+        for_each_border_sample(map, i, spans, H, W, [&](int64_t j, const Corners<T>& c) {
           const T w00 = (T(1) - c.fx) * (T(1) - c.fy), w01 = c.fx * (T(1) - c.fy);
           const T w10 = (T(1) - c.fx) * c.fy, w11 = c.fx * c.fy;
           for (int64_t ch = 0; ch < C; ++ch) {
             const auto v = corner_array<false, T>(img + ch * HW, c, H, W);
             columns[ch * W + j] += w00 * v[0] + w01 * v[1] + w10 * v[2] + w11 * v[3];
           }
-        };
-        for_each_row_sample(map, i, 0, span_begin, H, W, border);
-        for_each_row_sample(map, i, span_end, W, H, W, border);
+        });
       }
       for (int64_t ch = 0; ch < C; ++ch) {
         scalar_t* out = pooled + ((b * C + ch) * Hp + r) * Wp;
@@ -395,11 +411,11 @@ std::vector<Moments> theta_moments(const scalar_t* images, const std::vector<at:
       const auto& map = maps[b];
       for (int64_t ch = 0; ch < C; ++ch) {
         const T* cell_row = cells.data() + ((b * C + ch) * Hp + r) * Wp;
-        for (int64_t j = 0; j < W; ++j) g[ch * W + j] = cell_row[j / pool];
+        for (int64_t q = 0; q < Wp; ++q) std::fill_n(g.data() + ch * W + q * pool, pool, cell_row[q]);
       }
       for (int64_t i = r * pool; i < (r + 1) * pool; ++i) {
         T m[6] = {0, 0, 0, 0, 0, 0};
-        const auto [span_begin, span_end] = inside_span(map, i, H, W);
+        const RowSpans spans = row_spans(map, i, H, W);
         const auto inside = [&](int64_t j_begin, int64_t j_end) {
           if constexpr (kChannels > 0) {
             add_inside_moments<kChannels>(img, HW, W, map, i, j_begin, j_end, g.data(), m);
@@ -410,21 +426,18 @@ std::vector<Moments> theta_moments(const scalar_t* images, const std::vector<at:
           }
         };
         if constexpr (std::is_same_v<scalar_t, float>) {
-          add_row_moments(img, C, H, W, map, i, span_begin, span_end, g.data(), m, inside);
+          add_row_moments(img, C, H, W, map, i, spans.inside_begin, spans.inside_end, g.data(), m, inside);
         } else {
-          inside(span_begin, span_end);
+          inside(spans.inside_begin, spans.inside_end);
         }
-        const auto border = [&](auto inside, int64_t j, const Corners<T>& c) {
-          if constexpr (decltype(inside)::value) return;
+        for_each_border_sample(map, i, spans, H, W, [&](int64_t j, const Corners<T>& c) {
           std::array<T, 4> weighted{0, 0, 0, 0};
           for (int64_t ch = 0; ch < C; ++ch) {
             const auto v = corner_array<false, T>(img + ch * HW, c, H, W);
             for (int k = 0; k < 4; ++k) weighted[k] += g[ch * W + j] * v[k];
           }
           add_moments(weighted, c, i, j, m);
-        };
-        for_each_row_sample(map, i, 0, span_begin, H, W, border);
-        for_each_row_sample(map, i, span_end, W, H, W, border);
+        });
         add_to(partial[task], m);
       }
     }
@@ -450,7 +463,7 @@ std::vector<Moments> image_grad_and_moments(const scalar_t* images, const std::v
       for (int64_t i = 0; i < H; ++i) {
         const T* g = cells.data() + (plane * Hp + i / pool) * Wp;
         T m[6] = {0, 0, 0, 0, 0, 0};
-        for_each_row_sample(maps[b], i, 0, W, H, W, [&](auto inside, int64_t j, const Corners<T>& c) {
+        for_each_row_sample(maps[b], i, row_spans(maps[b], i, H, W), 0, W, H, W, [&](auto inside, int64_t j, const Corners<T>& c) {
           const T gj = g[j / pool];
           const T w[4] = {(T(1) - c.fx) * (T(1) - c.fy), c.fx * (T(1) - c.fy), (T(1) - c.fx) * c.fy, c.fx * c.fy};
           for (int k = 0; k < 4; ++k) {

@@ -18,6 +18,13 @@
 
 #include "../affine_smooth.h"
 
+// The per-vector helpers below must inline into the channel loops: a call passes the vectors through memory.
+#if defined(__GNUC__)
+#define DMFAST_VECTOR_INLINE inline __attribute__((always_inline))
+#else
+#define DMFAST_VECTOR_INLINE inline
+#endif
+
 namespace dmfast {
 
 #if defined(__AVX512F__)
@@ -118,70 +125,63 @@ struct RowLanes {
 // Along y the lanes' top corners lie in one to three consecutive rows (a turn of up to about 2 / kLanes radians),
 // so two to four rows are read. Each lane weighs the points at offsets k = 0, 1, ... from it, at position t, by the
 // hat functions max(1 - |t - k|, 0): the bilinear weights of the pair around t, zero for the others.
+// The kind (rows read, shift or window) depends on the map only, so it is chosen once per output row (row_kind)
+// and the vector loop carries no per-vector dispatch.
 struct RowVector {
   using L = RowLanes;
   L::V j;
   L::V u;   // shift: x relative to first + k, in [0, 2)
   L::V fx;  // window: x fraction
-  L::V v;   // y relative to the first row read, in [0, top_rows)
+  L::V v;   // y relative to the first row read, in [0, rows - 1)
   L::Pick picks;      // window: each lane's left corner column in the window
-  bool by_shift;
-  int top_rows;       // rows the lanes' top corners span (1 to 3): one more is read
   int64_t offset;     // of `first` (shift) or of the window (window) in the first row read, within a plane
   int64_t ahead;      // offset of the row to prefetch
+  bool one_row;       // the lanes' top corners lie in one row
   static constexpr int kPrefetchRows = 3;
 
-  // false when the samples fit neither way (the caller samples them its general way). The caller guarantees that
-  // every corner of these samples lies inside the image (inside_span) and that W >= 2 * kLanes + 1.
-  bool place(const PixelMap<float>& map, float x_base, float y_base, int64_t j0, int64_t H, int64_t W) {
+  // false when the samples do not fit the kind (the caller samples them its general way). The caller guarantees
+  // that every corner of these samples lies inside the image (the row's inside span) and that W >= 2 * kLanes + 1.
+  template <int kRows, bool kShift>
+  DMFAST_VECTOR_INLINE bool place(const PixelMap<float>& map, float x_base, float y_base, int64_t j0, int64_t H,
+                                  int64_t W) {
     constexpr int n = L::kLanes;
     j = L::add(L::set1(float(j0)), L::lane_index());
     const L::V ix = L::fma(L::set1(map.x_col), j, L::set1(x_base));
     const L::V iy = L::fma(L::set1(map.y_col), j, L::set1(y_base));
     const L::I x0 = L::truncate(ix), y0 = L::truncate(iy);  // positive: truncation is floor
-    // The first and last lanes bound the (affine) coordinates; the vector checks below make sure they did.
+    // A correctly rounded fma of an affine function of j is monotone in j, and so is its floor: the first and last
+    // lanes bound every lane's corners.
     const int x_first = L::first(x0), x_last = L::last(x0);
     const int y_first = L::first(y0), y_last = L::last(y0);
     const int y_lo = y_first < y_last ? y_first : y_last;
     const int y_span = (y_first < y_last ? y_last : y_first) - y_lo;
-    if (y_span > 2 || y_lo < 0 || y_lo + y_span + 1 >= H) return false;  // the rows read stay in the image
-    if (!L::all_within(L::minus(y0, y_lo), y_span)) return false;
-    const int first = map.x_col >= 1.0f ? x_first : x_last - (n - 1);
-    by_shift = first >= 0 && first + n + 1 < W && L::all_within(L::minus(L::sub(x0, L::lane_int()), first), 1);
-    if (by_shift) {
+    if (y_span > kRows - 2 || y_lo < 0 || y_lo + kRows > H) return false;  // the rows read stay in the image
+    if constexpr (kShift) {
+      // Lane k's corner column minus k is not monotone (rounding may dip it by one): checked per lane.
+      const int first = map.x_col >= 1.0f ? x_first : x_last - (n - 1);
+      if (first < 0 || first + n + 1 >= W || !L::all_within(L::minus(L::sub(x0, L::lane_int()), first), 1)) {
+        return false;
+      }
       u = L::sub(ix, L::add(L::set1(float(first)), L::lane_index()));  // exact: both are multiples of ix's ulp
       offset = int64_t(y_lo) * W + first;
     } else {
-      const int x_lo = x_first < x_last ? x_first : x_last;
+      const int x_lo = x_first < x_last ? x_first : x_last, x_hi = x_first < x_last ? x_last : x_first;
       const int left = x_lo < W - 2 * n - 1 ? x_lo : int(W) - 2 * n - 1;  // both windows end inside the row
-      const L::I dx = L::minus(x0, left);
-      if (left < 0 || !L::all_within(dx, 2 * n - 1)) return false;
-      picks = L::make_pick(dx);
+      if (left < 0 || x_hi - left > 2 * n - 1) return false;
+      picks = L::make_pick(L::minus(x0, left));
       fx = L::sub(ix, L::to_float(x0));
       offset = int64_t(y_lo) * W + left;
     }
     v = L::sub(iy, L::set1(float(y_lo)));
-    top_rows = y_span + 1;
+    one_row = y_span == 0;
     ahead = y_lo + kPrefetchRows < H ? kPrefetchRows * W : 0;
     return true;
   }
 
   // Asks for the pixels that the row kPrefetchRows - 1 output rows further down will read (for a map near the
   // identity): along a tilted row the hardware prefetchers see no stream.
-  void prefetch(const float* plane) const {
+  DMFAST_VECTOR_INLINE void prefetch(const float* plane) const {
     _mm_prefetch(reinterpret_cast<const char*>(plane + offset + ahead), _MM_HINT_T0);
-  }
-
-  // Calls fn(rows, shift) with the vector's kind as constants: the number of rows read (2 to 4) and the way along
-  // x, so the channel loops inside fn carry no per-lane branch.
-  template <typename Fn>
-  void with_kind(Fn&& fn) const {
-    const auto along_x = [&](auto rows) { by_shift ? fn(rows, std::true_type{}) : fn(rows, std::false_type{}); };
-    switch (top_rows) {
-      case 1: along_x(std::integral_constant<int, 2>{}); break;
-      case 2: along_x(std::integral_constant<int, 3>{}); break;
-      default: along_x(std::integral_constant<int, 4>{}); break;
-    }
   }
 
   // The points a vector of kind (kRows, kShift) reads, per row: kCols of them per lane.
@@ -192,7 +192,7 @@ struct RowVector {
   };
 
   template <int kRows, bool kShift>
-  Points<kRows, kShift> points(const float* plane, int64_t W) const {
+  DMFAST_VECTOR_INLINE Points<kRows, kShift> points(const float* plane, int64_t W) const {
     Points<kRows, kShift> p;
     for (int r = 0; r < kRows; ++r) {
       const float* row = plane + offset + r * W;
@@ -209,7 +209,7 @@ struct RowVector {
   // coordinate t in [0, kCount - 1): the pair around t gets 1 - f and f, f = t - floor(t), and the derivatives
   // -1 and 1, with floor's pair at an integer t.
   template <int kCount>
-  static void hats(L::V t, L::V* w, L::V* dw) {
+  DMFAST_VECTOR_INLINE static void hats(L::V t, L::V* w, L::V* dw) {
     const L::V one = L::set1(1.0f);
     if constexpr (kCount == 2) {
       w[0] = L::sub(one, t), w[1] = t;
@@ -223,66 +223,106 @@ struct RowVector {
         reached = next;
       }
       floor_is[kCount - 1] = L::zero();
-      for (int k = 0; k < kCount; ++k) {
-        w[k] = L::max(L::sub(one, L::abs(L::sub(t, L::set1(float(k))))), L::zero());
-        dw[k] = L::sub(k > 0 ? floor_is[k - 1] : L::zero(), floor_is[k]);
+      // The end points' hats are one-sided; with three points the middle one completes the sum to 1.
+      w[0] = L::max(L::sub(one, t), L::zero());
+      w[kCount - 1] = L::max(L::sub(t, L::set1(float(kCount - 2))), L::zero());
+      if constexpr (kCount == 3) {
+        w[1] = L::sub(L::sub(one, w[0]), w[2]);
+      } else {
+        for (int k = 1; k < kCount - 1; ++k) w[k] = L::max(L::sub(one, L::abs(L::sub(t, L::set1(float(k))))), L::zero());
       }
+      for (int k = 0; k < kCount; ++k) dw[k] = L::sub(k > 0 ? floor_is[k - 1] : L::zero(), floor_is[k]);
     }
   }
 
-  // Bilinear weights of the points, and with kGradient their derivatives to the source x and y.
-  template <int kRows, bool kShift, bool kGradient = false>
-  struct Weights {
+  // The hat weights of the points along x and along y, and their derivatives: a point's bilinear weight is the
+  // product of its column's and its row's.
+  template <int kRows, bool kShift>
+  struct Hats {
     static constexpr int kCols = Points<kRows, kShift>::kCols;
-    L::V value[kRows][kCols], d_x[kRows][kCols], d_y[kRows][kCols];
+    L::V x[kCols], dx[kCols], y[kRows], dy[kRows];
   };
 
-  template <int kRows, bool kShift, bool kGradient = false>
-  Weights<kRows, kShift, kGradient> weights() const {
-    constexpr int kCols = Points<kRows, kShift>::kCols;
-    L::V x[kCols], dx[kCols], y[kRows], dy[kRows];
-    hats<kCols>(kShift ? u : fx, x, dx);
-    hats<kRows>(v, y, dy);
-    Weights<kRows, kShift, kGradient> w;
-    for (int r = 0; r < kRows; ++r) {
-      for (int k = 0; k < kCols; ++k) {
-        w.value[r][k] = L::mul(y[r], x[k]);
-        if constexpr (kGradient) w.d_x[r][k] = L::mul(y[r], dx[k]), w.d_y[r][k] = L::mul(dy[r], x[k]);
-      }
-    }
-    return w;
+  template <int kRows, bool kShift>
+  DMFAST_VECTOR_INLINE Hats<kRows, kShift> hat_weights() const {
+    Hats<kRows, kShift> h;
+    hats<Hats<kRows, kShift>::kCols>(kShift ? u : fx, h.x, h.dx);
+    hats<kRows>(v, h.y, h.dy);
+    return h;
   }
 
-  // sum over the points of weight * point.
+  // sum_r wy[r] * sum_k wx[k] * p[r][k]: each row along x, then the rows in two chains (short dependency chains:
+  // the FMA latency, not the throughput, bounds one long chain).
   template <int kRows, int kCols>
-  static L::V weighted(const L::V (&w)[kRows][kCols], const L::V (&p)[kRows][kCols]) {
-    L::V s = L::mul(w[0][0], p[0][0]);
+  DMFAST_VECTOR_INLINE static L::V separable(const L::V (&wx)[kCols], const L::V (&wy)[kRows],
+                                             const L::V (&p)[kRows][kCols]) {
+    L::V row[kRows];
     for (int r = 0; r < kRows; ++r) {
-      for (int k = r == 0 ? 1 : 0; k < kCols; ++k) s = L::fma(w[r][k], p[r][k], s);
+      row[r] = L::mul(wx[0], p[r][0]);
+      for (int k = 1; k < kCols; ++k) row[r] = L::fma(wx[k], p[r][k], row[r]);
     }
-    return s;
+    L::V even = L::mul(wy[0], row[0]), odd = L::mul(wy[1], row[1]);
+    for (int r = 2; r < kRows; ++r) {
+      L::V& chain = r % 2 == 0 ? even : odd;
+      chain = L::fma(wy[r], row[r], chain);
+    }
+    return L::add(even, odd);
   }
 };
 
-// The samples [begin, end) of output row i, all inside the image: fast(v, j) for each vector that fits,
-// general(j_begin, j_end) for the others and the remainder.
-template <typename Fast, typename General>
+// The rows a vector reads (2 to 4; 0: more) and whether it takes the shift way, from the map: along a vector of
+// kLanes samples y moves by |y_col| (kLanes - 1), x by x_col (kLanes - 1). The margins cover rounding; place()
+// still checks every vector.
+struct RowKind {
+  int rows;
+  bool shift;
+};
+
+inline RowKind row_kind(const PixelMap<float>& map) {
+  constexpr float reach = float(RowLanes::kLanes - 1), margin = 1e-3f;
+  const float y_move = std::abs(map.y_col) * reach;
+  const int rows = map.y_col == 0.0f ? 2 : y_move < 1 - margin ? 3 : y_move < 2 - margin ? 4 : 0;
+  return {rows, map.x_col > 0.0f && std::abs(map.x_col - 1.0f) * reach < 1 - margin};
+}
+
+// The samples [begin, end) of output row i, all inside the image: fast(v, j, rows, shift) for each vector that
+// fits (rows and shift as constants), general(j_begin, j_end) for the others and the remainder. With kFewerRows a
+// vector of a three-row kind whose lanes lie in one row reads two (a branch per vector; measured to pay off in
+// the forward, with C channels per vector, but not in the theta backward).
+template <bool kFewerRows, typename Fast, typename General>
 inline void for_each_row_vector(const PixelMap<float>& map, int64_t i, int64_t begin, int64_t end, int64_t H,
                                 int64_t W, Fast&& fast, General&& general) {
   constexpr int n = RowLanes::kLanes;
+  const RowKind kind = row_kind(map);
+  if (W <= 2 * n || kind.rows == 0) {
+    if (begin < end) general(begin, end);
+    return;
+  }
   const float x_base = map.x_row * float(i) + map.x0, y_base = map.y_row * float(i) + map.y0;
-  RowVector v;
-  int64_t j = begin;
-  if (W > 2 * n) {
+  const auto vectors = [&](auto rows, auto shift) {
+    RowVector v;
+    int64_t j = begin;
     for (; j + n <= end; j += n) {
-      if (v.place(map, x_base, y_base, j, H, W)) {
-        fast(v, j);
+      if (v.place<rows, shift>(map, x_base, y_base, j, H, W)) {
+        if constexpr (kFewerRows && rows == 3) {
+          v.one_row ? fast(v, j, std::integral_constant<int, 2>{}, shift) : fast(v, j, rows, shift);
+        } else {
+          fast(v, j, rows, shift);
+        }
       } else {
         general(j, j + n);
       }
     }
+    if (j < end) general(j, end);
+  };
+  const auto along_x = [&](auto rows) {
+    kind.shift ? vectors(rows, std::true_type{}) : vectors(rows, std::false_type{});
+  };
+  switch (kind.rows) {
+    case 2: along_x(std::integral_constant<int, 2>{}); break;
+    case 3: along_x(std::integral_constant<int, 3>{}); break;
+    default: along_x(std::integral_constant<int, 4>{}); break;
   }
-  if (j < end) general(j, end);
 }
 
 // Adds the bilinear samples [begin, end) of output row i of the C planes at img to columns[c * W + j];
@@ -290,28 +330,41 @@ inline void for_each_row_vector(const PixelMap<float>& map, int64_t i, int64_t b
 //
 // A lane also reads points its sample weighs by zero; a non-finite one makes it NaN where the general loop (and the
 // eager chain), which read only the lane's four corners, may not. Such a vector goes to the general loop instead.
-template <typename General, typename GeneralChannel>
+template <int kChannels, typename General, typename GeneralChannel>
 inline void add_row_samples(const float* img, int64_t C, int64_t H, int64_t W, const PixelMap<float>& map, int64_t i,
                             int64_t begin, int64_t end, float* columns, General&& general,
                             GeneralChannel&& general_channel) {
   using L = RowLanes;
-  const auto lanes = [&](const RowVector& v, int64_t j) {
-    v.with_kind([&](auto rows, auto shift) {
-      const auto w = v.weights<rows, shift>();
-      for (int64_t c = 0; c < C; ++c) {
-        const float* plane = img + c * H * W;
-        v.prefetch(plane);
-        const L::V value = RowVector::weighted(w.value, v.points<rows, shift>(plane, W).at);
-        if (L::any_nan(value)) {
-          general_channel(c, j, j + L::kLanes);
-          continue;
+  const auto lanes = [&](const RowVector& v, int64_t j, auto rows, auto shift) {
+    const auto w = v.hat_weights<rows, shift>();
+    const auto sample = [&](int64_t c) {
+      const float* plane = img + c * H * W;
+      v.prefetch(plane);
+      return RowVector::separable(w.x, w.y, v.points<rows, shift>(plane, W).at);
+    };
+    const auto add = [&](int64_t c, L::V value) {
+      if (L::any_nan(value)) return general_channel(c, j, j + L::kLanes);
+      float* col = columns + c * W + j;
+      L::store(col, L::add(L::load(col), value));
+    };
+    if constexpr (kChannels > 0) {
+      // One NaN test for all channels (their sum); a NaN sends each channel to its own test.
+      L::V values[kChannels], total = L::zero();
+      for (int c = 0; c < kChannels; ++c) values[c] = sample(c), total = L::add(total, values[c]);
+      const bool any_nan = L::any_nan(total);
+      for (int c = 0; c < kChannels; ++c) {
+        if (any_nan) {
+          add(c, values[c]);
+        } else {
+          float* col = columns + c * W + j;
+          L::store(col, L::add(L::load(col), values[c]));
         }
-        float* col = columns + c * W + j;
-        L::store(col, L::add(L::load(col), value));
       }
-    });
+    } else {
+      for (int64_t c = 0; c < C; ++c) add(c, sample(c));
+    }
   };
-  for_each_row_vector(map, i, begin, end, H, W, lanes, general);
+  for_each_row_vector<true>(map, i, begin, end, H, W, lanes, general);
 }
 
 // Adds the theta moments of the samples [begin, end) of output row i (see theta_grad_from_moments) to m, with
@@ -321,24 +374,23 @@ inline void add_row_moments(const float* img, int64_t C, int64_t H, int64_t W, c
                             int64_t begin, int64_t end, const float* g, float* m, General&& general) {
   using L = RowLanes;
   L::V sx = L::zero(), sxj = L::zero(), sy = L::zero(), syj = L::zero();
-  const auto lanes = [&](const RowVector& v, int64_t j) {
-    L::V gx, gy;  // dL/dix and dL/diy of the lanes' samples, all channels
-    v.with_kind([&](auto rows, auto shift) {
-      // The points of the gradient-weighted image sum_c g_c I_c, then its derivatives.
-      decltype(v.points<rows, shift>(img, W)) sum{};
-      for (int64_t c = 0; c < C; ++c) {
-        const float* plane = img + c * H * W;
-        v.prefetch(plane);
-        const auto p = v.points<rows, shift>(plane, W);
-        const L::V grad = L::load(g + c * W + j);
-        for (int r = 0; r < rows; ++r) {
-          for (int k = 0; k < decltype(p)::kCols; ++k) sum.at[r][k] = L::fma(grad, p.at[r][k], c == 0 ? L::zero() : sum.at[r][k]);
+  const auto lanes = [&](const RowVector& v, int64_t j, auto rows, auto shift) {
+    // The points of the gradient-weighted image sum_c g_c I_c, then its derivatives to x and y.
+    decltype(v.points<rows, shift>(img, W)) sum{};
+    for (int64_t c = 0; c < C; ++c) {
+      const float* plane = img + c * H * W;
+      v.prefetch(plane);
+      const auto p = v.points<rows, shift>(plane, W);
+      const L::V grad = L::load(g + c * W + j);
+      for (int r = 0; r < rows; ++r) {
+        for (int k = 0; k < decltype(p)::kCols; ++k) {
+          sum.at[r][k] = L::fma(grad, p.at[r][k], c == 0 ? L::zero() : sum.at[r][k]);
         }
       }
-      const auto w = v.weights<rows, shift, true>();
-      gx = RowVector::weighted(w.d_x, sum.at);
-      gy = RowVector::weighted(w.d_y, sum.at);
-    });
+    }
+    const auto w = v.hat_weights<rows, shift>();
+    const L::V gx = RowVector::separable(w.dx, w.y, sum.at);  // dL/dix of the lanes' samples, all channels
+    const L::V gy = RowVector::separable(w.x, w.dy, sum.at);
     if (L::any_nan(L::add(gx, gy))) {
       general(j, j + L::kLanes);
       return;
@@ -346,7 +398,7 @@ inline void add_row_moments(const float* img, int64_t C, int64_t H, int64_t W, c
     sx = L::add(sx, gx), sxj = L::fma(gx, v.j, sxj);
     sy = L::add(sy, gy), syj = L::fma(gy, v.j, syj);
   };
-  for_each_row_vector(map, i, begin, end, H, W, lanes, general);
+  for_each_row_vector<false>(map, i, begin, end, H, W, lanes, general);
   const float row_sx = L::sum(sx), row_sy = L::sum(sy);
   m[0] += row_sx, m[1] += L::sum(sxj), m[2] += row_sx * float(i);
   m[3] += row_sy, m[4] += L::sum(syj), m[5] += row_sy * float(i);
@@ -355,7 +407,7 @@ inline void add_row_moments(const float* img, int64_t C, int64_t H, int64_t W, c
 #else
 
 // Without AVX2 the general (gathering or scalar) loops do every sample.
-template <typename General, typename GeneralChannel>
+template <int kChannels, typename General, typename GeneralChannel>
 inline void add_row_samples(const float*, int64_t, int64_t, int64_t, const PixelMap<float>&, int64_t, int64_t begin,
                             int64_t end, float*, General&& general, GeneralChannel&&) {
   general(begin, end);
