@@ -426,7 +426,7 @@ std::vector<Moments> theta_moments(const scalar_t* images, const std::vector<at:
           }
         };
         if constexpr (std::is_same_v<scalar_t, float>) {
-          add_row_moments(img, C, H, W, map, i, spans.inside_begin, spans.inside_end, g.data(), m, inside);
+          add_row_moments<kChannels>(img, C, H, W, map, i, spans.inside_begin, spans.inside_end, g.data(), m, inside);
         } else {
           inside(spans.inside_begin, spans.inside_end);
         }

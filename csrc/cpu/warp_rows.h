@@ -8,6 +8,7 @@
 // the per-variant builds stay cheap.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -18,11 +19,14 @@
 
 #include "../affine_smooth.h"
 
-// The per-vector helpers below must inline into the channel loops: a call passes the vectors through memory.
+// The per-vector helpers and lambdas below must inline into the vector loops: a call passes the vectors through
+// memory (and the compiler declines to inline the larger ones by itself).
 #if defined(__GNUC__)
 #define DMFAST_VECTOR_INLINE inline __attribute__((always_inline))
+#define DMFAST_LAMBDA_INLINE __attribute__((always_inline))
 #else
 #define DMFAST_VECTOR_INLINE inline
+#define DMFAST_LAMBDA_INLINE
 #endif
 
 namespace dmfast {
@@ -335,14 +339,14 @@ inline void add_row_samples(const float* img, int64_t C, int64_t H, int64_t W, c
                             int64_t begin, int64_t end, float* columns, General&& general,
                             GeneralChannel&& general_channel) {
   using L = RowLanes;
-  const auto lanes = [&](const RowVector& v, int64_t j, auto rows, auto shift) {
+  const auto lanes = [&](const RowVector& v, int64_t j, auto rows, auto shift) DMFAST_LAMBDA_INLINE {
     const auto w = v.hat_weights<rows, shift>();
-    const auto sample = [&](int64_t c) {
+    const auto sample = [&](int64_t c) DMFAST_LAMBDA_INLINE {
       const float* plane = img + c * H * W;
       v.prefetch(plane);
       return RowVector::separable(w.x, w.y, v.points<rows, shift>(plane, W).at);
     };
-    const auto add = [&](int64_t c, L::V value) {
+    const auto add = [&](int64_t c, L::V value) DMFAST_LAMBDA_INLINE {
       if (L::any_nan(value)) return general_channel(c, j, j + L::kLanes);
       float* col = columns + c * W + j;
       L::store(col, L::add(L::load(col), value));
@@ -368,37 +372,43 @@ inline void add_row_samples(const float* img, int64_t C, int64_t H, int64_t W, c
 }
 
 // Adds the theta moments of the samples [begin, end) of output row i (see theta_grad_from_moments) to m, with
-// g[c * W + j] the gradient of sample j of channel c; a vector with a NaN goes to general, as in add_row_samples.
-template <typename General>
+// g[c * W + j] the gradient of sample j of channel c. As in add_row_samples a NaN may come from a point weighed by
+// zero; here one test per row finds it, and the row is then done the general way.
+template <int kChannels, typename General>
 inline void add_row_moments(const float* img, int64_t C, int64_t H, int64_t W, const PixelMap<float>& map, int64_t i,
                             int64_t begin, int64_t end, const float* g, float* m, General&& general) {
   using L = RowLanes;
   L::V sx = L::zero(), sxj = L::zero(), sy = L::zero(), syj = L::zero();
-  const auto lanes = [&](const RowVector& v, int64_t j, auto rows, auto shift) {
+  const auto lanes = [&](const RowVector& v, int64_t j, auto rows, auto shift) DMFAST_LAMBDA_INLINE {
     // The points of the gradient-weighted image sum_c g_c I_c, then its derivatives to x and y.
-    decltype(v.points<rows, shift>(img, W)) sum{};
-    for (int64_t c = 0; c < C; ++c) {
+    decltype(v.points<rows, shift>(img, W)) sum;
+    const auto weigh = [&](int64_t c, auto first) DMFAST_LAMBDA_INLINE {
       const float* plane = img + c * H * W;
       v.prefetch(plane);
       const auto p = v.points<rows, shift>(plane, W);
       const L::V grad = L::load(g + c * W + j);
       for (int r = 0; r < rows; ++r) {
         for (int k = 0; k < decltype(p)::kCols; ++k) {
-          sum.at[r][k] = L::fma(grad, p.at[r][k], c == 0 ? L::zero() : sum.at[r][k]);
+          sum.at[r][k] = first ? L::mul(grad, p.at[r][k]) : L::fma(grad, p.at[r][k], sum.at[r][k]);
         }
       }
-    }
+    };
+    weigh(0, std::true_type{});
+    for (int64_t c = 1; c < (kChannels > 0 ? kChannels : C); ++c) weigh(c, std::false_type{});
     const auto w = v.hat_weights<rows, shift>();
     const L::V gx = RowVector::separable(w.dx, w.y, sum.at);  // dL/dix of the lanes' samples, all channels
     const L::V gy = RowVector::separable(w.x, w.dy, sum.at);
-    if (L::any_nan(L::add(gx, gy))) {
-      general(j, j + L::kLanes);
-      return;
-    }
     sx = L::add(sx, gx), sxj = L::fma(gx, v.j, sxj);
     sy = L::add(sy, gy), syj = L::fma(gy, v.j, syj);
   };
+  float m_before[6];
+  std::copy(m, m + 6, m_before);
   for_each_row_vector<false>(map, i, begin, end, H, W, lanes, general);
+  if (L::any_nan(L::add(sx, sy))) {  // NaN in a lane's gx or gy leaves NaN in sx or sy (and in sxj, syj)
+    std::copy(m_before, m_before + 6, m);
+    general(begin, end);
+    return;
+  }
   const float row_sx = L::sum(sx), row_sy = L::sum(sy);
   m[0] += row_sx, m[1] += L::sum(sxj), m[2] += row_sx * float(i);
   m[3] += row_sy, m[4] += L::sum(syj), m[5] += row_sy * float(i);
@@ -413,7 +423,7 @@ inline void add_row_samples(const float*, int64_t, int64_t, int64_t, const Pixel
   general(begin, end);
 }
 
-template <typename General>
+template <int kChannels, typename General>
 inline void add_row_moments(const float*, int64_t, int64_t, int64_t, const PixelMap<float>&, int64_t, int64_t begin,
                             int64_t end, const float*, float*, General&& general) {
   general(begin, end);
