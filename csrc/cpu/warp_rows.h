@@ -303,7 +303,7 @@ inline void for_each_row_vector(const PixelMap<float>& map, int64_t i, int64_t b
     return;
   }
   const float x_base = map.x_row * float(i) + map.x0, y_base = map.y_row * float(i) + map.y0;
-  const auto vectors = [&](auto rows, auto shift) {
+  const auto vectors = [&](auto rows, auto shift) DMFAST_LAMBDA_INLINE {
     RowVector v;
     int64_t j = begin;
     for (; j + n <= end; j += n) {
