@@ -70,12 +70,14 @@ def environment(device: str, threads: int) -> dict:
 
 
 def best_median_ms(statements: dict, threads: int, min_run_time: float, rounds: int) -> dict:
-    """Median time (ms) of each named zero-argument callable, the best over ``rounds`` interleaved rounds so
-    that every implementation is measured at its best under the same conditions."""
+    """Median time (ms) of each zero-argument callable (keyed by a name or a tuple of names), the best over
+    ``rounds`` interleaved rounds so that every implementation is measured at its best under the same
+    conditions."""
     best = {name: float("inf") for name in statements}
     for _ in range(rounds):
         for name, fn in statements.items():
-            timer = tb.Timer("fn()", globals={"fn": fn}, num_threads=threads, label=str(name))
+            label = name if isinstance(name, str) else " / ".join(name)
+            timer = tb.Timer("fn()", globals={"fn": fn}, num_threads=threads, label=label)
             best[name] = min(best[name], timer.blocked_autorange(min_run_time=min_run_time).median * 1e3)
     return best
 

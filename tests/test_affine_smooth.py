@@ -198,13 +198,14 @@ def kink_bound(theta, shape, grad_out, pool, near=1e-3):
     return torch.stack([at_x.sum((1, 2)).expand(3, -1).T, at_y.sum((1, 2)).expand(3, -1).T], 1)
 
 
+@pytest.mark.parametrize("channels", [1, 2, 3])  # 2: the channel count only known at run time
 @pytest.mark.parametrize("name", list(ROW_VECTOR_MAPS))
-def test_float32_row_vectors_match_reference(name, gen):
+def test_float32_row_vectors_match_reference(name, channels, gen):
     scale_x, scale_y, shift_x, shift_y, angle = ROW_VECTOR_MAPS[name]
     one = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
     theta = ops.affine_matrix(one(scale_x), one(scale_y), one(shift_x), one(shift_y), one(angle)).expand(2, 2, 3)
     theta = (theta + 0.002 * torch.randn(2, 2, 3, generator=gen, dtype=torch.float64)).float()
-    images = rand_images((2, 3, 64, 160), gen, torch.float32, "cpu")
+    images = rand_images((2, channels, 64, 160), gen, torch.float32, "cpu")
     grad_out = torch.randn(images.shape, generator=gen)
     for pool in (1, 4, 16):
         want = reference.affine_smooth(images.double(), theta.double(), pool)
@@ -236,6 +237,33 @@ def test_float32_non_finite_pixels_spread_as_in_the_reference(bad, gen):
     (got,) = torch.autograd.grad(ops.affine_smooth(images, t32, 4), t32, grad_out)
     (want,) = torch.autograd.grad(reference.affine_smooth(images.double(), t64, 4), t64, grad_out.double())
     assert torch.equal(got.isfinite(), want.isfinite())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_float32_non_finite_row_that_no_sample_uses_stays_out_of_the_theta_gradient(bad, gen):
+    # Zoomed in along y with a slight shear: the theta backward's vectors read three rows, and at the bottom of the
+    # sampled band the third is one that no sample uses as a corner, weighted by zero. Non-finite pixels there must
+    # leave the gradient finite and exact, as in the eager chain (the kernel redoes such a row the general way).
+    shape = (2, 3, 64, 160)
+    theta = torch.tensor([[0.97, 0.0, 0.01], [0.004, 0.4, -0.3]]).expand(2, 2, 3)
+    grid = F.affine_grid(theta.double(), list(shape), align_corners=False)
+    y_max = (((grid[..., 1] + 1) * shape[2] - 1) / 2).max().item()
+    assert 0.1 < y_max % 1 < 0.9  # float32 puts no sample's corner on the next row either
+    unused = int(y_max) + 2
+    images = rand_images(shape, gen, torch.float32, "cpu")
+    images[:, :, unused, :] = bad
+    grad_out = torch.randn(shape, generator=gen)
+    grad_out[:, :, :-4] = 0  # the gradient comes from the bottom rows alone, the ones redone
+    for pool in (1, 4):
+        want = reference.affine_smooth(images.double(), theta.double(), pool)
+        assert want.isfinite().all()
+        torch.testing.assert_close(ops.affine_smooth(images, theta, pool).double(), want, rtol=0, atol=1e-4)
+        t32, t64 = theta.clone().requires_grad_(), theta.double().requires_grad_()
+        (got,) = torch.autograd.grad(ops.affine_smooth(images, t32, pool), t32, grad_out)
+        (exact,) = torch.autograd.grad(reference.affine_smooth(images.double(), t64, pool), t64, grad_out.double())
+        assert exact.isfinite().all() and got.isfinite().all()
+        error = (got.double() - exact).abs()
+        assert (error <= 1e-4 * exact.abs().max() + kink_bound(theta.double(), shape, grad_out, pool)).all()
 
 
 def test_theta_only_and_full_backward_agree(device, gen):

@@ -95,7 +95,7 @@ inline void for_each_row_sample(const PixelMap<T>& map, int64_t i, const RowSpan
 }
 
 // Calls fn(j, corners) for the samples of row i that read some pixels but not all four corners inside: the ones
-// the inside loops leave out.
+// the inside loops leave out (for_each_row_sample's bounds-checked case; its unchecked one never occurs here).
 template <typename T, typename Fn>
 inline void for_each_border_sample(const PixelMap<T>& map, int64_t i, const RowSpans& spans, int64_t H, int64_t W,
                                    Fn&& fn) {
@@ -232,8 +232,8 @@ void pooled_warp(const scalar_t* images, const std::vector<PixelMap<at::opmath_t
           }
         };
         if constexpr (std::is_same_v<scalar_t, float>) {
-          add_row_samples<kChannels>(img, C, H, W, map, i, spans.inside_begin, spans.inside_end, columns.data(), inside,
-                          inside_channel);
+          add_row_samples<kChannels>(img, C, H, W, map, i, spans.inside_begin, spans.inside_end, columns.data(),
+                                     inside, inside_channel);
         } else {
           inside(spans.inside_begin, spans.inside_end);
         }
@@ -463,7 +463,8 @@ std::vector<Moments> image_grad_and_moments(const scalar_t* images, const std::v
       for (int64_t i = 0; i < H; ++i) {
         const T* g = cells.data() + (plane * Hp + i / pool) * Wp;
         T m[6] = {0, 0, 0, 0, 0, 0};
-        for_each_row_sample(maps[b], i, row_spans(maps[b], i, H, W), 0, W, H, W, [&](auto inside, int64_t j, const Corners<T>& c) {
+        const RowSpans spans = row_spans(maps[b], i, H, W);
+        for_each_row_sample(maps[b], i, spans, 0, W, H, W, [&](auto inside, int64_t j, const Corners<T>& c) {
           const T gj = g[j / pool];
           const T w[4] = {(T(1) - c.fx) * (T(1) - c.fy), c.fx * (T(1) - c.fy), (T(1) - c.fx) * c.fy, c.fx * c.fy};
           for (int k = 0; k < 4; ++k) {

@@ -1,7 +1,7 @@
 // Bilinear samples of the affine warp along one output row, a vector of lanes at a time, without vector gathers
 // (slow on many x86 parts). Along a row the source point moves by (x_col, y_col) per sample, so for a warp near the
 // identity the kLanes samples of a vector read two to four consecutive source rows and, in each, a few contiguous
-// loads or one window of 2 * kLanes pixels permuted into place (RowVector below). Vectors that do not fit, and the
+// loads or one window of 2 * kLanes + 1 pixels permuted into place (RowVector below). Vectors that do not fit, and the
 // samples near the image's border, take the caller's general loop.
 //
 // float32 only, compiled where the CPU variant has AVX2 and FMA or AVX-512; plain C++ and intrinsics, no ATen, so
@@ -46,7 +46,9 @@ struct RowLanes {
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
-  static V at_least(V a, float b) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, set1(b), _CMP_GE_OQ), set1(1.0f)); }
+  static V at_least(V a, float b) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, set1(b), _CMP_GE_OQ), set1(1.0f));
+  }
   static V abs(V a) { return _mm512_abs_ps(a); }
   static V lane_index() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
   static I truncate(V v) { return _mm512_cvttps_epi32(v); }
@@ -157,8 +159,8 @@ struct RowVector {
     // lanes bound every lane's corners.
     const int x_first = L::first(x0), x_last = L::last(x0);
     const int y_first = L::first(y0), y_last = L::last(y0);
-    const int y_lo = y_first < y_last ? y_first : y_last;
-    const int y_span = (y_first < y_last ? y_last : y_first) - y_lo;
+    const auto [y_lo, y_hi] = std::minmax(y_first, y_last);
+    const int y_span = y_hi - y_lo;
     if (y_span > kRows - 2 || y_lo < 0 || y_lo + kRows > H) return false;  // the rows read stay in the image
     if constexpr (kShift) {
       // Lane k's corner column minus k is not monotone (rounding may dip it by one): checked per lane.
@@ -169,7 +171,7 @@ struct RowVector {
       u = L::sub(ix, L::add(L::set1(float(first)), L::lane_index()));  // exact: both are multiples of ix's ulp
       offset = int64_t(y_lo) * W + first;
     } else {
-      const int x_lo = x_first < x_last ? x_first : x_last, x_hi = x_first < x_last ? x_last : x_first;
+      const auto [x_lo, x_hi] = std::minmax(x_first, x_last);
       const int left = x_lo < W - 2 * n - 1 ? x_lo : int(W) - 2 * n - 1;  // both windows end inside the row
       if (left < 0 || x_hi - left > 2 * n - 1) return false;
       picks = L::make_pick(L::minus(x0, left));
@@ -233,7 +235,9 @@ struct RowVector {
       if constexpr (kCount == 3) {
         w[1] = L::sub(L::sub(one, w[0]), w[2]);
       } else {
-        for (int k = 1; k < kCount - 1; ++k) w[k] = L::max(L::sub(one, L::abs(L::sub(t, L::set1(float(k))))), L::zero());
+        for (int k = 1; k < kCount - 1; ++k) {
+          w[k] = L::max(L::sub(one, L::abs(L::sub(t, L::set1(float(k))))), L::zero());
+        }
       }
       for (int k = 0; k < kCount; ++k) dw[k] = L::sub(k > 0 ? floor_is[k - 1] : L::zero(), floor_is[k]);
     }
@@ -274,9 +278,9 @@ struct RowVector {
   }
 };
 
-// The rows a vector reads (2 to 4; 0: more) and whether it takes the shift way, from the map: along a vector of
-// kLanes samples y moves by |y_col| (kLanes - 1), x by x_col (kLanes - 1). The margins cover rounding; place()
-// still checks every vector.
+// The rows a vector reads (2 to 4; 0: none fits, the general loop takes the row) and whether it takes the shift
+// way, from the map: along a vector of kLanes samples y moves by |y_col| (kLanes - 1), x by x_col (kLanes - 1).
+// The margins cover the rounding of coordinates below about 2^14; place() checks every vector anyway.
 struct RowKind {
   int rows;
   bool shift;
@@ -286,7 +290,10 @@ inline RowKind row_kind(const PixelMap<float>& map) {
   constexpr float reach = float(RowLanes::kLanes - 1), margin = 1e-3f;
   const float y_move = std::abs(map.y_col) * reach;
   const int rows = map.y_col == 0.0f ? 2 : y_move < 1 - margin ? 3 : y_move < 2 - margin ? 4 : 0;
-  return {rows, map.x_col > 0.0f && std::abs(map.x_col - 1.0f) * reach < 1 - margin};
+  const bool shift = map.x_col > 0.0f && std::abs(map.x_col - 1.0f) * reach < 1 - margin;
+  // The window holds 2 kLanes columns: a wider step leaves every vector to the general loop.
+  const bool window_fits = std::abs(map.x_col) * reach < float(2 * RowLanes::kLanes) + margin;
+  return {shift || window_fits ? rows : 0, shift};
 }
 
 // The samples [begin, end) of output row i, all inside the image: fast(v, j, rows, shift) for each vector that
@@ -333,7 +340,8 @@ inline void for_each_row_vector(const PixelMap<float>& map, int64_t i, int64_t b
 // general(j_begin, j_end) and general_channel(c, j_begin, j_end) add the ones the vectors do not.
 //
 // A lane also reads points its sample weighs by zero; a non-finite one makes it NaN where the general loop (and the
-// eager chain), which read only the lane's four corners, may not. Such a vector goes to the general loop instead.
+// eager chain), which read only the lane's four corners, may not. Each channel of the vector whose value is NaN
+// goes to general_channel instead.
 template <int kChannels, typename General, typename GeneralChannel>
 inline void add_row_samples(const float* img, int64_t C, int64_t H, int64_t W, const PixelMap<float>& map, int64_t i,
                             int64_t begin, int64_t end, float* columns, General&& general,
@@ -346,23 +354,21 @@ inline void add_row_samples(const float* img, int64_t C, int64_t H, int64_t W, c
       v.prefetch(plane);
       return RowVector::separable(w.x, w.y, v.points<rows, shift>(plane, W).at);
     };
-    const auto add = [&](int64_t c, L::V value) DMFAST_LAMBDA_INLINE {
-      if (L::any_nan(value)) return general_channel(c, j, j + L::kLanes);
+    const auto store = [&](int64_t c, L::V value) DMFAST_LAMBDA_INLINE {
       float* col = columns + c * W + j;
       L::store(col, L::add(L::load(col), value));
+    };
+    const auto add = [&](int64_t c, L::V value) DMFAST_LAMBDA_INLINE {
+      L::any_nan(value) ? general_channel(c, j, j + L::kLanes) : store(c, value);
     };
     if constexpr (kChannels > 0) {
       // One NaN test for all channels (their sum); a NaN sends each channel to its own test.
       L::V values[kChannels], total = L::zero();
       for (int c = 0; c < kChannels; ++c) values[c] = sample(c), total = L::add(total, values[c]);
-      const bool any_nan = L::any_nan(total);
-      for (int c = 0; c < kChannels; ++c) {
-        if (any_nan) {
-          add(c, values[c]);
-        } else {
-          float* col = columns + c * W + j;
-          L::store(col, L::add(L::load(col), values[c]));
-        }
+      if (L::any_nan(total)) {
+        for (int c = 0; c < kChannels; ++c) add(c, values[c]);
+      } else {
+        for (int c = 0; c < kChannels; ++c) store(c, values[c]);
       }
     } else {
       for (int64_t c = 0; c < C; ++c) add(c, sample(c));
@@ -389,7 +395,11 @@ inline void add_row_moments(const float* img, int64_t C, int64_t H, int64_t W, c
       const L::V grad = L::load(g + c * W + j);
       for (int r = 0; r < rows; ++r) {
         for (int k = 0; k < decltype(p)::kCols; ++k) {
-          sum.at[r][k] = first ? L::mul(grad, p.at[r][k]) : L::fma(grad, p.at[r][k], sum.at[r][k]);
+          if constexpr (decltype(first)::value) {
+            sum.at[r][k] = L::mul(grad, p.at[r][k]);
+          } else {
+            sum.at[r][k] = L::fma(grad, p.at[r][k], sum.at[r][k]);
+          }
         }
       }
     };
@@ -404,7 +414,9 @@ inline void add_row_moments(const float* img, int64_t C, int64_t H, int64_t W, c
   float m_before[6];
   std::copy(m, m + 6, m_before);
   for_each_row_vector<false>(map, i, begin, end, H, W, lanes, general);
-  if (L::any_nan(L::add(sx, sy))) {  // NaN in a lane's gx or gy leaves NaN in sx or sy (and in sxj, syj)
+  // NaN in a lane's gx or gy leaves NaN in sx or sy (and in sxj, syj). m goes back to its value on entry, since
+  // general may have added the vectors that did not fit, and the whole row is redone.
+  if (L::any_nan(L::add(sx, sy))) {
     std::copy(m_before, m_before + 6, m);
     general(begin, end);
     return;
