@@ -198,6 +198,19 @@ def kink_bound(theta, shape, grad_out, pool, near=1e-3):
     return torch.stack([at_x.sum((1, 2)).expand(3, -1).T, at_y.sum((1, 2)).expand(3, -1).T], 1)
 
 
+def theta_grads(images, theta, grad_out, pool):
+    """The float32 op's theta gradient and the float64 eager chain's, for the same images and output gradient."""
+    t32, t64 = theta.clone().requires_grad_(), theta.double().requires_grad_()
+    (got,) = torch.autograd.grad(ops.affine_smooth(images, t32, pool), t32, grad_out)
+    (exact,) = torch.autograd.grad(reference.affine_smooth(images.double(), t64, pool), t64, grad_out.double())
+    return got, exact
+
+
+def assert_theta_grad_close(got, exact, theta, shape, grad_out, pool):
+    error = (got.double() - exact).abs()
+    assert (error <= 1e-4 * exact.abs().max() + kink_bound(theta.double(), shape, grad_out, pool)).all()
+
+
 @pytest.mark.parametrize("channels", [1, 2, 3])  # 2: the channel count only known at run time
 @pytest.mark.parametrize("name", list(ROW_VECTOR_MAPS))
 def test_float32_row_vectors_match_reference(name, channels, gen):
@@ -211,11 +224,7 @@ def test_float32_row_vectors_match_reference(name, channels, gen):
         want = reference.affine_smooth(images.double(), theta.double(), pool)
         # float32 places a sample to about 1e-5 pixels at this width; the images change by up to 1 per pixel.
         torch.testing.assert_close(ops.affine_smooth(images, theta, pool).double(), want, rtol=0, atol=1e-4)
-        t32, t64 = theta.clone().requires_grad_(), theta.double().requires_grad_()
-        (got,) = torch.autograd.grad(ops.affine_smooth(images, t32, pool), t32, grad_out)
-        (exact,) = torch.autograd.grad(reference.affine_smooth(images.double(), t64, pool), t64, grad_out.double())
-        error = (got.double() - exact).abs()
-        assert (error <= 1e-4 * exact.abs().max() + kink_bound(theta.double(), images.shape, grad_out, pool)).all()
+        assert_theta_grad_close(*theta_grads(images, theta, grad_out, pool), theta, images.shape, grad_out, pool)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -233,9 +242,7 @@ def test_float32_non_finite_pixels_spread_as_in_the_reference(bad, gen):
         assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4, equal_nan=True)
     grad_out = torch.randn(images.shape, generator=gen)
-    t32, t64 = theta.clone().requires_grad_(), theta.double().requires_grad_()
-    (got,) = torch.autograd.grad(ops.affine_smooth(images, t32, 4), t32, grad_out)
-    (want,) = torch.autograd.grad(reference.affine_smooth(images.double(), t64, 4), t64, grad_out.double())
+    got, want = theta_grads(images, theta, grad_out, 4)
     assert torch.equal(got.isfinite(), want.isfinite())
 
 
@@ -258,12 +265,9 @@ def test_float32_non_finite_row_that_no_sample_uses_stays_out_of_the_theta_gradi
         want = reference.affine_smooth(images.double(), theta.double(), pool)
         assert want.isfinite().all()
         torch.testing.assert_close(ops.affine_smooth(images, theta, pool).double(), want, rtol=0, atol=1e-4)
-        t32, t64 = theta.clone().requires_grad_(), theta.double().requires_grad_()
-        (got,) = torch.autograd.grad(ops.affine_smooth(images, t32, pool), t32, grad_out)
-        (exact,) = torch.autograd.grad(reference.affine_smooth(images.double(), t64, pool), t64, grad_out.double())
+        got, exact = theta_grads(images, theta, grad_out, pool)
         assert exact.isfinite().all() and got.isfinite().all()
-        error = (got.double() - exact).abs()
-        assert (error <= 1e-4 * exact.abs().max() + kink_bound(theta.double(), shape, grad_out, pool)).all()
+        assert_theta_grad_close(got, exact, theta, shape, grad_out, pool)
 
 
 def test_theta_only_and_full_backward_agree(device, gen):
