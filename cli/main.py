@@ -20,6 +20,9 @@ from dmfast.data.cache import prepare as prepare_cache
 from dmfast.data.phantom import synthesize
 
 FILE = click.Path(exists=True, dir_okay=False)
+TRAINED = click.Path(exists=True)  # a trained classifier: model file, run folder, checkpoint.pt or best.pt
+TRAINED_HELP = ("a model file, a dmfast train run folder (its model.pt, else its checkpoint.pt), a checkpoint.pt or "
+                "a best.pt")
 FOLDER = click.Path(file_okay=False)
 DATA_DIR = click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
 # dmfast's own code: an error raised there on purpose is about the input (see _expected)
@@ -192,7 +195,7 @@ def prepare(data_dir, **kwargs):
          ("weights", {"type": FILE, "help": "torchvision-format state dict."}),
          ("pretrained", {"help": "Ask torchvision for ImageNet weights (needs a network)."}),
          ("amp", {"help": "Mixed precision (CUDA)."}), ("aligned", {"type": FILE, "help": "Alignment checkpoint."}),
-         ("init", {"type": FILE, "help": "Start from a classifier checkpoint."}),
+         ("init", {"type": TRAINED, "help": f"Start from the weights of a trained classifier: {TRAINED_HELP}."}),
          ("masks", {"type": FILE, "help": "Disease masks: attention retraining."}),
          ("freeze_bn", {"help": "Keep BatchNorm statistics fixed."}),
          ("tensorboard", {"help": "Also log loss and validation AUROC to OUT/tensorboard (dmfast[tensorboard])."}),
@@ -200,7 +203,8 @@ def prepare(data_dir, **kwargs):
                   "help": "Another release's folder whose training images are added (format detected; labels it "
                           "lacks are unknown). Repeatable."}),
          *LABELS, MAX_STEPS, SKIP, OVERWRITE)
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt (with its settings).")
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt (with its settings; a model file "
+              "holds no optimiser state: start from it with --init).")
 def train(data_dir, resume, **kwargs):
     """Train the CAM classifier with weighted BCE on DATA_DIR (runs under torchrun for DDP)."""
     import dmfast.train
@@ -221,7 +225,7 @@ def train(data_dir, resume, **kwargs):
          ("optimizer", {"help": "SGD with momentum (the paper's) or Adam (faster on the phantom)."}), "momentum",
          ("clip", {"help": "Gradient-norm clipping."}),
          ("pool", {"help": "Smoothing pool of the loss (phi = B(G(affine(I))))."}),
-         ("perceptual", {"type": FILE, "help": "Classifier checkpoint (dmfast train) for the perceptual loss."}),
+         ("perceptual", {"type": TRAINED, "help": f"Trained classifier for the perceptual loss: {TRAINED_HELP}."}),
          "perceptual_weight", ("input_size", {"help": "Resolution the alignment network sees."}), "seed",
          "val_fraction", SPLIT, ("grid_images", {"help": "Validation images in the before/after grid."}),
          *LABELS, MAX_STEPS, SKIP, OVERWRITE)
@@ -235,8 +239,8 @@ def align(data_dir, **kwargs):
 @main.command()
 @DATA_DIR
 @out_option("Folder for masks.pt/.png/.json.")
-@options(MasksConfig, ("checkpoint", {"type": FILE, "help": "Trained classifier (dmfast train) whose CAMs make "
-                                                            "the disease masks."}),
+@options(MasksConfig, ("checkpoint", {"type": TRAINED, "help": "Trained classifier whose CAMs (over its training "
+                                                               f"images) make the disease masks: {TRAINED_HELP}."}),
          ("pseudo", {"help": "Pseudo disease masks from the anchor's anatomy instead (section 4.4)."}),
          ("anchor", {"type": FILE, "help": "anchor.pt of dmfast align [default: the classifier's alignment run, "
                                            "else the mean of the No Finding training images]."}),
@@ -267,20 +271,23 @@ def masks(data_dir, asymmetric, **kwargs):
 @click.option("--half", is_flag=True, help="Store the weights as float16 (half the size).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 def export(source, out, half, overwrite):
-    """Write the portable model file of a dmfast train run (folder or checkpoint.pt): weights only, the alignment
-    network and anchor embedded, no paths; use it with dmfast predict or dmfast.load_model."""
+    """Write the portable model file of a trained classifier SOURCE (run folder, checkpoint.pt, best.pt, or a model
+    file to write again, e.g. --half): weights only, the alignment network and anchor embedded, with the run's
+    settings, splits and training patients for eval's overlap check; use it with dmfast predict or
+    dmfast.load_model."""
     from dmfast.inference import export_model
 
     click.echo(f"model file {export_model(source, out, half, overwrite)}")
 
 
-def _named_paths(values, option_name: str) -> list:
-    """NAME=PATH pairs (a bare PATH is named after its folder)."""
+def _named_paths(values, option_name: str, folders: bool = False) -> list:
+    """NAME=PATH pairs (a bare PATH is named after its folder); with ``folders``, PATH may be a (run) folder."""
     pairs = []
     for value in values:
         name, _, path = value.rpartition("=") if "=" in value else (Path(value).parent.name, "", value)
-        if not Path(path).is_file():
-            raise click.BadParameter(f"{path} is not a file", param_hint=option_name)
+        if not (Path(path).is_file() or folders and Path(path).is_dir()):
+            raise click.BadParameter(f"{path} is not a file" + (" or folder" if folders else ""),
+                                     param_hint=option_name)
         pairs.append((name or Path(path).parent.name, path))
     return pairs
 
@@ -302,16 +309,25 @@ BOX_THRESHOLD = click.option(
     "--box-threshold", "box_threshold", default=",".join(f"{t:g}" for t in defaults(BoxConfig)["box_thresholds"]),
     show_default=True, help="CAM threshold(s) for boxes, comma-separated fractions, or 'wang' for 60/255,180/255.")
 MAX_BOXES = ("max_boxes", {"help": "Boxes per CAM (best first)."})
+BOX_SCORE = ("box_score", {"help": "A box's confidence: the class probability times the mean (or peak) normalised "
+                                   "CAM inside its region, or the probability alone."})
+BOX_FLOOR = ("box_floor", {"help": "Classes of an image with at least this probability get boxes in the detection "
+                                   "outputs (0: every class, so no precision-recall curve is cut short)."})
 
 
 @main.command(name="eval")
 @DATA_DIR
 @click.option("--checkpoint", "checkpoints", multiple=True, required=True,
-              help="NAME=PATH of a dmfast train checkpoint; repeat to compare (table order).")
+              help="NAME=PATH of a trained model (model file, run folder, checkpoint.pt or best.pt); repeat to "
+                   "compare (table order).")
 @click.option("--masks", "masks_files", multiple=True, help="NAME=PATH of a masks file: an extra mask-only row.")
 @out_option("Folder for eval.json/.md and the overlays.")
 @BOX_THRESHOLD
-@options(EvalConfig, MAX_BOXES, ("overlays", {"help": "Overlay images per class (0: none)."}), "batch", CACHE, SKIP,
+@options(EvalConfig, MAX_BOXES, BOX_SCORE, BOX_FLOOR,
+         ("min_probability", {"help": "The operating point: classes reaching it are the reported findings (the RSNA "
+                                      "metric scores their boxes)."}),
+         ("froc_iou", {"help": "A detection hits a ground-truth box of its class at IoU >= this (FROC)."}),
+         ("overlays", {"help": "Overlay images per class (0: none)."}), "batch", CACHE, SKIP,
          OVERWRITE, ("split", {"type": click.Choice(["test", "train_val", "all"]),
                     "help": "Which of DATA_DIR's images to score [default: the checkpoint's test split when DATA_DIR "
                             "is its training data, else DATA_DIR's test_list.txt]."}),
@@ -327,12 +343,13 @@ MAX_BOXES = ("max_boxes", {"help": "Boxes per CAM (best first)."})
          ("bootstrap", {"help": "Patient resamples for the 95% intervals and paired differences (0: none)."}),
          ("seed", {"help": "Seed of the resampling."}))
 def evaluate(data_dir, checkpoints, masks_files, box_threshold, **kwargs):
-    """Score AUROC and box localization (IoU, IoBB, AFP) of checkpoints side by side, with overlays."""
+    """Score AUROC, box localization (IoU, IoBB, AFP) and detection (COCO AP, VinBigData mAP@0.4, RSNA, FROC) of
+    trained models side by side, with patient-bootstrap intervals, COCO files and overlays."""
     import dmfast.eval
 
     if kwargs.get("images") and kwargs.get("split"):
         raise click.UsageError("give --images or --split, not both")
-    config = EvalConfig(data=data_dir, checkpoints=_named_paths(checkpoints, "--checkpoint"),
+    config = EvalConfig(data=data_dir, checkpoints=_named_paths(checkpoints, "--checkpoint", folders=True),
                         masks=_named_paths(masks_files, "--masks"), box_thresholds=_box_thresholds(box_threshold),
                         **kwargs)
     dmfast.eval.run(config)
@@ -345,7 +362,10 @@ def evaluate(data_dir, checkpoints, masks_files, box_threshold, **kwargs):
 @BOX_THRESHOLD
 @options(PredictConfig, ("min_probability", {"help": "Report the boxes of classes with at least this probability "
                                                       "(0: all)."}),
-         MAX_BOXES, ("batch", {"help": "Images per forward pass."}),
+         MAX_BOXES, BOX_SCORE, BOX_FLOOR, ("batch", {"help": "Images per forward pass."}),
+         ("submission", {"type": click.Choice(["vindr", "rsna"]),
+                         "help": "Also write the VinBigData or RSNA Pneumonia challenge's submission.csv (the reported "
+                                 "findings' boxes; image ids are the file names without suffix)."}),
          ("cams", {"help": "Also write every class's CAM per image to cams.npz."}),
          ("overlays", {"help": "Also write one overlay PNG per image (CAMs, boxes, probabilities)."}),
          ("device", {"help": "cpu, cuda or cuda:N [default: cuda when available]."}),

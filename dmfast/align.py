@@ -25,7 +25,7 @@ from .data.formats import open_data
 from .data.images import to_model_input
 from .data.phantom import read_transforms
 from .data.splits import make_splits, summary
-from .inference import load_classifier
+from .inference import load_classifier, trained_file
 from .io import LOSS_AND_RATE, atomic_write_json, check_outputs, clear_outputs, progress, save_png, to_uint8
 from .models import AlignmentNet
 
@@ -99,6 +99,14 @@ def _grid(originals, aligned, anchor) -> torch.Tensor:
 OUTPUTS = ("alignment.pt", "anchor.pt", "anchor.png", "alignment_grid.png", "alignment_stats.json")
 
 
+def _recorded(config: AlignConfig) -> dict:
+    """The settings as the checkpoint keeps them: its data, cache and perceptual classifier (the file read) as
+    absolute paths, so that they mean the same from any working directory."""
+    paths = {"data": config.data, "cache": config.cache,
+             "perceptual": config.perceptual and trained_file(config.perceptual)}
+    return {**asdict(config), **{k: str(Path(v).resolve()) for k, v in paths.items() if v}}
+
+
 def run(config: AlignConfig, console: Console | None = None) -> Path:
     """Train the alignment module; returns the checkpoint path. Writes the anchor, a grid of original (top) vs
     aligned (bottom) images with the anchor on the right, and alignment statistics."""
@@ -106,6 +114,7 @@ def run(config: AlignConfig, console: Console | None = None) -> Path:
     torch.manual_seed(config.seed)
     out = Path(config.out)
     earlier = check_outputs(out, OUTPUTS, "dmfast align", config.overwrite)
+    # any trained classifier: a model file, run folder, checkpoint.pt or best.pt
     classifier = load_classifier(config.perceptual)[0].requires_grad_(False) if config.perceptual else None
     dataset = open_data(config, lists=config.split == "official")
     report_left_out(dataset, console)
@@ -165,7 +174,7 @@ def run(config: AlignConfig, console: Console | None = None) -> Path:
         console.print("[yellow]warning: the learned warp does not lower the loss on the validation images; the "
                       "identity transform is kept (more images or epochs, or another --lr, may help)")
     checkpoint = checkpoints.save(out / "alignment.pt", checkpoints.ALIGNMENT, {
-        "model": net.state_dict(), "net_config": {"input_size": config.input_size}, "config": asdict(config),
+        "model": net.state_dict(), "net_config": {"input_size": config.input_size}, "config": _recorded(config),
         "history": history})
     stats = {"history": history, "validation": check}
     with torch.no_grad():

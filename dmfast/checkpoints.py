@@ -5,7 +5,12 @@ file (``dmfast masks``: ``masks [14, MASK_SIZE, MASK_SIZE]`` in {0, 1}, ``averag
 the portable model file (``dmfast export``, and ``model.pt`` of every ``dmfast train`` run): weights only, read with
 ``torch.load(weights_only=True)``, self-contained: ``classes``, ``size``, ``normalisation``, ``classifier`` (``arch``,
 ``cam_stride``, ``state`` with the disease masks when trained with them), ``aligner`` (``input_size``, ``state``,
-``anchor``) or None, ``half`` and ``written_by`` (dmfast and torch versions); never a path.
+``anchor``) or None, ``half`` and ``written_by`` (dmfast and torch versions); nothing is read from a path. For
+``dmfast eval``'s check of test images against the training images wherever the file travels, it also keeps
+(optional fields: files written before them read as None) its training run's settings ``config`` (the
+TrainConfig as a dict, its paths a record only, ``format`` as detected), its ``splits`` (``train``, ``val``,
+``test`` image names, ``seed``, ``val_fraction``, ``folds``) and ``patients``: the patient IDs (str) of its training
+and validation images, None when the training data was not readable at export.
 
 Each is a dict saved atomically with a ``format`` tag and a format ``version``; reading checks both and names the
 file and the problem (missing, unreadable, another kind of file, written by a newer dmfast). Files of dmfast 0.1.0
@@ -35,16 +40,25 @@ def save(path, kind: str, payload: dict) -> Path:
     return atomic_torch_save(path, {"format": kind, "version": VERSION, **payload})
 
 
-def load(path, kind: str) -> dict:
-    """Read a file of format ``kind``, checked; a masks file's ``masks`` must also be ``[14, h, w]`` and finite."""
-    what, required = KINDS[kind]
+def load(path, kind) -> dict:
+    """Read a file of format ``kind``, checked; a masks file's ``masks`` must also be ``[14, h, w]`` and finite.
+    ``kind`` may be a tuple of formats, the file being any of them: with :data:`MODEL` among them the file is read
+    weights only first, and only as a full pickle when it holds more (a training checkpoint: the caller names it
+    as the user's own); ``payload["format"]`` then says which it is."""
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+    what = " or ".join(KINDS[k][0] for k in kinds)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} not found")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=kind == MODEL)  # a model file is weights only
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=MODEL in kinds)  # a model file: weights only
+        except pickle.UnpicklingError as error:
+            if kinds == (MODEL,) or MODEL not in kinds or "Unsupported global" not in str(error):
+                raise
+            payload = torch.load(path, map_location="cpu", weights_only=False)  # more than weights: a checkpoint
     except pickle.UnpicklingError as error:
-        if kind != MODEL or "Unsupported global" not in str(error):  # not objects besides tensors: garbage
+        if kinds != (MODEL,) or "Unsupported global" not in str(error):  # not objects besides tensors: garbage
             raise ValueError(f"{path}: not a readable {what} (not a file torch.load reads: damaged, truncated or "
                              "another format)") from None
         raise ValueError(f"{path}: not a model file: it holds more than weights, so it is not read (model files "
@@ -53,10 +67,12 @@ def load(path, kind: str) -> dict:
             from None
     except Exception as error:  # a truncated or foreign file: say which and why, not a pickle traceback
         raise ValueError(f"{path}: not a readable {what} ({type(error).__name__}: {error})") from None
-    found = (payload.get("format") or (ALIGNMENT if "net_config" in payload else kind)  # untagged: by its keys
+    found = (payload.get("format") or _untagged(payload, kinds)  # untagged: by its keys
              if isinstance(payload, dict) else None)
-    if found not in (kind, None):
+    if found not in (*kinds, None):
         raise ValueError(f"{path}: {_a(KINDS[found][0] if found in KINDS else f'{found} file')}, not {_a(what)}")
+    kind = found or kinds[0]
+    what, required = KINDS[kind] if found else (what, KINDS[kind][1])
     if found and payload.get("version", 1) > VERSION:
         raise ValueError(f"{path}: {what} of format version {payload['version']}, written by a newer dmfast; this "
                          f"one reads up to version {VERSION}")
@@ -73,7 +89,15 @@ def load(path, kind: str) -> dict:
     if kind == MASKS and masks.numel() and not (masks.min() >= 0 and masks.max() <= 1):
         raise ValueError(f"{path}: mask values must lie in [0, 1] (attention weights), found "
                          f"{masks.min().item():g} to {masks.max().item():g}")
+    payload.setdefault("format", kind)  # files of dmfast 0.1.0 carry no tag
     return payload
+
+
+def _untagged(payload: dict, kinds: tuple) -> str:
+    """The format of an untagged file (dmfast 0.1.0) among ``kinds``, by its keys."""
+    if "net_config" in payload:
+        return ALIGNMENT
+    return next((k for k in kinds if all(key in payload for key in KINDS[k][1])), kinds[0])
 
 
 def _structure_problem(kind: str, payload: dict) -> str | None:
@@ -108,6 +132,15 @@ def _structure_problem(kind: str, payload: dict) -> str | None:
         if aligner is not None and not (isinstance(aligner, dict) and state(aligner.get("state")) and
                                         isinstance(aligner.get("input_size"), int)):
             return "'aligner' lacks its weights or input size"
+        splits, patients = payload.get("splits"), payload.get("patients")
+        if payload.get("config") is not None and not isinstance(payload["config"], dict):
+            return "its run's settings ('config') are not a dict"
+        if splits is not None and not (isinstance(splits, dict) and all(
+                isinstance(splits.get(k), list) and all(isinstance(n, str) for n in splits[k])
+                for k in ("train", "val", "test"))):
+            return "'splits' lacks the lists of training, validation and test image names"
+        if patients is not None and not (isinstance(patients, list) and all(isinstance(p, str) for p in patients)):
+            return "'patients' is not a list of patient IDs"
     return None
 
 

@@ -16,6 +16,8 @@ from .metrics import DEFAULT_THRESHOLDS
 ARCHS = ("resnet18", "resnet34", "resnet50")
 CAM_STRIDES = (16, 32)
 OPTIMIZERS = ("adam", "sgd")
+SUBMISSIONS = ("vindr", "rsna")  # the challenges whose submission files predict writes (see dmfast.detection)
+BOX_SCORES = ("mean", "peak", "probability")  # a box's confidence: p x the region's mean or peak CAM, or p alone
 WANG_THRESHOLDS = (60 / 255, 180 / 255)  # Wang et al.'s two CAM levels for boxes (`--box-threshold wang`)
 ASYMMETRIC = ("Cardiomegaly",)  # the classes whose CAMs are not mirrored into their masks (Eq. 3)
 MIN_POOLED_CELLS = 8  # the alignment loss's pooled grid, per side: 4 x 4 cells let a warp lower it while misaligning
@@ -142,7 +144,7 @@ class TrainConfig(SplitConfig):
     pretrained: bool = False
     amp: bool = False
     aligned: str | None = None  # alignment checkpoint: train on aligned images
-    init: str | None = None  # start from this classifier checkpoint
+    init: str | None = None  # start from this trained classifier's weights (model file, run folder, checkpoint)
     masks: str | None = None  # disease masks file: attention retraining
     freeze_bn: bool = False  # BatchNorm in inference mode (statistics from the loaded weights)
     tensorboard: bool = False  # also log the epoch scalars to RUN/tensorboard
@@ -159,7 +161,7 @@ class AlignConfig(SplitConfig):
     optimizer: str = chosen("sgd", OPTIMIZERS)  # the paper's; "adam" converges faster on the phantom (see the README)
     clip: float = ranged(1.0, 0, 1e6, open_low=True)  # gradient-norm clipping: no batch throws the transform far
     pool: int = ranged(16, 1, 512)
-    perceptual: str | None = None  # classifier checkpoint for the perceptual loss
+    perceptual: str | None = None  # trained classifier for the perceptual loss (model file, run, checkpoint)
     perceptual_weight: float = ranged(1.0, 0, 1e6)
     input_size: int = ranged(128, SIZE.low, 1024)
     grid_images: int = ranged(8, 1, 64)
@@ -177,7 +179,7 @@ class AlignConfig(SplitConfig):
 
 @dataclass(kw_only=True)
 class MasksConfig(DataConfig):
-    checkpoint: str | None = None  # the classifier (dmfast train) whose CAMs make the masks
+    checkpoint: str | None = None  # the trained classifier (model file, run, checkpoint) whose CAMs make the masks
     confidence: float = ranged(0.8, 0, 1)
     threshold: float = ranged(0.5, 0, 1)
     asymmetric: list = field(default_factory=lambda: list(ASYMMETRIC))
@@ -192,6 +194,10 @@ class BoxConfig(Checked):
     """How CAMs become boxes (eval and predict): thresholds on the min-max normalised CAM, boxes per CAM."""
     box_thresholds: tuple = (0.5,)
     max_boxes: int = ranged(1, 1, MAX_BOXES)
+    box_score: str = chosen(BOX_SCORES[0], BOX_SCORES)  # see inference.Prediction.boxes
+    # classes of an image with at least this probability get boxes in the detection outputs: 0 keeps every box, so
+    # a precision-recall curve (AP, FROC) is never cut short
+    box_floor: float = ranged(0.0, 0, 1)
 
 
 def box_levels(thresholds, max_boxes: int) -> tuple:
@@ -210,7 +216,7 @@ def min_probability(value: float) -> float:
 
 @dataclass(kw_only=True)
 class EvalConfig(DataConfig, BoxConfig):
-    checkpoints: list = field(default_factory=list)  # [(name, path)] of dmfast train checkpoints, in table order
+    checkpoints: list = field(default_factory=list)  # [(name, path)] of trained classifiers, in table order
     masks: list = field(default_factory=list)  # [(name, path)] extra masks files for mask-only rows
     overlays: int = ranged(2, 0, 1000)  # images per class in the overlay figures
     overlap_thresholds: tuple = DEFAULT_THRESHOLDS
@@ -222,6 +228,9 @@ class EvalConfig(DataConfig, BoxConfig):
     # default: the release's own
     box_space: str | None = chosen(None, (None, "release", "image"))
     fuse_readers: bool = False  # fuse overlapping boxes of several readers (VinDr-CXR) into one
+    # the operating point: classes reaching it are the reported findings (the RSNA metric scores these boxes)
+    min_probability: float = ranged(0.5, 0, 1)
+    froc_iou: float = ranged(0.4, 0, 1, open_low=True)  # a detection hits a ground-truth box at IoU >= this (FROC)
     bootstrap: int = ranged(1000, 0, 1000000)  # patient resamples for the 95% intervals (0: none)
     seed: int = ranged(0, 0, 2**32 - 1)  # of the resampling
 
@@ -239,6 +248,7 @@ class PredictConfig(BoxConfig):
     overwrite: bool = False  # replace the outputs of an earlier prediction in ``out``
     # the inputs are release folders (of this format, or "auto": detected): the images they list, not every file
     format: str | None = chosen(None, (None, "auto", *DATA_FORMATS))
+    submission: str | None = chosen(None, (None, *SUBMISSIONS))  # also write a challenge's submission.csv
 
 
 @dataclass(kw_only=True)

@@ -15,6 +15,11 @@ stands next to every accuracy, since more boxes can only raise accuracy.
 The mask-only baseline scores the boxes of a disease mask alone: the same boxes for every image of a class. A pure
 location prior does well at low IoU on ChestX-ray14 (cardiomegaly almost always), so the tables show what the
 image-specific CAM adds beyond it.
+
+Detection, as the rest of the field scores it (:mod:`dmfast.detection`): boxes of every class reaching the box
+floor on every image, each with a confidence that ranks it (``box_score``), scored by COCO AP (pycocotools),
+VinBigData's mAP@0.4, the RSNA metric and FROC, written as ``boxes.csv`` and COCO JSON. Every mean carries a
+patient-bootstrap interval over the estimate's own class set, and a paired difference to the first method.
 """
 
 import platform
@@ -36,11 +41,13 @@ from .data.dataset import FINDINGS, DataError, fuse_readers, image_size, read_te
 from .data import rsna
 from .data.formats import detect_format, open_data, open_dataset
 from .data.images import square_geometry
+from .detection import (DECIMALS, FROC_RATES, METRIC_NAMES, METRICS, Boxes, Task, coco_ground_truth, coco_results,
+                        ground_truth, pycocotools_ap, scored_images)
 from .figures import BLACK, RED, draw, grid, heat_overlay
 from .inference import Classifier
 from .io import (atomic_write_bytes, atomic_write_json, check_outputs, clear_outputs, csv_text, finite, print_table,
                  progress, save_png)
-from .metrics import (interval, localization, patient_bootstrap, predictions_from_padded, roc_auc,
+from .metrics import (class_preserving_bootstrap, interval, localization, predictions_from_padded, roc_auc,
                       weighted_mean_accuracy, weighted_mean_auroc)
 
 REPORTED = (0.3, 0.5, 0.7)  # the paper's T(IoU) columns
@@ -59,8 +66,10 @@ class Method:
     seconds: float | None = None
     images: int = 0
     probabilities: np.ndarray | None = None  # [images, C] of the scored images, in order
-    predicted: tuple = ()  # (image ids, classes, boxes [P, 4] in pixels of `frame`-px images, scores [P])
+    predicted: Boxes = field(default_factory=Boxes.of)  # every box, in pixels of the `frame`-px cache images
     frame: int = 0
+    detections: Boxes = field(default_factory=Boxes.of)  # every box in its image's own pixels, as written
+    detection: dict | None = None  # the detection metrics' point estimates (detection.Task.score)
     uncertainty: dict | None = None  # bootstrap intervals and paired differences (see uncertainty())
 
     def summary(self) -> dict:
@@ -72,12 +81,24 @@ class Method:
             out["images_per_second"] = self.images / self.seconds if self.seconds else None
         if self.uncertainty is not None:
             out["uncertainty"] = self.uncertainty
+        if self.detection is not None:
+            d = self.detection
+            out["detection"] = {**{k: float(d[k][0]) for k in METRICS},
+                                "ap_per_class": _by_class(d["per_class_ap"], d["classes"]),
+                                "ap50_per_class": _by_class(d["per_class_ap50"], d["classes"]),
+                                "map40_per_class": _by_class(d["per_class_map40"], d["classes"]),
+                                "froc_curve": dict(zip(map(str, FROC_RATES), d["froc_curve"].tolist())),
+                                "pycocotools": d["pycocotools"]}
         for metric, result in self.localization.items():
             out[metric] = {"thresholds": list(result.thresholds),
                            "accuracy": dict(zip(FINDINGS, result.accuracy.T.tolist())),
                            "afp": dict(zip(FINDINGS, result.afp.T.tolist())),
                            "mean_accuracy": result.mean_accuracy.tolist(), "mean_afp": result.mean_afp.tolist()}
         return finite(out)  # NaN (nothing to score) becomes None, in memory as in eval.json
+
+
+def _by_class(values, classes) -> dict:
+    return {FINDINGS[c]: float(v) for c, v in zip(classes, values)}
 
 
 class GroundTruth:
@@ -95,21 +116,28 @@ class GroundTruth:
             self.pairs.setdefault(image, set()).add(cls)
         self.pairs = {n: sorted(self.pairs[n]) for n in self.images}
         self.size = size
-        self.regions = {n: dataset.image_in_square(n, size) for n in self.images}  # the image inside the padding
+        self.dataset = dataset
+        self.regions = {}  # image -> the image inside the padding, as needed
 
-    def clip(self, images, classes, boxes, scores) -> tuple:
+    def clip(self, predicted: Boxes) -> Boxes:
         """Predicted boxes cut to their image inside the padded square (as predict reports them); boxes wholly in
         the padding are dropped."""
-        if not len(images):
-            return images, classes, boxes, scores
-        region = np.array([self.regions[n] for n in images], dtype=np.float64)
+        if not len(predicted):
+            return predicted
+        for n in predicted.image:
+            if n not in self.regions:
+                self.regions[n] = self.dataset.image_in_square(n, self.size)
+        region = np.array([self.regions[n] for n in predicted.image], dtype=np.float64)
+        boxes = predicted.boxes
         boxes = np.concatenate([np.maximum(boxes[:, :2], region[:, :2]), np.minimum(boxes[:, 2:], region[:, 2:])], 1)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        return images[keep], classes[keep], boxes[keep], scores[keep]
+        return Boxes(predicted.image, predicted.cls, boxes, predicted.probability, predicted.score).take(keep)
 
-    def score(self, pred_image, pred_class, pred_boxes, thresholds) -> dict:
-        return {metric: localization(self.image, self.cls, self.boxes, pred_image, pred_class, pred_boxes,
-                                     len(FINDINGS), thresholds, metric) for metric in ("iou", "iobb")}
+    def score(self, predicted: Boxes, thresholds) -> dict:
+        """The paper's accuracy and AFP (:func:`dmfast.metrics.localization`): only the boxes of the (image,
+        class) pairs with ground truth count."""
+        return {metric: localization(self.image, self.cls, self.boxes, predicted.image, predicted.cls,
+                                     predicted.boxes, len(FINDINGS), thresholds, metric) for metric in ("iou", "iobb")}
 
 
 def _chosen_for_overlays(truth: GroundTruth, per_class: int) -> set:
@@ -128,11 +156,14 @@ class Selection:
 
 
 def _same_data(dataset, classifier: Classifier) -> bool:
-    """Whether ``dataset`` is the data the classifier was trained on: the same folder, or the same images."""
-    if Path(classifier.config.data).resolve() == Path(dataset.root).resolve():
+    """Whether ``dataset`` is the data the classifier was trained on: the same folder, or the same images (the
+    folder moved or copied; a model file keeps the names). Its images mixed in from other folders do not count."""
+    data = classifier.config.data  # None: a model file of an older dmfast, which kept no settings
+    if data is not None and Path(data).resolve() == Path(dataset.root).resolve():
         return True
-    splits = classifier.splits
-    return set(splits.train) | set(splits.val) | set(splits.test) == set(dataset.images)
+    splits, mixed = classifier.splits, tuple(CacheSet.key(i, "") for i in range(len(classifier.config.mix)))
+    named = {n for n in [*splits.train, *splits.val, *splits.test] if not (mixed and n.startswith(mixed))}
+    return bool(named) and named == set(dataset.images)
 
 
 def select_images(config: EvalConfig, dataset, first: Classifier) -> Selection:
@@ -181,26 +212,37 @@ def select_images(config: EvalConfig, dataset, first: Classifier) -> Selection:
 
 def training_overlap(classifier: Classifier, dataset, names: list) -> dict:
     """How many of ``names`` share an image name, and how many a patient ID, with the classifier's training and
-    validation images (patients read from its training data when that is still there). When ``dataset`` is one
-    of the folders mixed into its training (``train --mix``), those images count too."""
+    validation images: ``names``, ``patients``, each None when it cannot be told, and ``unknown_because`` saying
+    why. Patients are read from its training data when that is readable here, else taken from its model file
+    (which keeps them, as text). When ``dataset`` is one of the folders mixed into its training (``train
+    --mix``), those images count too."""
+    if not getattr(classifier, "splits_known", True):
+        return {"names": None, "patients": None, "unknown_because": "its model file was written before model files "
+                "kept their training images (export it again from its checkpoint)"}
     trained = set(classifier.splits.train) | set(classifier.splits.val)
-    patients, why, formats = None, "its training data is not readable here", set()
-    source = Path(classifier.config.data)
-    here = Path(dataset.root).resolve()
-    try:
-        training_data = dataset if here == source.resolve() else \
-            open_dataset(source, classifier.config.format, skip_problems=True, lists=False)
+    source, here = classifier.config.data, Path(dataset.root).resolve()
+    why = f"its training data {source} is not readable here" if source else "its training data is not recorded"
+    patients, formats, key = None, set(), lambda patient: patient
+    training_data = None
+    if source is not None:
+        try:
+            training_data = dataset if here == Path(source).resolve() else \
+                open_dataset(source, classifier.config.format, skip_problems=True, lists=False)
+        except (DataError, OSError):  # the training data is not here (or no longer readable)
+            pass
+    if training_data is not None:
         patients = {r.patient for r in training_data.records if r.image in trained}
         formats.add(training_data.format)
-    except (DataError, OSError):  # the training data is not here (or no longer readable)
-        pass
+    elif getattr(classifier, "patients", None) is not None:  # kept in its model file, as text
+        patients, key = set(classifier.patients), str
+        formats.add(classifier.config.format)
     rsna_unmapped = dataset.format == "rsna" and not rsna.mapped(dataset)
     for i, folder in enumerate(classifier.config.mix):
         prefix = CacheSet.key(i, "")
         if Path(folder).resolve() == here:
             mixed = {n[len(prefix):] for n in classifier.splits.train if n.startswith(prefix)}
             trained |= mixed
-            patients = (patients or set()) | {r.patient for r in dataset.records if r.image in mixed}
+            patients = (patients or set()) | {key(r.patient) for r in dataset.records if r.image in mixed}
         if rsna_unmapped:  # did ChestX-ray14 images (perhaps these) go into training?
             try:
                 formats.add(detect_format(folder))
@@ -212,68 +254,87 @@ def training_overlap(classifier: Classifier, dataset, names: list) -> dict:
     patient_of = {r.image: r.patient for r in dataset.records}
     same_as = {r.image: r.same_as for r in dataset.records}
     return {"names": sum(n in trained or same_as[n] in trained for n in names),
-            "patients": None if patients is None else sum(patient_of[n] in patients for n in names),
+            "patients": None if patients is None else sum(key(patient_of[n]) in patients for n in names),
             "unknown_because": why if patients is None else None}
 
 
 def evaluate_checkpoint(name: str, classifier: Classifier, cache: ImageCache, test_names: list, labels: np.ndarray,
                         truth: GroundTruth, config: EvalConfig, keep: set, console: Console) -> tuple:
-    """One pass over the test images: probabilities for AUROC and, on images with boxes, CAM boxes of each
-    ground-truth class. Returns the :class:`Method` and the maps/boxes of the (image, class) pairs in ``keep``."""
+    """One pass over the test images: probabilities for AUROC, and CAM boxes of every class reaching the box floor
+    on every image (and of every ground-truth class, whatever its probability, for the paper's accuracy). Returns
+    the :class:`Method` and the maps/boxes of the (image, class) pairs in ``keep``."""
     started = time.perf_counter()
-    scores, predicted, kept = [], [], {}
+    scores, parts, kept = [], [], {}
     with progress(f"eval {name}", console) as bar:
         task = bar.add_task("eval", total=len(test_names))
         for start in range(0, len(test_names), config.batch):
             names = test_names[start:start + config.batch]
             prediction = classifier(cache.batch(names))
-            scores.append(prediction.probabilities.cpu())
-            rows = [(b, n, c) for b, n in enumerate(names) for c in truth.pairs.get(n, ())]
+            probabilities = prediction.probabilities.cpu()
+            scores.append(probabilities)
+            wanted = probabilities >= config.box_floor
+            rows = [(b, n, c) for b, n in enumerate(names) for c in range(len(FINDINGS))
+                    if wanted[b, c] or c in truth.pairs.get(n, ())]
             if rows:
                 c_index = torch.tensor([r[2] for r in rows])
                 maps, boxes, box_scores, counts = prediction.boxes([r[0] for r in rows], c_index.tolist(), cache.size,
                                                                    config.box_thresholds, config.max_boxes,
-                                                                   [f"{classifier.path}: {r[1]}" for r in rows])
-                image_ids = np.array([r[1] for r in rows], dtype=object)
-                shown = np.arange(boxes.shape[1])[None] < counts.clamp(max=boxes.shape[1]).numpy()[:, None]
-                predicted.append((*predictions_from_padded(boxes.cpu(), counts, image_ids, c_index.numpy()),
-                                  box_scores.numpy()[shown]))
+                                                                   [f"{classifier.path}: {r[1]}" for r in rows],
+                                                                   config.box_score)
+                parts.append(_flatten(boxes, box_scores, counts, [r[1] for r in rows], c_index.numpy(),
+                                      probabilities[[r[0] for r in rows], c_index].double().numpy()))
                 for i, (_, n, c) in enumerate(rows):
                     if (n, c) in keep:
                         shown = int(min(counts[i].item(), config.max_boxes))
                         kept[(n, c)] = (maps[i].cpu(), boxes[i, :shown].cpu().numpy())
             bar.update(task, advance=len(names))
     seconds = time.perf_counter() - started
-    auroc = roc_auc(labels, torch.cat(scores).numpy())
-    if predicted:
-        pred_image, pred_class, pred_boxes, pred_scores = (np.concatenate(part) for part in zip(*predicted))
-    else:
-        pred_image, pred_class, pred_boxes = np.zeros(0, dtype=object), np.zeros(0, np.int64), np.zeros((0, 4))
-        pred_scores = np.zeros(0)
-    pred_image, pred_class, pred_boxes, pred_scores = truth.clip(pred_image, pred_class, pred_boxes, pred_scores)
-    result = truth.score(pred_image, pred_class, pred_boxes, config.overlap_thresholds)
     probabilities = torch.cat(scores).numpy()
+    auroc = roc_auc(labels, probabilities)
+    predicted = truth.clip(Boxes.concat(parts))
+    result = truth.score(predicted, config.overlap_thresholds)
     method = Method(name, "checkpoint", str(classifier.path), result, auroc.per_class, auroc.mean, seconds,
-                    len(test_names), probabilities, (pred_image, pred_class, pred_boxes, pred_scores), cache.size)
+                    len(test_names), probabilities, predicted, cache.size)
     return method, kept
 
 
-def mask_only(name: str, masks: torch.Tensor, truth: GroundTruth, config: EvalConfig) -> Method:
-    """The baseline of a set of masks ``[C, h, w]``: each class's mask boxes, predicted for every image of it."""
-    boxes, scores, counts = ops.cam_boxes(masks.float(), (truth.size, truth.size), config.box_thresholds,
-                                          config.max_boxes)
-    pred_image, pred_class, pred_boxes, pred_scores = [], [], [], []
-    for image, classes in truth.pairs.items():
-        for c in classes:
-            shown = int(min(counts[c].item(), config.max_boxes))
-            pred_image += [image] * shown
-            pred_class += [c] * shown
-            pred_boxes += boxes[c, :shown].tolist()
-            pred_scores += scores[c, :shown].tolist()
-    predicted = truth.clip(np.array(pred_image, dtype=object), np.array(pred_class, np.int64),
-                           np.array(pred_boxes, np.float64).reshape(-1, 4), np.array(pred_scores, np.float64))
-    result = truth.score(*predicted[:3], config.overlap_thresholds)
-    return Method(name, "mask-only", "", result, predicted=predicted, frame=truth.size)
+def _flatten(boxes, scores, counts, images: list, classes, probabilities) -> Boxes:
+    """The boxes of ``ops.cam_boxes``-style padded output (maps of ``images[i]``, ``classes[i]``, class probability
+    ``probabilities[i]``) as a :class:`Boxes` table."""
+    pred_image, pred_class, pred_boxes = predictions_from_padded(boxes, counts, np.array(images, dtype=object),
+                                                                 classes)
+    shown = np.arange(boxes.shape[-2])[None] < np.minimum(np.asarray(counts), boxes.shape[-2])[:, None]
+    return Boxes.of(pred_image, pred_class, pred_boxes, np.repeat(probabilities, shown.sum(1)),
+                    np.asarray(scores)[shown])
+
+
+def mask_only(name: str, masks: torch.Tensor, truth: GroundTruth, config: EvalConfig,
+              probabilities: np.ndarray | None = None, test_names: list | None = None) -> Method:
+    """The baseline of a set of masks ``[C, h, w]``: each class's mask boxes, predicted for every image of it. With
+    the ``probabilities [images, C]`` of a classifier on ``test_names``, also on every image where the class reaches
+    the box floor, scored as that classifier's boxes (probability times the mask's region term): the location prior
+    at the same image-level evidence."""
+    region = "mean" if config.box_score == "mean" else "max"
+    boxes, region_scores, counts = ops.cam_boxes(masks.float(), (truth.size, truth.size), config.box_thresholds,
+                                                 config.max_boxes, region)
+    if config.box_score == "probability":
+        region_scores = (torch.arange(boxes.shape[1])[None] < counts[:, None]).double()
+    pairs = {n: set(c) for n, c in truth.pairs.items()}
+    p_of = {}
+    if probabilities is not None:
+        for i, n in enumerate(test_names):
+            p_of[n] = probabilities[i]
+            pairs.setdefault(n, set()).update(np.flatnonzero(probabilities[i] >= config.box_floor).tolist())
+    rows = [(n, c) for n in pairs for c in sorted(pairs[n])]
+    if not rows:
+        return Method(name, "mask-only", "", truth.score(Boxes.of(), config.overlap_thresholds), frame=truth.size)
+    index = torch.tensor([c for _, c in rows])
+    p = np.array([p_of[n][c] if n in p_of else 1.0 for n, c in rows])
+    predicted = _flatten(boxes[index], region_scores[index].numpy() * p[:, None], counts[index], [n for n, _ in rows],
+                         index.numpy(), p)
+    predicted = truth.clip(predicted)
+    return Method(name, "mask-only", "", truth.score(predicted, config.overlap_thresholds), predicted=predicted,
+                  frame=truth.size)
 
 
 def _cell(accuracy, afp) -> str:
@@ -346,37 +407,99 @@ def overlay_figures(out: Path, kept_by_method: dict, truth: GroundTruth, cache: 
     return paths
 
 
-def per_image_files(out: Path, methods: list, test_names: list, labels: np.ndarray, dataset) -> tuple:
-    """``predictions.csv`` (image, method, the 14 probabilities and the 14 labels) and ``boxes.csv`` (image, class,
-    method, box in the image's own pixels, score, best IoU and IoBB with a ground-truth box of the class on the
-    image, empty where it has none), so that the tables can be recomputed without the model."""
+def geometry(dataset, names: list, frame: int) -> dict:
+    """Where each image lies in the ``frame``-px cache square: ``(scale, pad_x, pad_y, width, height)`` as
+    :meth:`detection.Boxes.to_image_pixels` takes it."""
+    out = {}
+    for name in names:
+        width, height = image_size(dataset.paths[name])
+        _, _, scale, pad_x, pad_y = square_geometry(width, height, frame)
+        out[name] = (scale, pad_x, pad_y, width, height)
+    return out
+
+
+def per_image_files(out: Path, methods: list, test_names: list, labels: np.ndarray) -> tuple:
+    """``predictions.csv`` (image, method, the 14 probabilities and the 14 labels) and ``boxes.csv``: every box of
+    every method (image, class, method, box in the image's own pixels, class probability, score, best IoU and IoBB
+    with a ground-truth box of the class on the image, empty where it has none), best score first per image; an
+    image where no class reached the box floor gets one row without a box. The tables can be recomputed from them
+    without the model."""
     rows = [[image, m.name, *(f"{p:.9g}" for p in m.probabilities[i]), *map(int, labels[i])]
             for m in methods if m.probabilities is not None for i, image in enumerate(test_names)]
     predictions = atomic_write_bytes(out / "predictions.csv", csv_text(
         ["image", "method", *FINDINGS, *(f"{c} label" for c in FINDINGS)], rows).encode())
-    frames, rows = {}, []  # boxes go from the cache's square frame to the image's own pixels
+    rows, position = [], {n: i for i, n in enumerate(test_names)}
     for m in methods:
-        images, classes, boxes, scores = m.predicted if m.predicted else ((), (), (), ())
-        for k, (image, c, box, score) in enumerate(zip(images, classes, boxes, scores)):
-            if (image, m.frame) not in frames:
-                _, _, scale, pad_x, pad_y = square_geometry(*image_size(dataset.paths[image]), m.frame)
-                frames[image, m.frame] = scale, np.array([pad_x, pad_y, pad_x, pad_y], dtype=np.float64)
-            scale, pad = frames[image, m.frame]
-            overlaps = [m.localization[metric].best_for_pred[k] for metric in ("iou", "iobb")]
-            rows.append([image, FINDINGS[c], m.name, *(f"{v:.2f}" for v in np.asarray(box) * scale - pad),
-                         f"{score:.4f}", *("" if v < 0 else f"{v:.4f}" for v in overlaps)])
+        d = m.detections
+        overlaps = [m.localization[metric].best_for_pred for metric in ("iou", "iobb")]
+        order = sorted(range(len(d)), key=lambda k: (position[d.image[k]], -d.score[k]))
+        boxed = set(d.image)
+        for k in order:
+            rows.append([d.image[k], FINDINGS[d.cls[k]], m.name, *(f"{v:.{DECIMALS}f}" for v in d.boxes[k]),
+                         f"{d.probability[k]:.6g}", f"{d.score[k]:.6g}",
+                         *("" if v[k] < 0 else f"{v[k]:.4f}" for v in overlaps)])
+        if m.probabilities is not None:
+            rows += [[n, "", m.name, "", "", "", "", "", "", "", ""] for n in test_names if n not in boxed]
     boxes_file = atomic_write_bytes(out / "boxes.csv", csv_text(
-        ["image", "class", "method", "x0", "y0", "x1", "y1", "score", "best_iou", "best_iobb"], rows).encode())
+        ["image", "class", "method", "x0", "y0", "x1", "y1", "probability", "score", "best_iou", "best_iobb"],
+        rows).encode())
     return predictions, boxes_file
 
 
-def uncertainty(methods: list, truth: GroundTruth, test_names: list, labels: np.ndarray, patient_of: dict,
-                resamples: int, seed: int) -> None:
-    """95% patient-bootstrap intervals of each method's mean AUROC and mean accuracy at each reported T(IoU), and
-    of its difference from the first method on the same resamples (paired), into ``method.uncertainty``."""
-    weights = patient_bootstrap(np.array([patient_of[n] for n in test_names]), resamples, seed)
+def coco_files(out: Path, methods: list, task: Task, dataset) -> dict:
+    """``coco/ground_truth.json`` (the detection images with their boxes) and ``coco/<method>.json`` (each
+    method's boxes there, as pycocotools' results), with pycocotools' AP of each into ``method.detection``."""
+    sizes = {n: image_size(dataset.paths[n]) for n in task.images}
+    files = {n: dataset.paths[n].relative_to(dataset.root) if dataset.paths[n].is_relative_to(dataset.root)
+             else dataset.paths[n] for n in task.images}
+    ground = coco_ground_truth(task.truth, task.images, sizes, files,
+                               {"description": f"dmfast eval ground truth of {dataset.root}",
+                                "version": dmfast.__version__})
+    written = {"ground_truth": atomic_write_json(out / "coco" / "ground_truth.json", ground, indent=None)}
+    for m in methods:
+        results = coco_results(m.detections.on(task.images), task.images)
+        written[m.name] = atomic_write_json(out / "coco" / f"{_file_name(m.name)}.json", results, indent=None)
+        m.detection["pycocotools"] = {k: v for k, v in pycocotools_ap(ground, results).items() if k != "per_class"}
+    return written
+
+
+def _file_name(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def detection_tables(methods: list, task: Task) -> list:
+    """(title, header, rows) of the detection metrics per method, and of AP50 / mAP@0.4 per class."""
+    header = ["method", *(METRIC_NAMES[k] for k in METRICS), *(f"S@{r:g}" for r in FROC_RATES)]
+    rows = [[m.name, *(f"{m.detection[k][0]:.3f}" for k in METRICS), *(f"{v:.2f}" for v in m.detection["froc_curve"])]
+            for m in methods]
+    boxes = np.bincount(task.truth.cls, minlength=len(FINDINGS))
+    per_class = [[f"{FINDINGS[c]} ({boxes[c]})", *(f"{m.detection['per_class_ap50'][k]:.3f} / "
+                                                     f"{m.detection['per_class_map40'][k]:.3f}" for m in methods)]
+                 for k, c in enumerate(task.classes)]
+    return [(f"Detection on {len(task.images)} images, {len(task.truth)} boxes: COCO AP@[.5:.95], AP50, AP75, "
+             f"VinBigData mAP@0.4, RSNA (boxes of p >= {task.min_probability:g}), FROC mean and sensitivity at 1/8..8 "
+             f"false positives per image (IoU >= {task.froc_iou:g})", header, rows),
+            ("AP50 / mAP@0.4 per class", ["class (boxes)", *(m.name for m in methods)], per_class)]
+
+
+def uncertainty(methods: list, truth: GroundTruth, task: Task | None, test_names: list, labels: np.ndarray,
+                patient_of: dict, resamples: int, seed: int) -> None:
+    """95% patient-bootstrap intervals of each method's mean AUROC, mean accuracy at each reported T(IoU) and
+    detection metrics, and of its difference from the first method on the same resamples (paired), into
+    ``method.uncertainty``. A resample in which a class of an estimate's class set has no box (or no positive or
+    negative) is drawn again
+    (:func:`dmfast.metrics.class_preserving_bootstrap`), so every mean is over the classes of the estimate in every
+    resample."""
+    patients = np.array([patient_of[n] for n in test_names])
     column = {n: i for i, n in enumerate(test_names)}
-    box_weights = weights[:, [column[n] for n in truth.image]]
+    box_columns = [column[n] for n in truth.image]
+    sets = [(box_columns, truth.cls)]
+    if task is not None:
+        det_columns = [column[n] for n in task.images]
+        sets.append(([column[n] for n in task.truth.image], task.truth.cls))
+    drawn, stratified = class_preserving_bootstrap(patients, labels, sets, resamples, seed)
+    weights = drawn.weights
+    box_weights = weights[:, box_columns]
     draws = {}
     for m in methods:
         iou = m.localization["iou"]
@@ -386,10 +509,14 @@ def uncertainty(methods: list, truth: GroundTruth, test_names: list, labels: np.
         draws[m.name] = {"mean_auroc": weighted_mean_auroc(labels, m.probabilities, weights)
                          if m.probabilities is not None else None,
                          **{f"iou_accuracy@{t:g}": accuracy[:, k] for k, t in enumerate(levels)}}
+        if task is not None and m.detection is not None:
+            scored = task.score(m.detections, weights[:, det_columns])
+            draws[m.name].update({k: scored[k] for k in METRICS})
     first = draws[methods[0].name]
     for m in methods:
         mine = draws[m.name]
-        m.uncertainty = {"resamples": resamples, "seed": seed,
+        m.uncertainty = {"resamples": resamples, "seed": seed, "stratified": stratified,
+                         "redrawn": int((drawn.redrawn > 0).sum()), "incomplete": int(drawn.failed.sum()),
                          "intervals": {k: interval(v) for k, v in mine.items() if v is not None},
                          "versus": methods[0].name,
                          "difference": {k: {"point": _point(m, k) - _point(methods[0], k),
@@ -400,15 +527,17 @@ def uncertainty(methods: list, truth: GroundTruth, test_names: list, labels: np.
 def _point(method: Method, key: str) -> float:
     if key == "mean_auroc":
         return method.mean_auroc
+    if key in METRICS:
+        return float(method.detection[key][0])
     iou = method.localization["iou"]
     return float(iou.mean_accuracy[list(iou.thresholds).index(float(key.split("@")[1]))])
 
 
 def interval_tables(methods: list) -> list:
     """(title, header, rows) of the intervals and of the paired differences from the first method."""
-    keys = [k for k in methods[0].uncertainty["intervals"]]
-    header = ["method"] + [k.replace("iou_accuracy@", "accuracy T(IoU) ").replace("mean_auroc", "mean AUROC")
-                           for k in keys]
+    keys = list(dict.fromkeys(k for m in methods for k in m.uncertainty["intervals"]))
+    header = ["method"] + [METRIC_NAMES.get(k) or k.replace("iou_accuracy@", "accuracy T(IoU) ").replace(
+        "mean_auroc", "mean AUROC") for k in keys]
     resamples = methods[0].uncertainty["resamples"]
 
     def cell(point, bounds, sign=""):
@@ -424,7 +553,7 @@ def interval_tables(methods: list) -> list:
          if diffs else [])
 
 
-OUTPUTS = ("eval.json", "eval.md", "predictions.csv", "boxes.csv", "overlays")
+OUTPUTS = ("eval.json", "eval.md", "predictions.csv", "boxes.csv", "coco", "overlays")
 
 
 def run(config: EvalConfig, console: Console | None = None) -> dict:
@@ -467,11 +596,14 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
     for name, classifier in classifiers:
         overlap = training_overlap(classifier, dataset, test_names)
         selection.overlap[name] = overlap
-        patients = "an unknown number" if overlap["patients"] is None else overlap["patients"]
-        if overlap["names"] or overlap["patients"] != 0:
-            message = (f"{overlap['names']} of the {len(test_names)} evaluation images share a name and "
-                       f"{patients} a patient ID with the training images of {name}" +
-                       (f" ({overlap['unknown_because']})" if overlap["patients"] is None else ""))
+        count = {k: "none" if overlap[k] == 0 else overlap[k] for k in ("names", "patients")}
+        if overlap["names"] != 0 or overlap["patients"] != 0:  # say what was checked and what could not be
+            patients = f"{count['patients']} share a patient ID" if overlap["patients"] is not None else \
+                f"an unknown number share a patient ID (not checked: {overlap['unknown_because']})"
+            message = (f"{count['names']} of the {len(test_names)} evaluation images share a name with the training "
+                       f"images of {name}; {patients}" if overlap["names"] is not None else
+                       f"the {len(test_names)} evaluation images could not be checked against the training images of "
+                       f"{name} ({overlap['unknown_because']})")
             known = overlap["names"] or overlap["patients"]
             if known and not config.allow_overlap:
                 raise ValueError(f"{message}: scores on training images are not test scores (choose other images "
@@ -494,18 +626,34 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
         methods.append(method)
         kept_by_method[name] = kept
         if classifier.masks is not None:
-            methods.append(mask_only(f"{name} mask only", classifier.masks.cpu(), truth, config))
+            methods.append(mask_only(f"{name} mask only", classifier.masks.cpu(), truth, config, method.probabilities,
+                                     test_names))
     truth = truth_at[first.config.size]
     for name, path in config.masks:
         masks = checkpoints.load(path, checkpoints.MASKS)["masks"]
-        methods.append(mask_only(f"{name} mask only", masks, truth, config))
+        methods.append(mask_only(f"{name} mask only", masks, truth, config, methods[0].probabilities, test_names))
     if not len(truth.images):
         console.print("[yellow]no test image has a ground-truth box: localization is not scored")
 
+    frames = {m.frame: geometry(dataset, test_names, m.frame) for m in methods}
+    for m in methods:
+        m.detections = m.predicted.to_image_pixels(frames[m.frame])
+    detection_images = scored_images(dataset, test_names)
+    task = Task.of(detection_images, ground_truth(dataset, detection_images, config.box_space),
+                   config.min_probability, config.froc_iou) if detection_images else None
+    task = task if task is not None and task.classes else None
     results = tables(methods, truth, len(test_names))
+    coco = {}
+    if task is not None:
+        for m in methods:
+            m.detection = {**task.score(m.detections), "classes": task.classes}
+        coco = coco_files(out, methods, task, dataset)
+        for m in methods:
+            _check_against_pycocotools(m, console)
+        results += detection_tables(methods, task)
     if config.bootstrap > 0:
         patient_of = {r.image: r.patient for r in dataset.records}
-        uncertainty(methods, truth, test_names, labels, patient_of, config.bootstrap, config.seed)
+        uncertainty(methods, truth, task, test_names, labels, patient_of, config.bootstrap, config.seed)
         results += interval_tables(methods)
     for title, header, rows in results:
         print_table(console, title, header, rows)
@@ -514,13 +662,37 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
     report = {"config": {**asdict(config), "box_thresholds": list(levels)}, "test_images": len(test_names),
               "selection": {"what": selection.what, "images": len(test_names), "overlap": selection.overlap},
               "box_images": len(truth.images), "gt_boxes": len(truth.boxes),
+              "detection": None if task is None else {
+                  "images": len(task.images), "gt_boxes": len(task.truth), "min_probability": task.min_probability,
+                  "froc_iou": task.froc_iou, "classes": [FINDINGS[c] for c in task.classes],
+                  "coco_files": {k: str(v) for k, v in coco.items()}},
               "methods": {m.name: m.summary() for m in methods}, "overlays": [str(p) for p in figures],
               "versions": {"dmfast": dmfast.__version__, "torch": torch.__version__, "python": platform.python_version(),
-                           "numpy": np.__version__}}
-    per_image_files(out, methods, test_names, labels, dataset)
+                           "numpy": np.__version__, "pycocotools": _version("pycocotools")}}
+    per_image_files(out, methods, test_names, labels)
     atomic_write_json(out / "eval.json", report)
     atomic_write_bytes(out / "eval.md", markdown(results).encode())
     console.print(f"results {out / 'eval.json'}, {out / 'eval.md'}, per image {out / 'predictions.csv'}, "
-                  f"{out / 'boxes.csv'}" +
+                  f"{out / 'boxes.csv'}" + (f", COCO files in {out / 'coco'}" if coco else "") +
                   (f"; overlays in {out / 'overlays'}" if figures else ""))
     return report
+
+
+def _check_against_pycocotools(method: Method, console: Console) -> None:
+    """dmfast's COCO AP (whose twin draws the bootstrap) must be pycocotools' on the same files."""
+    reference = method.detection["pycocotools"]
+    for key, name in (("coco_ap", "AP"), ("coco_ap50", "AP50"), ("coco_ap75", "AP75")):
+        mine, theirs = float(method.detection[key][0]), reference[name]
+        if not (np.isclose(mine, theirs, rtol=0, atol=1e-9) or (np.isnan(mine) and np.isnan(theirs))):
+            console.print(f"[red]{method.name}: dmfast's {name} {mine:.6f} differs from pycocotools' {theirs:.6f} "
+                          "(please report); pycocotools' is reported")
+            method.detection[key] = np.concatenate([[theirs], method.detection[key][1:]])
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None

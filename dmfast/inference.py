@@ -1,10 +1,11 @@
-"""Trained models at inference: loading a classifier or an alignment module from its checkpoint, running a
-classifier on uint8 image batches (probabilities and class activation maps, on aligned images when it was trained
-on them), and the portable model file (:func:`export_model`, :func:`load_model`). Shared by ``dmfast train``
-(validation, model.pt), ``align`` (perceptual loss), ``masks``, ``eval`` and ``export``."""
+"""Trained models at inference: loading a classifier from any of its files (:func:`read_trained`: model file, run
+folder, checkpoint) or an alignment module from its checkpoint, running a classifier on uint8 image batches
+(probabilities and class activation maps, on aligned images when it was trained on them), and the portable model
+file (:func:`export_model`, :func:`load_model`). Shared by ``dmfast train`` (validation, model.pt), ``align``
+(perceptual loss), ``masks``, ``eval`` and ``export``."""
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,32 +13,75 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, checkpoints, ops
-from .config import TrainConfig, box_levels, from_dict
+from .config import BOX_SCORES, TrainConfig, box_levels, from_dict
 from .config import min_probability as probability_floor
-from .data.dataset import FINDINGS
+from .data.dataset import FINDINGS, DataError
+from .data.formats import open_dataset
 from .data.images import NORMALISATION, Square, load_gray, to_model_input, to_square
 from .data.splits import Splits
 from .io import check_outputs
 from .models import AlignmentNet, CAMClassifier
 
 
+RUN_FILES = ("model.pt", "checkpoint.pt")  # what a run folder stands for, the first there
+
+
+def trained_file(path) -> Path:
+    """The file of the trained classifier ``path`` names: the file itself, or for a ``dmfast train`` run folder its
+    ``model.pt``, else (a run still training, or of an older dmfast) its ``checkpoint.pt``."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    found = next((path / name for name in RUN_FILES if (path / name).is_file()), None)
+    if found is None:
+        raise FileNotFoundError(f"{path}: a folder without model.pt or checkpoint.pt (not a dmfast train run "
+                                "folder; a run writes checkpoint.pt every epoch and model.pt at its end)")
+    return found
+
+
+def read_trained(path) -> tuple:
+    """``(file, payload)`` of a trained classifier, whichever way it is given: a portable model file (read
+    weights only), a run folder (see :func:`trained_file`), or a ``dmfast train`` checkpoint (``checkpoint.pt``,
+    ``best.pt``: a full pickle, read because the user names it as their own). ``payload["format"]`` says which:
+    :data:`checkpoints.MODEL` or :data:`checkpoints.CLASSIFIER`."""
+    path = trained_file(path)
+    return path, checkpoints.load(path, (checkpoints.MODEL, checkpoints.CLASSIFIER))
+
+
+def _float(state: dict) -> dict:
+    """A state dict with float16 weights (a ``--half`` model file) back in float32."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
 def load_classifier(path, device="cpu") -> tuple:
-    """A trained classifier from a ``dmfast train`` checkpoint, in eval mode with its disease masks (if it was
-    trained with some): ``(model, config, state)``."""
-    state = checkpoints.load(path, checkpoints.CLASSIFIER)
+    """A trained classifier (any path :func:`read_trained` takes), in eval mode with its disease masks (if it was
+    trained with some): ``(model, config, payload)``. ``config`` is its run's TrainConfig; of a model file written
+    before model files kept it, only ``size``, ``arch`` and ``cam_stride`` are known and ``data`` is None."""
+    path, payload = read_trained(path)
+    if payload["format"] == checkpoints.MODEL:
+        if payload["classes"] != list(FINDINGS) or payload["normalisation"] != NORMALISATION:
+            raise ValueError(f"{path}: a model of classes {payload['classes']} with input normalisation "
+                             f"{payload['normalisation']}; this dmfast works with {list(FINDINGS)} and "
+                             f"{NORMALISATION}")
+        spec = payload["classifier"]
+        settings = {**(payload.get("config") or {"data": None, "out": None}), "size": payload["size"],
+                    "arch": spec["arch"], "cam_stride": spec["cam_stride"]}
+        state = _float(spec["state"])
+    else:
+        settings, state = payload["config"], payload["model"]
     try:
-        config = from_dict(TrainConfig, state["config"])
+        config = from_dict(TrainConfig, settings)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: its settings cannot be used ({error})") from None
-    diverged = checkpoints.non_finite(state["model"])
+    diverged = checkpoints.non_finite(state)
     if diverged:
         raise ValueError(f"{path}: its weights hold NaN or infinite values ({', '.join(diverged[:3])}): the run "
                          "diverged (a lower --lr, or an earlier epoch's best.pt)")
     model = CAMClassifier(config.arch, len(FINDINGS), cam_stride=config.cam_stride)
     with weights_of(path, config.arch):
-        model.set_masks(state["model"].get("masks"))
-        model.load_state_dict(state["model"])
-    return model.to(device).eval(), config, state
+        model.set_masks(state.get("masks"))
+        model.load_state_dict(state)
+    return model.to(device).eval(), config, payload
 
 
 @contextmanager
@@ -71,19 +115,32 @@ class Prediction:
     cams: torch.Tensor  # [B, C, h, w], in the frame the model saw (aligned when it was trained aligned)
     theta: torch.Tensor | None  # [B, 2, 3] alignment transforms (aligned frame -> image frame), or None
 
-    def boxes(self, images: list, classes: list, size: int, thresholds, max_boxes: int, names: list) -> tuple:
+    def boxes(self, images: list, classes: list, size: int, thresholds, max_boxes: int, names: list,
+              score: str = BOX_SCORES[0]) -> tuple:
         """Boxes of the CAM of class ``classes[i]`` on image ``images[i]``, in the pixels of the ``size``-px input
         (maps of aligned images warped back onto it, at :func:`map_resolution`): ``(maps, boxes, scores,
         counts)`` as ``ops.cam_boxes``, on the CPU. A CAM with NaN or inf is an error naming ``names[i]`` and the
-        class."""
+        class.
+
+        A box's score ranks detections across images and classes: the class probability ``p`` times the mean
+        (``score="mean"``) or the peak (``"peak"``) of the min-max normalised CAM inside the box's region, or ``p``
+        alone (``"probability"``). The normalised CAM alone is 1 at every map's peak, so it cannot rank boxes of
+        different maps; ``p`` carries the image-level evidence and the region term orders the boxes of one map
+        (with ``"mean"``, nested boxes of several thresholds score apart: the inner region's mean is higher)."""
+        if score not in BOX_SCORES:
+            raise ValueError(f"box score must be one of {', '.join(BOX_SCORES)}, got {score!r}")
         b_index, c_index = torch.tensor(images, device=self.cams.device), torch.tensor(classes, device=self.cams.device)
         theta = self.theta[b_index] if self.theta is not None else None
         maps = to_image_frame(self.cams[b_index, c_index], theta, map_resolution(size))
-        boxes, scores, counts = (t.cpu() for t in ops.cam_boxes(maps, (size, size), thresholds, max_boxes))
+        boxes, region, counts = (t.cpu() for t in ops.cam_boxes(maps, (size, size), thresholds, max_boxes,
+                                                                 "mean" if score == "mean" else "max"))
         if (counts < 0).any():
             i = int(torch.nonzero(counts < 0)[0, 0])
             raise ValueError(f"{names[i]}: the {FINDINGS[classes[i]]} CAM contains NaN or infinite values (a "
                              "diverged model?)")
+        probability = self.probabilities[b_index, c_index].double().cpu()[:, None]
+        shown = torch.arange(boxes.shape[-2])[None] < counts[:, None]  # past the count, boxes and scores are 0
+        scores = probability * (region if score != "probability" else shown.double())
         return maps, boxes, scores, counts
 
 
@@ -115,12 +172,15 @@ class Model:
         return to_square(_gray(image), self.size)
 
     def predict(self, images, min_probability: float = 0.5, box_thresholds=(0.5,), max_boxes: int = 1,
-                batch: int = 16, names: list | None = None) -> list:
+                batch: int = 16, names: list | None = None, box_score: str = BOX_SCORES[0],
+                box_floor: float | None = None) -> list:
         """Probabilities, CAMs and boxes for X-rays of any size: ``images`` are image files (PNG, JPEG, DICOM) or
         2-D uint8 arrays/tensors ``[H, W]`` (a list, a ``[B, H, W]`` tensor, or one). Each is padded to a centred
         square (never squashed) and resized to the model's input; CAMs of aligned models are warped back onto the
-        image. The boxes of every class whose probability reaches ``min_probability`` come back in the image's own
-        pixels. ``names`` label the images in errors (default: their paths or positions). Returns one
+        image. The boxes of every class whose probability reaches ``min_probability`` (the reported findings) come
+        back in the image's own pixels, scored as ``box_score`` says (:meth:`Prediction.boxes`); those of every
+        class reaching ``box_floor`` (default: ``min_probability``; 0: all) in ``all_boxes``, for detection
+        metrics. ``names`` label the images in errors (default: their paths or positions). Returns one
         :class:`ImagePrediction` per image."""
         if isinstance(images, (str, Path)) or getattr(images, "ndim", None) == 2:
             images = [images]  # one X-ray: a list of one result
@@ -132,19 +192,23 @@ class Model:
         for start in range(0, len(images), batch):
             squares = [self.square(image) for image in images[start:start + batch]]
             results += self.predict_squares(squares, min_probability, box_thresholds, max_boxes,
-                                            names[start:start + batch])
+                                            names[start:start + batch], box_score, box_floor)
         return results
 
     def predict_squares(self, squares: list, min_probability: float = 0.5, box_thresholds=(0.5,),
-                        max_boxes: int = 1, names: list | None = None) -> list:
+                        max_boxes: int = 1, names: list | None = None, box_score: str = BOX_SCORES[0],
+                        box_floor: float | None = None) -> list:
         """:meth:`predict` for one batch of :class:`Square` images."""
         box_thresholds, min_probability = box_levels(box_thresholds, max_boxes), probability_floor(min_probability)
+        box_floor = min_probability if box_floor is None else probability_floor(box_floor)
         names = names or [f"image {i}" for i in range(len(squares))]
         prediction = self(torch.from_numpy(np.stack([square.pixels for square in squares]))[:, None])
-        rows = torch.nonzero(prediction.probabilities >= min_probability).tolist()
-        if rows:  # boxes of the reported classes only: warping back all 14 maps of every image costs
+        # boxes of the classes asked for only: warping back all 14 maps of every image costs
+        rows = torch.nonzero(prediction.probabilities >= min(min_probability, box_floor)).tolist()
+        if rows:
             _, boxes, scores, counts = prediction.boxes([b for b, _ in rows], [c for _, c in rows], self.size,
-                                                        box_thresholds, max_boxes, [names[b] for b, _ in rows])
+                                                        box_thresholds, max_boxes, [names[b] for b, _ in rows],
+                                                        box_score)
         probabilities, cams = prediction.probabilities.cpu(), prediction.cams.cpu()
         theta = prediction.theta.cpu() if prediction.theta is not None else None
         results = []
@@ -158,9 +222,12 @@ class Model:
                 inside = (kept[:, 2] > kept[:, 0]) & (kept[:, 3] > kept[:, 1])  # not wholly in the padding
                 found[FINDINGS[rows[i][1]]] = [box + [score] for box, score in
                                                zip(kept[inside].tolist(), scores[i, :len(kept)][inside].tolist())]
-            results.append(ImagePrediction(square.width, square.height, dict(zip(FINDINGS, probabilities[b].tolist())),
-                                           found, cams[b], None if theta is None else theta[b], self.size,
-                                           (square.side, square.pad_x, square.pad_y)))
+            p = dict(zip(FINDINGS, probabilities[b].tolist()))
+            results.append(ImagePrediction(square.width, square.height, p,
+                                           {c: v for c, v in found.items() if p[c] >= min_probability},
+                                           cams[b], None if theta is None else theta[b], self.size,
+                                           (square.side, square.pad_x, square.pad_y),
+                                           {c: v for c, v in found.items() if p[c] >= box_floor}))
         return results
 
 
@@ -177,6 +244,7 @@ class ImagePrediction:
     theta: torch.Tensor | None  # [2, 3] the alignment (aligned frame -> model input), or None
     size: int  # the model's input size
     frame: tuple  # (side, pad_x, pad_y): the centred square of side `side` padding the image
+    all_boxes: dict = field(default_factory=dict)  # as boxes, for every class reaching the box floor
 
     def image_cams(self, classes: list | None = None) -> torch.Tensor:
         """The CAMs of ``classes`` (default: all) over the padded square, ``[len(classes), r, r]`` (r a quarter of
@@ -204,75 +272,105 @@ def _gray(image) -> np.ndarray:
 
 
 class Classifier(Model):
-    """``Classifier(checkpoint)(pixels)`` for a ``dmfast train`` checkpoint, with its config and splits."""
+    """``Classifier(path)(pixels)`` for a trained classifier given any way :func:`read_trained` takes (model file,
+    run folder, ``checkpoint.pt``, ``best.pt``), with what eval and masks use: ``path`` (the file read),
+    ``config`` (its run's settings, see :func:`load_classifier`), ``splits`` (empty, with ``splits_known`` False,
+    for a model file written before model files kept them), ``patients`` (a model file's patient IDs of the
+    training and validation images, else None: eval reads them from the training data) and ``anchor`` (the
+    alignment run's anchor ``[S, S]``, or None) with ``anchor_source``."""
 
     def __init__(self, checkpoint, device=None):
-        self.path = Path(checkpoint)
+        self.path = trained_file(checkpoint)
         device = ops.chosen_device(device)
-        model, self.config, state = load_classifier(checkpoint, device)
-        self.splits = Splits(**state["splits"])
-        aligner = None
-        if self.config.aligned:
+        model, self.config, payload = load_classifier(self.path, device)
+        stored = payload.get("splits")
+        self.splits_known = stored is not None
+        self.splits = Splits(**stored) if stored is not None else \
+            Splits([], [], [], self.config.seed, self.config.val_fraction)
+        self.patients = payload.get("patients") if payload["format"] == checkpoints.MODEL else None
+        self.anchor, self.anchor_source, aligner = None, None, None
+        if payload["format"] == checkpoints.MODEL:
+            embedded = payload["aligner"]
+            if embedded is not None:
+                with weights_of(self.path, "alignment network"):
+                    aligner = AlignmentNet(embedded["input_size"])
+                    aligner.load_state_dict(_float(embedded["state"]))
+                aligner = aligner.to(device).eval()
+                if embedded.get("anchor") is not None:
+                    self.anchor, self.anchor_source = embedded["anchor"].float(), f"embedded in {self.path}"
+        elif self.config.aligned:
             if not Path(self.config.aligned).is_file():
-                raise FileNotFoundError(f"{checkpoint} was trained on aligned images, but its alignment checkpoint "
+                raise FileNotFoundError(f"{self.path} was trained on aligned images, but its alignment checkpoint "
                                         f"{self.config.aligned} is missing (export a model file to move a model)")
             aligner = load_aligner(self.config.aligned, device)
+            anchor = Path(self.config.aligned).parent / "anchor.pt"
+            if anchor.is_file():
+                self.anchor, self.anchor_source = checkpoints.load_anchor(anchor), str(anchor)
         super().__init__(model, aligner, self.config.size, device)
 
 
-def export_model(source, out, half: bool = False, overwrite: bool = False) -> Path:
-    """Write the portable model file (format in :mod:`dmfast.checkpoints`) of a ``dmfast train`` checkpoint or run
-    folder to ``out``: weights only, the alignment network and anchor embedded; ``half`` stores float16. An
-    existing ``out`` is replaced only with ``overwrite``."""
-    source = Path(source) / "checkpoint.pt" if Path(source).is_dir() else Path(source)
-    out = Path(out)
+def training_patients(config: TrainConfig, splits: Splits, dataset=None) -> tuple:
+    """``(patients, format)``: the patient IDs (as str, sorted) of the training and validation images of
+    ``splits`` in the run's training data (``dataset``, else ``config.data`` read again) and the data's format, or
+    ``(None, None)`` when that data is not readable here."""
+    if dataset is None:
+        try:
+            dataset = open_dataset(config.data, config.format, skip_problems=True, lists=False)
+        except (DataError, OSError, TypeError, ValueError):  # moved, deleted, or never known (data None)
+            return None, None
+    trained = set(splits.train) | set(splits.val)
+    return sorted({str(r.patient) for r in dataset.records if r.image in trained}), dataset.format
+
+
+def export_model(source, out, half: bool = False, overwrite: bool = False, dataset=None) -> Path:
+    """Write the portable model file (format in :mod:`dmfast.checkpoints`) of a trained classifier (any path
+    :func:`read_trained` takes; a model file is written again, e.g. as float16) to ``out``: weights only, the
+    alignment network and anchor embedded; ``half`` stores float16. With them go its run's settings, splits and
+    the patient IDs of its training and validation images, read from the training data (``dataset``: that data,
+    already open) or kept from a model file, so that eval can check test images against the training images
+    wherever the file goes. An existing ``out`` is replaced only with ``overwrite``; a run folder's own model.pt
+    as ``out`` is written from its checkpoint.pt."""
+    given, source, out = Path(source), trained_file(source), Path(out)
+    if given.is_dir() and source.resolve() == out.resolve() and (given / "checkpoint.pt").is_file():
+        source = given / "checkpoint.pt"  # the run's model file written again, from its checkpoint
     if out.is_dir():
         raise ValueError(f"--out {out}: a folder; give the model file's path (e.g. {out / 'model.pt'})")
-    if out.resolve() == source.resolve() or (out.name in ("checkpoint.pt", "best.pt") and out.exists()):
+    if out.name in ("checkpoint.pt", "best.pt") and (out.exists() or out.resolve() == source.resolve()):
         raise ValueError(f"--out {out}: that is a training checkpoint (never replaced by a model file); give another "
                          "path, e.g. RUN/model.pt")
+    if out.resolve() == source.resolve():
+        again = source.parent / "checkpoint.pt"
+        raise ValueError(f"--out {out}: that is SOURCE itself ({source}); give another path" +
+                         (f", or SOURCE {again} to write it again from the run's checkpoint" if again.is_file() else ""))
     check_outputs(out.parent, [out.name], "dmfast export", overwrite)
-    model, config, _ = load_classifier(source)
+    classifier = Classifier(source, "cpu")
+    config = classifier.config
     cast = (lambda state: {k: v.half() if v.is_floating_point() else v for k, v in state.items()}) if half else dict
     aligner = None
-    if config.aligned:
-        alignment = checkpoints.load(config.aligned, checkpoints.ALIGNMENT)
-        anchor = Path(config.aligned).parent / "anchor.pt"
-        aligner = {"input_size": alignment["net_config"]["input_size"], "state": cast(alignment["model"]),
-                   "anchor": checkpoints.load_anchor(anchor) if anchor.is_file() else None}
+    if classifier.aligner is not None:
+        aligner = {"input_size": classifier.aligner.input_size, "state": cast(classifier.aligner.state_dict()),
+                   "anchor": classifier.anchor}
+    settings, splits, patients = None, None, classifier.patients
+    if config.data is not None:  # known: a checkpoint, or a model file that kept them
+        patients, found = (patients, config.format) if patients is not None else \
+            training_patients(config, classifier.splits, dataset)
+        settings = {**asdict(config), "format": config.format or found}
+    if classifier.splits_known:
+        splits = asdict(classifier.splits)
     return checkpoints.save(out, checkpoints.MODEL, {
         "classes": list(FINDINGS), "size": config.size, "normalisation": dict(NORMALISATION), "half": half,
-        "classifier": {"arch": config.arch, "cam_stride": config.cam_stride, "state": cast(model.state_dict())},
-        "aligner": aligner, "written_by": {"dmfast": __version__, "torch": str(torch.__version__)}})
+        "classifier": {"arch": config.arch, "cam_stride": config.cam_stride,
+                       "state": cast(classifier.model.state_dict())},
+        "aligner": aligner, "written_by": {"dmfast": __version__, "torch": str(torch.__version__)},
+        "config": settings, "splits": splits, "patients": patients})
 
 
 def load_model(path, device=None) -> Model:
-    """A trained model ready for inference, from a portable model file (``dmfast export``, or ``RUN/model.pt``
-    of a ``dmfast train`` run; a run folder stands for its ``model.pt``). Model files hold weights only and are
-    read with ``weights_only=True``; a training checkpoint (a full pickle) is refused with the way to export it."""
-    device = ops.chosen_device(device)
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "model.pt").is_file():
-            raise FileNotFoundError(f"{path}: a folder without model.pt (a dmfast train run writes it at its end; "
-                                    f"`dmfast export {path} --out model.pt` makes it for an older run)")
-        path = path / "model.pt"
-    payload = checkpoints.load(path, checkpoints.MODEL)
-    if payload["classes"] != list(FINDINGS) or payload["normalisation"] != NORMALISATION:
-        raise ValueError(f"{path}: a model of classes {payload['classes']} with input normalisation "
-                         f"{payload['normalisation']}; this dmfast works with {list(FINDINGS)} and {NORMALISATION}")
-    full = lambda state: {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # noqa: E731
-    spec = payload["classifier"]
-    model = CAMClassifier(spec["arch"], len(FINDINGS), cam_stride=spec["cam_stride"])
-    state = full(spec["state"])
-    model.set_masks(state.get("masks"))
-    model.load_state_dict(state)
-    aligner = None
-    if payload["aligner"] is not None:
-        aligner = AlignmentNet(payload["aligner"]["input_size"])
-        aligner.load_state_dict(full(payload["aligner"]["state"]))
-        aligner = aligner.to(device).eval()
-    return Model(model.to(device).eval(), aligner, payload["size"], device)
+    """A trained model ready for inference, given any way :func:`read_trained` takes: a portable model file
+    (``dmfast export``, or ``RUN/model.pt`` of a ``dmfast train`` run; read with ``weights_only=True``), a run
+    folder (its ``model.pt``, else its ``checkpoint.pt``), or a ``checkpoint.pt`` or ``best.pt`` (a full pickle:
+    only your own; the alignment network of an aligned model is read from its alignment run)."""
+    return Classifier(path, device)
 
 
 def to_image_frame(maps: torch.Tensor, theta: torch.Tensor | None, resolution: int) -> torch.Tensor:

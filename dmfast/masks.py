@@ -110,10 +110,8 @@ def _anchor_for(config: MasksConfig, classifier, cache, dataset, train_names) ->
     the mean of the No Finding training images."""
     if config.anchor:
         return checkpoints.load_anchor(config.anchor), str(config.anchor)
-    if classifier is not None and classifier.config.aligned:
-        path = Path(classifier.config.aligned).parent / "anchor.pt"
-        if path.is_file():
-            return checkpoints.load_anchor(path), str(path)
+    if getattr(classifier, "anchor", None) is not None:  # beside its alignment checkpoint, or in its model file
+        return classifier.anchor, classifier.anchor_source
     return make_anchor(cache, dataset, train_names, AlignConfig.anchor_images)[0, 0], \
         "mean of the No Finding training images"
 
@@ -128,7 +126,11 @@ def run(config: MasksConfig, console: Console | None = None) -> Path:
     if config.checkpoint is None and not config.pseudo:
         raise ValueError("dmfast masks needs --checkpoint (a trained classifier), or --pseudo for anatomy masks")
     earlier = check_outputs(out, OUTPUTS, "dmfast masks", config.overwrite)
-    classifier = Classifier(config.checkpoint) if config.checkpoint else None
+    classifier = Classifier(config.checkpoint) if config.checkpoint else None  # model file, run, checkpoint
+    if classifier is not None and not config.pseudo and not classifier.splits_known:
+        raise ValueError(f"{classifier.path}: a model file of an older dmfast, without its run's splits; masks come "
+                         "from the CAMs of its training images: give the run's checkpoint.pt or best.pt, or a model "
+                         "file this dmfast exports from it")
     if classifier is not None and not config.pseudo:
         cells = classifier.config.size // classifier.config.cam_stride
         if cells < MIN_CAM_CELLS:
@@ -139,7 +141,7 @@ def run(config: MasksConfig, console: Console | None = None) -> Path:
     dataset = open_data(config, lists=False)
     report_left_out(dataset, console)
     cache = open_or_prepare(config.data, config.cache, size, config.skip_problems, console, config.format)
-    splits = classifier.splits if classifier is not None else make_splits(dataset)
+    splits = classifier.splits if classifier is not None and classifier.splits_known else make_splits(dataset)
     train_names = [n for n in splits.train if n in cache]
     anchor, anchor_source = _anchor_for(config, classifier, cache, dataset, train_names)
 
@@ -155,7 +157,7 @@ def run(config: MasksConfig, console: Console | None = None) -> Path:
         payload = disease_masks(classifier, cache, train_names, labels, config, console)
     payload.update({"classes": list(FINDINGS), "threshold": config.threshold, "confidence": config.confidence,
                     "asymmetric": list(config.asymmetric), "anchor": anchor_source, "size": size,
-                    "checkpoint": str(Path(config.checkpoint).resolve()) if config.checkpoint else None,
+                    "checkpoint": str(classifier.path.resolve()) if classifier is not None else None,
                     "config": asdict(config)})
 
     clear_outputs(out, earlier)

@@ -4,8 +4,11 @@ reaching ``min_probability``, its CAM boxes in the image's own pixels (images ar
 never squashed; CAMs of aligned models are warped back onto the image, as in eval).
 
 Writes to ``out``: ``predictions.csv`` (path, width, height, one column per class), ``predictions.json`` (per image
-its probabilities and the reported findings with their boxes and scores, plus the settings used), ``problems.csv``
-(every file that could not be read, and why), and on request ``cams.npz`` (every class's CAM per image, float16,
+its probabilities, the reported findings with their boxes and scores, and every box of the classes reaching
+``box_floor`` for detection metrics, plus the settings used), ``predictions.coco.json`` (those boxes as a COCO
+dataset whose annotations carry scores), ``problems.csv`` (every file that could not be read, and why), and on
+request ``submission.csv`` (``submission``: the VinBigData or RSNA challenge's format, of the reported findings),
+``cams.npz`` (every class's CAM per image, float16,
 over the centred square that pads the image: see :class:`dmfast.inference.ImagePrediction`) and ``overlays/``
 (one PNG per image: a panel per reported class with its CAM, boxes, name and probability, and a colour bar).
 """
@@ -28,6 +31,7 @@ from .config import PredictConfig, box_levels, min_probability
 from .data.dataset import FINDINGS
 from .data.formats import open_dataset
 from .data.images import ImageError, list_xrays, load_gray
+from .detection import DECIMALS, SUBMISSION_HEADERS, SUBMISSION_ROWS, Boxes, coco_predictions, submission_id
 from .figures import finding_panels
 from .inference import ImagePrediction, load_model
 from .io import (atomic_npz, atomic_write_bytes, atomic_write_json, check_outputs, clear_outputs, csv_text, print_table,
@@ -81,14 +85,23 @@ def overlay(gray: np.ndarray, result: ImagePrediction, min_probability: float) -
 
 
 def _record(path: Path, result: ImagePrediction) -> dict:
+    """An image's entry of predictions.json: its probabilities, the reported findings with their boxes, and every
+    box of the classes reaching the box floor (``boxes``, best score first) for detection metrics."""
+    def box(values: list) -> list:
+        return [round(v, DECIMALS) for v in values[:4]]
+
+    every = sorted(((name, b) for name, boxes in result.all_boxes.items() for b in boxes), key=lambda nb: -nb[1][4])
     return {"path": str(path), "width": result.width, "height": result.height,
             "probabilities": result.probabilities,
             "findings": {name: {"probability": result.probabilities[name],
-                                "boxes": [{"box": [round(v, 2) for v in box[:4]], "score": box[4]} for box in boxes]}
-                         for name, boxes in result.boxes.items()}}
+                                "boxes": [{"box": box(b), "score": b[4]} for b in boxes]}
+                         for name, boxes in result.boxes.items()},
+            "boxes": [{"class": name, "box": box(b), "probability": result.probabilities[name], "score": b[4]}
+                      for name, b in every]}
 
 
-OUTPUTS = ("predictions.csv", "predictions.json", "problems.csv", "cams.npz", "overlays")
+OUTPUTS = ("predictions.csv", "predictions.json", "predictions.coco.json", "submission.csv", "problems.csv", "cams.npz",
+           "overlays")
 
 
 def _release_files(inputs, format: str) -> tuple:
@@ -107,6 +120,25 @@ def _release_files(inputs, format: str) -> tuple:
     return files, roots, problems
 
 
+def detection_files(out: Path, records: list, config: PredictConfig) -> None:
+    """``predictions.coco.json`` (every box as a COCO dataset with scores) and, with ``config.submission``, the
+    challenge's ``submission.csv`` (the reported findings' boxes, in each image's own pixels)."""
+    paths = [r["path"] for r in records]
+    index = {FINDINGS[c]: c for c in range(len(FINDINGS))}
+    every = [(r["path"], b) for r in records for b in r["boxes"]]
+    detections = Boxes.of([p for p, _ in every], [index[b["class"]] for _, b in every],
+                          [b["box"] for _, b in every], [b["probability"] for _, b in every],
+                          [b["score"] for _, b in every])
+    atomic_write_json(out / "predictions.coco.json", coco_predictions(
+        detections, paths, {r["path"]: (r["width"], r["height"]) for r in records}, {p: p for p in paths},
+        {"description": f"dmfast predict with {config.model}", "version": dmfast.__version__}), indent=None)
+    if config.submission:
+        rows = [(submission_id(r["path"]), [(index[name], b["score"], b["box"]) for name, f in r["findings"].items()
+                                            for b in f["boxes"]]) for r in records]
+        atomic_write_bytes(out / "submission.csv", csv_text(SUBMISSION_HEADERS[config.submission],
+                                                            SUBMISSION_ROWS[config.submission](rows)).encode())
+
+
 def run(config: PredictConfig, console: Console | None = None) -> dict:
     """Predict every X-ray of ``config.inputs``; write the outputs (see the module) and return the report."""
     console = console or Console(stderr=True)
@@ -117,6 +149,13 @@ def run(config: PredictConfig, console: Console | None = None) -> dict:
         list_xrays(config.inputs, exclude=[out])
     if not files:
         raise ValueError(f"no PNG, JPEG or DICOM files in {', '.join(map(str, config.inputs))}")
+    if config.submission:
+        seen = {}
+        for path in files:
+            other = seen.setdefault(submission_id(path), path)
+            if other != path:
+                raise ValueError(f"--submission {config.submission}: {other} and {path} have one image id, "
+                                 f"{submission_id(path)!r} (a challenge knows an image by its file name)")
     model = load_model(config.model, config.device)
     clear_outputs(out, earlier)
     names = output_names(files, roots)
@@ -142,7 +181,8 @@ def run(config: PredictConfig, console: Console | None = None) -> dict:
                 else:
                     problems.append((str(files[i]), reason))
             results = model.predict_squares([square for _, square, _ in good], floor, levels,
-                                            config.max_boxes, [str(files[i]) for i, _, _ in good]) if good else []
+                                            config.max_boxes, [str(files[i]) for i, _, _ in good], config.box_score,
+                                            config.box_floor) if good else []
             for (i, _, pixels), result in zip(good, results):
                 if add_cams is not None:
                     add_cams(str(len(records)), result.image_cams().half().numpy())
@@ -164,8 +204,10 @@ def run(config: PredictConfig, console: Console | None = None) -> dict:
         ["path", "width", "height", *FINDINGS],
         [[r["path"], r["width"], r["height"], *(f"{r['probabilities'][c]:.6f}" for c in FINDINGS)]
          for r in records]).encode())
+    detection_files(out, records, config)
     report = {"model": str(config.model), "min_probability": floor, "box_thresholds": list(levels),
-              "max_boxes": config.max_boxes, "classes": list(FINDINGS), "images": records,
+              "max_boxes": config.max_boxes, "box_score": config.box_score, "box_floor": config.box_floor,
+              "classes": list(FINDINGS), "images": records,
               "problems": [{"path": p, "reason": r} for p, r in problems], "seconds": seconds,
               "images_per_second": len(records) / seconds if seconds else None,
               "versions": {"dmfast": dmfast.__version__, "torch": torch.__version__}}
@@ -176,7 +218,8 @@ def run(config: PredictConfig, console: Console | None = None) -> dict:
     if not records:
         raise ValueError(f"none of the {len(files)} X-ray files could be read (see {out / 'problems.csv'})")
     console.print(escape(f"{len(records)} images in {seconds:.1f} s ({report['images_per_second']:.1f} img/s): "
-                         f"{out / 'predictions.csv'}, {out / 'predictions.json'}" +
+                         f"{out / 'predictions.csv'}, {out / 'predictions.json'}, {out / 'predictions.coco.json'}" +
+                         (f", {out / 'submission.csv'}" if config.submission else "") +
                          (f", {out / 'cams.npz'}" if config.cams else "") +
                          (f"; overlays in {out / 'overlays'}" if config.overlays else "")))
     return report

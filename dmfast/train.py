@@ -31,7 +31,7 @@ from .data.formats import label_policy, open_data, open_dataset
 from .data.images import to_model_input
 from .data.splits import Splits, make_splits, summary
 from .figures import training_figure
-from .inference import export_model, load_aligner, weights_of
+from .inference import export_model, load_aligner, load_classifier, trained_file, weights_of
 from .io import LOSS_AND_RATE, atomic_write_bytes, check_outputs, clear_outputs, json_text, progress, save_png
 from .metrics import roc_auc
 from .models import CAMClassifier
@@ -75,23 +75,14 @@ def build_model(config: TrainConfig, console: Console) -> CAMClassifier:
         console.print(f"{config.arch}: torchvision ImageNet weights")
     else:
         console.print(f"{config.arch}: random initialisation (no --weights or --pretrained given)")
-    if config.init:
-        state = checkpoints.load(config.init, checkpoints.CLASSIFIER)
-        previous = state["config"]
-        if checkpoints.non_finite(state["model"]):
-            raise ValueError(f"--init {config.init}: its weights hold NaN or infinite values (a diverged run)")
-        if (previous.get("arch"), previous.get("cam_stride", 32)) != (config.arch, config.cam_stride):
-            raise ValueError(f"--init {config.init} is a {previous.get('arch')} with CAM stride "
-                             f"{previous.get('cam_stride', 32)}; this run asks for {config.arch} with "
-                             f"{config.cam_stride}")
+    if config.init:  # any trained classifier: a model file holds the weights as a checkpoint does
+        start, previous, _ = load_classifier(config.init)
+        if (previous.arch, previous.cam_stride) != (config.arch, config.cam_stride):
+            raise ValueError(f"--init {config.init} is a {previous.arch} with CAM stride {previous.cam_stride}; this "
+                             f"run asks for {config.arch} with {config.cam_stride}")
         with weights_of(f"--init {config.init}", config.arch):
-            missing, unexpected = model.load_state_dict({k: v for k, v in state["model"].items() if k != "masks"},
-                                                        strict=False)
-        missing = [k for k in missing if k != "masks"]
-        if missing or unexpected:
-            raise ValueError(f"--init {config.init}: its weights do not match its {previous.get('arch')} config "
-                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        console.print(f"initialised from {config.init}")
+            model.load_state_dict({k: v for k, v in start.state_dict().items() if k != "masks"}, strict=False)
+        console.print(f"initialised from {trained_file(config.init)}")
     if config.masks:
         payload = checkpoints.load(config.masks, checkpoints.MASKS)
         model.set_masks(payload["masks"])
@@ -161,6 +152,31 @@ OUTPUTS = ("checkpoint.pt", "best.pt", "model.pt", "metrics.jsonl", "splits.json
 RESUME_SETTINGS = ("data", "out", "cache", "skip_problems", "overwrite", "tensorboard")
 
 
+# The settings that name files or folders: stored resolved, so the run's files work from any working directory.
+PATHS = ("data", "cache", "aligned", "init", "masks", "mix")
+
+
+def _resolved(value):
+    """A path (or list of paths, ``mix``) made absolute."""
+    return [str(Path(v).resolve()) for v in value] if isinstance(value, (list, tuple)) else str(Path(value).resolve())
+
+
+def _resume_state(out: Path) -> dict:
+    """The checkpoint a resumed run continues: ``out/checkpoint.pt``, with its optimiser and random states. A model
+    file (or a best.pt) there, or only a model file, is an error saying so: it holds the weights alone."""
+    last = out / "checkpoint.pt"
+    if not last.is_file() and (out / "model.pt").is_file():
+        raise ValueError(f"--resume: {out} holds model.pt but no checkpoint.pt: a model file holds the weights only, "
+                         "not the optimiser, scheduler and random states a resumed run needs; start a new run from "
+                         f"its weights with --init {out / 'model.pt'}")
+    state = checkpoints.load(last, (checkpoints.CLASSIFIER, checkpoints.MODEL))
+    if state["format"] == checkpoints.MODEL or any(k not in state for k in ("optimizer", "scheduler", "rng")):
+        what = "a model file" if state["format"] == checkpoints.MODEL else "a checkpoint without them (a best.pt?)"
+        raise ValueError(f"--resume: {last} is {what}: a resumed run needs the run's own checkpoint.pt, with its "
+                         f"optimiser, scheduler and random states; start a new run from its weights with --init {last}")
+    return state
+
+
 def _resumed_config(config: TrainConfig, saved: dict, path: Path, done: int, given=None) -> TrainConfig:
     """The checkpoint's settings with the command line's :data:`RESUME_SETTINGS` and ``epochs`` when given. A
     setting given with a value that differs from the run's is an error (it would be ignored), as is fewer epochs
@@ -173,8 +189,8 @@ def _resumed_config(config: TrainConfig, saved: dict, path: Path, done: int, giv
     given = {n for n in default if getattr(config, n) != default[n]} | {"epochs"} if from_python else set(given)
     for name in sorted(given - set(RESUME_SETTINGS) - {"epochs"}):
         value, kept = getattr(config, name), saved.get(name, default.get(name))
-        if name in ("aligned", "init", "masks") and value:
-            value = str(Path(value).resolve())
+        if name in PATHS and value:  # stored resolved (older runs: as given)
+            value, kept = _resolved(value), _resolved(kept) if kept else kept
         if value != kept:
             raise ValueError(f"--resume: {path} was trained with {name} = {kept!r}; a resumed run keeps its settings "
                              f"(only --epochs and --tensorboard may change), so {name} = {value!r} cannot apply: start "
@@ -200,16 +216,16 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
     out = Path(config.out)
     last = out / "checkpoint.pt"
     earlier = check_outputs(out, OUTPUTS, "dmfast train run", config.overwrite, resume) if rank == 0 else []
-    state = checkpoints.load(last, checkpoints.CLASSIFIER) if resume else None
+    state = _resume_state(out) if resume else None
     if state is not None:
         config = _resumed_config(config, state["config"], last, state.get("epoch", -1) + 1, given)
     cells = config.size // config.cam_stride
     if cells < MIN_CAM_CELLS:
         console.print(f"[yellow]warning: at {config.size} px with CAM stride {config.cam_stride} the CAMs are "
                       f"{cells} x {cells}: too coarse for disease masks and boxes (a larger --size or --cam-stride 16)")
-    # The checkpoint records where the alignment and masks came from; absolute, so it works from any folder.
-    config = from_dict(TrainConfig, {**asdict(config), **{k: str(Path(getattr(config, k)).resolve())
-                                                          for k in ("aligned", "init", "masks") if getattr(config, k)}})
+    # The checkpoint records where its data, alignment, masks... came from; absolute, so it works from any folder.
+    config = from_dict(TrainConfig, {**asdict(config), **{k: _resolved(getattr(config, k)) for k in PATHS
+                                                          if getattr(config, k)}})
     if config.batch % world:
         raise ValueError(f"--batch {config.batch} must be divisible by the number of processes ({world})")
     torch.manual_seed(config.seed)
@@ -355,6 +371,6 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
     if rank == 0 and last.is_file():  # the portable, weights-only copy to use the model elsewhere (dmfast export, inference)
         where = f"in {out / 'best.pt'}" if (out / "best.pt").is_file() else \
             "(its weights were not kept: the run began with an older dmfast)"
-        console.print(f"model file {export_model(last, out / 'model.pt', overwrite=True)}" +
+        console.print(f"model file {export_model(last, out / 'model.pt', overwrite=True, dataset=dataset)}" +
                       (f"; best validation epoch {best['epoch']} {where}" if best else ""))
     return last

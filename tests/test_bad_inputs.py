@@ -166,22 +166,21 @@ def test_masks_refuse_cams_too_coarse(world, tmp_path):
 
 # --- files of the wrong kind: an error naming the file ---------------------------------------------------------------
 
-FILE_CASES = [("train", "--init", k) for k in ("empty", "garbage", "text", "list", "truncated", "masks", "model",
-                                                "alignment", "mismatched", "weights", "nan")] + \
+FILE_CASES = [("train", "--init", k) for k in ("empty", "garbage", "text", "list", "truncated", "masks", "alignment",
+                                                "mismatched", "weights", "nan")] + \
     [("train", "--aligned", k) for k in ("empty", "garbage", "checkpoint", "masks")] + \
     [("train", "--masks", k) for k in ("empty", "garbage", "checkpoint", "masks-huge", "masks-negative",
                                        "masks-shape")] + \
     [("train", "--weights", k) for k in ("empty", "garbage", "text", "list", "checkpoint", "masks")] + \
     [("align", "--perceptual", k) for k in ("empty", "garbage", "masks", "alignment")] + \
-    [("masks", "--checkpoint", k) for k in ("empty", "garbage", "masks", "alignment", "model", "settings")] + \
+    [("masks", "--checkpoint", k) for k in ("empty", "garbage", "masks", "alignment", "settings")] + \
     [("masks", "--anchor", k) for k in ("empty", "garbage", "checkpoint")] + \
     [("eval", "--checkpoint", k) for k in ("empty", "garbage", "masks", "alignment", "settings", "weights", "nan",
                                            "config-none", "no-size")] + \
     [("eval", "--masks", k) for k in ("garbage", "checkpoint")] + \
-    [("predict", "MODEL", k) for k in ("empty", "garbage", "text", "checkpoint", "masks", "model-size-0",
-                                       "model-size-huge", "model-size-text", "model-classifier-none")] + \
-    [("export", "SOURCE", k) for k in ("empty", "garbage", "masks", "model", "settings", "weights", "config-none",
-                                       "no-size")]
+    [("predict", "MODEL", k) for k in ("empty", "garbage", "text", "masks", "model-size-0", "model-size-huge",
+                                       "model-size-text", "model-classifier-none")] + \
+    [("export", "SOURCE", k) for k in ("empty", "garbage", "masks", "settings", "weights", "config-none", "no-size")]
 
 
 @pytest.mark.parametrize("command, where, kind", FILE_CASES, ids=[" ".join(c) for c in FILE_CASES])

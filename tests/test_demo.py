@@ -147,3 +147,96 @@ def test_predict_finds_the_phantom_findings_in_resized_padded_images(demo, tmp_p
     print(f"canvas against carried original boxes: IoU {agree}")
     assert reported >= 10 and sum(h > 0.1 for h in hits) >= 0.4 * reported and max(hits) >= 0.3
     assert len(agree) >= 10 and sorted(agree)[len(agree) // 2] >= 0.7
+
+
+def test_detection_scores_rank_boxes_and_match_pycocotools(demo):
+    """The demo's eval as a detection benchmark: boxes have many distinct scores that rank them (AP clearly above
+    the same boxes with shuffled scores), every test image is in boxes.csv, and pycocotools reads the COCO files
+    and finds the AP of eval.json."""
+    import contextlib
+    import csv
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    out, report = demo
+    rows = list(csv.DictReader(open(out / "eval" / "boxes.csv")))
+    predictions = list(csv.DictReader(open(out / "eval" / "predictions.csv")))
+    for method in ("base", "+DM"):
+        mine = [r for r in rows if r["method"] == method]
+        assert {r["image"] for r in mine} == {r["image"] for r in predictions if r["method"] == method}
+        scores = [float(r["score"]) for r in mine if r["score"]]
+        assert len(set(scores)) > 0.5 * len(scores), method  # not one score per map peak
+        files = report["detection"]["coco_files"]
+        with contextlib.redirect_stdout(io.StringIO()):
+            truth = COCO(files["ground_truth"])
+            results = json.loads(Path(files[method]).read_text())
+
+            def ap(detections) -> float:
+                evaluation = COCOeval(truth, truth.loadRes(detections), iouType="bbox")
+                evaluation.evaluate()
+                evaluation.accumulate()
+                evaluation.summarize()
+                return evaluation.stats[1]  # AP50
+
+            mine_ap = ap(results)
+            shuffled = np.random.default_rng(0).permutation([r["score"] for r in results])
+            shuffled_ap = ap([{**r, "score": float(s)} for r, s in zip(results, shuffled)])
+        detection = report["methods"][method]["detection"]
+        assert mine_ap == pytest.approx(detection["coco_ap50"], abs=1e-9)
+        assert detection["pycocotools"]["AP50"] == pytest.approx(detection["coco_ap50"], abs=1e-9)
+        assert mine_ap > shuffled_ap + 0.05, (method, mine_ap, shuffled_ap)
+
+
+def test_every_interval_of_the_demo_contains_its_estimate(demo):
+    _, report = demo
+    for name, method in report["methods"].items():
+        u = method["uncertainty"]
+        assert u["incomplete"] == 0
+        for key, (low, high) in u["intervals"].items():
+            point = method["mean_auroc"] if key == "mean_auroc" else method["detection"][key] \
+                if key in method.get("detection", {}) else \
+                method["iou"]["mean_accuracy"][method["iou"]["thresholds"].index(float(key.split("@")[1]))]
+            assert low - 1e-12 <= point <= high + 1e-12, (name, key, point, low, high)
+
+
+def test_model_files_and_checkpoints_evaluate_alike_from_anywhere(demo, tmp_path, monkeypatch):
+    """The demo's four checkpoints and their model files give identical tables; the model files, copied away and
+    evaluated from another working directory, still report their overlap with the training images."""
+    import shutil
+
+    out, _ = demo
+    runs = {"base": "base", "+align": "aligned", "+DM": "dm", "+PDM": "pdm"}
+    for run in runs.values():
+        (tmp_path / "models" / run).mkdir(parents=True)
+        shutil.copy(out / run / "model.pt", tmp_path / "models" / run / "model.pt")
+    monkeypatch.chdir(tmp_path)
+
+    def evaluate(kind: str, *extra) -> dict:
+        arguments = ["eval", str(out / "phantom"), "--cache", str(out / "cache-96"), "--overlays", "0",
+                     "--bootstrap", "0", "--out", f"e-{kind}", *extra]
+        for name, run in runs.items():
+            path = out / run / "checkpoint.pt" if kind == "checkpoints" else f"models/{run}/model.pt"
+            arguments += ["--checkpoint", f"{name}={path}"]
+        result = CliRunner().invoke(main, arguments)
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / f"e-{kind}" / "eval.json").read_text())
+
+    checkpoints, models = evaluate("checkpoints"), evaluate("models")
+    assert checkpoints["methods"].keys() == models["methods"].keys()
+    for name in checkpoints["methods"]:
+        a, b = checkpoints["methods"][name], models["methods"][name]
+        for key in ("auroc", "iou", "iobb", "detection"):
+            assert a.get(key) == b.get(key), (name, key)
+    assert checkpoints["selection"] == models["selection"]
+    shutil.move(out / "phantom", tmp_path / "moved")  # the training data gone: the model file still knows
+    try:
+        other = tmp_path / "other"
+        shutil.copytree(tmp_path / "moved", other)
+        result = CliRunner().invoke(main, ["eval", str(other), "--checkpoint", "m=models/dm/model.pt", "--out",
+                                           "e-moved", "--overlays", "0", "--bootstrap", "0", "--split", "all",
+                                           "--cache", str(tmp_path / "cache")])
+        assert result.exit_code == 1 and "share a name" in result.output, result.output
+    finally:
+        shutil.move(tmp_path / "moved", out / "phantom")

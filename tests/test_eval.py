@@ -72,7 +72,7 @@ def test_eval_command_reports_bad_options(tmp_path):
     assert result.exit_code == 2 and "missing.pt is not a file" in result.output
     result = runner.invoke(main, ["eval", str(tmp_path), "--checkpoint", f"x={tmp_path / 'ckpt.pt'}", "--out",
                                   str(tmp_path / "o")])
-    assert result.exit_code == 1 and "ckpt.pt: not a readable classifier checkpoint" in result.output
+    assert result.exit_code == 1 and "ckpt.pt: not a readable model file or classifier checkpoint" in result.output
 
 
 def test_eval_scores_the_chosen_images_of_any_data_and_reports_training_overlap(tmp_path):
@@ -118,10 +118,14 @@ def test_eval_scores_the_chosen_images_of_any_data_and_reports_training_overlap(
     assert low <= mine["mean_auroc"] <= high and mine["uncertainty"]["resamples"] == 1000
     for difference in same["uncertainty"]["difference"].values():  # a method against itself: exactly [0, 0]
         assert difference["point"] == 0 and difference["interval"] == [0, 0]
-    c, cache_c = phantom_with_cache(tmp_path / "c", count=240, size=64, seed=5)  # five times the images of b
-    _, larger = evaluate(c, cache_c, "--split", "all", "--allow-overlap")
-    widths = [r["methods"]["m"]["uncertainty"]["intervals"]["mean_auroc"] for r in (report, larger)]
-    assert widths[1][1] - widths[1][0] < 0.8 * (widths[0][1] - widths[0][0])  # about 1/sqrt(5) as wide
+    # four times the images: about half as wide (at 48 images most classes have a single positive, whose AUROC
+    # varies with the negatives alone, so the smaller set here has 240)
+    c, cache_c = phantom_with_cache(tmp_path / "c", count=240, size=64, seed=5)
+    d, cache_d = phantom_with_cache(tmp_path / "d", count=960, size=64, seed=6)
+    reports = [evaluate(data, cache, "--split", "all", "--allow-overlap")[1] for data, cache in ((c, cache_c),
+                                                                                               (d, cache_d))]
+    widths = [r["methods"]["m"]["uncertainty"]["intervals"]["mean_auroc"] for r in reports]
+    assert widths[1][1] - widths[1][0] < 0.7 * (widths[0][1] - widths[0][0])
     (tmp_path / "names.txt").write_text("# three of them\n" + "\n".join(other.images[:3]) + "\n")
     _, report = evaluate(b, cache_b, "--images", str(tmp_path / "names.txt"), "--allow-overlap")
     assert report["test_images"] == 3
@@ -161,8 +165,11 @@ def _recompute_from_the_csvs(out, report, dataset):
                     if r["image"] == image and r["class"] == FINDINGS[c]]
             total[c] += 1
             found[c] += any(_box_iou(box, gt) > 0.3 for box in mine)
-    for r in boxes:  # each box's best IoU with the ground truth of its class on its image
+    for r in boxes:  # each box's best IoU with the ground truth of its class on its image (none: empty)
         gts = [gt for c, *gt in truth.get(r["image"], []) if FINDINGS[c] == r["class"]]
+        if not gts:
+            assert r["best_iou"] == ""
+            continue
         box = [float(r[k]) for k in ("x0", "y0", "x1", "y1")]
         assert np.isclose(float(r["best_iou"]), max(_box_iou(box, gt) for gt in gts), atol=1e-3)
     iou = report["methods"]["m"]["iou"]

@@ -142,15 +142,15 @@ def test_predict_fails_only_when_nothing_can_be_read(run, tmp_path):
         assert result.exit_code == 1 and message in result.output, (device, result.output)
 
 
-def test_load_model_reads_model_files_and_run_folders_and_refuses_pickles(run, tmp_path):
+def test_load_model_reads_model_files_run_folders_and_checkpoints(run, tmp_path):
     folder, xray = run
     want = dmfast.load_model(folder / "model.pt", "cpu").predict(xray, min_probability=0)[0]  # one X-ray
     got = dmfast.load_model(folder, "cpu").predict(torch.tensor(xray)[None], min_probability=0)[0]
     assert got.probabilities == want.probabilities
     torch.testing.assert_close(got.image_cams(), want.image_cams())
     assert want.image_cams().shape == (14, 16, 16) and want.heatmap("Mass", scale=0.5).shape == (32, 32)
-    with pytest.raises(ValueError, match="checkpoint.pt: not a model file: it holds more than weights.*dmfast export"):
-        dmfast.load_model(folder / "checkpoint.pt", "cpu")  # a full pickle: never unpickled by load_model
+    checkpoint = dmfast.load_model(folder / "checkpoint.pt", "cpu")  # the same weights, from the training checkpoint
+    assert checkpoint.predict(xray, min_probability=0)[0].probabilities == want.probabilities
     with pytest.raises(FileNotFoundError, match="a folder without model.pt"):
         dmfast.load_model(tmp_path, "cpu")
     with pytest.raises(ValueError, match="min_probability must be a finite number in"):
@@ -301,3 +301,46 @@ def test_the_readme_example_runs(run, tmp_path, monkeypatch):
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert isinstance(namespace["results"], list) and len(namespace["results"]) == 3
+
+
+def test_predict_writes_every_box_as_coco_and_the_challenges_submissions(run, tmp_path):
+    """Every box of every class (box floor 0) in predictions.json and predictions.coco.json, the reported findings'
+    boxes in VinBigData's and RSNA's submission files, in each image's own pixels."""
+    from pycocotools.coco import COCO
+
+    folder, xray = run
+    (tmp_path / "in").mkdir()
+    Image.fromarray(xray).save(tmp_path / "in" / "0005d3cc.png")
+    Image.fromarray(np.ascontiguousarray(xray[:, : xray.shape[1] // 2])).save(tmp_path / "in" / "patient-2.png")
+    for challenge in ("vindr", "rsna"):
+        out = tmp_path / challenge
+        result = CliRunner().invoke(main, ["predict", str(folder), str(tmp_path / "in"), "--out", str(out),
+                                           "--min-probability", "0", "--submission", challenge])
+        assert result.exit_code == 0, result.output
+        images = json.loads((out / "predictions.json").read_text())["images"]
+        for image in images:
+            assert {b["class"] for b in image["boxes"]} == set(FINDINGS)  # floor 0: every class has a box
+            scores = [b["score"] for b in image["boxes"]]
+            assert scores == sorted(scores, reverse=True)
+            assert all(0 <= b["box"][0] < b["box"][2] <= image["width"] for b in image["boxes"])
+            assert all(b["score"] <= b["probability"] + 1e-12 for b in image["boxes"])
+        coco = COCO(str(out / "predictions.coco.json"))
+        assert len(coco.getAnnIds()) == \
+            sum(len(i["boxes"]) for i in images)
+        assert sorted(i["file_name"] for i in coco.dataset["images"]) == sorted(i["path"] for i in images)
+        rows = {r[0]: r[1] for r in csv.reader(open(out / "submission.csv"))}
+        assert set(rows) == {"image_id" if challenge == "vindr" else "patientId", "0005d3cc", "patient-2"}
+        narrow = next(i for i in images if i["path"].endswith("patient-2.png"))
+        values = rows["patient-2"].split()
+        if challenge == "vindr":  # class conf x0 y0 x1 y1, VinBigData's ids
+            assert len(values) % 6 == 0 and values and all(0 <= int(v) <= 14 for v in values[::6])
+            assert all(int(v) <= narrow["width"] for v in values[4::6])
+        else:  # conf x y width height, Pneumonia only
+            pneumonia = narrow["findings"]["Pneumonia"]["boxes"]
+            assert len(values) == 5 * len(pneumonia) and float(values[0]) == pytest.approx(pneumonia[0]["score"],
+                                                                                           abs=1e-6)
+    (tmp_path / "in" / "sub").mkdir()
+    Image.fromarray(xray).save(tmp_path / "in" / "sub" / "0005d3cc.png")
+    result = CliRunner().invoke(main, ["predict", str(folder), str(tmp_path / "in"), "--out", str(tmp_path / "x"),
+                                       "--submission", "vindr"])
+    assert result.exit_code == 1 and "have one image id, '0005d3cc'" in result.output

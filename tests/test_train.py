@@ -117,7 +117,7 @@ def test_export_command_writes_a_model_file_and_names_a_bad_source(phantom, tmp_
     assert payload["written_by"]["torch"] == torch.__version__ and payload["aligner"] is None
     assert load_model(tmp_path / "half.pt").size == 64
     result = CliRunner().invoke(main, ["export", str(run / "splits.json"), "--out", str(tmp_path / "x.pt")])
-    assert result.exit_code == 1 and "splits.json: not a readable classifier checkpoint" in result.output
+    assert result.exit_code == 1 and "splits.json: not a readable model file or classifier checkpoint" in result.output
 
 
 def test_predict_reports_boxes_in_the_pixels_of_images_of_any_size(phantom, tmp_path, gen):

@@ -150,6 +150,9 @@ class Dataset:
     problems: Problems
     format: str = "chestxray14"
     box_space: str = "release"  # the pixels the release's boxes are written in (see boxes_xyxy)
+    # every image was read for boxes, so one without a box of a class has none (VinDr-CXR, RSNA); ChestX-ray14
+    # drew boxes on some images only
+    boxes_exhaustive: bool = False
 
     @property
     def images(self) -> list:

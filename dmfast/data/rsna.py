@@ -85,7 +85,7 @@ def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True
                               same_as=same))
         paths[image] = files[image]
     boxes = [b for b in boxes if b.image in paths]
-    return Dataset(root, records, paths, boxes, set(paths), set(), problems, "rsna", "image")
+    return Dataset(root, records, paths, boxes, set(paths), set(), problems, "rsna", "image", boxes_exhaustive=True)
 
 
 CLASSES = ("Lung Opacity", "No Lung Opacity / Not Normal", "Normal")

@@ -112,7 +112,7 @@ def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True
     boxes = [b for b in boxes if b.image in paths]
     train_val = {n for n, s in split_of.items() if s == "train"}
     test = {n for n, s in split_of.items() if s == "test"}
-    return Dataset(root, records, paths, boxes, train_val, test, problems, "vindr", "image")
+    return Dataset(root, records, paths, boxes, train_val, test, problems, "vindr", "image", boxes_exhaustive=True)
 
 
 def _read_image_labels(path: Path, problems: Problems, labels: dict, covered: np.ndarray, findings: set) -> None:
