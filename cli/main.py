@@ -11,9 +11,9 @@ from pathlib import Path
 import click
 
 import dmfast
-from dmfast.config import (DATA_FORMATS, FRACTION, SIZE, WANG_THRESHOLDS, AlignConfig, BoxConfig, DemoConfig,
-                           EvalConfig, MasksConfig, PredictConfig, Range, SplitConfig, TrainConfig, defaults,
-                           metadata_of)
+from dmfast.config import (DATA_FORMATS, FRACTION, SIZE, SUBMISSIONS, WANG_THRESHOLDS, AlignConfig, BoxConfig,
+                           DemoConfig, EvalConfig, MasksConfig, PredictConfig, Range, SplitConfig, TrainConfig,
+                           defaults, metadata_of)
 from dmfast.data import phantom
 from dmfast.data.cache import WORKERS
 from dmfast.data.cache import prepare as prepare_cache
@@ -277,18 +277,20 @@ def export(source, out, half, overwrite):
     dmfast.load_model."""
     from dmfast.inference import export_model
 
-    click.echo(f"model file {export_model(source, out, half, overwrite)}")
+    click.echo(f"model file {export_model(source, out, half, overwrite, warn=lambda m: click.echo(f'warning: {m}'))}")
 
 
 def _named_paths(values, option_name: str, folders: bool = False) -> list:
-    """NAME=PATH pairs (a bare PATH is named after its folder); with ``folders``, PATH may be a (run) folder."""
+    """NAME=PATH pairs (a bare PATH is named after its run: a file after its folder, a folder after itself); with
+    ``folders``, PATH may be a (run) folder."""
     pairs = []
     for value in values:
-        name, _, path = value.rpartition("=") if "=" in value else (Path(value).parent.name, "", value)
+        name, _, path = value.rpartition("=") if "=" in value else ("", "", value)
         if not (Path(path).is_file() or folders and Path(path).is_dir()):
             raise click.BadParameter(f"{path} is not a file" + (" or folder" if folders else ""),
                                      param_hint=option_name)
-        pairs.append((name or Path(path).parent.name, path))
+        run = Path(path).resolve()
+        pairs.append((name or (run.name if run.is_dir() else run.parent.name), path))
     return pairs
 
 
@@ -363,7 +365,7 @@ def evaluate(data_dir, checkpoints, masks_files, box_threshold, **kwargs):
 @options(PredictConfig, ("min_probability", {"help": "Report the boxes of classes with at least this probability "
                                                       "(0: all)."}),
          MAX_BOXES, BOX_SCORE, BOX_FLOOR, ("batch", {"help": "Images per forward pass."}),
-         ("submission", {"type": click.Choice(["vindr", "rsna"]),
+         ("submission", {"type": click.Choice(SUBMISSIONS),
                          "help": "Also write the VinBigData or RSNA Pneumonia challenge's submission.csv (the reported "
                                  "findings' boxes; image ids are the file names without suffix)."}),
          ("cams", {"help": "Also write every class's CAM per image to cams.npz."}),

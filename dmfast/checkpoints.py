@@ -42,29 +42,23 @@ def save(path, kind: str, payload: dict) -> Path:
 
 def load(path, kind) -> dict:
     """Read a file of format ``kind``, checked; a masks file's ``masks`` must also be ``[14, h, w]`` and finite.
-    ``kind`` may be a tuple of formats, the file being any of them: with :data:`MODEL` among them the file is read
-    weights only first, and only as a full pickle when it holds more (a training checkpoint: the caller names it
-    as the user's own); ``payload["format"]`` then says which it is."""
+    ``kind`` may be a tuple of formats, the file being any of them; ``payload["format"]`` then says which it is.
+    Every format is read weights only (tensors and plain values; numpy arrays, as earlier checkpoints kept numpy's
+    random state): a file that would run code when unpickled is refused, whatever it is called."""
     kinds = (kind,) if isinstance(kind, str) else tuple(kind)
     what = " or ".join(KINDS[k][0] for k in kinds)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} not found")
     try:
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=MODEL in kinds)  # a model file: weights only
-        except pickle.UnpicklingError as error:
-            if kinds == (MODEL,) or MODEL not in kinds or "Unsupported global" not in str(error):
-                raise
-            payload = torch.load(path, map_location="cpu", weights_only=False)  # more than weights: a checkpoint
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if kinds != (MODEL,) or "Unsupported global" not in str(error):  # not objects besides tensors: garbage
+        if "Unsupported global" not in str(error):  # not objects besides tensors: garbage
             raise ValueError(f"{path}: not a readable {what} (not a file torch.load reads: damaged, truncated or "
                              "another format)") from None
-        raise ValueError(f"{path}: not a model file: it holds more than weights, so it is not read (model files "
-                         "load with weights_only=True). A dmfast train checkpoint.pt is such a file, to be read only "
-                         f"from a source you trust: `dmfast export {path} --out model.pt` makes its model file") \
-            from None
+        raise ValueError(f"{path}: not {_a(what)}: it holds objects besides tensors and plain values, so it is not "
+                         "read (dmfast reads its files weights only, never running code from them)") from None
     except Exception as error:  # a truncated or foreign file: say which and why, not a pickle traceback
         raise ValueError(f"{path}: not a readable {what} ({type(error).__name__}: {error})") from None
     found = (payload.get("format") or _untagged(payload, kinds)  # untagged: by its keys
@@ -91,6 +85,17 @@ def load(path, kind) -> dict:
                          f"{masks.min().item():g} to {masks.max().item():g}")
     payload.setdefault("format", kind)  # files of dmfast 0.1.0 carry no tag
     return payload
+
+
+def _numpy_array_globals() -> list:
+    """What unpickling a numpy array needs (earlier checkpoints kept numpy's random state as one)."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def _untagged(payload: dict, kinds: tuple) -> str:

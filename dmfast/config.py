@@ -209,9 +209,9 @@ def box_levels(thresholds, max_boxes: int) -> tuple:
     return levels
 
 
-def min_probability(value: float) -> float:
-    """The probability a class must reach to get boxes, checked."""
-    return FRACTION.check(value, "min_probability")
+def min_probability(value: float, name: str = "min_probability") -> float:
+    """The probability a class must reach to get boxes, checked (``name``: the setting, for the message)."""
+    return FRACTION.check(value, name)
 
 
 @dataclass(kw_only=True)

@@ -20,8 +20,8 @@ import numpy as np
 
 from .data.dataset import FINDINGS
 from .data.vindr import KAGGLE_LOCAL, TO_FINDINGS
-from .metrics import (COCO_IOU_THRESHOLDS, FROC_RATES, RSNA_THRESHOLDS, average_precision, froc, match_detections,
-                      rsna_score)
+from .metrics import (COCO_IOU_THRESHOLDS, FROC_RATES, RSNA_THRESHOLDS, average_precision, box_overlap, froc,
+                      froc_score, match_detections, rsna_score)
 
 COCO_MAX_DETECTIONS = 100  # per image and class, as pycocotools' AP
 VINBIGDATA_IOU = 0.4  # the VinBigData challenge: PASCAL VOC 2010 mAP at IoU > 0.4
@@ -185,11 +185,17 @@ def vindr_submission(rows: list) -> list:
     """VinBigData's ``image_id,PredictionString`` rows from ``rows = [(image_id, [(class, score, box), ...])]``
     (dmfast classes, boxes in the image's pixels): ``class conf x_min y_min x_max y_max ...`` in VinBigData's class
     ids (Nodule and Mass are both its Nodule/Mass; classes it does not have are left out), ``14 1 0 0 1 1`` (no
-    finding) for an image with none."""
+    finding) for an image with none. Where two dmfast classes become one of its classes, a box overlapping a
+    higher-scored box of the other class by IoU > 0.4 is left out: the challenge would count it as a duplicate."""
     out = []
     for image_id, found in rows:
+        kept = []
+        for c, score, box in sorted((f for f in found if f[0] in VINBIGDATA_CLASS), key=lambda f: -f[1]):
+            same = [k[2] for k in kept if VINBIGDATA_CLASS[k[0]] == VINBIGDATA_CLASS[c] and k[0] != c]
+            if not same or box_overlap([box], same).max() <= VINBIGDATA_IOU:
+                kept.append((c, score, box))
         parts = [f"{VINBIGDATA_CLASS[c]} {score:.6f} " + " ".join(f"{round(v):d}" for v in box)
-                 for c, score, box in found if c in VINBIGDATA_CLASS]
+                 for c, score, box in kept]
         out.append([image_id, " ".join(parts) if parts else VINBIGDATA_NO_FINDING])
     return out
 
@@ -262,6 +268,6 @@ class Task:
                                    reported.score[reported.cls == c], self.images, RSNA_THRESHOLDS, weights)
                         for c in self.classes], axis=0) if self.classes else np.full(len(sensitivity), np.nan)
         return {"coco_ap": ap.mean((1, 2)), "coco_ap50": ap[:, AP50].mean(1), "coco_ap75": ap[:, AP75].mean(1),
-                "map40": map40.mean(1), "rsna": rsna, "froc": sensitivity.mean(1),
+                "map40": map40.mean(1), "rsna": rsna, "froc": froc_score(sensitivity),
                 "per_class_ap": ap[0].mean(0), "per_class_ap50": ap[0, AP50], "per_class_map40": map40[0],
                 "froc_curve": sensitivity[0]}

@@ -34,7 +34,7 @@ from rich.console import Console
 
 import dmfast
 
-from . import checkpoints, ops
+from . import checkpoints
 from .config import EvalConfig, box_levels
 from .data.cache import CacheSet, ImageCache, open_or_prepare, report_left_out
 from .data.dataset import FINDINGS, DataError, fuse_readers, image_size, read_text
@@ -44,7 +44,7 @@ from .data.images import square_geometry
 from .detection import (DECIMALS, FROC_RATES, METRIC_NAMES, METRICS, Boxes, Task, coco_ground_truth, coco_results,
                         ground_truth, pycocotools_ap, scored_images)
 from .figures import BLACK, RED, draw, grid, heat_overlay
-from .inference import Classifier
+from .inference import Classifier, scored_boxes
 from .io import (atomic_write_bytes, atomic_write_json, check_outputs, clear_outputs, csv_text, finite, print_table,
                  progress, save_png)
 from .metrics import (class_preserving_bootstrap, interval, localization, predictions_from_padded, roc_auc,
@@ -69,6 +69,7 @@ class Method:
     predicted: Boxes = field(default_factory=Boxes.of)  # every box, in pixels of the `frame`-px cache images
     frame: int = 0
     detections: Boxes = field(default_factory=Boxes.of)  # every box in its image's own pixels, as written
+    scored: Boxes = field(default_factory=Boxes.of)  # those the detection metrics score (floor, detection images)
     detection: dict | None = None  # the detection metrics' point estimates (detection.Task.score)
     uncertainty: dict | None = None  # bootstrap intervals and paired differences (see uncertainty())
 
@@ -259,10 +260,12 @@ def training_overlap(classifier: Classifier, dataset, names: list) -> dict:
 
 
 def evaluate_checkpoint(name: str, classifier: Classifier, cache: ImageCache, test_names: list, labels: np.ndarray,
-                        truth: GroundTruth, config: EvalConfig, keep: set, console: Console) -> tuple:
-    """One pass over the test images: probabilities for AUROC, and CAM boxes of every class reaching the box floor
-    on every image (and of every ground-truth class, whatever its probability, for the paper's accuracy). Returns
-    the :class:`Method` and the maps/boxes of the (image, class) pairs in ``keep``."""
+                        truth: GroundTruth, config: EvalConfig, keep: set, console: Console,
+                        detected: frozenset = frozenset()) -> tuple:
+    """One pass over the test images: probabilities for AUROC, CAM boxes of every class reaching the box floor on
+    the images ``detected`` (those scored for detection) and of every ground-truth class, whatever its probability,
+    for the paper's accuracy. Returns the :class:`Method` and the maps/boxes of the (image, class) pairs in
+    ``keep``."""
     started = time.perf_counter()
     scores, parts, kept = [], [], {}
     with progress(f"eval {name}", console) as bar:
@@ -274,7 +277,7 @@ def evaluate_checkpoint(name: str, classifier: Classifier, cache: ImageCache, te
             scores.append(probabilities)
             wanted = probabilities >= config.box_floor
             rows = [(b, n, c) for b, n in enumerate(names) for c in range(len(FINDINGS))
-                    if wanted[b, c] or c in truth.pairs.get(n, ())]
+                    if (wanted[b, c] and n in detected) or c in truth.pairs.get(n, ())]
             if rows:
                 c_index = torch.tensor([r[2] for r in rows])
                 maps, boxes, box_scores, counts = prediction.boxes([r[0] for r in rows], c_index.tolist(), cache.size,
@@ -309,22 +312,21 @@ def _flatten(boxes, scores, counts, images: list, classes, probabilities) -> Box
 
 
 def mask_only(name: str, masks: torch.Tensor, truth: GroundTruth, config: EvalConfig,
-              probabilities: np.ndarray | None = None, test_names: list | None = None) -> Method:
+              probabilities: np.ndarray | None = None, test_names: list | None = None,
+              detected: frozenset = frozenset()) -> Method:
     """The baseline of a set of masks ``[C, h, w]``: each class's mask boxes, predicted for every image of it. With
-    the ``probabilities [images, C]`` of a classifier on ``test_names``, also on every image where the class reaches
-    the box floor, scored as that classifier's boxes (probability times the mask's region term): the location prior
-    at the same image-level evidence."""
-    region = "mean" if config.box_score == "mean" else "max"
-    boxes, region_scores, counts = ops.cam_boxes(masks.float(), (truth.size, truth.size), config.box_thresholds,
-                                                 config.max_boxes, region)
-    if config.box_score == "probability":
-        region_scores = (torch.arange(boxes.shape[1])[None] < counts[:, None]).double()
+    the ``probabilities [images, C]`` of a classifier on ``test_names``, also on every image of ``detected`` where
+    the class reaches the box floor, scored as that classifier's boxes (probability times the mask's region term):
+    the location prior at the same image-level evidence."""
+    boxes, region_scores, counts = scored_boxes(masks.float(), truth.size, config.box_thresholds, config.max_boxes,
+                                                config.box_score)
     pairs = {n: set(c) for n, c in truth.pairs.items()}
     p_of = {}
     if probabilities is not None:
         for i, n in enumerate(test_names):
             p_of[n] = probabilities[i]
-            pairs.setdefault(n, set()).update(np.flatnonzero(probabilities[i] >= config.box_floor).tolist())
+            if n in detected:
+                pairs.setdefault(n, set()).update(np.flatnonzero(probabilities[i] >= config.box_floor).tolist())
     rows = [(n, c) for n in pairs for c in sorted(pairs[n])]
     if not rows:
         return Method(name, "mask-only", "", truth.score(Boxes.of(), config.overlap_thresholds), frame=truth.size)
@@ -418,12 +420,13 @@ def geometry(dataset, names: list, frame: int) -> dict:
     return out
 
 
-def per_image_files(out: Path, methods: list, test_names: list, labels: np.ndarray) -> tuple:
+def per_image_files(out: Path, methods: list, test_names: list, labels: np.ndarray, detected: list) -> tuple:
     """``predictions.csv`` (image, method, the 14 probabilities and the 14 labels) and ``boxes.csv``: every box of
     every method (image, class, method, box in the image's own pixels, class probability, score, best IoU and IoBB
-    with a ground-truth box of the class on the image, empty where it has none), best score first per image; an
-    image where no class reached the box floor gets one row without a box. The tables can be recomputed from them
-    without the model."""
+    with a ground-truth box of the class on the image, empty where it has none), best score first per image: the
+    boxes of every class at the box floor on the ``detected`` images (those scored for detection), and those of
+    every ground-truth (image, class) pair; a detected image where no class reached the floor gets one row without
+    a box. The tables can be recomputed from them without the model."""
     rows = [[image, m.name, *(f"{p:.9g}" for p in m.probabilities[i]), *map(int, labels[i])]
             for m in methods if m.probabilities is not None for i, image in enumerate(test_names)]
     predictions = atomic_write_bytes(out / "predictions.csv", csv_text(
@@ -439,7 +442,7 @@ def per_image_files(out: Path, methods: list, test_names: list, labels: np.ndarr
                          f"{d.probability[k]:.6g}", f"{d.score[k]:.6g}",
                          *("" if v[k] < 0 else f"{v[k]:.4f}" for v in overlaps)])
         if m.probabilities is not None:
-            rows += [[n, "", m.name, "", "", "", "", "", "", "", ""] for n in test_names if n not in boxed]
+            rows += [[n, "", m.name, "", "", "", "", "", "", "", ""] for n in detected if n not in boxed]
     boxes_file = atomic_write_bytes(out / "boxes.csv", csv_text(
         ["image", "class", "method", "x0", "y0", "x1", "y1", "probability", "score", "best_iou", "best_iobb"],
         rows).encode())
@@ -457,7 +460,7 @@ def coco_files(out: Path, methods: list, task: Task, dataset) -> dict:
                                 "version": dmfast.__version__})
     written = {"ground_truth": atomic_write_json(out / "coco" / "ground_truth.json", ground, indent=None)}
     for m in methods:
-        results = coco_results(m.detections.on(task.images), task.images)
+        results = coco_results(m.scored, task.images)
         written[m.name] = atomic_write_json(out / "coco" / f"{_file_name(m.name)}.json", results, indent=None)
         m.detection["pycocotools"] = {k: v for k, v in pycocotools_ap(ground, results).items() if k != "per_class"}
     return written
@@ -510,7 +513,7 @@ def uncertainty(methods: list, truth: GroundTruth, task: Task | None, test_names
                          if m.probabilities is not None else None,
                          **{f"iou_accuracy@{t:g}": accuracy[:, k] for k, t in enumerate(levels)}}
         if task is not None and m.detection is not None:
-            scored = task.score(m.detections, weights[:, det_columns])
+            scored = task.score(m.scored, weights[:, det_columns])
             draws[m.name].update({k: scored[k] for k in METRICS})
     first = draws[methods[0].name]
     for m in methods:
@@ -614,6 +617,8 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
     labels = np.stack([label_of[n] for n in test_names])
 
     clear_outputs(out, earlier)
+    detection_images = scored_images(dataset, test_names)
+    detected = frozenset(detection_images)
     methods, kept_by_method, truth_at = [], {}, {}
     keep = None
     for name, classifier in classifiers:
@@ -622,23 +627,25 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
             truth_at[cache.size] = GroundTruth(dataset, test_names, cache.size)
         truth = truth_at[cache.size]
         keep = _chosen_for_overlays(truth, config.overlays) if keep is None else keep
-        method, kept = evaluate_checkpoint(name, classifier, cache, test_names, labels, truth, config, keep, console)
+        method, kept = evaluate_checkpoint(name, classifier, cache, test_names, labels, truth, config, keep, console,
+                                           detected)
         methods.append(method)
         kept_by_method[name] = kept
         if classifier.masks is not None:
             methods.append(mask_only(f"{name} mask only", classifier.masks.cpu(), truth, config, method.probabilities,
-                                     test_names))
+                                     test_names, detected))
     truth = truth_at[first.config.size]
     for name, path in config.masks:
         masks = checkpoints.load(path, checkpoints.MASKS)["masks"]
-        methods.append(mask_only(f"{name} mask only", masks, truth, config, methods[0].probabilities, test_names))
+        methods.append(mask_only(f"{name} mask only", masks, truth, config, methods[0].probabilities, test_names,
+                                 detected))
     if not len(truth.images):
         console.print("[yellow]no test image has a ground-truth box: localization is not scored")
 
     frames = {m.frame: geometry(dataset, test_names, m.frame) for m in methods}
-    for m in methods:
+    for m in methods:  # the boxes of ground-truth pairs below the floor count for the paper's accuracy only
         m.detections = m.predicted.to_image_pixels(frames[m.frame])
-    detection_images = scored_images(dataset, test_names)
+        m.scored = m.detections.take(m.detections.probability >= config.box_floor).on(detected)
     task = Task.of(detection_images, ground_truth(dataset, detection_images, config.box_space),
                    config.min_probability, config.froc_iou) if detection_images else None
     task = task if task is not None and task.classes else None
@@ -646,7 +653,7 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
     coco = {}
     if task is not None:
         for m in methods:
-            m.detection = {**task.score(m.detections), "classes": task.classes}
+            m.detection = {**task.score(m.scored), "classes": task.classes}
         coco = coco_files(out, methods, task, dataset)
         for m in methods:
             _check_against_pycocotools(m, console)
@@ -667,9 +674,10 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
                   "froc_iou": task.froc_iou, "classes": [FINDINGS[c] for c in task.classes],
                   "coco_files": {k: str(v) for k, v in coco.items()}},
               "methods": {m.name: m.summary() for m in methods}, "overlays": [str(p) for p in figures],
-              "versions": {"dmfast": dmfast.__version__, "torch": torch.__version__, "python": platform.python_version(),
-                           "numpy": np.__version__, "pycocotools": _version("pycocotools")}}
-    per_image_files(out, methods, test_names, labels)
+              "versions": {"dmfast": dmfast.__version__, "torch": torch.__version__,
+                           "python": platform.python_version(), "numpy": np.__version__,
+                           "pycocotools": _version("pycocotools")}}
+    per_image_files(out, methods, test_names, labels, detection_images)
     atomic_write_json(out / "eval.json", report)
     atomic_write_bytes(out / "eval.md", markdown(results).encode())
     console.print(f"results {out / 'eval.json'}, {out / 'eval.md'}, per image {out / 'predictions.csv'}, "
@@ -679,14 +687,17 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
 
 
 def _check_against_pycocotools(method: Method, console: Console) -> None:
-    """dmfast's COCO AP (whose twin draws the bootstrap) must be pycocotools' on the same files."""
+    """dmfast's COCO AP (whose twin draws the bootstrap) must be pycocotools' on the same files; where it is not,
+    pycocotools' is reported and ``pycocotools["replaced"]`` names it."""
     reference = method.detection["pycocotools"]
+    reference["replaced"] = []
     for key, name in (("coco_ap", "AP"), ("coco_ap50", "AP50"), ("coco_ap75", "AP75")):
         mine, theirs = float(method.detection[key][0]), reference[name]
         if not (np.isclose(mine, theirs, rtol=0, atol=1e-9) or (np.isnan(mine) and np.isnan(theirs))):
             console.print(f"[red]{method.name}: dmfast's {name} {mine:.6f} differs from pycocotools' {theirs:.6f} "
                           "(please report); pycocotools' is reported")
             method.detection[key] = np.concatenate([[theirs], method.detection[key][1:]])
+            reference["replaced"].append(name)
 
 
 def _version(package: str) -> str | None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, checkpoints, ops
-from .config import BOX_SCORES, TrainConfig, box_levels, from_dict
+from .config import BOX_SCORES, MAX_BOXES, TrainConfig, box_levels, from_dict
 from .config import min_probability as probability_floor
 from .data.dataset import FINDINGS, DataError
 from .data.formats import open_dataset
@@ -40,10 +40,9 @@ def trained_file(path) -> Path:
 
 
 def read_trained(path) -> tuple:
-    """``(file, payload)`` of a trained classifier, whichever way it is given: a portable model file (read
-    weights only), a run folder (see :func:`trained_file`), or a ``dmfast train`` checkpoint (``checkpoint.pt``,
-    ``best.pt``: a full pickle, read because the user names it as their own). ``payload["format"]`` says which:
-    :data:`checkpoints.MODEL` or :data:`checkpoints.CLASSIFIER`."""
+    """``(file, payload)`` of a trained classifier, whichever way it is given: a portable model file, a run folder
+    (see :func:`trained_file`), or a ``dmfast train`` checkpoint (``checkpoint.pt``, ``best.pt``); each read
+    weights only. ``payload["format"]`` says which: :data:`checkpoints.MODEL` or :data:`checkpoints.CLASSIFIER`."""
     path = trained_file(path)
     return path, checkpoints.load(path, (checkpoints.MODEL, checkpoints.CLASSIFIER))
 
@@ -127,21 +126,47 @@ class Prediction:
         alone (``"probability"``). The normalised CAM alone is 1 at every map's peak, so it cannot rank boxes of
         different maps; ``p`` carries the image-level evidence and the region term orders the boxes of one map
         (with ``"mean"``, nested boxes of several thresholds score apart: the inner region's mean is higher)."""
-        if score not in BOX_SCORES:
-            raise ValueError(f"box score must be one of {', '.join(BOX_SCORES)}, got {score!r}")
         b_index, c_index = torch.tensor(images, device=self.cams.device), torch.tensor(classes, device=self.cams.device)
         theta = self.theta[b_index] if self.theta is not None else None
         maps = to_image_frame(self.cams[b_index, c_index], theta, map_resolution(size))
-        boxes, region, counts = (t.cpu() for t in ops.cam_boxes(maps, (size, size), thresholds, max_boxes,
-                                                                 "mean" if score == "mean" else "max"))
+        boxes, region, counts = scored_boxes(maps, size, thresholds, max_boxes, score)
         if (counts < 0).any():
             i = int(torch.nonzero(counts < 0)[0, 0])
             raise ValueError(f"{names[i]}: the {FINDINGS[classes[i]]} CAM contains NaN or infinite values (a "
                              "diverged model?)")
         probability = self.probabilities[b_index, c_index].double().cpu()[:, None]
-        shown = torch.arange(boxes.shape[-2])[None] < counts[:, None]  # past the count, boxes and scores are 0
-        scores = probability * (region if score != "probability" else shown.double())
-        return maps, boxes, scores, counts
+        return maps, boxes, probability * region, counts
+
+
+def scored_boxes(maps: torch.Tensor, size: int, thresholds, max_boxes: int, score: str = BOX_SCORES[0]) -> tuple:
+    """``ops.cam_boxes`` of ``maps [N, h, w]`` at ``size`` px, on the CPU: ``(boxes, region, counts)``. The boxes
+    are always those the paper's metric keeps (the ``max_boxes`` best by the region's peak), whatever ``score``
+    says; ``region`` is the box's region term of ``score``: the region's mean (``"mean"``, from a second pass over
+    every region), its peak (``"peak"``) or 1 (``"probability"``); 0 past the count."""
+    if score not in BOX_SCORES:
+        raise ValueError(f"box score must be one of {', '.join(BOX_SCORES)}, got {score!r}")
+    boxes, peak, counts = (t.cpu() for t in ops.cam_boxes(maps, (size, size), thresholds, max_boxes, "max"))
+    shown = torch.arange(boxes.shape[-2])[None] < counts[:, None]
+    if score == "peak":
+        return boxes, peak, counts
+    if score == "probability" or not shown.any():
+        return boxes, shown.double(), counts
+    every = int(min(counts.max(), MAX_BOXES))
+    all_boxes, means, _ = (t.cpu() for t in ops.cam_boxes(maps, (size, size), thresholds, every, "mean"))
+    # The k-th copy of a box among the kept ones is the k-th copy among all (boxes of two levels can coincide).
+    kept_copy, all_copy = _copy_rank(boxes, shown), _copy_rank(all_boxes, torch.arange(every)[None] < counts[:, None])
+    same = ((boxes[:, :, None] == all_boxes[:, None]).all(-1) & (kept_copy[:, :, None] == all_copy[:, None])
+            & (all_copy[:, None] >= 0))
+    region = torch.where(same, means[:, None], 0.0).sum(-1)  # one match per kept box
+    return boxes, region * shown, counts
+
+
+def _copy_rank(boxes: torch.Tensor, shown: torch.Tensor) -> torch.Tensor:
+    """For each shown box of ``boxes [N, K, 4]``, how many shown boxes before it have the same corners; -1 past
+    the count."""
+    same = (boxes[:, :, None] == boxes[:, None]).all(-1) & shown[:, None] & shown[:, :, None]
+    before = torch.ones(boxes.shape[1], boxes.shape[1], dtype=torch.bool).tril(-1)
+    return torch.where(shown, (same & before).sum(-1), -1)
 
 
 class Model:
@@ -200,7 +225,7 @@ class Model:
                         box_floor: float | None = None) -> list:
         """:meth:`predict` for one batch of :class:`Square` images."""
         box_thresholds, min_probability = box_levels(box_thresholds, max_boxes), probability_floor(min_probability)
-        box_floor = min_probability if box_floor is None else probability_floor(box_floor)
+        box_floor = min_probability if box_floor is None else probability_floor(box_floor, "box_floor")
         names = names or [f"image {i}" for i in range(len(squares))]
         prediction = self(torch.from_numpy(np.stack([square.pixels for square in squares]))[:, None])
         # boxes of the classes asked for only: warping back all 14 maps of every image costs
@@ -322,14 +347,14 @@ def training_patients(config: TrainConfig, splits: Splits, dataset=None) -> tupl
     return sorted({str(r.patient) for r in dataset.records if r.image in trained}), dataset.format
 
 
-def export_model(source, out, half: bool = False, overwrite: bool = False, dataset=None) -> Path:
+def export_model(source, out, half: bool = False, overwrite: bool = False, dataset=None, warn=print) -> Path:
     """Write the portable model file (format in :mod:`dmfast.checkpoints`) of a trained classifier (any path
     :func:`read_trained` takes; a model file is written again, e.g. as float16) to ``out``: weights only, the
     alignment network and anchor embedded; ``half`` stores float16. With them go its run's settings, splits and
     the patient IDs of its training and validation images, read from the training data (``dataset``: that data,
     already open) or kept from a model file, so that eval can check test images against the training images
-    wherever the file goes. An existing ``out`` is replaced only with ``overwrite``; a run folder's own model.pt
-    as ``out`` is written from its checkpoint.pt."""
+    wherever the file goes (``warn`` says so when they cannot be read). An existing ``out`` is replaced only with
+    ``overwrite``; a run folder's own model.pt as ``out`` is written from its checkpoint.pt."""
     given, source, out = Path(source), trained_file(source), Path(out)
     if given.is_dir() and source.resolve() == out.resolve() and (given / "checkpoint.pt").is_file():
         source = given / "checkpoint.pt"  # the run's model file written again, from its checkpoint
@@ -357,6 +382,9 @@ def export_model(source, out, half: bool = False, overwrite: bool = False, datas
         settings = {**asdict(config), "format": config.format or found}
     if classifier.splits_known:
         splits = asdict(classifier.splits)
+        if patients is None:
+            warn(f"{source}: its training data ({config.data}) is not readable here, so the model file keeps its "
+                 "training images' names but not their patients: eval will check test images by name only")
     return checkpoints.save(out, checkpoints.MODEL, {
         "classes": list(FINDINGS), "size": config.size, "normalisation": dict(NORMALISATION), "half": half,
         "classifier": {"arch": config.arch, "cam_stride": config.cam_stride,
@@ -367,9 +395,9 @@ def export_model(source, out, half: bool = False, overwrite: bool = False, datas
 
 def load_model(path, device=None) -> Model:
     """A trained model ready for inference, given any way :func:`read_trained` takes: a portable model file
-    (``dmfast export``, or ``RUN/model.pt`` of a ``dmfast train`` run; read with ``weights_only=True``), a run
-    folder (its ``model.pt``, else its ``checkpoint.pt``), or a ``checkpoint.pt`` or ``best.pt`` (a full pickle:
-    only your own; the alignment network of an aligned model is read from its alignment run)."""
+    (``dmfast export``, or ``RUN/model.pt`` of a ``dmfast train`` run), a run folder (its ``model.pt``, else its
+    ``checkpoint.pt``), or a ``checkpoint.pt`` or ``best.pt`` (whose aligned model's alignment network is read from
+    its alignment run); all read with ``weights_only=True``."""
     return Classifier(path, device)
 
 

@@ -53,13 +53,17 @@ def _device() -> torch.device:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """The random states to resume from, as tensors and plain values (checkpoints are read weights only)."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position,
+                                                      has_gauss, gauss],
+            "python": random.getstate(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     random.setstate(state["python"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -292,6 +296,8 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
             scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"] + 1
         _set_rng_state(state["rng"])
+        if rank == 0:  # the run folder stands for its model.pt first: an older one must not outlive the resume
+            (out / "model.pt").unlink(missing_ok=True)
         console.print(f"resumed from {last} after epoch {state['epoch'] + 1}")
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     aligner = load_aligner(config.aligned, device) if config.aligned else None

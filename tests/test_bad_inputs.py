@@ -86,12 +86,23 @@ def world(tmp_path_factory):
                          ("classifier-none", {"classifier": None})):
         checkpoints.save(files / f"model-{name}.pt", checkpoints.MODEL,
                          {k: v for k, v in {**model, **change}.items() if k not in ("format", "version")})
+    checkpoints.save(files / "runs-code.pt", checkpoints.CLASSIFIER, {**state, "note": _RunsCode(files / "ran")})
     checkpoints.save(files / "elsewhere.pt", checkpoints.CLASSIFIER,
                      {**state, "config": {**state["config"], "data": str(root / "moved-away")}})
     (files / "test-names.txt").write_text("\n".join(state["splits"]["test"]) + "\n")
     kinds = {"checkpoint": checkpoint, "model": root / "run" / "model.pt", "masks": root / "masks" / "masks.pt",
              "alignment": root / "align" / "alignment.pt", "anchor": root / "align" / "anchor.pt"}
     return SimpleNamespace(root=root, data=data, cache=cache, files=files, kinds=kinds)
+
+
+class _RunsCode:
+    """Unpickled, it would run a shell command that leaves ``marker`` behind: what a hostile checkpoint can do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
 
 
 def file_of(world, name: str) -> Path:
@@ -167,20 +178,21 @@ def test_masks_refuse_cams_too_coarse(world, tmp_path):
 # --- files of the wrong kind: an error naming the file ---------------------------------------------------------------
 
 FILE_CASES = [("train", "--init", k) for k in ("empty", "garbage", "text", "list", "truncated", "masks", "alignment",
-                                                "mismatched", "weights", "nan")] + \
+                                                "mismatched", "weights", "nan", "runs-code")] + \
     [("train", "--aligned", k) for k in ("empty", "garbage", "checkpoint", "masks")] + \
     [("train", "--masks", k) for k in ("empty", "garbage", "checkpoint", "masks-huge", "masks-negative",
                                        "masks-shape")] + \
     [("train", "--weights", k) for k in ("empty", "garbage", "text", "list", "checkpoint", "masks")] + \
     [("align", "--perceptual", k) for k in ("empty", "garbage", "masks", "alignment")] + \
-    [("masks", "--checkpoint", k) for k in ("empty", "garbage", "masks", "alignment", "settings")] + \
+    [("masks", "--checkpoint", k) for k in ("empty", "garbage", "masks", "alignment", "settings", "runs-code")] + \
     [("masks", "--anchor", k) for k in ("empty", "garbage", "checkpoint")] + \
     [("eval", "--checkpoint", k) for k in ("empty", "garbage", "masks", "alignment", "settings", "weights", "nan",
-                                           "config-none", "no-size")] + \
+                                           "config-none", "no-size", "runs-code")] + \
     [("eval", "--masks", k) for k in ("garbage", "checkpoint")] + \
     [("predict", "MODEL", k) for k in ("empty", "garbage", "text", "masks", "model-size-0", "model-size-huge",
-                                       "model-size-text", "model-classifier-none")] + \
-    [("export", "SOURCE", k) for k in ("empty", "garbage", "masks", "settings", "weights", "config-none", "no-size")]
+                                       "model-size-text", "model-classifier-none", "runs-code")] + \
+    [("export", "SOURCE", k) for k in ("empty", "garbage", "masks", "settings", "weights", "config-none", "no-size",
+                                       "runs-code")]
 
 
 @pytest.mark.parametrize("command, where, kind", FILE_CASES, ids=[" ".join(c) for c in FILE_CASES])
@@ -203,8 +215,9 @@ def test_files_of_the_wrong_kind_are_named(world, tmp_path, command, where, kind
         args = ["predict", path, world.data / "images", "--out", out]
     else:
         args = ["export", path, "--out", out / "model.pt"]
-    expect(args, str(path))
+    expect(args, str(path), *(["objects besides tensors"] if kind == "runs-code" else []))
     assert not (out / "checkpoint.pt").exists() and not (out / "model.pt").exists()
+    assert not (world.files / "ran").exists()  # never unpickled with its code
 
 
 # --- data problems: counted and named (file and line), left out only with --skip-problems ---------------------------

@@ -26,15 +26,64 @@ def test_box_scores_rank_maps_and_tell_nested_boxes_apart():
     args = ([0, 1], [3, 3], 32, (0.2, 0.8), 4, ["a", "b"])
     _, boxes, mean, counts = prediction.boxes(*args, score="mean")
     assert counts.tolist() == [2, 2]  # a region at each level (the upsampled map's edges are ramps)
-    # image 0: the core box (level 0.8) has a higher mean than the plateau box (level 0.2) around it; both times p
-    assert 0.9 >= mean[0, 0] > mean[0, 1] > 0.9 * 0.2 and mean[0, 2:].eq(0).all()
-    assert 0.4 >= mean[1, 0] > mean[1, 1] > 0.4 * 0.2
+    # image 0: one peak, so the plateau box (level 0.2) comes first as the paper ranks them, but the core box
+    # (level 0.8) inside it has the higher mean; both times p
+    assert 0.9 >= mean[0, 1] > mean[0, 0] > 0.9 * 0.2 and mean[0, 2:].eq(0).all()
+    assert 0.4 >= mean[1, 1] > mean[1, 0] > 0.4 * 0.2
     _, _, peak, _ = prediction.boxes(*args, score="peak")
     assert peak[0, 0] == peak[0, 1] == pytest.approx(0.9)  # one peak in both nested regions
     _, _, alone, _ = prediction.boxes(*args, score="probability")
     assert alone[0, :2].tolist() == pytest.approx([0.9, 0.9]) and alone[0, 2:].eq(0).all()
     with pytest.raises(ValueError, match="box score must be one of"):
         prediction.boxes(*args, score="area")
+
+
+def _kept_by_peak_with_means(maps: torch.Tensor, size: int, levels, keep: int):
+    """scipy's regions of each normalised, upsampled map, the ``keep`` best by peak (ties: level, raster order),
+    with their boxes and their means."""
+    from scipy import ndimage
+    import torch.nn.functional as F
+
+    low, high = maps.amin((1, 2), keepdim=True), maps.amax((1, 2), keepdim=True)
+    up = F.interpolate(((maps - low) / (high - low))[:, None].double(), size=(size, size), mode="bilinear",
+                       align_corners=False)[:, 0].numpy()
+    result = []
+    for image in up:
+        found = []
+        for level, threshold in enumerate(levels):
+            labels, count = ndimage.label(image >= threshold, structure=np.ones((3, 3), dtype=int))
+            index = np.arange(1, count + 1)
+            peaks, means = ndimage.maximum(image, labels, index), ndimage.mean(image, labels, index)
+            for label, (rows, cols) in enumerate(ndimage.find_objects(labels)):
+                found.append((-peaks[label], level, label, [cols.start, rows.start, cols.stop, rows.stop],
+                              means[label]))
+        found.sort(key=lambda f: f[:3])
+        result.append([(box, mean) for *_, box, mean in found[:keep]])
+    return result
+
+
+@pytest.mark.parametrize("keep", [1, 3])
+def test_the_mean_score_keeps_the_papers_boxes_and_scores_them_by_their_regions_mean(keep):
+    """``--box-score mean`` changes the scores only: the boxes kept are those of the peak ranking (so the paper's
+    accuracy and AFP do not depend on the score), each scored by its own region's mean."""
+    from dmfast import ops
+    from dmfast.inference import scored_boxes
+
+    generator = torch.Generator().manual_seed(5)
+    maps = torch.rand(6, 7, 7, generator=generator)
+    maps[3] = 0  # a constant map: no box
+    levels = (60 / 255, 180 / 255)
+    boxes, region, counts = scored_boxes(maps, 40, levels, keep, "mean")
+    by_peak, peak, peak_counts = ops.cam_boxes(maps, (40, 40), levels, keep, "max")
+    assert torch.equal(boxes, by_peak) and torch.equal(counts, peak_counts)
+    assert counts.max() > keep  # many regions compete for the kept places
+    for i, expected in enumerate(_kept_by_peak_with_means(maps[[i for i in range(6)]], 40, levels, keep)):
+        assert boxes[i, :len(expected)].tolist() == [box for box, _ in expected]
+        assert region[i, :len(expected)].tolist() == pytest.approx([mean for _, mean in expected], abs=1e-5)
+        assert region[i, len(expected):].eq(0).all()
+    assert torch.equal(scored_boxes(maps, 40, levels, keep, "peak")[1], peak)
+    shown = (torch.arange(keep)[None] < counts[:, None]).double()
+    assert torch.equal(scored_boxes(maps, 40, levels, keep, "probability")[1], shown)
 
 
 def test_boxes_go_to_each_images_own_pixels_rounded_and_clipped():
@@ -98,6 +147,13 @@ def test_the_challenges_submission_rows():
     # VinBigData ids: Cardiomegaly 3, Nodule/Mass 8; Hernia is not one of its classes
     assert rows == [["img1", "3 0.910000 10 21 300 200 8 0.500000 1 2 3 4 8 0.250000 5 6 7 8"],
                     ["img2", VINBIGDATA_NO_FINDING], ["img3", VINBIGDATA_NO_FINDING]]
+    # a Mass box on the Nodule box (IoU 0.81) would be the challenge's duplicate: the lower-scored one goes; a
+    # nested box of one class stays (two regions of its own CAM)
+    rows = vindr_submission([("img1", [(nodule, 0.4, [0, 0, 10, 10]), (mass, 0.6, [0, 0, 9, 9]),
+                                       (nodule, 0.3, [0, 0, 9, 10]), (mass, 0.2, [50, 50, 60, 60])])])
+    assert rows == [["img1", "8 0.600000 0 0 9 9 8 0.200000 50 50 60 60"]]
+    rows = vindr_submission([("img1", [(nodule, 0.4, [0, 0, 10, 10]), (nodule, 0.3, [0, 0, 9, 10])])])
+    assert rows == [["img1", "8 0.400000 0 0 10 10 8 0.300000 0 0 9 10"]]
     rows = rsna_submission([("p1", [(pneumonia, 0.8, [10, 20, 110, 70]), (cardiomegaly, 0.9, [0, 0, 5, 5])]),
                             ("p2", [])])
     assert rows == [["p1", "0.800000 10 20 100 50"], ["p2", ""]]  # x y width height

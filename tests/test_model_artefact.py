@@ -231,8 +231,11 @@ def test_older_model_files_and_relative_checkpoints_still_read(world, tmp_path):
                      {**state, "config": {**state["config"], "data": "phantom/data"}})
     classifier = Classifier(tmp_path / "relative.pt", "cpu")
     assert classifier.config.data == "phantom/data"
-    again = torch.load(export_model(tmp_path / "relative.pt", tmp_path / "relative-model.pt"), weights_only=True)
+    warned = []
+    again = torch.load(export_model(tmp_path / "relative.pt", tmp_path / "relative-model.pt", warn=warned.append),
+                       weights_only=True)
     assert again["patients"] is None and again["splits"] == state["splits"]  # its data is not here: no patients
+    assert len(warned) == 1 and "by name only" in warned[0] and "phantom/data" in warned[0]
 
 
 def test_resume_needs_the_runs_checkpoint(world, tmp_path):

@@ -1,4 +1,5 @@
 import os
+import shutil
 import socket
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 from dmfast import checkpoints, train
 from dmfast.config import TrainConfig
-from dmfast.inference import load_classifier
+from dmfast.inference import load_classifier, trained_file
 from dmfast.testing import assert_model_file_matches, phantom_with_cache
 
 
@@ -22,9 +23,15 @@ def config(phantom, out, **overrides):
     return TrainConfig(**{**base, **overrides})
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(phantom, tmp_path):
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(phantom, tmp_path, monkeypatch):
     straight = checkpoints.load(train.run(config(phantom, tmp_path / "a")), checkpoints.CLASSIFIER)
     train.run(config(phantom, tmp_path / "b", epochs=1))
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    with monkeypatch.context() as patch:  # a resume cut off before its model file: the folder is its checkpoint
+        patch.setattr(train, "export_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            train.run(config(phantom, tmp_path / "c"), resume=True)
+    assert trained_file(tmp_path / "c").name == "checkpoint.pt"  # not the first run's stale model.pt
     resumed = checkpoints.load(train.run(config(phantom, tmp_path / "b"), resume=True), checkpoints.CLASSIFIER)
     assert straight["epoch"] == resumed["epoch"] == 1
     for key, value in straight["model"].items():

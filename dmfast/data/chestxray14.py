@@ -14,6 +14,7 @@ from .dataset import (FINDINGS, Box, Dataset, DataError, LabelPolicy, Problems, 
                       read_text)
 
 NO_FINDING = "No Finding"
+PHANTOM_TRANSFORMS = "phantom_transforms.csv"  # written by dmfast synth (data.phantom) beside its release files
 # BBox_List_2017.csv spells one finding differently from Data_Entry_2017.csv.
 BOX_LABEL_ALIASES = {"Infiltrate": "Infiltration"}
 
@@ -165,5 +166,8 @@ def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True
         train_val, test = train_val - set(both), test - set(both)  # left out of both when skipping
         for image in sorted(names - train_val - test - set(both)):
             problems.add("images in neither train_val_list.txt nor test_list.txt", image)
-    return Dataset(root, kept, paths, boxes, train_val, test, problems, "chestxray14", "release")
+    # the phantom draws a box for every positive finding: its images without a box of a class have none
+    phantom = (root / PHANTOM_TRANSFORMS).is_file()
+    return Dataset(root, kept, paths, boxes, train_val, test, problems, "chestxray14", "release",
+                   boxes_exhaustive=phantom)
 

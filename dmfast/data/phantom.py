@@ -30,6 +30,7 @@ from .. import ops
 from ..anatomy import HEART, LUNGS
 from ..config import FRACTION, SIZE, Range
 from ..io import atomic_write_bytes, check_outputs, clear_outputs, progress, torch_threads
+from .chestxray14 import PHANTOM_TRANSFORMS
 from .dataset import FINDINGS, RELEASE_SIZE
 
 # Prevalence of each finding among images with findings (ChestX-ray14's order of magnitude, rare ones lifted so a
@@ -268,7 +269,7 @@ def sample_findings(rng: np.random.Generator, no_finding: float) -> list:
 
 
 # What synthesize writes (a folder holding any of them is not written over without overwrite).
-OUTPUTS = ("images", "Data_Entry_2017.csv", "BBox_List_2017.csv", "phantom_transforms.csv", "train_val_list.txt",
+OUTPUTS = ("images", "Data_Entry_2017.csv", "BBox_List_2017.csv", PHANTOM_TRANSFORMS, "train_val_list.txt",
            "test_list.txt")
 RANGES = {"count": Range(1, 10**7), "size": SIZE, "seed": Range(0, 2**32 - 1), "no_finding": FRACTION,
           "test_fraction": Range(0, 0.9, integer=False)}
@@ -331,7 +332,7 @@ def synthesize(out_dir, count: int = 2000, size: int = 256, seed: int = 0, no_fi
                                       "Patient Gender", "View Position", "OriginalImage[Width", "Height]",
                                       "OriginalImagePixelSpacing[x", "y]"], entries)
     write_csv("BBox_List_2017.csv", ["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]", "", "", ""], box_rows)
-    write_csv("phantom_transforms.csv", ["Image Index", "sx", "sy", "tx", "ty", "angle_degrees", "theta00",
+    write_csv(PHANTOM_TRANSFORMS, ["Image Index", "sx", "sy", "tx", "ty", "angle_degrees", "theta00",
                                          "theta01", "theta02", "theta10", "theta11", "theta12"], transforms)
     atomic_write_bytes(out / "train_val_list.txt", ("\n".join(train_val) + "\n").encode())
     atomic_write_bytes(out / "test_list.txt", ("\n".join(test) + "\n").encode())
@@ -342,7 +343,7 @@ def synthesize(out_dir, count: int = 2000, size: int = 256, seed: int = 0, no_fi
 def read_transforms(data_dir) -> dict:
     """The phantom's known misalignments from ``phantom_transforms.csv``: image -> theta ``[2, 3]`` (output ->
     input); empty for data without that file."""
-    path = Path(data_dir) / "phantom_transforms.csv"
+    path = Path(data_dir) / PHANTOM_TRANSFORMS
     if not path.is_file():
         return {}
     with open(path) as f:
