@@ -54,7 +54,7 @@ def load(path, kind) -> dict:
         with torch.serialization.safe_globals(_numpy_array_globals()):
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Unsupported global" not in str(error):  # not objects besides tensors: garbage
+        if "unsupported global" not in str(error).lower():  # not objects besides tensors: garbage
             raise ValueError(f"{path}: not a readable {what} (not a file torch.load reads: damaged, truncated or "
                              "another format)") from None
         raise ValueError(f"{path}: not {_a(what)}: it holds objects besides tensors and plain values, so it is not "

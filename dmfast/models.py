@@ -72,18 +72,18 @@ class CAMClassifier(nn.Module):
         try:
             state = torch.load(Path(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
-            if "Unsupported global" not in str(error):
+            if "unsupported global" not in str(error).lower():
                 raise ValueError(f"{path}: not a readable weights file (not a file torch.load reads: damaged, "
                                  "truncated or another format)") from None
             raise ValueError(f"{path}: not a plain state dict of tensors (it holds other Python objects, so it is not "
                              "read; a dmfast checkpoint is given with --init instead)") from None
         except Exception as error:  # not a file torch can read safely: say which and why
             raise ValueError(f"{path}: not a readable weights file ({type(error).__name__}: {error})") from None
+        if isinstance(state, dict) and str(state.get("format", "")).startswith("dmfast."):
+            raise ValueError(f"{path}: a dmfast file ({state['format']}), not torchvision weights (a trained dmfast "
+                             "classifier is given with --init)")
         while isinstance(state, dict) and any(isinstance(state.get(k), dict) for k in ("state_dict", "model")):
             state = next(state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict))
-        if isinstance(state, dict) and str(state.get("format", "")).startswith("dmfast."):
-            raise ValueError(f"{path}: a dmfast file ({state['format']}), not torchvision weights (a dmfast classifier "
-                             "checkpoint is given with --init)")
         if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
             raise ValueError(f"{path}: not a state dict of tensors")
         renamed = {}
