@@ -6,7 +6,8 @@ size (ResNet-50 at 128 and 512 px by default).
 Each size gets a phantom (its PNGs at the model's size times --source-scale), its image cache at the model's size,
 and a classifier trained for one step (the weights do not change the work). eval reads the cached pixels and draws
 boxes for each ground-truth class; predict decodes the PNG files (and resizes them when --source-scale is not 1)
-and draws boxes for each class reaching 0.5. Both are whole passes (read, classify, CAM boxes) timed by the stages
+and draws boxes for every class (``min_probability`` 0), once more with ``--overlays`` (14 panels per image: the
+time an overlay costs is the difference). All are whole passes (read, classify, CAM boxes) timed by the stages
 themselves, in rounds that alternate which goes first, each at its best.
 """
 
@@ -38,19 +39,22 @@ def measure(size: int, args, folder: Path, quiet: Console) -> dict:
     paths = [str(dataset.paths[n]) for n in test]
     def run_eval() -> float:
         report = eval_stage.run(EvalConfig(data=str(data), out=str(folder / "eval"), cache=str(cache),
-                                           checkpoints=[("m", str(checkpoint))], batch=args.batch, overlays=0),
+                                           checkpoints=[("m", str(checkpoint))], batch=args.batch, overlays=0,
+                                           overwrite=True),
                                 console=quiet)
         return report["methods"]["m"]["images_per_second"]
 
-    def run_predict() -> float:
+    def run_predict(overlays: bool = False) -> float:
         return predict.run(PredictConfig(model=str(checkpoint.parent / "model.pt"), inputs=paths,
-                                         out=str(folder / "predict"), batch=args.batch, device=args.device),
+                                         out=str(folder / "predict"), batch=args.batch, device=args.device,
+                                         overlays=overlays, min_probability=0.0, overwrite=True),
                            console=quiet)["images_per_second"]
 
-    rounds = {"eval": [], "predict": []}
-    for k in range(args.rounds):  # alternating which goes first
-        for name in (("eval", "predict") if k % 2 == 0 else ("predict", "eval")):
-            rounds[name].append(run_eval() if name == "eval" else run_predict())
+    passes = {"eval": run_eval, "predict": run_predict, "predict + overlays": lambda: run_predict(True)}
+    rounds = {name: [] for name in passes}
+    for k in range(args.rounds):  # rotating which goes first
+        for name in list(passes)[k % 3:] + list(passes)[:k % 3]:
+            rounds[name].append(passes[name]())
     rates = {name: max(values) for name, values in rounds.items()}
     return {"images": len(paths), "images_per_second": rates, "rounds": rounds}
 
@@ -65,7 +69,10 @@ def run(args) -> dict:
         # report() ranks by time: milliseconds per image, predict as the reference.
         case = f"{args.arch} at {size}px, {measured[size]['images']} PNGs of {round(args.source_scale * size)}px"
         cases[case] = {k: 1e3 / v for k, v in rates.items()}
-        print(f"{size}px: eval {rates['eval']:.1f} images/s, predict {rates['predict']:.1f} images/s")
+        drawing = 1 / rates["predict + overlays"] - 1 / rates["predict"]
+        measured[size]["overlay_seconds_per_image"] = drawing
+        print(f"{size}px: eval {rates['eval']:.1f} images/s, predict {rates['predict']:.1f} images/s, overlays "
+              f"{drawing:.3f} s per image (14 panels each)")
     config = {"arch": args.arch, "batch": args.batch, "sizes": args.sizes, "source_scale": args.source_scale,
               "measured": measured}
     return report("predict vs eval (ms per image)", cases, "predict", environment(args.device, args.threads), config,

@@ -13,6 +13,7 @@ _HEAT = torch.tensor([[0.0, 0.0, 0.5], [0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1
 RED = (255, 0, 0)
 BLACK = (0, 0, 0)
 WHITE = (255, 255, 255)
+GRID_GAP = 4  # white pixels between the tiles of a grid
 
 
 def heat_colors(values: torch.Tensor) -> torch.Tensor:
@@ -23,6 +24,9 @@ def heat_colors(values: torch.Tensor) -> torch.Tensor:
     return ((1 - frac) * _HEAT[low] + frac * _HEAT[low + 1]).permute(2, 0, 1)
 
 
+_HEAT_TABLE = heat_colors(torch.linspace(0, 1, 256)[None])[:, 0].T.contiguous()  # [256, 3]: a lookup per pixel
+
+
 def normalize(image: torch.Tensor) -> torch.Tensor:
     low, high = image.min(), image.max()
     return (image - low) / (high - low) if high > low else torch.zeros_like(image)
@@ -31,13 +35,17 @@ def normalize(image: torch.Tensor) -> torch.Tensor:
 def heat_overlay(gray: torch.Tensor, heat: torch.Tensor | None, alpha: float = 0.45,
                  where: torch.Tensor | None = None) -> torch.Tensor:
     """A grayscale image ``[H, W]`` in [0, 1] with ``heat`` (any size, min-max normalised here) blended over it;
-    ``where`` ([H, W] in [0, 1]) limits the blend (e.g. to a mask). Returns RGB uint8 ``[3, H, W]``."""
-    rgb = gray.float().clamp(0, 1)[None].expand(3, -1, -1)
+    ``where`` ([H, W] in [0, 1]) limits the blend (e.g. to a mask). Returns RGB uint8 ``[3, H, W]``. The heat's
+    colours come from a 256-entry table (the colour map at 1/255 steps)."""
+    rgb = gray.float().clamp(0, 1)[..., None]  # [H, W, 1], broadcast over the channels
     if heat is not None:
-        heat = F.interpolate(heat.float()[None, None], size=gray.shape, mode="bilinear", align_corners=False)[0, 0]
-        weight = alpha * (where.float() if where is not None else torch.ones_like(gray, dtype=torch.float32))
-        rgb = (1 - weight) * rgb + weight * heat_colors(normalize(heat))
-    return (rgb * 255).round().to(torch.uint8)
+        if heat.shape != gray.shape:
+            heat = F.interpolate(heat.float()[None, None], size=gray.shape, mode="bilinear",
+                                 align_corners=False)[0, 0]
+        colors = _HEAT_TABLE[(normalize(heat) * 255).round_().long()]  # [H, W, 3]
+        weight = alpha * (where.float()[..., None] if where is not None else 1.0)
+        rgb = torch.lerp(rgb, colors, weight) if where is not None else rgb + alpha * (colors - rgb)
+    return (rgb.expand(*gray.shape, 3) * 255).round_().to(torch.uint8).permute(2, 0, 1)
 
 
 def _font(size: int | None):
@@ -51,21 +59,33 @@ def draw(image: torch.Tensor, boxes=(), color=BLACK, width: int = 2, text: str |
     """Rectangles ``(x0, y0, x1, y1)`` (inclusive-exclusive pixels) and a caption (white on black, top left)
     drawn onto an RGB uint8 image. ``halo`` outlines each rectangle in black, so that a light colour stays
     visible on bright regions too."""
+    return draw_tiles(image, [((0, 0), boxes, text)], color, width, text_size, halo)
+
+
+def draw_tiles(image: torch.Tensor, tiles: list, color=BLACK, width: int = 2, text_size: int | None = None,
+               halo: bool = False, size: tuple | None = None) -> torch.Tensor:
+    """:func:`draw` on several tiles of one image at once (one conversion to PIL and back): ``tiles`` are
+    ``((x, y) of the tile's top left, boxes in the tile's pixels, caption or None)``, each drawn inside its tile
+    (``size``: its ``(width, height)``, default the whole image) exactly as :func:`draw` draws it alone."""
     from PIL import Image, ImageDraw
 
     canvas = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
-    pen = ImageDraw.Draw(canvas)
-    for x0, y0, x1, y1 in boxes:
-        corners = [float(x0), float(y0), max(float(x1) - 1, float(x0)), max(float(y1) - 1, float(y0))]
-        if halo:
-            pen.rectangle([corners[0] - 1, corners[1] - 1, corners[2] + 1, corners[3] + 1], outline=BLACK,
-                          width=width + 2)
-        pen.rectangle(corners, outline=color, width=width)
-    if text:
-        font = _font(text_size)
-        left, top, right, bottom = pen.textbbox((3, 2), text, font=font)
-        pen.rectangle([left - 2, top - 1, right + 2, bottom + 1], fill=BLACK)
-        pen.text((3, 2), text, fill=WHITE, font=font)
+    width_, height_ = size or canvas.size
+    font = _font(text_size)
+    for (x, y), boxes, text in tiles:
+        tile = canvas.crop((x, y, x + width_, y + height_))
+        pen = ImageDraw.Draw(tile)
+        for x0, y0, x1, y1 in boxes:
+            corners = [float(x0), float(y0), max(float(x1) - 1, float(x0)), max(float(y1) - 1, float(y0))]
+            if halo:
+                pen.rectangle([corners[0] - 1, corners[1] - 1, corners[2] + 1, corners[3] + 1], outline=BLACK,
+                              width=width + 2)
+            pen.rectangle(corners, outline=color, width=width)
+        if text:
+            left, top, right, bottom = pen.textbbox((3, 2), text, font=font)
+            pen.rectangle([left - 2, top - 1, right + 2, bottom + 1], fill=BLACK)
+            pen.text((3, 2), text, fill=WHITE, font=font)
+        canvas.paste(tile, (x, y))
     return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
 
 
@@ -91,14 +111,18 @@ def finding_panels(gray: torch.Tensor, panels: list, columns: int = 4) -> torch.
     blended over it, the boxes in white with a black halo, the caption written on it; panels in rows of
     ``columns`` with a colour bar of the heat at the right."""
     size = max(12, min(28, max(gray.shape) // 24))
-    tiles = [draw(heat_overlay(gray, heat), boxes, WHITE, width=max(2, size // 8), text=caption, text_size=size,
-                  halo=True) for caption, heat, boxes in panels]
-    figure = grid(tiles, columns=min(columns, len(tiles)))
+    columns = min(columns, len(panels))
+    figure = grid([heat_overlay(gray, heat) for _, heat, _ in panels], columns)
+    step_y, step_x = gray.shape[0] + GRID_GAP, gray.shape[1] + GRID_GAP
+    figure = draw_tiles(figure, [((k % columns * step_x, k // columns * step_y), boxes, caption)
+                                 for k, (caption, _, boxes) in enumerate(panels)],
+                        WHITE, width=max(2, size // 8), text_size=size, halo=True,
+                        size=(gray.shape[1], gray.shape[0]))
     bar = color_bar(figure.shape[1], text_size=size, low="CAM min", high="CAM max", width=5 * size)
     return torch.cat([figure, torch.full((3, figure.shape[1], 4), 255, dtype=torch.uint8), bar], dim=2)
 
 
-def grid(tiles: list, columns: int, gap: int = 4) -> torch.Tensor:
+def grid(tiles: list, columns: int, gap: int = GRID_GAP) -> torch.Tensor:
     """Equal-size RGB uint8 tiles in rows of ``columns``, on a white background."""
     if not tiles:
         raise ValueError("grid: no tiles")

@@ -6,9 +6,12 @@ import io
 import json
 import math
 import os
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -209,8 +212,31 @@ def to_uint8(image: torch.Tensor, low: float = 0.0, high: float = 1.0) -> torch.
     return (scaled.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+PNG_LEVEL = 1  # zlib level of the figures: with the "Up" filter, files as small as PIL's level 1 at half its time
+
+
+def png_bytes(array: np.ndarray, level: int = PNG_LEVEL) -> bytes:
+    """A uint8 ``[H, W]`` (gray) or ``[H, W, 3]`` (RGB) array as PNG bytes. Every row uses PNG's "Up" filter
+    (the difference to the row above, vectorised) and zlib at ``level``: PIL's per-row adaptive filter costs
+    more than the compression on large figures, and gains little on them."""
+    height, width = array.shape[:2]
+    channels = 1 if array.ndim == 2 else array.shape[2]
+    rows = np.ascontiguousarray(array).reshape(height, width * channels)
+    filtered = np.empty((height, width * channels + 1), dtype=np.uint8)
+    filtered[:, 0] = 2  # filter type "Up"
+    filtered[:1, 1:] = rows[:1]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG's filter arithmetic
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0 if channels == 1 else 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(filtered.tobytes(), level))
+            + chunk(b"IEND", b""))
+
+
 def save_png(path, image: torch.Tensor, durable: bool = True) -> Path:
-    """Save a uint8 image ``[H, W]`` or ``[C, H, W]`` (C = 1 or 3) as PNG, atomically (see
+    """Save a uint8 image ``[H, W]`` or ``[C, H, W]`` (C = 1 or 3) as PNG (:func:`png_bytes`), atomically (see
     :func:`atomic_file` for ``durable``)."""
     if image.dtype != torch.uint8:
         raise TypeError(f"save_png: expected a uint8 image, got {image.dtype}")
@@ -218,12 +244,10 @@ def save_png(path, image: torch.Tensor, durable: bool = True) -> Path:
         image = image.unsqueeze(0)
     if image.dim() != 3 or image.shape[0] not in (1, 3):
         raise ValueError(f"save_png: expected [H, W] or [C, H, W] with C in (1, 3), got {tuple(image.shape)}")
-    from PIL import Image
-
+    if 0 in image.shape:
+        raise ValueError(f"save_png: an empty image {tuple(image.shape)}")
     array = image.permute(1, 2, 0).contiguous().numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buffer, format="PNG")
-    return atomic_write_bytes(path, buffer.getvalue(), durable)
+    return atomic_write_bytes(path, png_bytes(array[:, :, 0] if array.shape[2] == 1 else array), durable)
 
 
 LOSS_AND_RATE = "loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} img/s"  # the training stages' fields

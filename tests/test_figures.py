@@ -1,0 +1,59 @@
+"""The figures' building blocks: the PNG writer (read back by PIL bit for bit), the heat colour table against the
+colour map it samples, and the one-pass tile annotation against drawing tile by tile."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dmfast.figures import BLACK, WHITE, draw, draw_tiles, grid, heat_colors, heat_overlay
+from dmfast.io import png_bytes, save_png
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (64, 33), (5, 9, 3), (40, 31, 3)])
+def test_png_bytes_read_back_exactly(shape):
+    array = np.random.default_rng(len(shape) + shape[0]).integers(0, 256, shape, dtype=np.uint8)
+    array[..., : shape[1] // 2] = 200  # flat runs, as figures have
+    back = np.asarray(Image.open(io.BytesIO(png_bytes(array))))
+    assert back.shape == array.shape and np.array_equal(back, array)
+
+
+def test_save_png_writes_gray_and_rgb_and_refuses_what_it_cannot(tmp_path):
+    rgb = torch.randint(0, 256, (3, 12, 17), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(np.asarray(Image.open(save_png(tmp_path / "a.png", rgb))), rgb.permute(1, 2, 0).numpy())
+    gray = rgb[0]
+    assert np.array_equal(np.asarray(Image.open(save_png(tmp_path / "b.png", gray))), gray.numpy())
+    with pytest.raises(TypeError, match="uint8"):
+        save_png(tmp_path / "c.png", rgb.float())
+    with pytest.raises(ValueError, match="empty"):
+        save_png(tmp_path / "d.png", rgb[:, :0])
+
+
+def test_heat_overlay_matches_the_colour_map_to_its_table_step():
+    generator = torch.Generator().manual_seed(1)
+    gray, heat = torch.rand(30, 20, generator=generator), torch.rand(30, 20, generator=generator) * 5 - 2
+    normalised = (heat - heat.min()) / (heat.max() - heat.min())
+    exact = (0.55 * gray[None] + 0.45 * heat_colors(normalised)) * 255  # the blend on the continuous map
+    picture = heat_overlay(gray, heat)
+    assert picture.dtype == torch.uint8 and picture.shape == (3, 30, 20)
+    # the table samples the map at 1/255 steps: each channel moves by at most 4 x 0.5/255 per step, times alpha
+    assert (picture.float() - exact).abs().max() <= 0.45 * 2 + 0.5 + 1e-4
+    assert torch.equal(heat_overlay(gray, None), (gray * 255).round().to(torch.uint8)[None].expand(3, -1, -1))
+    mask = torch.zeros(30, 20)
+    assert torch.equal(heat_overlay(gray, heat, where=mask), heat_overlay(gray, None))  # nothing blended off the mask
+
+
+def test_drawing_all_tiles_at_once_equals_drawing_each():
+    generator = torch.Generator().manual_seed(2)
+    tiles = [torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8, generator=generator) for _ in range(5)]
+    boxes = [[[3, 4, 20, 30]], [], [[0, 0, 50, 40], [10, 10, 12, 12]], [[5, 5, 6, 6]], [[30, 2, 48, 39]]]
+    captions = ["a", None, "Effusion  p = 0.91", "", "b"]
+    one_by_one = grid([draw(t, b, WHITE, width=2, text=c, text_size=12, halo=True)
+                       for t, b, c in zip(tiles, boxes, captions)], columns=3)
+    at_once = draw_tiles(grid(tiles, columns=3), [((k % 3 * 54, k // 3 * 44), b, c)
+                                                   for k, (b, c) in enumerate(zip(boxes, captions))],
+                         WHITE, width=2, text_size=12, halo=True, size=(50, 40))
+    assert torch.equal(at_once, one_by_one)
+    assert not torch.equal(draw(tiles[0], boxes[0], BLACK), tiles[0])
