@@ -11,9 +11,9 @@ from pathlib import Path
 import click
 
 import dmfast
-from dmfast.config import (DATA_FORMATS, FRACTION, SIZE, SUBMISSIONS, WANG_THRESHOLDS, AlignConfig, BoxConfig,
-                           DemoConfig, EvalConfig, MasksConfig, PredictConfig, Range, SplitConfig, TrainConfig,
-                           defaults, metadata_of)
+from dmfast.config import (DATA_FORMATS, FRACTION, PRECISIONS, SIZE, SUBMISSIONS, WANG_THRESHOLDS, AlignConfig,
+                           BoxConfig, DemoConfig, EvalConfig, MasksConfig, PredictConfig, Range, SplitConfig,
+                           TrainConfig, defaults, metadata_of)
 from dmfast.data import phantom
 from dmfast.data.cache import WORKERS
 from dmfast.data.cache import prepare as prepare_cache
@@ -311,6 +311,9 @@ BOX_THRESHOLD = click.option(
     "--box-threshold", "box_threshold", default=",".join(f"{t:g}" for t in defaults(BoxConfig)["box_thresholds"]),
     show_default=True, help="CAM threshold(s) for boxes, comma-separated fractions, or 'wang' for 60/255,180/255.")
 MAX_BOXES = ("max_boxes", {"help": "Boxes per CAM (best first)."})
+PRECISION = ("precision", {"type": click.Choice(PRECISIONS),
+                            "help": "The classifier's arithmetic: fp32, or its backbone in bf16 (CPUs with AMX or "
+                                    "AVX512-BF16, GPUs) or fp16 (GPUs) under autocast, channels_last."})
 BOX_SCORE = ("box_score", {"help": "A box's confidence: the class probability times the mean (or peak) normalised "
                                    "CAM inside its region, or the probability alone."})
 BOX_FLOOR = ("box_floor", {"help": "Classes of an image with at least this probability get boxes in the detection "
@@ -343,7 +346,7 @@ BOX_FLOOR = ("box_floor", {"help": "Classes of an image with at least this proba
          ("fuse_readers", {"help": "Fuse overlapping boxes of several readers (VinDr-CXR) into one box (IoU >= "
                                    "0.5, mean corners) before scoring."}), *LABELS,
          ("bootstrap", {"help": "Patient resamples for the 95% intervals and paired differences (0: none)."}),
-         ("seed", {"help": "Seed of the resampling."}))
+         ("seed", {"help": "Seed of the resampling."}), PRECISION)
 def evaluate(data_dir, checkpoints, masks_files, box_threshold, **kwargs):
     """Score AUROC, box localization (IoU, IoBB, AFP) and detection (COCO AP, VinBigData mAP@0.4, RSNA, FROC) of
     trained models side by side, with patient-bootstrap intervals, COCO files and overlays."""
@@ -370,7 +373,7 @@ def evaluate(data_dir, checkpoints, masks_files, box_threshold, **kwargs):
                                  "findings' boxes; image ids are the file names without suffix)."}),
          ("cams", {"help": "Also write every class's CAM per image to cams.npz."}),
          ("overlays", {"help": "Also write one overlay PNG per image (CAMs, boxes, probabilities)."}),
-         ("device", {"help": "cpu, cuda or cuda:N [default: cuda when available]."}),
+         ("device", {"help": "cpu, cuda or cuda:N [default: cuda when available]."}), PRECISION,
          ("format", {"type": click.Choice(["auto", *DATA_FORMATS]),
                      "help": "INPUTS are release folders (of this layout, or auto: detected): predict the images each "
                              "lists (its frontal X-rays) instead of every image file."}), OVERWRITE)

@@ -16,6 +16,8 @@ from .metrics import DEFAULT_THRESHOLDS
 ARCHS = ("resnet18", "resnet34", "resnet50")
 CAM_STRIDES = (16, 32)
 OPTIMIZERS = ("adam", "sgd")
+# the classifier's arithmetic at inference: float32, or its backbone under autocast in bfloat16 / float16
+PRECISIONS = ("fp32", "bf16", "fp16")
 SUBMISSIONS = ("vindr", "rsna")  # the challenges whose submission files predict writes (see dmfast.detection)
 BOX_SCORES = ("mean", "peak", "probability")  # a box's confidence: p x the region's mean or peak CAM, or p alone
 WANG_THRESHOLDS = (60 / 255, 180 / 255)  # Wang et al.'s two CAM levels for boxes (`--box-threshold wang`)
@@ -231,6 +233,7 @@ class EvalConfig(DataConfig, BoxConfig):
     # the operating point: classes reaching it are the reported findings (the RSNA metric scores these boxes)
     min_probability: float = ranged(0.5, 0, 1)
     froc_iou: float = ranged(0.4, 0, 1, open_low=True)  # a detection hits a ground-truth box at IoU >= this (FROC)
+    precision: str = chosen("fp32", PRECISIONS)  # see dmfast.inference.Model
     bootstrap: int = ranged(1000, 0, 1000000)  # patient resamples for the 95% intervals (0: none)
     seed: int = ranged(0, 0, 2**32 - 1)  # of the resampling
 
@@ -245,6 +248,7 @@ class PredictConfig(BoxConfig):
     cams: bool = False  # write cams.npz
     overlays: bool = False  # write one overlay PNG per image
     device: str | None = None  # default: CUDA when available, else the CPU
+    precision: str = chosen("fp32", PRECISIONS)  # see dmfast.inference.Model
     overwrite: bool = False  # replace the outputs of an earlier prediction in ``out``
     # the inputs are release folders (of this format, or "auto": detected): the images they list, not every file
     format: str | None = chosen(None, (None, "auto", *DATA_FORMATS))

@@ -121,12 +121,15 @@ class CAMClassifier(nn.Module):
         return out
 
     def forward(self, images: Tensor, cams: bool = False):
-        features = self.stages(images)[-1].to(self.fc.weight.dtype)  # the head runs in full precision under AMP
-        masks = self.masks
-        if masks is not None and masks.shape[-2:] != features.shape[-2:]:
-            masks = F.interpolate(masks[None], size=features.shape[-2:], mode="bilinear", align_corners=False,
-                                  antialias=True)[0]
-        logits, maps = ops.attention_cam(features, self.fc.weight, self.fc.bias, masks)
+        features = self.stages(images)[-1]
+        # the head runs in full precision under autocast (bf16/fp16 backbones): one cast of the last feature map
+        with torch.autocast(features.device.type, enabled=False):
+            features = features.to(self.fc.weight.dtype)
+            masks = self.masks
+            if masks is not None and masks.shape[-2:] != features.shape[-2:]:
+                masks = F.interpolate(masks[None], size=features.shape[-2:], mode="bilinear", align_corners=False,
+                                      antialias=True)[0]
+            logits, maps = ops.attention_cam(features, self.fc.weight, self.fc.bias, masks)
         return (logits, maps) if cams else logits
 
 

@@ -344,3 +344,27 @@ def test_predict_writes_every_box_as_coco_and_the_challenges_submissions(run, tm
     result = CliRunner().invoke(main, ["predict", str(folder), str(tmp_path / "in"), "--out", str(tmp_path / "x"),
                                        "--submission", "vindr"])
     assert result.exit_code == 1 and "have one image id, '0005d3cc'" in result.output
+
+
+def test_bf16_inference_agrees_with_float32(run):
+    """--precision bf16 (the backbone under autocast, channels_last; the head in float32): probabilities within
+    0.03 and 95% of the CAM boxes at IoU >= 0.9 with float32's (the median at 1), on the same images. fp16 needs a
+    GPU."""
+    from dmfast.metrics import box_overlap
+
+    folder, _ = run
+    images = sorted((folder.parent / "phantom").rglob("images/*.png"))[:16]
+    pixels = torch.from_numpy(np.stack([load_gray(p) for p in images]))[:, None]
+    exact, low = dmfast.load_model(folder, "cpu")(pixels), dmfast.load_model(folder, "cpu", "bf16")(pixels)
+    assert low.probabilities.dtype == low.cams.dtype == torch.float32
+    assert (low.probabilities - exact.probabilities).abs().max() < 0.03
+    boxes = [dmfast.ops.cam_boxes(p.cams.flatten(0, 1), (64, 64), 0.5, 1)[0][:, 0] for p in (exact, low)]
+    overlap = np.diag(box_overlap(boxes[0].numpy(), boxes[1].numpy()))
+    # a map with two near-equal peaks may box the other one: rare, never the rule
+    assert np.mean(overlap >= 0.9) >= 0.95 and np.median(overlap) == 1.0, np.sort(overlap)[:10]
+    if not cuda_available():
+        with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+            dmfast.load_model(folder, "cpu", "fp16")
+    result = CliRunner().invoke(main, ["predict", str(folder), str(images[0]), "--out", str(folder.parent / "bf16"),
+                                       "--precision", "bf16", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
