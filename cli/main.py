@@ -194,7 +194,10 @@ def prepare(data_dir, **kwargs):
          "seed", ("val_fraction", {"help": "Patients of train_val held out for validation."}), SPLIT,
          ("weights", {"type": FILE, "help": "torchvision-format state dict."}),
          ("pretrained", {"help": "Ask torchvision for ImageNet weights (needs a network)."}),
-         ("amp", {"help": "Mixed precision (CUDA)."}), ("aligned", {"type": FILE, "help": "Alignment checkpoint."}),
+         ("amp", {"help": "Mixed precision: the same as --precision fp16 (CUDA; no effect on the CPU)."}),
+         ("precision", {"type": click.Choice(PRECISIONS),
+                        "help": "The backbone's arithmetic in training: fp32, or bf16 (CPUs with AMX or AVX512-BF16, "
+                                "GPUs) / fp16 (GPUs, with a gradient scaler) under autocast, channels_last."}), ("aligned", {"type": FILE, "help": "Alignment checkpoint."}),
          ("init", {"type": TRAINED, "help": f"Start from the weights of a trained classifier: {TRAINED_HELP}."}),
          ("masks", {"type": FILE, "help": "Disease masks: attention retraining."}),
          ("freeze_bn", {"help": "Keep BatchNorm statistics fixed."}),

@@ -144,7 +144,9 @@ class TrainConfig(SplitConfig):
     optimizer: str = chosen("adam", OPTIMIZERS)  # the paper's; "sgd" (momentum 0.9) too
     weights: str | None = None  # torchvision-format state dict
     pretrained: bool = False
-    amp: bool = False
+    amp: bool = False  # the same as precision "fp16" (CUDA; no effect on the CPU, as before precision existed)
+    # the backbone's arithmetic: float32, or bf16 / fp16 under autocast in channels_last (dmfast.training.autocast)
+    precision: str = chosen("fp32", PRECISIONS)
     aligned: str | None = None  # alignment checkpoint: train on aligned images
     init: str | None = None  # start from this trained classifier's weights (model file, run folder, checkpoint)
     masks: str | None = None  # disease masks file: attention retraining

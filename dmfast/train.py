@@ -288,7 +288,10 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
         raise ValueError(f"{config.data}: no training images in the {config.split!r} split")
     training.epoch_batches(len(train_names), config.batch, config.max_steps, config.seed, 0)  # enough images?
 
+    low = training.low_precision(config.precision, device, config.amp)
     model = build_model(config, console).to(device)
+    if low is not None:  # the layout the low-precision convolution kernels are fastest in
+        model = model.to(memory_format=torch.channels_last)
     optimizer = training.optimizer(config.optimizer, model.parameters(), config.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
     start_epoch = 0
@@ -304,7 +307,7 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
         console.print(f"resumed from {last} after epoch {state['epoch'] + 1}")
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     aligner = load_aligner(config.aligned, device) if config.aligned else None
-    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=low == torch.float16)
     history = _earlier_history(out, state) if state else []
     best = state.get("best") if state else None
     if best is None and history:  # a checkpoint of an older dmfast: the best epoch from its history
@@ -331,12 +334,14 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
             started = time.perf_counter()
             for step, (pixels, targets) in enumerate(loader):
                 images = _inputs(pixels, aligner)
+                if low is not None:
+                    images = images.contiguous(memory_format=torch.channels_last)
                 counts = None
                 if world > 1:  # Eq. 10's weights come from the global batch
                     counts = training.label_counts(targets)
                     dist.all_reduce(counts)
                     counts = training.shard_counts(counts, world)
-                with torch.autocast(device.type, enabled=scaler.is_enabled()):
+                with torch.autocast(device.type, dtype=low, enabled=low is not None):
                     loss = training.weighted_bce(ddp(images).float(), targets, counts)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
