@@ -161,6 +161,9 @@ def main():
 
 
 OVERWRITE = ("overwrite", {"help": "Replace the outputs of an earlier run in --out (never done without it)."})
+PRECISION = ("precision", {"type": click.Choice(PRECISIONS),
+                            "help": "The classifier's arithmetic: fp32, or its backbone in bf16 (CPUs with AMX or "
+                                    "AVX512-BF16, GPUs) or fp16 (GPUs) under autocast, channels_last."})
 
 
 @main.command()
@@ -251,7 +254,7 @@ def align(data_dir, **kwargs):
          ("threshold", {"help": "Mask where the normalised average CAM reaches this."}),
          ("min_images", {"help": "Fewer confident images than this: use this many most probable labelled images."}),
          ("size", {"help": f"Working size with --pseudo and no --checkpoint [{SplitConfig.size}]."}),
-         "batch", CACHE, *LABELS, SKIP, OVERWRITE)
+         "batch", CACHE, *LABELS, SKIP, OVERWRITE, PRECISION)
 @click.option("--asymmetric", default=",".join(defaults(MasksConfig)["asymmetric"]), show_default=True,
               help="Comma-separated classes whose CAMs are not mirrored (Eq. 3); '' for none.")
 def masks(data_dir, asymmetric, **kwargs):
@@ -314,9 +317,6 @@ BOX_THRESHOLD = click.option(
     "--box-threshold", "box_threshold", default=",".join(f"{t:g}" for t in defaults(BoxConfig)["box_thresholds"]),
     show_default=True, help="CAM threshold(s) for boxes, comma-separated fractions, or 'wang' for 60/255,180/255.")
 MAX_BOXES = ("max_boxes", {"help": "Boxes per CAM (best first)."})
-PRECISION = ("precision", {"type": click.Choice(PRECISIONS),
-                            "help": "The classifier's arithmetic: fp32, or its backbone in bf16 (CPUs with AMX or "
-                                    "AVX512-BF16, GPUs) or fp16 (GPUs) under autocast, channels_last."})
 BOX_SCORE = ("box_score", {"help": "A box's confidence: the class probability times the mean (or peak) normalised "
                                    "CAM inside its region, or the probability alone."})
 BOX_FLOOR = ("box_floor", {"help": "Classes of an image with at least this probability get boxes in the detection "

@@ -191,6 +191,7 @@ class MasksConfig(DataConfig):
     pseudo: bool = False
     anchor: str | None = None  # anchor.pt of dmfast align (default: the classifier's alignment run)
     size: int | None = ranged(None, SIZE.low, SIZE.high, integer=True)  # working size without a checkpoint
+    precision: str = chosen("fp32", PRECISIONS)  # of the classifier's CAMs, see dmfast.inference.Model
 
 
 @dataclass(kw_only=True)

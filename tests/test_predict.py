@@ -368,3 +368,14 @@ def test_bf16_inference_agrees_with_float32(run):
     result = CliRunner().invoke(main, ["predict", str(folder), str(images[0]), "--out", str(folder.parent / "bf16"),
                                        "--precision", "bf16", "--device", "cpu"])
     assert result.exit_code == 0, result.output
+    data = next((folder.parent / "phantom").rglob("Data_Entry_2017.csv")).parent
+    finer = train.run(TrainConfig(data=str(data), out=str(folder.parent / "run16"), arch="resnet18", size=64,
+                                  cam_stride=16, batch=8, epochs=1, max_steps=2, lr=1e-3, split="patients",
+                                  val_fraction=0.2)).parent  # 4 x 4 CAMs: enough for masks
+    masks = {}
+    for precision in ("fp32", "bf16"):  # the disease masks from bf16 CAMs: nearly the same pixels
+        result = CliRunner().invoke(main, ["masks", str(data), "--checkpoint", str(finer), "--out",
+                                           str(folder.parent / f"masks-{precision}"), "--precision", precision])
+        assert result.exit_code == 0, result.output
+        masks[precision] = torch.load(folder.parent / f"masks-{precision}" / "masks.pt", weights_only=True)["masks"]
+    assert (masks["fp32"] == masks["bf16"]).float().mean() >= 0.95
