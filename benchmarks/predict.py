@@ -53,7 +53,7 @@ def measure(size: int, args, folder: Path, quiet: Console) -> dict:
     passes = {"eval": run_eval, "predict": run_predict, "predict + overlays": lambda: run_predict(True)}
     rounds = {name: [] for name in passes}
     for k in range(args.rounds):  # rotating which goes first
-        for name in list(passes)[k % 3:] + list(passes)[:k % 3]:
+        for name in list(passes)[k % len(passes):] + list(passes)[:k % len(passes)]:
             rounds[name].append(passes[name]())
     rates = {name: max(values) for name, values in rounds.items()}
     return {"images": len(paths), "images_per_second": rates, "rounds": rounds}

@@ -200,7 +200,8 @@ def prepare(data_dir, **kwargs):
          ("amp", {"help": "Mixed precision: the same as --precision fp16 (CUDA; no effect on the CPU)."}),
          ("precision", {"type": click.Choice(PRECISIONS),
                         "help": "The backbone's arithmetic in training: fp32, or bf16 (CPUs with AMX or AVX512-BF16, "
-                                "GPUs) / fp16 (GPUs, with a gradient scaler) under autocast, channels_last."}), ("aligned", {"type": FILE, "help": "Alignment checkpoint."}),
+                                "GPUs) / fp16 (GPUs, with a gradient scaler) under autocast, channels_last."}),
+         ("aligned", {"type": FILE, "help": "Alignment checkpoint."}),
          ("init", {"type": TRAINED, "help": f"Start from the weights of a trained classifier: {TRAINED_HELP}."}),
          ("masks", {"type": FILE, "help": "Disease masks: attention retraining."}),
          ("freeze_bn", {"help": "Keep BatchNorm statistics fixed."}),

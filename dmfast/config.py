@@ -16,7 +16,8 @@ from .metrics import DEFAULT_THRESHOLDS
 ARCHS = ("resnet18", "resnet34", "resnet50")
 CAM_STRIDES = (16, 32)
 OPTIMIZERS = ("adam", "sgd")
-# the classifier's arithmetic at inference: float32, or its backbone under autocast in bfloat16 / float16
+# a classifier's arithmetic (train, masks, eval, predict): float32, or its backbone under autocast in
+# bfloat16 / float16 (dmfast.models.autocast_dtype)
 PRECISIONS = ("fp32", "bf16", "fp16")
 SUBMISSIONS = ("vindr", "rsna")  # the challenges whose submission files predict writes (see dmfast.detection)
 BOX_SCORES = ("mean", "peak", "probability")  # a box's confidence: p x the region's mean or peak CAM, or p alone
@@ -145,7 +146,7 @@ class TrainConfig(SplitConfig):
     weights: str | None = None  # torchvision-format state dict
     pretrained: bool = False
     amp: bool = False  # the same as precision "fp16" (CUDA; no effect on the CPU, as before precision existed)
-    # the backbone's arithmetic: float32, or bf16 / fp16 under autocast in channels_last (dmfast.training.autocast)
+    # the backbone's arithmetic: float32, or bf16 / fp16 under autocast in channels_last (see PRECISIONS)
     precision: str = chosen("fp32", PRECISIONS)
     aligned: str | None = None  # alignment checkpoint: train on aligned images
     init: str | None = None  # start from this trained classifier's weights (model file, run folder, checkpoint)

@@ -20,7 +20,7 @@ from .data.formats import open_dataset
 from .data.images import NORMALISATION, Square, load_gray, to_model_input, to_square
 from .data.splits import Splits
 from .io import check_outputs
-from .models import AlignmentNet, CAMClassifier
+from .models import AlignmentNet, CAMClassifier, autocast_dtype
 
 
 RUN_FILES = ("model.pt", "checkpoint.pt")  # what a run folder stands for, the first there
@@ -177,12 +177,7 @@ class Model:
     def __init__(self, model: CAMClassifier, aligner: AlignmentNet | None, size: int, device,
                  precision: str = PRECISIONS[0]):
         self.model, self.aligner, self.size, self.device = model, aligner, size, torch.device(device)
-        self.precision = precision
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        if precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("precision fp16 needs a CUDA device; on the CPU use bf16")
-        self.low_precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.precision, self.low_precision = precision, autocast_dtype(precision, self.device)
         if self.low_precision is not None:  # the layout the low-precision convolution kernels are fastest in
             self.model.to(memory_format=torch.channels_last)
 

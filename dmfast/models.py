@@ -12,7 +12,7 @@ import torchvision
 from torch import Tensor, nn
 
 from . import ops
-from .config import ARCHS
+from .config import ARCHS, PRECISIONS
 
 # Bounds of the alignment parameters: scale 1 +- 0.3, shift +- 0.3 (half-widths), rotation +- 25 degrees.
 LIMITS = {"scale": 0.3, "shift": 0.3, "angle": math.radians(25)}
@@ -28,6 +28,22 @@ def _dilate_last_stage(layer: nn.Sequential) -> None:
                 module.stride = (1, 1)
             if module.kernel_size == (3, 3) and index > 0:
                 module.dilation, module.padding = (2, 2), (2, 2)
+
+
+def autocast_dtype(precision: str, device, amp: bool = False):
+    """The autocast dtype of ``precision`` (:data:`~dmfast.config.PRECISIONS`) on ``device``, or None for float32;
+    a model run in it is put in channels_last (:meth:`CAMClassifier.forward` keeps its head in float32). ``amp``
+    (train's older switch) is fp16 on CUDA and nothing elsewhere; fp16 asked for by name needs CUDA."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if amp and precision not in ("fp32", "fp16"):
+        raise ValueError(f"--amp is --precision fp16; it cannot go with --precision {precision}")
+    device = torch.device(device)
+    if amp:
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device; on the CPU use bf16")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 class CAMClassifier(nn.Module):

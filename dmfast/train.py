@@ -35,7 +35,7 @@ from .figures import training_figure
 from .inference import export_model, load_aligner, load_classifier, trained_file, weights_of
 from .io import LOSS_AND_RATE, atomic_write_bytes, check_outputs, clear_outputs, json_text, progress, save_png
 from .metrics import roc_auc
-from .models import CAMClassifier
+from .models import CAMClassifier, autocast_dtype
 
 
 def _distributed() -> tuple:
@@ -288,7 +288,7 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
         raise ValueError(f"{config.data}: no training images in the {config.split!r} split")
     training.epoch_batches(len(train_names), config.batch, config.max_steps, config.seed, 0)  # enough images?
 
-    low = training.low_precision(config.precision, device, config.amp)
+    low = autocast_dtype(config.precision, device, config.amp)
     model = build_model(config, console).to(device)
     if low is not None:  # the layout the low-precision convolution kernels are fastest in
         model = model.to(memory_format=torch.channels_last)

@@ -68,14 +68,3 @@ def epoch_batches(images: int, batch: int, max_steps: int | None, seed: int, epo
     order = torch.randperm(images, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
     return [order[step * batch:(step + 1) * batch] for step in range(steps)]
 
-
-def low_precision(precision: str, device: torch.device, amp: bool = False):
-    """The autocast dtype of a training run's ``precision`` on ``device`` (None: float32). ``amp`` (the older
-    switch) is fp16 on CUDA and nothing elsewhere; fp16 asked for by name needs CUDA, whose GradScaler it uses."""
-    if amp and precision not in ("fp32", "fp16"):
-        raise ValueError(f"--amp is --precision fp16; it cannot go with --precision {precision}")
-    if amp:
-        precision = "fp16" if device.type == "cuda" else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs a CUDA device; on the CPU use bf16")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

@@ -99,6 +99,7 @@ def test_a_bf16_training_step_agrees_with_float32():
     >= 0.9 over all weights, >= 0.8 for every layer: bf16 keeps 8 bits of mantissa), with the head's own outputs
     in float32."""
     from dmfast import training
+    from dmfast.models import autocast_dtype
 
     torch.manual_seed(0)
     model = CAMClassifier("resnet18", 14, cam_stride=16)
@@ -106,7 +107,7 @@ def test_a_bf16_training_step_agrees_with_float32():
     targets = (torch.rand(8, 14) < 0.3).float()
     results = {}
     for name in ("fp32", "bf16"):
-        low = training.low_precision(name, torch.device("cpu"))
+        low = autocast_dtype(name, "cpu")
         model.zero_grad()
         net = model.to(memory_format=torch.channels_last) if low is not None else model
         with torch.autocast("cpu", dtype=low, enabled=low is not None):
@@ -127,7 +128,9 @@ def test_a_bf16_training_step_agrees_with_float32():
     worst = min((cosine(exact_grads[k], low_grads[k]), k) for k in keys)  # the early BatchNorms, about 0.9
     assert worst[0] >= 0.8, worst
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
-        training.low_precision("fp16", torch.device("cpu"))
+        autocast_dtype("fp16", "cpu")
     with pytest.raises(ValueError, match="--amp is --precision fp16"):
-        training.low_precision("bf16", torch.device("cpu"), amp=True)
-    assert training.low_precision("fp32", torch.device("cpu"), amp=True) is None  # --amp on the CPU: as before
+        autocast_dtype("bf16", "cpu", amp=True)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        autocast_dtype("int8", "cpu")
+    assert autocast_dtype("fp32", "cpu", amp=True) is None  # --amp on the CPU: as before
