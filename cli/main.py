@@ -163,7 +163,14 @@ def main():
 OVERWRITE = ("overwrite", {"help": "Replace the outputs of an earlier run in --out (never done without it)."})
 PRECISION = ("precision", {"type": click.Choice(PRECISIONS),
                             "help": "The classifier's arithmetic: fp32, or its backbone in bf16 (CPUs with AMX or "
-                                    "AVX512-BF16, GPUs) or fp16 (GPUs) under autocast, channels_last."})
+                                    "AVX512-BF16, GPUs) or fp16 (GPUs) under autocast, channels_last; auto: bf16 on "
+                                    "GPUs and on CPUs with native bf16, else fp32."})
+COMPILE = ("compile", {"help": "Run the classifier under torch.compile: its first batch of each shape compiles "
+                               "(minutes), later ones run faster where the compiler helps (GPUs)."})
+TRAINING_PRECISION = ("precision", {"type": click.Choice(PRECISIONS),
+                                    "help": "The networks' arithmetic in training: fp32, or bf16 (CPUs with AMX or "
+                                            "AVX512-BF16, GPUs) / fp16 (GPUs, with a gradient scaler) under autocast, "
+                                            "channels_last; auto: bf16 on GPUs (fp16 before Ampere), fp32 on CPUs."})
 
 
 @main.command()
@@ -198,9 +205,7 @@ def prepare(data_dir, **kwargs):
          ("weights", {"type": FILE, "help": "torchvision-format state dict."}),
          ("pretrained", {"help": "Ask torchvision for ImageNet weights (needs a network)."}),
          ("amp", {"help": "Mixed precision: the same as --precision fp16 (CUDA; no effect on the CPU)."}),
-         ("precision", {"type": click.Choice(PRECISIONS),
-                        "help": "The backbone's arithmetic in training: fp32, or bf16 (CPUs with AMX or AVX512-BF16, "
-                                "GPUs) / fp16 (GPUs, with a gradient scaler) under autocast, channels_last."}),
+         TRAINING_PRECISION, COMPILE,
          ("aligned", {"type": FILE, "help": "Alignment checkpoint."}),
          ("init", {"type": TRAINED, "help": f"Start from the weights of a trained classifier: {TRAINED_HELP}."}),
          ("masks", {"type": FILE, "help": "Disease masks: attention retraining."}),
@@ -235,7 +240,7 @@ def train(data_dir, resume, **kwargs):
          ("perceptual", {"type": TRAINED, "help": f"Trained classifier for the perceptual loss: {TRAINED_HELP}."}),
          "perceptual_weight", ("input_size", {"help": "Resolution the alignment network sees."}), "seed",
          "val_fraction", SPLIT, ("grid_images", {"help": "Validation images in the before/after grid."}),
-         *LABELS, MAX_STEPS, SKIP, OVERWRITE)
+         TRAINING_PRECISION, *LABELS, MAX_STEPS, SKIP, OVERWRITE)
 def align(data_dir, **kwargs):
     """Train the alignment module on DATA_DIR: anchor image, checkpoint, before/after grid, statistics."""
     import dmfast.align
@@ -255,7 +260,7 @@ def align(data_dir, **kwargs):
          ("threshold", {"help": "Mask where the normalised average CAM reaches this."}),
          ("min_images", {"help": "Fewer confident images than this: use this many most probable labelled images."}),
          ("size", {"help": f"Working size with --pseudo and no --checkpoint [{SplitConfig.size}]."}),
-         "batch", CACHE, *LABELS, SKIP, OVERWRITE, PRECISION)
+         "batch", CACHE, *LABELS, SKIP, OVERWRITE, PRECISION, COMPILE)
 @click.option("--asymmetric", default=",".join(defaults(MasksConfig)["asymmetric"]), show_default=True,
               help="Comma-separated classes whose CAMs are not mirrored (Eq. 3); '' for none.")
 def masks(data_dir, asymmetric, **kwargs):
@@ -350,7 +355,7 @@ BOX_FLOOR = ("box_floor", {"help": "Classes of an image with at least this proba
          ("fuse_readers", {"help": "Fuse overlapping boxes of several readers (VinDr-CXR) into one box (IoU >= "
                                    "0.5, mean corners) before scoring."}), *LABELS,
          ("bootstrap", {"help": "Patient resamples for the 95% intervals and paired differences (0: none)."}),
-         ("seed", {"help": "Seed of the resampling."}), PRECISION)
+         ("seed", {"help": "Seed of the resampling."}), PRECISION, COMPILE)
 def evaluate(data_dir, checkpoints, masks_files, box_threshold, **kwargs):
     """Score AUROC, box localization (IoU, IoBB, AFP) and detection (COCO AP, VinBigData mAP@0.4, RSNA, FROC) of
     trained models side by side, with patient-bootstrap intervals, COCO files and overlays."""
@@ -377,7 +382,7 @@ def evaluate(data_dir, checkpoints, masks_files, box_threshold, **kwargs):
                                  "findings' boxes; image ids are the file names without suffix)."}),
          ("cams", {"help": "Also write every class's CAM per image to cams.npz."}),
          ("overlays", {"help": "Also write one overlay PNG per image (CAMs, boxes, probabilities)."}),
-         ("device", {"help": "cpu, cuda or cuda:N [default: cuda when available]."}), PRECISION,
+         ("device", {"help": "cpu, cuda or cuda:N [default: cuda when available]."}), PRECISION, COMPILE,
          ("format", {"type": click.Choice(["auto", *DATA_FORMATS]),
                      "help": "INPUTS are release folders (of this layout, or auto: detected): predict the images each "
                              "lists (its frontal X-rays) instead of every image file."}), OVERWRITE)

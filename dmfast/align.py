@@ -23,11 +23,13 @@ from .config import AlignConfig
 from .data.cache import open_or_prepare, report_left_out
 from .data.formats import open_data
 from .data.images import to_model_input
+from .data.loader import BatchLoader
 from .data.phantom import read_transforms
 from .data.splits import make_splits, summary
 from .inference import load_classifier, trained_file
-from .io import LOSS_AND_RATE, atomic_write_json, check_outputs, clear_outputs, progress, save_png, to_uint8
-from .models import AlignmentNet
+from .io import (LOSS_AND_RATE, PROGRESS_SECONDS, atomic_write_json, check_outputs, clear_outputs, progress, save_png,
+                 to_uint8)
+from .models import AlignmentNet, autocast_dtype
 
 
 def standardize(images: torch.Tensor) -> torch.Tensor:
@@ -39,12 +41,13 @@ def standardize(images: torch.Tensor) -> torch.Tensor:
 class AlignmentLoss:
     """Euclidean + perceptual distance between phi(image) and phi(anchor), both standardised per image."""
 
-    def __init__(self, anchor: torch.Tensor, pool: int, classifier=None, weight: float = 1.0):
+    def __init__(self, anchor: torch.Tensor, pool: int, classifier=None, weight: float = 1.0, low=None):
         identity = torch.eye(2, 3, dtype=anchor.dtype, device=anchor.device)[None]
         self.pool = pool
         self.target = standardize(ops.affine_smooth(anchor + 1, identity, pool))
         self.classifier = classifier
         self.weight = weight
+        self.low = low  # the classifier's autocast dtype (None: float32)
         if classifier is not None:
             with torch.no_grad():
                 self.target_features = classifier.stages(self.target)
@@ -56,8 +59,10 @@ class AlignmentLoss:
         euclidean = (smoothed - self.target).square().mean()
         perceptual = torch.zeros((), device=images.device)
         if self.classifier is not None:
-            for f, t, s in zip(self.classifier.stages(smoothed), self.target_features, self.feature_scale):
-                perceptual = perceptual + (f - t).square().mean() / s
+            with torch.autocast(images.device.type, dtype=self.low, enabled=self.low is not None):
+                features = self.classifier.stages(smoothed)
+            for f, t, s in zip(features, self.target_features, self.feature_scale):
+                perceptual = perceptual + (f.float() - t).square().mean() / s
         return euclidean + self.weight * perceptual, euclidean.detach(), perceptual.detach()
 
 
@@ -75,13 +80,14 @@ def misalignment_error(theta_true: torch.Tensor, theta_pred: torch.Tensor | None
     return (moved[:, :2] - points[:2]).norm(dim=1).mean(1)
 
 
-def validation_check(net: AlignmentNet, loss_fn: AlignmentLoss, cache, names: list, batch: int) -> dict:
+def validation_check(net: AlignmentNet, loss_fn: AlignmentLoss, cache, names: list, batch: int,
+                     device="cpu") -> dict:
     """The loss on the validation images ``names`` with the learned warp and with the identity, and which to keep
     ("learned" only when it is lower)."""
     totals = np.zeros(2)
     with torch.no_grad():
         for start in range(0, len(names), batch):
-            images = to_model_input(cache.batch(names[start:start + batch]))
+            images = to_model_input(cache.batch(names[start:start + batch]).to(device))
             identity = torch.eye(2, 3, dtype=images.dtype).expand(len(images), 2, 3)
             share = len(images) / len(names)
             totals += [loss_fn(images, theta)[0].item() * share for theta in (net.theta(images), identity)]
@@ -114,8 +120,10 @@ def run(config: AlignConfig, console: Console | None = None) -> Path:
     torch.manual_seed(config.seed)
     out = Path(config.out)
     earlier = check_outputs(out, OUTPUTS, "dmfast align", config.overwrite)
+    device = ops.default_device()
+    low = autocast_dtype(config.precision, device, training=True)
     # any trained classifier: a model file, run folder, checkpoint.pt or best.pt
-    classifier = load_classifier(config.perceptual)[0].requires_grad_(False) if config.perceptual else None
+    classifier = load_classifier(config.perceptual, device)[0].requires_grad_(False) if config.perceptual else None
     dataset = open_data(config, lists=config.split == "official")
     report_left_out(dataset, console)
     cache = open_or_prepare(config.data, config.cache, config.size, config.skip_problems, console, config.format)
@@ -139,34 +147,46 @@ def run(config: AlignConfig, console: Console | None = None) -> Path:
         console.print(f"perceptual loss on conv2_x..conv5_x of {config.perceptual}")
     else:
         console.print("no --perceptual classifier given: Euclidean loss only")
-    loss_fn = AlignmentLoss(anchor, config.pool, classifier, config.perceptual_weight)
-    net = AlignmentNet(config.input_size)
+    loss_fn = AlignmentLoss(anchor.to(device), config.pool, classifier, config.perceptual_weight, low)
+    net = AlignmentNet(config.input_size).to(device)
+    if low is not None:  # the layout the low-precision convolution kernels are fastest in
+        net.to(memory_format=torch.channels_last)
+        if classifier is not None:
+            classifier.to(memory_format=torch.channels_last)
     optimizer = training.optimizer(config.optimizer, net.parameters(), config.lr, config.momentum)
     history = []
     for epoch in range(config.epochs):
         batches = training.epoch_batches(len(train_names), config.batch, config.max_steps, config.seed, epoch)
         steps = len(batches)
         net.train()
-        totals = np.zeros(3)
+        # the losses stay on the device, read at the progress bar's pace (as train's)
+        totals, shown_at = torch.zeros(3, dtype=torch.float64, device=device), 0.0
         with progress("align epoch {task.fields[epoch]}", console, LOSS_AND_RATE) as bar:
             task = bar.add_task("align", total=steps, epoch=f"{epoch + 1}/{config.epochs}", loss=0.0, rate=0.0)
             started = time.perf_counter()
-            for step, chosen in enumerate(batches):
-                names = [train_names[i] for i in chosen]
-                images = to_model_input(cache.batch(names))
-                loss, euclidean, perceptual = loss_fn(images, net.theta(images))
+            loader = BatchLoader(cache, [[train_names[i] for i in chosen] for chosen in batches], None, device)
+            for step, (pixels, _) in enumerate(loader):
+                images = to_model_input(pixels)
+                with torch.autocast(device.type, dtype=low, enabled=low is not None):
+                    theta = net.theta(images)  # float32: parameters_of leaves autocast at its output
+                loss, euclidean, perceptual = loss_fn(images, theta)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(net.parameters(), config.clip)
                 optimizer.step()
-                totals += [loss.item(), euclidean.item(), perceptual.item()]
-                bar.update(task, advance=1, loss=totals[0] / (step + 1),
-                           rate=(step + 1) * config.batch / (time.perf_counter() - started))
+                totals += torch.stack([loss.detach(), euclidean, perceptual])
+                now = time.perf_counter()
+                if step + 1 == steps or now - shown_at >= PROGRESS_SECONDS:
+                    shown_at = now
+                    bar.update(task, completed=step + 1, loss=totals[0].item() / (step + 1),
+                               rate=(step + 1) * config.batch / (now - started))
+        totals = totals.cpu().numpy()
         history.append(dict(zip(("loss", "euclidean", "perceptual"), (totals / steps).tolist()), epoch=epoch + 1))
         console.print(f"epoch {epoch + 1}: loss {history[-1]['loss']:.5f} (euclidean {history[-1]['euclidean']:.5f}, "
                       f"perceptual {history[-1]['perceptual']:.5f})")
     net.eval()
-    check = validation_check(net, loss_fn, cache, [n for n in splits.val if n in cache] or val_names, config.batch)
+    check = validation_check(net, loss_fn, cache, [n for n in splits.val if n in cache] or val_names, config.batch,
+                             device)
     console.print(f"validation loss on {check['images']} images: {check['learned']:.5f} with the learned warp, "
                   f"{check['identity']:.5f} without (identity)")
     if check["kept"] == "identity":
@@ -174,14 +194,14 @@ def run(config: AlignConfig, console: Console | None = None) -> Path:
         console.print("[yellow]warning: the learned warp does not lower the loss on the validation images; the "
                       "identity transform is kept (more images or epochs, or another --lr, may help)")
     checkpoint = checkpoints.save(out / "alignment.pt", checkpoints.ALIGNMENT, {
-        "model": net.state_dict(), "net_config": {"input_size": config.input_size}, "config": _recorded(config),
+        "model": {k: v.cpu() for k, v in net.state_dict().items()}, "net_config": {"input_size": config.input_size}, "config": _recorded(config),
         "history": history})
     stats = {"history": history, "validation": check}
     with torch.no_grad():
         shown = val_names[: config.grid_images]
-        originals = to_model_input(cache.batch(shown))
-        save_png(out / "alignment_grid.png", _grid(originals, net.align(originals), anchor))
-        params = torch.cat([net.parameters_of(to_model_input(cache.batch(val_names[i:i + 64])))
+        originals = to_model_input(cache.batch(shown).to(device))
+        save_png(out / "alignment_grid.png", _grid(originals.cpu(), net.align(originals).cpu(), anchor))
+        params = torch.cat([net.parameters_of(to_model_input(cache.batch(val_names[i:i + 64]).to(device))).cpu()
                             for i in range(0, len(val_names), 64)])
         stats["parameters_mean"] = dict(zip(("sx", "sy", "tx", "ty", "angle"), params.mean(0).tolist()))
         stats["parameters_std"] = dict(zip(("sx", "sy", "tx", "ty", "angle"), params.std(0).tolist()))
@@ -189,7 +209,7 @@ def run(config: AlignConfig, console: Console | None = None) -> Path:
         known = [n for n in val_names if n in truth]
         if known:
             true = torch.stack([truth[n] for n in known])
-            predicted = torch.cat([net.theta(to_model_input(cache.batch(known[i:i + 64])))
+            predicted = torch.cat([net.theta(to_model_input(cache.batch(known[i:i + 64]).to(device))).cpu()
                                    for i in range(0, len(known), 64)])
             before, after = misalignment_error(true), misalignment_error(true, predicted)
             stats["misalignment_error"] = {"images": len(known), "before": before.mean().item(),

@@ -16,9 +16,9 @@ from .metrics import DEFAULT_THRESHOLDS
 ARCHS = ("resnet18", "resnet34", "resnet50")
 CAM_STRIDES = (16, 32)
 OPTIMIZERS = ("adam", "sgd")
-# a classifier's arithmetic (train, masks, eval, predict): float32, or its backbone under autocast in
-# bfloat16 / float16 (dmfast.models.autocast_dtype)
-PRECISIONS = ("fp32", "bf16", "fp16")
+# a classifier's arithmetic (train, align, masks, eval, predict): float32, or its backbone under autocast in
+# bfloat16 / float16; "auto" picks by device (dmfast.models.resolve_precision)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SUBMISSIONS = ("vindr", "rsna")  # the challenges whose submission files predict writes (see dmfast.detection)
 BOX_SCORES = ("mean", "peak", "probability")  # a box's confidence: p x the region's mean or peak CAM, or p alone
 WANG_THRESHOLDS = (60 / 255, 180 / 255)  # Wang et al.'s two CAM levels for boxes (`--box-threshold wang`)
@@ -147,7 +147,8 @@ class TrainConfig(SplitConfig):
     pretrained: bool = False
     amp: bool = False  # the same as precision "fp16" (CUDA; no effect on the CPU, as before precision existed)
     # the backbone's arithmetic: float32, or bf16 / fp16 under autocast in channels_last (see PRECISIONS)
-    precision: str = chosen("fp32", PRECISIONS)
+    precision: str = chosen("auto", PRECISIONS)
+    compile: bool = False  # run the classifier under torch.compile (dmfast.models.compiled)
     aligned: str | None = None  # alignment checkpoint: train on aligned images
     init: str | None = None  # start from this trained classifier's weights (model file, run folder, checkpoint)
     masks: str | None = None  # disease masks file: attention retraining
@@ -170,6 +171,7 @@ class AlignConfig(SplitConfig):
     perceptual_weight: float = ranged(1.0, 0, 1e6)
     input_size: int = ranged(128, SIZE.low, 1024)
     grid_images: int = ranged(8, 1, 64)
+    precision: str = chosen("auto", PRECISIONS)  # of the networks' convolutions in training (resolve_precision)
 
     def __post_init__(self):
         super().__post_init__()
@@ -192,7 +194,8 @@ class MasksConfig(DataConfig):
     pseudo: bool = False
     anchor: str | None = None  # anchor.pt of dmfast align (default: the classifier's alignment run)
     size: int | None = ranged(None, SIZE.low, SIZE.high, integer=True)  # working size without a checkpoint
-    precision: str = chosen("fp32", PRECISIONS)  # of the classifier's CAMs, see dmfast.inference.Model
+    precision: str = chosen("auto", PRECISIONS)  # of the classifier's CAMs, see dmfast.inference.Model
+    compile: bool = False  # run the classifier under torch.compile (dmfast.models.compiled)
 
 
 @dataclass(kw_only=True)
@@ -237,7 +240,8 @@ class EvalConfig(DataConfig, BoxConfig):
     # the operating point: classes reaching it are the reported findings (the RSNA metric scores these boxes)
     min_probability: float = ranged(0.5, 0, 1)
     froc_iou: float = ranged(0.4, 0, 1, open_low=True)  # a detection hits a ground-truth box at IoU >= this (FROC)
-    precision: str = chosen("fp32", PRECISIONS)  # see dmfast.inference.Model
+    precision: str = chosen("auto", PRECISIONS)  # see dmfast.inference.Model
+    compile: bool = False  # run the classifier under torch.compile (dmfast.models.compiled)
     bootstrap: int = ranged(1000, 0, 1000000)  # patient resamples for the 95% intervals (0: none)
     seed: int = ranged(0, 0, 2**32 - 1)  # of the resampling
 
@@ -252,7 +256,8 @@ class PredictConfig(BoxConfig):
     cams: bool = False  # write cams.npz
     overlays: bool = False  # write one overlay PNG per image
     device: str | None = None  # default: CUDA when available, else the CPU
-    precision: str = chosen("fp32", PRECISIONS)  # see dmfast.inference.Model
+    precision: str = chosen("auto", PRECISIONS)  # see dmfast.inference.Model
+    compile: bool = False  # run the classifier under torch.compile (dmfast.models.compiled)
     overwrite: bool = False  # replace the outputs of an earlier prediction in ``out``
     # the inputs are release folders (of this format, or "auto": detected): the images they list, not every file
     format: str | None = chosen(None, (None, "auto", *DATA_FORMATS))

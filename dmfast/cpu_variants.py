@@ -22,6 +22,9 @@ FLAGS = {
 # torch's own detection where /proc/cpuinfo is not there
 TORCH_CAPABILITY = {"base": ("DEFAULT", "AVX2", "AVX512"), "avx2": ("AVX2", "AVX512"), "avx512": ("AVX512",)}
 FORCE = "DMFAST_CPU_VARIANT"
+# Native bf16 arithmetic (AVX512-BF16 dot products, AMX tiles): where bf16 inference runs faster than float32.
+BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+FORCE_BF16 = "DMFAST_CPU_BF16"
 
 _loaded = None
 
@@ -59,6 +62,18 @@ def supported(variant: str) -> bool:
     if flags is not None:
         return all(FLAGS[level] <= flags for level in levels)
     return torch.backends.cpu.get_cpu_capability() in TORCH_CAPABILITY[variant]
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX-BF16), which makes precision "auto" infer in
+    bf16 on it. ``DMFAST_CPU_BF16=0`` or ``1`` overrides the detection (the tests set 0, so that "auto" means float32
+    on every CI machine)."""
+    forced = os.environ.get(FORCE_BF16)
+    if forced:
+        if forced not in ("0", "1"):
+            raise ValueError(f"{FORCE_BF16}={forced!r}: give 0 or 1")
+        return forced == "1"
+    return bool(BF16_FLAGS & (_cpu_flags() or set()))
 
 
 def choose(forced: str | None = None) -> str:

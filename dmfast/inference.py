@@ -20,7 +20,7 @@ from .data.formats import open_dataset
 from .data.images import NORMALISATION, Square, load_gray, to_model_input, to_square
 from .data.splits import Splits
 from .io import check_outputs
-from .models import AlignmentNet, CAMClassifier, autocast_dtype
+from .models import AlignmentNet, CAMClassifier, autocast_dtype, compiled, resolve_precision
 
 
 RUN_FILES = ("model.pt", "checkpoint.pt")  # what a run folder stands for, the first there
@@ -175,11 +175,13 @@ class Model:
     X-ray files or arrays of any size."""
 
     def __init__(self, model: CAMClassifier, aligner: AlignmentNet | None, size: int, device,
-                 precision: str = PRECISIONS[0]):
+                 precision: str = PRECISIONS[0], compile: bool = False):
         self.model, self.aligner, self.size, self.device = model, aligner, size, torch.device(device)
-        self.precision, self.low_precision = precision, autocast_dtype(precision, self.device)
+        self.precision = resolve_precision(precision, self.device)  # "auto" resolved: what runs
+        self.low_precision = autocast_dtype(self.precision, self.device)
         if self.low_precision is not None:  # the layout the low-precision convolution kernels are fastest in
             self.model.to(memory_format=torch.channels_last)
+        self.network = compiled(self.model) if compile else self.model  # compile: under torch.compile
 
     @property
     def masks(self) -> torch.Tensor | None:
@@ -198,9 +200,9 @@ class Model:
             images = self.aligner.warp(images, theta)
         if self.low_precision is not None:
             with torch.autocast(self.device.type, dtype=self.low_precision):
-                logits, cams = self.model(images.contiguous(memory_format=torch.channels_last), cams=True)
+                logits, cams = self.network(images.contiguous(memory_format=torch.channels_last), cams=True)
         else:
-            logits, cams = self.model(images, cams=True)
+            logits, cams = self.network(images, cams=True)
         return Prediction(torch.sigmoid(logits).float(), cams.float(), theta)
 
     def square(self, image) -> "Square":
@@ -316,7 +318,7 @@ class Classifier(Model):
     training and validation images, else None: eval reads them from the training data) and ``anchor`` (the
     alignment run's anchor ``[S, S]``, or None) with ``anchor_source``."""
 
-    def __init__(self, checkpoint, device=None, precision: str = PRECISIONS[0]):
+    def __init__(self, checkpoint, device=None, precision: str = PRECISIONS[0], compile: bool = False):
         self.path = trained_file(checkpoint)
         device = ops.chosen_device(device)
         model, self.config, payload = load_classifier(self.path, device)
@@ -343,7 +345,7 @@ class Classifier(Model):
             anchor = Path(self.config.aligned).parent / "anchor.pt"
             if anchor.is_file():
                 self.anchor, self.anchor_source = checkpoints.load_anchor(anchor), str(anchor)
-        super().__init__(model, aligner, self.config.size, device, precision)
+        super().__init__(model, aligner, self.config.size, device, precision, compile)
 
 
 def training_patients(config: TrainConfig, splits: Splits, dataset=None) -> tuple:
@@ -380,7 +382,7 @@ def export_model(source, out, half: bool = False, overwrite: bool = False, datas
         raise ValueError(f"--out {out}: that is SOURCE itself ({source}); give another path" +
                          (f", or SOURCE {again} to write it again from the run's checkpoint" if again.is_file() else ""))
     check_outputs(out.parent, [out.name], "dmfast export", overwrite)
-    classifier = Classifier(source, "cpu")
+    classifier = Classifier(source, "cpu", "fp32")  # the weights as stored (no channels_last)
     config = classifier.config
     cast = (lambda state: {k: v.half() if v.is_floating_point() else v for k, v in state.items()}) if half else dict
     aligner = None
@@ -405,12 +407,13 @@ def export_model(source, out, half: bool = False, overwrite: bool = False, datas
         "config": settings, "splits": splits, "patients": patients})
 
 
-def load_model(path, device=None, precision: str = PRECISIONS[0]) -> Model:
+def load_model(path, device=None, precision: str = PRECISIONS[0], compile: bool = False) -> Model:
     """A trained model ready for inference, given any way :func:`read_trained` takes: a portable model file
     (``dmfast export``, or ``RUN/model.pt`` of a ``dmfast train`` run), a run folder (its ``model.pt``, else its
     ``checkpoint.pt``), or a ``checkpoint.pt`` or ``best.pt`` (whose aligned model's alignment network is read from
-    its alignment run); all read with ``weights_only=True``. ``precision``: see :meth:`Model.__call__`."""
-    return Classifier(path, device, precision)
+    its alignment run); all read with ``weights_only=True``. ``precision``: see :meth:`Model.__call__`;
+    ``compile``: run the classifier under ``torch.compile`` (its first batch of each shape compiles)."""
+    return Classifier(path, device, precision, compile)
 
 
 def to_image_frame(maps: torch.Tensor, theta: torch.Tensor | None, resolution: int) -> torch.Tensor:

@@ -251,6 +251,7 @@ def save_png(path, image: torch.Tensor, durable: bool = True) -> Path:
 
 
 LOSS_AND_RATE = "loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} img/s"  # the training stages' fields
+PROGRESS_SECONDS = 0.5  # how often the training stages read their loss back from the device for the progress bar
 
 
 def progress(label: str, console, *fields: str, **kwargs) -> Progress:

@@ -126,7 +126,8 @@ def run(config: MasksConfig, console: Console | None = None) -> Path:
     if config.checkpoint is None and not config.pseudo:
         raise ValueError("dmfast masks needs --checkpoint (a trained classifier), or --pseudo for anatomy masks")
     earlier = check_outputs(out, OUTPUTS, "dmfast masks", config.overwrite)
-    classifier = Classifier(config.checkpoint, precision=config.precision) if config.checkpoint else None
+    classifier = Classifier(config.checkpoint, precision=config.precision, compile=config.compile) \
+        if config.checkpoint else None
     if classifier is not None and not config.pseudo and not classifier.splits_known:
         raise ValueError(f"{classifier.path}: a model file of an older dmfast, without its run's splits; masks come "
                          "from the CAMs of its training images: give the run's checkpoint.pt or best.pt, or a model "

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from . import ops
+from . import cpu_variants, ops
 from .config import ARCHS, PRECISIONS
 
 # Bounds of the alignment parameters: scale 1 +- 0.3, shift +- 0.3 (half-widths), rotation +- 25 degrees.
@@ -30,20 +30,42 @@ def _dilate_last_stage(layer: nn.Sequential) -> None:
                 module.dilation, module.padding = (2, 2), (2, 2)
 
 
-def autocast_dtype(precision: str, device, amp: bool = False):
-    """The autocast dtype of ``precision`` (:data:`~dmfast.config.PRECISIONS`) on ``device``, or None for float32;
-    a model run in it is put in channels_last (:meth:`CAMClassifier.forward` keeps its head in float32). ``amp``
-    (train's older switch) is fp16 on CUDA and nothing elsewhere; fp16 asked for by name needs CUDA."""
+def resolve_precision(precision: str, device, training: bool = False, amp: bool = False) -> str:
+    """fp32, bf16 or fp16: what ``precision`` (:data:`~dmfast.config.PRECISIONS`) means on ``device``. "auto" is
+    bf16 on CUDA GPUs that support it (fp16 on older ones), and on the CPU bf16 for inference where it computes in
+    bf16 natively (:func:`~dmfast.cpu_variants.native_bf16`), else float32; CPU training stays in float32 (bf16 was
+    twice as fast but not shown to be as accurate; docs/performance.md). ``amp`` (train's older switch) is fp16 on
+    CUDA and float32 elsewhere; fp16 asked for by name needs CUDA."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if amp and precision not in ("fp32", "fp16"):
+    if amp and precision not in ("auto", "fp32", "fp16"):
         raise ValueError(f"--amp is --precision fp16; it cannot go with --precision {precision}")
     device = torch.device(device)
     if amp:
-        precision = "fp16" if device.type == "cuda" else "fp32"
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+        return "bf16" if device.type == "cpu" and not training and cpu_variants.native_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs a CUDA device; on the CPU use bf16")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return precision
+
+
+def autocast_dtype(precision: str, device, amp: bool = False, training: bool = False):
+    """The autocast dtype of ``precision`` on ``device`` (:func:`resolve_precision`), or None for float32; a model
+    run in it is put in channels_last (:meth:`CAMClassifier.forward` keeps its head in float32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision, device, training, amp))
+
+
+# torch.compile's backend for --compile; the tests use "aot_eager" (the same graph capture, no code generation).
+COMPILE_BACKEND = "inductor"
+
+
+def compiled(module: nn.Module):
+    """``module`` under ``torch.compile`` (one graph: the fused ops have fakes and autograd in Python); the first
+    call of each input shape compiles, later ones run the generated kernels. The module's parameters are shared."""
+    return torch.compile(module, backend=COMPILE_BACKEND, fullgraph=True)
 
 
 class CAMClassifier(nn.Module):
@@ -172,7 +194,7 @@ class AlignmentNet(nn.Module):
         """``[B, 5]``: sx, sy, tx, ty, angle (radians)."""
         x = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
                           antialias=True) if images.shape[-1] != self.input_size else images
-        raw = torch.tanh(self.net(x.expand(-1, 3, -1, -1)))
+        raw = torch.tanh(self.net(x.expand(-1, 3, -1, -1)).float())  # float32 under autocast too
         scale = 1 + LIMITS["scale"] * raw[:, :2]
         return torch.cat([scale, LIMITS["shift"] * raw[:, 2:4], LIMITS["angle"] * raw[:, 4:]], 1)
 

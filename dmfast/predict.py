@@ -156,7 +156,7 @@ def run(config: PredictConfig, console: Console | None = None) -> dict:
             if other != path:
                 raise ValueError(f"--submission {config.submission}: {other} and {path} have one image id, "
                                  f"{submission_id(path)!r} (a challenge knows an image by its file name)")
-    model = load_model(config.model, config.device, config.precision)
+    model = load_model(config.model, config.device, config.precision, config.compile)
     clear_outputs(out, earlier)
     names = output_names(files, roots)
     records, frames = [], []

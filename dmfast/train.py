@@ -33,9 +33,9 @@ from .data.images import to_model_input
 from .data.splits import Splits, make_splits, summary
 from .figures import training_figure
 from .inference import export_model, load_aligner, load_classifier, trained_file, weights_of
-from .io import LOSS_AND_RATE, atomic_write_bytes, check_outputs, clear_outputs, json_text, progress, save_png
+from .io import LOSS_AND_RATE, PROGRESS_SECONDS, atomic_write_bytes, check_outputs, clear_outputs, json_text, progress, save_png
 from .metrics import roc_auc
-from .models import CAMClassifier, autocast_dtype
+from .models import CAMClassifier, autocast_dtype, compiled
 
 
 def _distributed() -> tuple:
@@ -115,15 +115,25 @@ def _inputs(pixels: torch.Tensor, aligner) -> torch.Tensor:
         return aligner.align(images)
 
 
-def evaluate_auroc(model, cache: ImageCache, names, labels: np.ndarray, batch: int, device, aligner=None) -> dict:
+def evaluate_auroc(model, cache: ImageCache, names, labels: np.ndarray, batch: int, device, aligner=None,
+                   low=None) -> dict:
+    """Validation AUROC of ``model`` on ``names`` (read ahead by a :class:`BatchLoader`, under autocast to ``low``
+    when training runs in it), and the seconds the pass took."""
     model.eval()
-    scores = []
+    started, scores = time.perf_counter(), []
+    rows = dict(zip(names, labels))
     with torch.no_grad():
-        for start in range(0, len(names), batch):
-            images = _inputs(cache.batch(names[start:start + batch]).to(device, non_blocking=True), aligner)
-            scores.append(torch.sigmoid(model(images)).float().cpu())
+        loader = BatchLoader(cache, [names[s:s + batch] for s in range(0, len(names), batch)], rows, device)
+        for pixels, _ in loader:
+            images = _inputs(pixels, aligner)
+            if low is not None:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(images.device.type, dtype=low, enabled=low is not None):
+                scores.append(torch.sigmoid(model(images).float()).cpu())
     result = roc_auc(labels, torch.cat(scores).numpy()) if scores else None
-    return {"auroc": dict(zip(FINDINGS, result.per_class.tolist())), "mean_auroc": result.mean} if result else {}
+    seconds = {"validation_seconds": time.perf_counter() - started}
+    return {"auroc": dict(zip(FINDINGS, result.per_class.tolist())), "mean_auroc": result.mean, **seconds} \
+        if result else seconds
 
 
 def _earlier_history(out: Path, state: dict) -> list:
@@ -151,7 +161,6 @@ def _improved(metrics: dict, best: dict | None) -> bool:
     return score is not None and math.isfinite(score) and (best is None or score > best["mean_auroc"])
 
 
-PROGRESS_SECONDS = 0.5  # how often a step's loss is read back from the device for the progress bar
 # Everything a run writes into its folder; a run folder holding any of them is never written without --resume or
 # --overwrite.
 OUTPUTS = ("checkpoint.pt", "best.pt", "model.pt", "metrics.jsonl", "splits.json", "training.png", "tensorboard")
@@ -288,7 +297,7 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
         raise ValueError(f"{config.data}: no training images in the {config.split!r} split")
     training.epoch_batches(len(train_names), config.batch, config.max_steps, config.seed, 0)  # enough images?
 
-    low = autocast_dtype(config.precision, device, config.amp)
+    low = autocast_dtype(config.precision, device, config.amp, training=True)
     model = build_model(config, console).to(device)
     if low is not None:  # the layout the low-precision convolution kernels are fastest in
         model = model.to(memory_format=torch.channels_last)
@@ -306,6 +315,7 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
             (out / "model.pt").unlink(missing_ok=True)
         console.print(f"resumed from {last} after epoch {state['epoch'] + 1}")
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    forward = compiled(ddp) if config.compile else ddp  # the training steps' (validation runs the plain model)
     aligner = load_aligner(config.aligned, device) if config.aligned else None
     scaler = torch.amp.GradScaler("cuda", enabled=low == torch.float16)
     history = _earlier_history(out, state) if state else []
@@ -342,7 +352,7 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
                     dist.all_reduce(counts)
                     counts = training.shard_counts(counts, world)
                 with torch.autocast(device.type, dtype=low, enabled=low is not None):
-                    loss = training.weighted_bce(ddp(images).float(), targets, counts)
+                    loss = training.weighted_bce(forward(images).float(), targets, counts)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -359,7 +369,7 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
             metrics = {"epoch": epoch + 1, "loss": total_loss.item() / steps, "images_per_second": rate,
                        "lr": optimizer.param_groups[0]["lr"], "step_seconds": seconds,
                        "data_wait_seconds": loader.wait_seconds}  # waiting for batches: what loading did not hide
-            metrics.update(evaluate_auroc(model, cache, val_names, labels, config.batch, device, aligner))
+            metrics.update(evaluate_auroc(model, cache, val_names, labels, config.batch, device, aligner, low))
             history = [m for m in history if m["epoch"] < epoch + 1] + [metrics]
             improved = _improved(metrics, best)
             if improved:

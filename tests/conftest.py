@@ -8,6 +8,9 @@ from dmfast.testing import devices
 # `make test` is deterministic: every random input comes from `gen`, seeded from SEED (0 unless DMFAST_TEST_SEED
 # says otherwise) and the test's id. `make fuzz` reruns the tests that draw random inputs with fresh seeds.
 SEED = int(os.environ.get("DMFAST_TEST_SEED", "0"))
+# Precision "auto" infers in bf16 on CPUs with native bf16 only: pinned to float32 here (and in the dmfast processes
+# tests start), so that results do not depend on the CI machine's CPU; bf16 tests ask for bf16 by name.
+os.environ["DMFAST_CPU_BF16"] = "0"
 
 
 def pytest_report_header(config):

@@ -67,3 +67,19 @@ def test_align_command_reports_bad_options(phantom, tmp_path):
                                        "96", "--pool", "12", "--batch", "4096"])
     assert result.exit_code == 1 and "fewer than one batch" in result.output
     assert not list(tmp_path.iterdir())  # refused before writing anything
+
+
+def test_align_in_bf16_follows_float32(phantom, tmp_path):
+    """--precision bf16: the alignment network and the perceptual classifier under autocast (channels_last), the
+    warp and the losses in float32: the first steps' losses within 5% of float32's, the warp a float32 theta."""
+    data, cache = phantom
+    common = dict(data=str(data), cache=str(cache), size=96, batch=16, split="patients", val_fraction=0.15)
+    base = train.run(TrainConfig(out=str(tmp_path / "base"), arch="resnet18", epochs=1, max_steps=2, **common))
+    history = {}
+    for precision in ("fp32", "bf16"):
+        align.run(AlignConfig(out=str(tmp_path / precision), epochs=1, pool=12, max_steps=3, input_size=64,
+                              anchor_images=500, optimizer="adam", perceptual=str(base), perceptual_weight=0.1,
+                              precision=precision, **common))
+        history[precision] = json.loads((tmp_path / precision / "alignment_stats.json").read_text())["history"][0]
+    for key in ("loss", "euclidean", "perceptual"):
+        assert history["bf16"][key] == pytest.approx(history["fp32"][key], rel=0.05), key

@@ -134,3 +134,52 @@ def test_a_bf16_training_step_agrees_with_float32():
     with pytest.raises(ValueError, match="precision must be one of"):
         autocast_dtype("int8", "cpu")
     assert autocast_dtype("fp32", "cpu", amp=True) is None  # --amp on the CPU: as before
+
+
+def test_precision_auto_follows_the_device(monkeypatch):
+    """"auto": bf16 inference on CPUs with native bf16 (AVX512-BF16, AMX-BF16), float32 on the others and in CPU
+    training; DMFAST_CPU_BF16 overrides the detection, and anything but 0 or 1 there is refused."""
+    from dmfast import cpu_variants
+    from dmfast.models import resolve_precision
+
+    monkeypatch.delenv("DMFAST_CPU_BF16")
+    for flags, native in (({"avx2", "avx512f", "avx512_bf16"}, True), ({"avx2", "amx_bf16"}, True),
+                          ({"avx2", "avx512f"}, False), (None, False)):
+        monkeypatch.setattr(cpu_variants, "_cpu_flags", lambda flags=flags: flags)
+        assert cpu_variants.native_bf16() is native
+        assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+        assert resolve_precision("auto", "cpu", training=True) == "fp32"
+        assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    for forced, expected in (("1", "bf16"), ("0", "fp32")):
+        monkeypatch.setenv("DMFAST_CPU_BF16", forced)
+        assert resolve_precision("auto", "cpu") == expected
+    assert resolve_precision("auto", "cpu", amp=True) == "fp32"  # --amp alone: fp16 on CUDA, nothing on the CPU
+    monkeypatch.setenv("DMFAST_CPU_BF16", "yes")
+    with pytest.raises(ValueError, match="DMFAST_CPU_BF16='yes': give 0 or 1"):
+        resolve_precision("auto", "cpu")
+
+
+def test_compiled_classifier_matches_eager(monkeypatch, gen):
+    """--compile: the classifier (fused CAM head and mask attention included) is captured as one graph, and its
+    outputs, loss and gradients are the eager model's. The capture is what this tests (backend aot_eager); inductor's
+    code generation is torch's."""
+    from dmfast import models, training
+
+    monkeypatch.setattr(models, "COMPILE_BACKEND", "aot_eager")
+    torch.manual_seed(0)
+    model = CAMClassifier("resnet18", 14, cam_stride=16)
+    model.set_masks(torch.rand(14, 4, 4, generator=gen))
+    images = torch.rand(4, 3, 64, 64, generator=gen) * 2 - 1
+    targets = (torch.rand(4, 14, generator=gen) < 0.3).float()
+    results = []
+    for forward in (model, models.compiled(model)):
+        model.zero_grad()
+        logits, cams = forward(images, cams=True)
+        loss = training.weighted_bce(logits, targets)
+        loss.backward()
+        results.append((logits.detach(), cams.detach(), [p.grad.clone() for p in model.parameters()]))
+    (logits, cams, grads), (c_logits, c_cams, c_grads) = results
+    torch.testing.assert_close(c_logits, logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c_cams, cams, rtol=1e-5, atol=1e-5)
+    for g, c in zip(grads, c_grads):
+        torch.testing.assert_close(c, g, rtol=1e-4, atol=1e-5)

@@ -379,3 +379,28 @@ def test_bf16_inference_agrees_with_float32(run):
         assert result.exit_code == 0, result.output
         masks[precision] = torch.load(folder.parent / f"masks-{precision}" / "masks.pt", weights_only=True)["masks"]
     assert (masks["fp32"] == masks["bf16"]).float().mean() >= 0.95
+
+
+def test_compiled_and_auto_precision_inference_through_the_cli(run, monkeypatch):
+    """predict --compile gives eager's probabilities and boxes (graph capture tested with backend aot_eager), and
+    precision auto on a CPU said to have native bf16 (DMFAST_CPU_BF16=1) runs the bf16 path."""
+    from dmfast import models
+
+    monkeypatch.setattr(models, "COMPILE_BACKEND", "aot_eager")
+    folder, _ = run
+    images = sorted((folder.parent / "phantom").rglob("images/*.png"))[:6]
+    pixels = torch.from_numpy(np.stack([load_gray(p) for p in images]))[:, None]
+    eager, compiled = dmfast.load_model(folder, "cpu"), dmfast.load_model(folder, "cpu", compile=True)
+    assert eager.precision == "fp32" and eager.network is eager.model and compiled.network is not compiled.model
+    torch.testing.assert_close(compiled(pixels).probabilities, eager(pixels).probabilities, rtol=0, atol=1e-5)
+    outputs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        result = CliRunner().invoke(main, ["predict", str(folder), *map(str, images), "--out",
+                                           str(folder.parent / f"predict-{name}"), "--device", "cpu", *extra])
+        assert result.exit_code == 0, result.output
+        outputs[name] = json.loads((folder.parent / f"predict-{name}" / "predictions.json").read_text())
+    for a, b in zip(outputs["eager"]["images"], outputs["compiled"]["images"]):
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-5)
+    monkeypatch.setenv("DMFAST_CPU_BF16", "1")
+    auto = dmfast.load_model(folder, "cpu")
+    assert auto.precision == "bf16" and auto.low_precision == torch.bfloat16

@@ -206,3 +206,19 @@ def test_older_runs_resume_with_their_last_line_per_epoch_and_tensorboard_is_nam
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
     with pytest.raises(ValueError, match="pip install 'dmfast\\[tensorboard\\]'"):
         train._tensorboard(tmp_path)
+
+
+def test_compiled_training_matches_eager_and_records_its_timing(phantom, tmp_path, monkeypatch):
+    """--compile runs the training steps through torch.compile (graph capture tested with backend aot_eager): the
+    same weights as eager training to float rounding. metrics.jsonl times the steps, the wait for data and the
+    validation pass."""
+    from dmfast import models
+
+    monkeypatch.setattr(models, "COMPILE_BACKEND", "aot_eager")
+    runs = {name: checkpoints.load(train.run(config(phantom, tmp_path / name, epochs=1, compile=name == "compiled")),
+                                   checkpoints.CLASSIFIER) for name in ("eager", "compiled")}
+    for key, value in runs["eager"]["model"].items():
+        torch.testing.assert_close(runs["compiled"]["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    metrics = runs["compiled"]["metrics"]
+    assert metrics["step_seconds"] > 0 and 0 <= metrics["data_wait_seconds"] <= metrics["step_seconds"]
+    assert metrics["validation_seconds"] > 0 and metrics["mean_auroc"] == metrics["mean_auroc"]

@@ -15,12 +15,12 @@ PREFETCH = 3  # batches queued ahead: enough to hide a slow read behind one step
 
 class BatchLoader:
     """``for pixels, targets in BatchLoader(cache, batches, labels, device)``: ``pixels`` uint8 ``[B, 1, S, S]``
-    and ``targets [B, C]`` (the ``labels`` of each name, stacked as they are) on ``device``, batch after batch of
+    and ``targets [B, C]`` (the ``labels`` of each name, stacked as they are; None without ``labels``) on ``device``, batch after batch of
     ``batches`` (lists of image names), in order. ``wait_seconds`` is the time the consumer spent waiting for a
     batch that was not ready yet (the part of the step time loading did not hide). An error while reading is
     raised in the consumer at the batch it concerns; leaving the loop early stops the thread."""
 
-    def __init__(self, cache, batches: list, labels: dict, device, prefetch: int = PREFETCH):
+    def __init__(self, cache, batches: list, labels: dict | None, device, prefetch: int = PREFETCH):
         self.cache, self.batches, self.labels = cache, batches, labels
         self.device = torch.device(device)
         self.pin = self.device.type == "cuda"
@@ -29,9 +29,10 @@ class BatchLoader:
 
     def _read(self, names: list) -> tuple:
         pixels = self.cache.batch(names)
-        targets = torch.from_numpy(np.stack([self.labels[n] for n in names]))
+        targets = None if self.labels is None else torch.from_numpy(np.stack([self.labels[n] for n in names]))
         if self.pin:
-            pixels, targets = pixels.pin_memory(), targets.pin_memory()
+            pixels = pixels.pin_memory()
+            targets = None if targets is None else targets.pin_memory()
         return pixels, targets
 
     def __iter__(self):
@@ -62,7 +63,8 @@ class BatchLoader:
                 if error is not None:
                     raise error
                 pixels, targets = item
-                yield (pixels.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True))
+                yield (pixels.to(self.device, non_blocking=True),
+                       None if targets is None else targets.to(self.device, non_blocking=True))
         finally:
             stop.set()
             thread.join()
