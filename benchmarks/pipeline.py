@@ -1,7 +1,7 @@
 """The whole pipeline as the release grows: per-stage images/s, peak memory and the wall time projected to
 ChestX-ray14 (112,120 images) and MIMIC-CXR-JPG (377,110) on this machine.
 
-    python -m benchmarks.pipeline [--sizes 64 192 512] [--arch resnet50] [--train-steps 4] [--precision fp32]
+    python -m benchmarks.pipeline [--sizes 64 192 512] [--arch resnet50] [--train-steps 4] [--precision auto]
 
 For each size N it writes a ChestX-ray14-format release of N PNGs at the released 1024 px (a pool of phantom images
 under new names and patients, with their labels and boxes: decoding and scoring cost what they cost on real files;
@@ -36,6 +36,7 @@ from rich.table import Table
 
 from dmfast.data.phantom import synthesize
 from dmfast.io import atomic_write_json
+from dmfast.models import resolve_precision
 
 from .common import environment, parse, parser
 
@@ -211,8 +212,11 @@ def run(args) -> dict:
     projected = projection(measured, per_image)
 
     where = f"{env['cpu']}, {env['cpu_variant']} kernels, {env['threads']} threads"
-    table = Table(title=f"pipeline: {args.arch} at {args.size} px from {RELEASE_SIZE}-px PNGs ({where}); "
-                        "images/s, peak RSS / anonymous MiB")
+    precision = {"inference": resolve_precision(args.precision, "cpu"),
+                 "training": resolve_precision(args.train_precision, "cpu", training=True)}
+    table = Table(title=f"pipeline: {args.arch} at {args.size} px from {RELEASE_SIZE}-px PNGs, inference in "
+                        f"{precision['inference']}, training in {precision['training']} ({where}); images/s, peak "
+                        "RSS / anonymous MiB")
     table.add_column("stage")
     for m in measured:
         table.add_column(f"N={m['images']}", justify="right")
@@ -231,7 +235,7 @@ def run(args) -> dict:
                       ", ".join(f"{s} {h:.1f} h" for s, h in hours.items()) + f"; total {sum(hours.values()):.1f} h")
     payload = {"benchmark": "pipeline", "environment": env,
                "config": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
-               "measured": measured, "seconds_per_added_image": per_image, "projected_hours": projected}
+               "precision": precision, "measured": measured, "seconds_per_added_image": per_image, "projected_hours": projected}
     atomic_write_json(args.out, payload, indent=2)
     console.print(f"results written to {args.out}")
     return payload

@@ -137,14 +137,22 @@ def coco_results(detections: Boxes, images: list) -> list:
                                      detections.probability)]
 
 
-def coco_predictions(detections: Boxes, images: list, sizes: dict, files: dict, info: dict | None = None) -> dict:
+def coco_predictions(images, detections, info: dict | None = None) -> dict:
     """Predictions as a COCO dataset whose annotations carry ``score`` (dmfast predict: there is no ground-truth
-    file to name the images), for viewers; ``annotations`` is also a valid pycocotools results list."""
-    results = coco_results(detections, images)
-    for k, r in enumerate(results):
-        r.update(id=k + 1, area=round(r["bbox"][2] * r["bbox"][3], 4), iscrowd=0)
-    return {"info": info or {}, "images": coco_images(images, sizes, files), "categories": _categories(),
-            "annotations": results}
+    file to name the images), for viewers; ``annotations`` is also a valid pycocotools results list. ``images``:
+    ``(file name, width, height)`` of each image, ids 1.. in that order; ``detections``: ``(image position, class,
+    box x0 y0 x1 y1, score, probability)``. Both are consumed once and the dataset's lists are generators, for
+    :func:`dmfast.io.atomic_write_json_streamed` (dmfast predict never holds every box of a release)."""
+    def annotation(k: int, position: int, c: int, box, score: float, probability: float) -> dict:
+        bbox = _xywh(box)
+        return {"image_id": position + 1, "category_id": int(c) + 1, "bbox": bbox, "score": float(score),
+                "probability": float(probability), "id": k + 1, "area": round(bbox[2] * bbox[3], 4), "iscrowd": 0}
+
+    return {"info": info or {},
+            "images": ({"id": k + 1, "file_name": str(name), "width": int(width), "height": int(height),
+                        "dmfast_image": str(name)} for k, (name, width, height) in enumerate(images)),
+            "categories": _categories(),
+            "annotations": (annotation(k, *d) for k, d in enumerate(detections))}
 
 
 def pycocotools_ap(ground: dict, results: list) -> dict:

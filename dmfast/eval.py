@@ -45,8 +45,8 @@ from .detection import (DECIMALS, FROC_RATES, METRIC_NAMES, METRICS, Boxes, Task
                         ground_truth, pycocotools_ap, scored_images)
 from .figures import BLACK, RED, draw, grid, heat_overlay
 from .inference import Classifier, scored_boxes
-from .io import (atomic_write_bytes, atomic_write_json, check_outputs, clear_outputs, csv_text, finite, print_table,
-                 progress, save_png)
+from .io import (atomic_write_bytes, atomic_write_json, atomic_write_csv, check_outputs, clear_outputs, finite,
+                 print_table, progress, save_png)
 from .metrics import (class_preserving_bootstrap, interval, localization, predictions_from_padded, roc_auc,
                       weighted_mean_accuracy, weighted_mean_auroc)
 
@@ -427,25 +427,26 @@ def per_image_files(out: Path, methods: list, test_names: list, labels: np.ndarr
     boxes of every class at the box floor on the ``detected`` images (those scored for detection), and those of
     every ground-truth (image, class) pair; a detected image where no class reached the floor gets one row without
     a box. The tables can be recomputed from them without the model."""
-    rows = [[image, m.name, *(f"{p:.9g}" for p in m.probabilities[i]), *map(int, labels[i])]
-            for m in methods if m.probabilities is not None for i, image in enumerate(test_names)]
-    predictions = atomic_write_bytes(out / "predictions.csv", csv_text(
-        ["image", "method", *FINDINGS, *(f"{c} label" for c in FINDINGS)], rows).encode())
-    rows, position = [], {n: i for i, n in enumerate(test_names)}
-    for m in methods:
+    rows = ([image, m.name, *(f"{p:.9g}" for p in m.probabilities[i]), *map(int, labels[i])]
+            for m in methods if m.probabilities is not None for i, image in enumerate(test_names))
+    predictions = atomic_write_csv(out / "predictions.csv",
+                                   ["image", "method", *FINDINGS, *(f"{c} label" for c in FINDINGS)], rows)
+    position = {n: i for i, n in enumerate(test_names)}
+
+    def box_rows(m: Method):  # a row at a time: a release's boxes never sit in memory as text
         d = m.detections
         overlaps = [m.localization[metric].best_for_pred for metric in ("iou", "iobb")]
-        order = sorted(range(len(d)), key=lambda k: (position[d.image[k]], -d.score[k]))
-        boxed = set(d.image)
+        order = np.lexsort((-np.asarray(d.score, dtype=np.float64), [position[n] for n in d.image]))
         for k in order:
-            rows.append([d.image[k], FINDINGS[d.cls[k]], m.name, *(f"{v:.{DECIMALS}f}" for v in d.boxes[k]),
-                         f"{d.probability[k]:.6g}", f"{d.score[k]:.6g}",
-                         *("" if v[k] < 0 else f"{v[k]:.4f}" for v in overlaps)])
+            yield [d.image[k], FINDINGS[d.cls[k]], m.name, *(f"{v:.{DECIMALS}f}" for v in d.boxes[k]),
+                   f"{d.probability[k]:.6g}", f"{d.score[k]:.6g}",
+                   *("" if v[k] < 0 else f"{v[k]:.4f}" for v in overlaps)]
         if m.probabilities is not None:
-            rows += [[n, "", m.name, "", "", "", "", "", "", "", ""] for n in detected if n not in boxed]
-    boxes_file = atomic_write_bytes(out / "boxes.csv", csv_text(
-        ["image", "class", "method", "x0", "y0", "x1", "y1", "probability", "score", "best_iou", "best_iobb"],
-        rows).encode())
+            boxed = set(d.image)
+            yield from ([n, "", m.name, "", "", "", "", "", "", "", ""] for n in detected if n not in boxed)
+    boxes_file = atomic_write_csv(out / "boxes.csv", ["image", "class", "method", "x0", "y0", "x1", "y1",
+                                                      "probability", "score", "best_iou", "best_iobb"],
+                                  (row for m in methods for row in box_rows(m)))
     return predictions, boxes_file
 
 

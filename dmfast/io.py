@@ -166,6 +166,40 @@ def csv_text(header: list, rows) -> str:
     return buffer.getvalue()
 
 
+def atomic_write_csv(path, header: list, rows) -> Path:
+    """:func:`csv_text` written atomically a row at a time: ``rows`` may be a generator, never all in memory."""
+    import csv
+
+    with atomic_file(path) as f:
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+        text.flush()
+        text.detach()  # atomic_file closes the file itself
+    return Path(path)
+
+
+def atomic_write_json_streamed(path, value: dict) -> Path:
+    """A JSON object written atomically whose iterator values (generators) are written as lists an item at a time,
+    so that a file of every image of a release never needs them all in memory; one item per line."""
+    from collections.abc import Iterator
+
+    with atomic_file(path) as f:
+        f.write(b"{")
+        for k, (key, item) in enumerate(value.items()):
+            f.write(f"{', ' if k else ''}{json.dumps(str(key))}: ".encode())
+            if isinstance(item, Iterator):
+                f.write(b"[")
+                for i, element in enumerate(item):
+                    f.write(((",\n" if i else "\n") + json_text(element)).encode())
+                f.write(b"\n]")
+            else:
+                f.write(json_text(item).encode())
+        f.write(b"}\n")
+    return Path(path)
+
+
 def finite(value):
     """``value`` with every NaN or infinite float (in nested dicts, lists, tuples) replaced by None."""
     if isinstance(value, float):

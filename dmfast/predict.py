@@ -13,7 +13,9 @@ over the centred square that pads the image: see :class:`dmfast.inference.ImageP
 (one PNG per image: a panel per reported class with its CAM, boxes, name and probability, and a colour bar).
 """
 
+import json
 import os
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -31,11 +33,11 @@ from .config import PredictConfig, box_levels, min_probability
 from .data.dataset import FINDINGS
 from .data.formats import open_dataset
 from .data.images import ImageError, list_xrays, load_gray
-from .detection import DECIMALS, SUBMISSION_HEADERS, SUBMISSION_ROWS, Boxes, coco_predictions, submission_id
+from .detection import DECIMALS, SUBMISSION_HEADERS, SUBMISSION_ROWS, coco_predictions, submission_id
 from .figures import finding_panels
 from .inference import ImagePrediction, load_model
-from .io import (atomic_npz, atomic_write_bytes, atomic_write_json, check_outputs, clear_outputs, csv_text, print_table,
-                 progress, save_png)
+from .io import (atomic_npz, atomic_write_bytes, atomic_write_csv, atomic_write_json_streamed, check_outputs,
+                 clear_outputs, csv_text, json_text, print_table, progress, save_png)
 
 OVERLAY_SIDE = (320, 768)  # an overlay panel's longest side: small images are enlarged, large ones reduced
 
@@ -120,23 +122,21 @@ def _release_files(inputs, format: str) -> tuple:
     return files, roots, problems
 
 
-def detection_files(out: Path, records: list, config: PredictConfig) -> None:
+def detection_files(out: Path, records, config: PredictConfig) -> None:
     """``predictions.coco.json`` (every box as a COCO dataset with scores) and, with ``config.submission``, the
-    challenge's ``submission.csv`` (the reported findings' boxes, in each image's own pixels)."""
-    paths = [r["path"] for r in records]
-    index = {FINDINGS[c]: c for c in range(len(FINDINGS))}
-    every = [(r["path"], b) for r in records for b in r["boxes"]]
-    detections = Boxes.of([p for p, _ in every], [index[b["class"]] for _, b in every],
-                          [b["box"] for _, b in every], [b["probability"] for _, b in every],
-                          [b["score"] for _, b in every])
-    atomic_write_json(out / "predictions.coco.json", coco_predictions(
-        detections, paths, {r["path"]: (r["width"], r["height"]) for r in records}, {p: p for p in paths},
-        {"description": f"dmfast predict with {config.model}", "version": dmfast.__version__}), indent=None)
+    challenge's ``submission.csv`` (the reported findings' boxes, in each image's own pixels), streamed from
+    ``records()`` (a fresh iterator over the images' records at each call)."""
+    index = {name: c for c, name in enumerate(FINDINGS)}
+    images = ((r["path"], r["width"], r["height"]) for r in records())
+    detections = ((k, index[b["class"]], b["box"], b["score"], b["probability"]) for k, r in enumerate(records())
+                  for b in r["boxes"])
+    atomic_write_json_streamed(out / "predictions.coco.json", coco_predictions(
+        images, detections, {"description": f"dmfast predict with {config.model}", "version": dmfast.__version__}))
     if config.submission:
-        rows = [(submission_id(r["path"]), [(index[name], b["score"], b["box"]) for name, f in r["findings"].items()
-                                            for b in f["boxes"]]) for r in records]
-        atomic_write_bytes(out / "submission.csv", csv_text(SUBMISSION_HEADERS[config.submission],
-                                                            SUBMISSION_ROWS[config.submission](rows)).encode())
+        rows = (row for r in records() for row in SUBMISSION_ROWS[config.submission](
+            [(submission_id(r["path"]), [(index[name], b["score"], b["box"]) for name, f in r["findings"].items()
+                                         for b in f["boxes"]])]))
+        atomic_write_csv(out / "submission.csv", SUBMISSION_HEADERS[config.submission], rows)
 
 
 def run(config: PredictConfig, console: Console | None = None) -> dict:
@@ -158,11 +158,22 @@ def run(config: PredictConfig, console: Console | None = None) -> dict:
                                  f"{submission_id(path)!r} (a challenge knows an image by its file name)")
     model = load_model(config.model, config.device, config.precision, config.compile)
     clear_outputs(out, earlier)
+    out.mkdir(parents=True, exist_ok=True)
     names = output_names(files, roots)
-    records, frames = [], []
+    # each image's record goes to an unnamed file as it comes (JSON lines; nothing is left if the run is killed) and
+    # the outputs are written from it at the end: memory stays flat however many images a release has
+    spool = tempfile.TemporaryFile("w+", encoding="utf-8", dir=out)
+    count, frames = 0, []
+
+    def records():
+        spool.flush()
+        spool.seek(0)
+        for line in spool:
+            yield json.loads(line)
+
     batches = [range(i, min(i + config.batch, len(files))) for i in range(0, len(files), config.batch)]
     started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool, \
+    with spool, ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool, \
             (atomic_npz(out / "cams.npz") if config.cams else nullcontext()) as add_cams, \
             progress("predict", console, "{task.fields[rate]:.1f} img/s") as bar:
         task = bar.add_task("predict", total=len(files), rate=0.0)
@@ -185,39 +196,40 @@ def run(config: PredictConfig, console: Console | None = None) -> dict:
                                             config.box_floor) if good else []
             for (i, _, pixels), result in zip(good, results):
                 if add_cams is not None:
-                    add_cams(str(len(records)), result.image_cams().half().numpy())
+                    add_cams(str(count), result.image_cams().half().numpy())
                     frames.append([result.width, result.height, *result.frame])
                 if config.overlays:
                     save_png(out / "overlays" / f"{names[i]}.png", overlay(pixels, result, floor),
                              durable=False)
-                records.append(_record(files[i], result))
+                spool.write(json_text(_record(files[i], result)) + "\n")
+                count += 1
             elapsed = time.perf_counter() - started
-            bar.update(task, advance=len(batch), rate=len(records) / elapsed if elapsed else 0.0)
+            bar.update(task, advance=len(batch), rate=count / elapsed if elapsed else 0.0)
         if add_cams is not None:
-            add_cams("paths", np.array([r["path"] for r in records], dtype=str))
+            add_cams("paths", np.array([r["path"] for r in records()], dtype=str))
             add_cams("classes", np.array(FINDINGS, dtype=str))
             add_cams("frames", np.array(frames, dtype=np.int64).reshape(-1, 5))  # width, height, side, pad_x, pad_y
-    seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started
 
-    atomic_write_bytes(out / "problems.csv", csv_text(["path", "reason"], problems).encode())
-    atomic_write_bytes(out / "predictions.csv", csv_text(
-        ["path", "width", "height", *FINDINGS],
-        [[r["path"], r["width"], r["height"], *(f"{r['probabilities'][c]:.6f}" for c in FINDINGS)]
-         for r in records]).encode())
-    detection_files(out, records, config)
-    report = {"model": str(config.model), "min_probability": floor, "box_thresholds": list(levels),
-              "max_boxes": config.max_boxes, "box_score": config.box_score, "box_floor": config.box_floor,
-              "classes": list(FINDINGS), "images": records,
-              "problems": [{"path": p, "reason": r} for p, r in problems], "seconds": seconds,
-              "images_per_second": len(records) / seconds if seconds else None,
-              "versions": {"dmfast": dmfast.__version__, "torch": torch.__version__}}
-    atomic_write_json(out / "predictions.json", report)
+        atomic_write_bytes(out / "problems.csv", csv_text(["path", "reason"], problems).encode())
+        atomic_write_csv(out / "predictions.csv", ["path", "width", "height", *FINDINGS],
+                         ([r["path"], r["width"], r["height"], *(f"{r['probabilities'][c]:.6f}" for c in FINDINGS)]
+                          for r in records()))
+        detection_files(out, records, config)
+        report = {"model": str(config.model), "precision": model.precision, "min_probability": floor,
+                  "box_thresholds": list(levels), "max_boxes": config.max_boxes, "box_score": config.box_score,
+                  "box_floor": config.box_floor, "classes": list(FINDINGS), "images": records(),
+                  "problems": [{"path": p, "reason": r} for p, r in problems], "seconds": seconds,
+                  "images_per_second": count / seconds if seconds else None,
+                  "versions": {"dmfast": dmfast.__version__, "torch": torch.__version__}}
+        atomic_write_json_streamed(out / "predictions.json", report)
+        report["images"] = count  # the records are in the file
     if problems:
         print_table(console, f"{len(problems)} files left out ({out / 'problems.csv'})", ["file", "reason"],
                     [[escape(path), escape(reason)] for path, reason in problems], justify=["left", "left"])
-    if not records:
+    if not count:
         raise ValueError(f"none of the {len(files)} X-ray files could be read (see {out / 'problems.csv'})")
-    console.print(escape(f"{len(records)} images in {seconds:.1f} s ({report['images_per_second']:.1f} img/s): "
+    console.print(escape(f"{count} images in {seconds:.1f} s ({report['images_per_second']:.1f} img/s): "
                          f"{out / 'predictions.csv'}, {out / 'predictions.json'}, {out / 'predictions.coco.json'}" +
                          (f", {out / 'submission.csv'}" if config.submission else "") +
                          (f", {out / 'cams.npz'}" if config.cams else "") +
