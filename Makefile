@@ -50,6 +50,9 @@ bench: build
 	$(PY) -m benchmarks.attention_cam
 	$(PY) -m benchmarks.cam_boxes
 	$(PY) -m benchmarks.predict
+	$(PY) -m benchmarks.precision
+	$(PY) -m benchmarks.data_loading
+	$(PY) -m benchmarks.pipeline
 	$(PY) -m pytest benchmarks --benchmark-enable --benchmark-only -q
 
 # Compile (and link) the CUDA kernels for sm_80 and sm_90 without a GPU, into build-cuda/, so they never rot.

@@ -14,7 +14,7 @@ each as its own ``dmfast`` process:
 
 and records each stage's wall time, the images it handled, and the peak resident memory of its process tree (all of
 it, and the anonymous part alone: the memory-mapped cache's pages count in the first, are the page cache's, and grow
-with what is read). The per-image cost of a stage is the slope of its wall time between two sizes (what one more
+with what is read); eval and predict also report the rate of their own loops (start-up and output files left out). The per-image cost of a stage is the slope of its wall time between two sizes (what one more
 image costs; start-up and fixed work drop out): it must not grow with N. The projection is the wall time at the
 largest size plus that slope times the images a release adds. Training is projected per epoch from its step rate and
 its validation rate (both in the run's metrics.jsonl).
@@ -156,6 +156,11 @@ def measure(count: int, pool: Path, folder: Path, args) -> dict:
     for name, stage in stages.items():
         stage["images"] = images[name]
         stage["images_per_second"] = images[name] / stage["seconds"]
+    # the rates the stages measure over their own loops (no start-up, no output files)
+    stages["eval"]["loop_images_per_second"] = \
+        json.loads((folder / "eval" / "eval.json").read_text())["methods"]["m"]["images_per_second"]
+    stages["predict"]["loop_images_per_second"] = \
+        json.loads((folder / "predict" / "predictions.json").read_text())["images_per_second"]
     stages["train"]["step_images_per_second"] = epoch["images_per_second"]
     stages["train"]["data_wait_seconds"] = epoch["data_wait_seconds"]
     stages["train"]["step_seconds"] = epoch["step_seconds"]
@@ -165,9 +170,12 @@ def measure(count: int, pool: Path, folder: Path, args) -> dict:
 
 
 def slopes(measured: list) -> dict:
-    """Per stage, the seconds one more image costs between consecutive sizes."""
+    """Per stage, the seconds one more image costs between consecutive sizes (training runs a fixed number of steps:
+    its cost per image is its step rate)."""
     out = {}
     for stage in STAGES:
+        if stage == "train":
+            continue
         points = [(m["stages"][stage]["images"], m["stages"][stage]["seconds"]) for m in measured]
         out[stage] = [(b[1] - a[1]) / (b[0] - a[0]) if b[0] != a[0] else None for a, b in zip(points, points[1:])]
     return out
@@ -222,9 +230,15 @@ def run(args) -> dict:
         table.add_column(f"N={m['images']}", justify="right")
     table.add_column("ms per added image", justify="right")
     for stage in STAGES:
-        cells = [f"{m['stages'][stage]['images_per_second']:.1f}/s, {m['stages'][stage]['peak_rss_mib']:.0f} / "
-                 f"{m['stages'][stage]['peak_anon_mib']:.0f}" for m in measured]
-        table.add_row(stage, *cells, " -> ".join("-" if s is None else f"{1e3 * s:.0f}" for s in per_image[stage]))
+        cells = []
+        for m in measured:
+            done = m["stages"][stage]
+            loop = f" (loop {done['loop_images_per_second']:.1f})" if "loop_images_per_second" in done else ""
+            rate = f"{done['images_per_second']:.1f}/s{loop}" if stage != "train" else \
+                f"{done['step_images_per_second']:.2f}/s steps, {done['validation_images_per_second'] or 0:.1f}/s val"
+            cells.append(f"{rate}, {done['peak_rss_mib']:.0f} / {done['peak_anon_mib']:.0f}")
+        slope = " -> ".join("-" if s is None else f"{1e3 * s:.0f}" for s in per_image.get(stage, ()))
+        table.add_row(stage, *cells, slope if stage != "train" else "(fixed steps)")
     console.print(table)
     train = measured[-1]["stages"]["train"]
     console.print(f"training steps: {train['step_images_per_second']:.2f} images/s, waiting for data "

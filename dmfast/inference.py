@@ -181,6 +181,8 @@ class Model:
         self.low_precision = autocast_dtype(self.precision, self.device)
         if self.low_precision is not None:  # the layout the low-precision convolution kernels are fastest in
             self.model.to(memory_format=torch.channels_last)
+            if aligner is not None:
+                aligner.to(memory_format=torch.channels_last)
         self.network = compiled(self.model) if compile else self.model  # compile: under torch.compile
 
     @property
@@ -190,13 +192,14 @@ class Model:
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor) -> Prediction:
         """Probabilities and CAMs (float32) of uint8 ``pixels [B, 1, size, size]``. With ``precision`` bf16 or
-        fp16 the classifier's backbone runs under autocast in channels_last (its head and the alignment in
-        float32, see :class:`CAMClassifier`): faster where the device has native low-precision arithmetic, with
+        fp16 the classifier's backbone and the alignment network run under autocast in channels_last (the CAM
+        head, the transform and the warp in float32, see :class:`CAMClassifier`): faster where the device has native low-precision arithmetic, with
         probabilities a few hundredths off float32's (measured in the README)."""
         images = to_model_input(pixels).to(self.device)
         theta = None
         if self.aligner is not None:
-            theta = self.aligner.theta(images)
+            with torch.autocast(self.device.type, dtype=self.low_precision, enabled=self.low_precision is not None):
+                theta = self.aligner.theta(images)  # float32 (AlignmentNet.parameters_of), warped in float32
             images = self.aligner.warp(images, theta)
         if self.low_precision is not None:
             with torch.autocast(self.device.type, dtype=self.low_precision):

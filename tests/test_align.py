@@ -59,6 +59,14 @@ def test_end_to_end_train_align_resume(phantom, tmp_path, gen):
     # Its model file embeds the alignment network: it works with the alignment run moved away.
     assert (tmp_path / "aligned" / "model.pt").is_file()
     assert_model_file_matches(on_aligned, tmp_path / "model", gen, moved=[aligned.parent])
+    # bf16 inference runs the alignment network under autocast too: its transforms and the probabilities stay close
+    from dmfast.data.cache import ImageCache
+    from dmfast.inference import Classifier
+
+    pixels = ImageCache(cache).batch(sorted(checkpoints.load(on_aligned, checkpoints.CLASSIFIER)["splits"]["test"])[:8])
+    exact, low = (Classifier(on_aligned, "cpu", precision)(pixels) for precision in ("fp32", "bf16"))
+    assert (low.theta - exact.theta).abs().max() < 0.01 and low.theta.dtype == torch.float32
+    assert (low.probabilities - exact.probabilities).abs().max() < 0.03
 
 
 def test_align_command_reports_bad_options(phantom, tmp_path):

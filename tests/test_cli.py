@@ -118,3 +118,37 @@ def test_predict_benchmark_writes_both_rates(tmp_path):
     measured = json.loads(out.read_text())["config"]["measured"]["32"]
     assert measured["images"] >= 4 and measured["images_per_second"]["predict"] > 0
     assert measured["images_per_second"]["eval"] > 0
+
+
+def test_pipeline_benchmark_runs_every_stage_at_each_size(tmp_path):
+    from benchmarks.pipeline import RELEASES, STAGES
+    from benchmarks.pipeline import main as bench_main
+
+    out = tmp_path / "bench.json"
+    bench_main(["--sizes", "12", "24", "--pool", "3", "--arch", "resnet18", "--size", "128", "--batch", "4",
+                "--train-steps", "1", "--workers", "1", "--work", str(tmp_path), "--out", str(out)])
+    payload = json.loads(out.read_text())
+    assert [m["images"] for m in payload["measured"]] == [12, 24]
+    for measured in payload["measured"]:
+        assert set(measured["stages"]) == set(STAGES)
+        for name, stage in measured["stages"].items():  # train's images: its validation split (may be empty)
+            assert stage["seconds"] > 0 and stage["peak_rss_mib"] >= stage["peak_anon_mib"] > 0
+            assert stage["images"] > 0 or name == "train"
+        assert measured["stages"]["predict"]["images"] == measured["stages"]["prepare"]["images"] == measured["images"]
+    assert all(len(v) == 1 for v in payload["seconds_per_added_image"].values())
+    assert set(payload["seconds_per_added_image"]) == set(STAGES) - {"train"}
+    assert all(len(v) == 1 for v in payload["seconds_per_added_image"].values())
+    assert set(payload["projected_hours"]) == set(RELEASES)
+    assert payload["precision"] == {"inference": "fp32", "training": "fp32"}  # DMFAST_CPU_BF16=0 in the tests
+
+
+def test_precision_benchmark_times_each_precision_and_layout(tmp_path):
+    from benchmarks.precision import VARIANTS
+    from benchmarks.precision import main as bench_main
+
+    out = tmp_path / "bench.json"
+    bench_main(["--arch", "resnet18", "--size", "32", "--batch", "2", "--train-size", "32", "--train-batch", "2",
+                "--min-run-time", "0.01", "--rounds", "1", "--out", str(out)])
+    config = json.loads(out.read_text())["config"]
+    assert set(config["images_per_second"]["inference"]) == set(VARIANTS) == set(config["max_probability_difference"])
+    assert config["max_probability_difference"]["fp32"] == 0 and config["max_probability_difference"]["bf16"] < 0.1
