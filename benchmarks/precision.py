@@ -86,7 +86,8 @@ def run(args) -> dict:
     config["max_probability_difference"] = deviation
     config["images_per_second"] = {"inference": {k: args.batch / v * 1e3 for k, v in infer.items()},
                                    "training": {k: args.train_batch / v * 1e3 for k, v in train.items()}}
-    return report("classifier precision and layout (ms per batch)", cases, "fp32", environment("cpu", args.threads),
+    return report("classifier precision and layout (ms per batch)", cases, "bf16 + channels_last",
+                  environment("cpu", args.threads),
                   config, args.out)
 
 
