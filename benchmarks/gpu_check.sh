@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU: build dmfast with its CUDA kernels, run the CUDA tests, then the kernel
 # benchmarks on the GPU and the ops' bandwidth against the copy bandwidth, printing their tables (JSON under
-# benchmarks/results/, copied to $OUT when set). Meant to finish in < 8 minutes.
+# benchmarks/results/, copied to $OUT when set), and a 512-px ResNet-50's training throughput. Meant to finish in
+# < 8 minutes.
 #   bash benchmarks/gpu_check.sh                   (uses .venv, created by `make` if missing)
 #   PY=python3 bash benchmarks/gpu_check.sh        (a python that already holds torch, e.g. on a machine offline)
 set -euo pipefail
@@ -33,5 +34,6 @@ timeout 300 "$PY" -m pytest tests -q -k "cuda" -p no:cacheprovider -o addopts="-
 "$PY" -m benchmarks.affine_smooth --device cuda --min-run-time 0.5
 "$PY" -m benchmarks.attention_cam --device cuda --min-run-time 0.5 --skip-literal
 "$PY" -m benchmarks.cam_boxes --device cuda --min-run-time 0.5 --rounds 1
+"$PY" -m benchmarks.train_throughput --device cuda  # ResNet-50 at 512 px, bf16, the loader: data-bound or not
 if [ -n "${OUT:-}" ]; then cp benchmarks/results/*-cuda.json "$OUT"/ 2>/dev/null || true; fi
 echo "gpu_check: done in $(( $(date +%s) - start )) s"

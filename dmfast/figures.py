@@ -1,6 +1,8 @@
 """Figures of the masks, eval and predict stages: heat maps over X-rays, boxes, labelled tiles, a colour bar. RGB
 uint8 tensors ``[3, H, W]`` throughout, drawn with PIL (no plotting library needed)."""
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,15 @@ def heat_colors(values: torch.Tensor) -> torch.Tensor:
 _HEAT_TABLE = heat_colors(torch.linspace(0, 1, 256)[None])[:, 0].T.contiguous()  # [256, 3]: a lookup per pixel
 
 
+@functools.lru_cache(maxsize=4)
+def _blend_table(alpha: float) -> torch.Tensor:
+    """``[3, 256 * 256]`` uint8: gray level g blended with the heat colour of level h at column ``g * 256 + h``, so
+    that an overlay is one lookup per pixel (the picture of the float blend with its gray at 1/255 steps)."""
+    gray = torch.arange(256, dtype=torch.float32)[:, None, None] / 255
+    rgb = gray + alpha * (_HEAT_TABLE[None] - gray)  # [256 gray, 256 heat, 3]
+    return (rgb * 255).round_().to(torch.uint8).reshape(-1, 3).T.contiguous()
+
+
 def normalize(image: torch.Tensor) -> torch.Tensor:
     low, high = image.min(), image.max()
     return (image - low) / (high - low) if high > low else torch.zeros_like(image)
@@ -37,14 +48,16 @@ def heat_overlay(gray: torch.Tensor, heat: torch.Tensor | None, alpha: float = 0
     """A grayscale image ``[H, W]`` in [0, 1] with ``heat`` (any size, min-max normalised here) blended over it;
     ``where`` ([H, W] in [0, 1]) limits the blend (e.g. to a mask). Returns RGB uint8 ``[3, H, W]``. The heat's
     colours come from a 256-entry table (the colour map at 1/255 steps)."""
+    if heat is not None and heat.shape != gray.shape:
+        heat = F.interpolate(heat.float()[None, None], size=gray.shape, mode="bilinear", align_corners=False)[0, 0]
+    if heat is not None and where is None:  # the overlays of predict and eval: one table lookup per pixel
+        level = (gray.float().clamp(0, 1) * 255).round_().to(torch.int32) * 256
+        level += (normalize(heat.float()) * 255).round_().to(torch.int32)
+        return _blend_table(float(alpha))[:, level.flatten()].view(3, *gray.shape)
     rgb = gray.float().clamp(0, 1)[..., None]  # [H, W, 1], broadcast over the channels
     if heat is not None:
-        if heat.shape != gray.shape:
-            heat = F.interpolate(heat.float()[None, None], size=gray.shape, mode="bilinear",
-                                 align_corners=False)[0, 0]
         colors = _HEAT_TABLE[(normalize(heat) * 255).round_().long()]  # [H, W, 3]
-        weight = alpha * (where.float()[..., None] if where is not None else 1.0)
-        rgb = torch.lerp(rgb, colors, weight) if where is not None else rgb + alpha * (colors - rgb)
+        rgb = torch.lerp(rgb, colors, alpha * where.float()[..., None])
     return (rgb.expand(*gray.shape, 3) * 255).round_().to(torch.uint8).permute(2, 0, 1)
 
 
@@ -123,16 +136,18 @@ def finding_panels(gray: torch.Tensor, panels: list, columns: int = 4) -> torch.
 
 
 def grid(tiles: list, columns: int, gap: int = GRID_GAP) -> torch.Tensor:
-    """Equal-size RGB uint8 tiles in rows of ``columns``, on a white background."""
+    """Equal-size RGB uint8 tiles in rows of ``columns``, on a white background. Like the other figures, a ``[3, H,
+    W]`` view of interleaved ``[H, W, 3]`` pixels: PIL and PNG take those without a transposing copy."""
     if not tiles:
         raise ValueError("grid: no tiles")
     _, height, width = tiles[0].shape
     rows = (len(tiles) + columns - 1) // columns
-    out = torch.full((3, rows * (height + gap) - gap, columns * (width + gap) - gap), 255, dtype=torch.uint8)
+    out = torch.full((rows * (height + gap) - gap, columns * (width + gap) - gap, 3), 255, dtype=torch.uint8)
     for index, tile in enumerate(tiles):
         r, c = divmod(index, columns)
-        out[:, r * (height + gap):r * (height + gap) + height, c * (width + gap):c * (width + gap) + width] = tile
-    return out
+        out[r * (height + gap):r * (height + gap) + height, c * (width + gap):c * (width + gap) + width] = \
+            tile.permute(1, 2, 0)
+    return out.permute(2, 0, 1)
 
 
 def masks_figure(anchor: torch.Tensor, payload: dict, tile: int = 192) -> torch.Tensor:

@@ -152,3 +152,14 @@ def test_precision_benchmark_times_each_precision_and_layout(tmp_path):
     config = json.loads(out.read_text())["config"]
     assert set(config["images_per_second"]["inference"]) == set(VARIANTS) == set(config["max_probability_difference"])
     assert config["max_probability_difference"]["fp32"] == 0 and config["max_probability_difference"]["bf16"] < 0.1
+
+
+def test_train_throughput_benchmark_reports_the_step_time_split(tmp_path):
+    from benchmarks.train_throughput import main as bench_main
+
+    out = tmp_path / "bench.json"
+    bench_main(["--arch", "resnet18", "--size", "64", "--batch", "4", "--steps", "2", "--images", "40", "--out",
+                str(out)])
+    result = json.loads(out.read_text())["result"]
+    assert result["images_per_second"] > 0 and 0 <= result["data_wait_share"] <= 1
+    assert result["precision"] == "fp32"  # training on the CPU

@@ -38,8 +38,14 @@ def test_heat_overlay_matches_the_colour_map_to_its_table_step():
     exact = (0.55 * gray[None] + 0.45 * heat_colors(normalised)) * 255  # the blend on the continuous map
     picture = heat_overlay(gray, heat)
     assert picture.dtype == torch.uint8 and picture.shape == (3, 30, 20)
-    # the table samples the map at 1/255 steps: each channel moves by at most 4 x 0.5/255 per step, times alpha
-    assert (picture.float() - exact).abs().max() <= 0.45 * 2 + 0.5 + 1e-4
+    # the table samples the map at 1/255 steps: each channel moves by at most 4 x 0.5/255 per step, times alpha; the
+    # gray is looked up at 1/255 steps too (0.5/255 times 1 - alpha)
+    assert (picture.float() - exact).abs().max() <= 0.45 * 2 + 0.55 * 0.5 + 0.5 + 1e-4
+    on_steps = (gray * 255).round() / 255  # X-rays as decoded: the lookup is then the float blend, rounded
+    table = heat_colors((normalised * 255).round() / 255)
+    stepped = ((on_steps[None] + 0.45 * (table - on_steps[None])) * 255).round().to(torch.uint8)
+    difference = (heat_overlay(on_steps, heat).int() - stepped.int()).abs()  # the table's floats: ties may round
+    assert difference.max() <= 1 and (difference == 0).float().mean() > 0.99  # the other way
     assert torch.equal(heat_overlay(gray, None), (gray * 255).round().to(torch.uint8)[None].expand(3, -1, -1))
     mask = torch.zeros(30, 20)
     assert torch.equal(heat_overlay(gray, heat, where=mask), heat_overlay(gray, None))  # nothing blended off the mask
