@@ -1,11 +1,17 @@
-"""The streamed writers that keep predict and eval flat in memory: the same bytes/values as the whole-list
-writers, and atomic (a failure part-way leaves neither the file nor a temporary)."""
+"""The streamed writers that keep predict and eval flat in memory (the same bytes/values as the whole-list writers,
+and atomic: a failure part-way leaves neither the file nor a temporary), and the parallel deflate of the figures."""
 
+import io
 import json
 import math
+import os
+import zlib
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from dmfast import io as dio
 from dmfast.io import atomic_write_csv, atomic_write_json_streamed, csv_text
 
 
@@ -34,3 +40,16 @@ def test_a_stream_failing_part_way_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="read error"):
         atomic_write_json_streamed(tmp_path / "t.json", {"rows": rows()})
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("extra", [0, 1, 12345])
+def test_parallel_deflate_is_one_zlib_stream(monkeypatch, extra):
+    """Above PNG_SLICE bytes the data is deflated in slices on several threads: zlib (and so every PNG reader) reads
+    the joined stream back as the data, with its Adler-32."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # as on a 2-core machine
+    data = np.random.default_rng(extra).integers(0, 6, 3 * dio.PNG_SLICE + extra, dtype=np.uint8)
+    stream = dio.zlib_stream(data.tobytes())
+    assert zlib.decompress(stream) == data.tobytes()
+    image = np.random.default_rng(1).integers(0, 256, (700, 800, 3), dtype=np.uint8)  # 1.7 MB of rows: 2 slices
+    read = np.array(Image.open(io.BytesIO(dio.png_bytes(image))))
+    assert np.array_equal(read, image)
