@@ -297,11 +297,15 @@ class ImagePrediction:
 
     def heatmap(self, finding: str, scale: float = 1.0) -> torch.Tensor:
         """The CAM of ``finding`` over the image itself (the padding cropped), ``[H, W]`` scaled by ``scale``."""
+        return self.heatmaps([finding], scale)[0]
+
+    def heatmaps(self, findings: list, scale: float = 1.0) -> torch.Tensor:
+        """:meth:`heatmap` of each of ``findings`` at once, ``[len(findings), H, W]`` (one resampling for all)."""
         side, pad_x, pad_y = self.frame
-        full = F.interpolate(self.image_cams([finding])[None].float(), size=(round(side * scale),) * 2,
-                             mode="bilinear", align_corners=False)[0, 0]
+        full = F.interpolate(self.image_cams(list(findings))[None].float(), size=(round(side * scale),) * 2,
+                             mode="bilinear", align_corners=False)[0]
         x0, y0 = round(pad_x * scale), round(pad_y * scale)
-        return full[y0:y0 + max(round(self.height * scale), 1), x0:x0 + max(round(self.width * scale), 1)]
+        return full[:, y0:y0 + max(round(self.height * scale), 1), x0:x0 + max(round(self.width * scale), 1)]
 
 
 def _gray(image) -> np.ndarray:

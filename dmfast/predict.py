@@ -77,8 +77,9 @@ def overlay(gray: np.ndarray, result: ImagePrediction, min_probability: float) -
     image = F.interpolate(torch.tensor(gray)[None, None].float() / 255, size=size, mode="bilinear",
                           align_corners=False, antialias=True)[0, 0]
     reported = sorted(result.boxes, key=lambda name: -result.probabilities[name])
-    panels = [(f"{name}  p = {result.probabilities[name]:.2f}", result.heatmap(name, scale),
-               [[v * scale for v in box[:4]] for box in result.boxes[name]]) for name in reported]
+    heats = result.heatmaps(reported, scale) if reported else []
+    panels = [(f"{name}  p = {result.probabilities[name]:.2f}", heat,
+               [[v * scale for v in box[:4]] for box in result.boxes[name]]) for name, heat in zip(reported, heats)]
     if not panels:
         top = max(result.probabilities, key=result.probabilities.get)
         panels = [(f"no finding reaches p = {min_probability:g} (highest: {top} {result.probabilities[top]:.2f})",

@@ -149,6 +149,8 @@ def test_load_model_reads_model_files_run_folders_and_checkpoints(run, tmp_path)
     assert got.probabilities == want.probabilities
     torch.testing.assert_close(got.image_cams(), want.image_cams())
     assert want.image_cams().shape == (14, 16, 16) and want.heatmap("Mass", scale=0.5).shape == (32, 32)
+    both = want.heatmaps(["Edema", "Mass"], scale=0.5)  # one resampling for several classes: the same maps
+    assert torch.equal(both[1], want.heatmap("Mass", scale=0.5)) and torch.equal(both[0], want.heatmap("Edema", 0.5))
     checkpoint = dmfast.load_model(folder / "checkpoint.pt", "cpu")  # the same weights, from the training checkpoint
     assert checkpoint.predict(xray, min_probability=0)[0].probabilities == want.probabilities
     with pytest.raises(FileNotFoundError, match="a folder without model.pt"):
