@@ -1,6 +1,7 @@
 """Files and the terminal: atomic writes (bytes, strict JSON, torch objects), PNG images, progress bars and tables."""
 
 import contextlib
+import errno
 import glob
 import io
 import json
@@ -42,6 +43,9 @@ def kill_point(site: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a write's errors that name its path
+
+
 @contextlib.contextmanager
 def atomic_file(path, durable: bool = True):
     """A binary file to write ``path`` through: a temporary file in the same folder, renamed onto ``path`` when the
@@ -62,9 +66,11 @@ def atomic_file(path, durable: bool = True):
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         kill_point(f"rename:{path.name}")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(error, OSError) and error.errno in FULL_OR_READ_ONLY and error.filename is None:
+            raise OSError(error.errno, f"{error.strerror} (writing it)", str(path)) from error  # name the path
         raise
 
 

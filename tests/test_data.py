@@ -241,3 +241,28 @@ def test_prepare_pads_non_square_images_and_their_boxes_follow(tmp_path):
     [(finding, x0, y0, x1, y1)] = dataset.boxes_in_square(["00000001_000.png"], 32, space="image")["00000001_000.png"]
     assert finding == 4 and (x0, y0, x1, y1) == pytest.approx((5, 6.5, 15, 14.5))  # (x + pad) * 32 / 64
     assert pixels[8:13, 6:14].min() > 200 and pixels[20:, :].max() < 60  # the finding is where its box says
+
+
+def test_a_full_disk_stops_prepare_before_any_decoding_and_names_the_space(tmp_path, monkeypatch):
+    """The cache's files get their disk space before they are mapped: with none left, prepare says which folder,
+    how much it needs and how much is free, and leaves no cache file a later run could take for its pixels (never a
+    SIGBUS while writing them). Where the file system cannot reserve space, the zeros are written out instead."""
+    import errno
+
+    data = phantom.synthesize(tmp_path / "ph", count=12, size=64, seed=1)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(DataError, match=r"cache: no space for the image cache's images.u8: 12,288 bytes needed, .* free"):
+        prepare(data, tmp_path / "cache", size=32)
+    assert not (tmp_path / "cache" / "images.u8").exists()
+
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    cache = ImageCache(prepare(data, tmp_path / "cache", size=32))
+    assert (tmp_path / "cache" / "images.u8").stat().st_size == 12 * 32 * 32 and len(cache) == 12
+    assert cache.batch(cache.names[:2]).float().std() > 0  # decoded after the reservation

@@ -53,3 +53,16 @@ def test_parallel_deflate_is_one_zlib_stream(monkeypatch, extra):
     image = np.random.default_rng(1).integers(0, 256, (700, 800, 3), dtype=np.uint8)  # 1.7 MB of rows: 2 slices
     read = np.array(Image.open(io.BytesIO(dio.png_bytes(image))))
     assert np.array_equal(read, image)
+
+
+def test_a_write_on_a_full_or_read_only_disk_names_its_path(tmp_path, monkeypatch):
+    import errno
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError) as caught:
+        dio.atomic_write_bytes(tmp_path / "eval.json", b"{}")
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "eval.json")
+    assert not list(tmp_path.iterdir())  # its temporary removed

@@ -9,10 +9,13 @@ a half-written cache is never taken for a complete one). Opening a cache checks 
 refuses a stale cache.
 """
 
+import errno
 import hashlib
 import json
+import math
 import multiprocessing
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -194,12 +197,15 @@ def prepare(data_dir, cache_dir=None, size: int = 512, workers: int | None = Non
         console.print(f"cache {folder} is up to date ({len(names)} images at {size}px)")
         return folder
     shape = (len(names), size, size)
-    if not same or not images_file.is_file() or not done_file.is_file():
+    fresh = not same or not images_file.is_file() or not done_file.is_file()
+    if fresh:
         atomic_write_json(index_file, index, indent=None)  # marks any older content invalid
-        np.memmap(images_file, dtype=np.uint8, mode="w+", shape=shape).flush()
-        np.memmap(done_file, dtype=np.uint8, mode="w+", shape=(len(names),)).flush()
     else:
         index["bad"] = previous.get("bad", {})
+    # the space is reserved before anything is mapped (a resumed cache's missing blocks too): a full disk is this
+    # error, never a SIGBUS while the mapped pixels are written
+    reserve_space(images_file, math.prod(shape), fresh)
+    reserve_space(done_file, len(names), fresh)
     images = np.memmap(images_file, dtype=np.uint8, mode="r+", shape=shape)
     done = np.memmap(done_file, dtype=np.uint8, mode="r+", shape=(len(names),))
     todo = [i for i in range(len(names)) if not done[i]]
@@ -239,6 +245,38 @@ def prepare(data_dir, cache_dir=None, size: int = 512, workers: int | None = Non
     atomic_write_json(index_file, index, indent=None)
     console.print(f"cache {folder}: {len(names) - len(index['bad'])} images at {size}px")
     return folder
+
+
+def reserve_space(path: Path, size: int, fresh: bool) -> None:
+    """Give ``path`` ``size`` bytes of disk space (``fresh``: as a new file of zeros; else the existing content kept,
+    its missing blocks allocated). A full disk raises a :class:`DataError` naming the folder, the space needed and
+    the space free, and leaves no new file behind."""
+    with open(path, "wb" if fresh else "r+b") as f:
+        try:
+            try:
+                if size:
+                    os.posix_fallocate(f.fileno(), 0, size)
+            except OSError as error:
+                if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                f.seek(0, os.SEEK_END)  # a file system without it: the zeros written out
+                while f.tell() < size:
+                    f.write(bytes(min(1 << 24, size - f.tell())))
+                f.flush()
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            f.close()
+            if fresh:
+                path.unlink(missing_ok=True)
+            free = shutil.disk_usage(path.parent).free
+            raise DataError(f"{path.parent}: no space for the image cache's {path.name}: {_amount(size)} needed, "
+                            f"{_amount(free)} free (free some, or give --cache on another disk)") from None
+
+
+def _amount(size: int) -> str:
+    return next((f"{size / unit:,.1f} {name}" for unit, name in ((1e9, "GB"), (1e6, "MB")) if size >= unit),
+                f"{size:,} bytes")
 
 
 def report_left_out(dataset, console: Console) -> None:
