@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ARCHS, CAM_STRIDES, SIZE
+from .config import ARCHS, CAM_STRIDES, MIN_CAM_CELLS, SIZE
 from .data.dataset import FINDINGS
 from .io import atomic_torch_save
 
@@ -78,6 +78,10 @@ def load(path, kind) -> dict:
     masks = payload.get("masks")
     if kind == MASKS and (not isinstance(masks, torch.Tensor) or masks.dim() != 3 or masks.shape[0] != len(FINDINGS)):
         raise ValueError(f"{path}: not a dmfast masks file (expected a dict with 'masks' [{len(FINDINGS)}, h, w])")
+    if kind == MASKS and (masks.shape[1] != masks.shape[2] or masks.shape[1] < MIN_CAM_CELLS):
+        raise ValueError(f"{path}: masks of {masks.shape[1]} x {masks.shape[2]} per class; masks are square maps of "
+                         f"at least {MIN_CAM_CELLS} x {MIN_CAM_CELLS} over the canonical chest (dmfast masks writes "
+                         "them)")
     if kind == MASKS and not torch.isfinite(masks).all():
         raise ValueError(f"{path}: the masks contain NaN or infinite values")
     if kind == MASKS and masks.numel() and not (masks.min() >= 0 and masks.max() <= 1):

@@ -90,6 +90,11 @@ def build_model(config: TrainConfig, console: Console) -> CAMClassifier:
         console.print(f"initialised from {trained_file(config.init)}")
     if config.masks:
         payload = checkpoints.load(config.masks, checkpoints.MASKS)
+        side, cells = payload["masks"].shape[-1], config.size // config.cam_stride
+        if side < cells:  # stretched onto the CAMs they would blur them
+            raise ValueError(f"--masks {config.masks}: masks of {side} x {side}, coarser than this run's {cells} x "
+                             f"{cells} CAMs ({config.size} px, CAM stride {config.cam_stride}); make them from a "
+                             "classifier of this grid or finer")
         model.set_masks(payload["masks"])
         named = [c for c, has in zip(FINDINGS, payload.get("has_mask", [True] * len(FINDINGS))) if has]
         console.print(f"attention with the {payload.get('kind', 'disease')} masks of {config.masks} "

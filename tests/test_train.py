@@ -107,6 +107,17 @@ def test_bad_init_and_masks_files_are_named(phantom, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"\x00junk")
     with pytest.raises(ValueError, match="junk.pt: not a readable masks file"):
         checkpoints.load(tmp_path / "junk.pt", checkpoints.MASKS)
+    # masks of another grid: not square, or a constant per class, or coarser than the run's CAMs, are refused
+    for shape, message in (((14, 64, 32), "masks of 64 x 32 per class; masks are square maps of at least 4 x 4"),
+                           ((14, 1, 1), "masks of 1 x 1 per class")):
+        checkpoints.save(tmp_path / "grid.pt", checkpoints.MASKS, {"masks": torch.zeros(shape)})
+        with pytest.raises(ValueError, match=message):
+            train.run(config(phantom, tmp_path / "y", masks=str(tmp_path / "grid.pt")))
+    checkpoints.save(tmp_path / "coarse.pt", checkpoints.MASKS, {"masks": torch.zeros(14, 4, 4)})
+    with pytest.raises(ValueError, match=r"masks of 4 x 4, coarser than this run's 8 x 8 CAMs \(128 px, CAM stride 16"):
+        train.run(config(phantom, tmp_path / "z", size=128, cam_stride=16, cache=str(tmp_path / "cache128"),
+                         masks=str(tmp_path / "coarse.pt")))
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 
 def test_export_command_writes_a_model_file_and_names_a_bad_source(phantom, tmp_path):
