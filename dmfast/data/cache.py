@@ -254,6 +254,8 @@ def reserve_space(path: Path, size: int, fresh: bool) -> None:
     with open(path, "wb" if fresh else "r+b") as f:
         try:
             try:
+                if not hasattr(os, "posix_fallocate"):  # not on every OS: written out below
+                    raise OSError(errno.EOPNOTSUPP, "posix_fallocate is not available")
                 if size:
                     os.posix_fallocate(f.fileno(), 0, size)
             except OSError as error:
