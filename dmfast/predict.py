@@ -202,7 +202,11 @@ def run(config: PredictConfig, console: Console | None = None) -> dict:
                 if config.overlays:
                     save_png(out / "overlays" / f"{names[i]}.png", overlay(pixels, result, floor),
                              durable=False)
-                spool.write(json_text(_record(files[i], result)) + "\n")
+                try:
+                    spool.write(json_text(_record(files[i], result)) + "\n")
+                except OSError as error:  # the spool has no name: the folder it lives in is the one to free
+                    raise OSError(error.errno, f"{error.strerror} (writing the records of the run)", str(out)) \
+                        from error
                 count += 1
             elapsed = time.perf_counter() - started
             bar.update(task, advance=len(batch), rate=count / elapsed if elapsed else 0.0)

@@ -406,3 +406,25 @@ def test_compiled_and_auto_precision_inference_through_the_cli(run, monkeypatch)
     monkeypatch.setenv("DMFAST_CPU_BF16", "1")
     auto = dmfast.load_model(folder, "cpu")
     assert auto.precision == "bf16" and auto.low_precision == torch.bfloat16
+
+
+def test_a_full_disk_during_predict_names_the_output_folder(run, tmp_path, monkeypatch):
+    """The per-image records go to an unnamed spool file in --out: a full disk there is an error naming --out,
+    and no output file is left half written."""
+    import errno
+    import io
+    import os
+    import tempfile
+
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    folder, _ = run
+    image = sorted((folder.parent / "phantom").rglob("images/*.png"))[0]
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda *args, **kwargs: Full())
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["predict", str(folder), str(image), "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 1
+    assert f"{out}: No space left on device (writing the records of the run)" in " ".join(result.output.split())
+    assert not [p for p in out.iterdir() if p.suffix in (".json", ".csv")]
