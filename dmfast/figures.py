@@ -31,11 +31,11 @@ _HEAT_TABLE = heat_colors(torch.linspace(0, 1, 256)[None])[:, 0].T.contiguous() 
 
 @functools.lru_cache(maxsize=4)
 def _blend_table(alpha: float) -> torch.Tensor:
-    """``[3, 256 * 256]`` uint8: gray level g blended with the heat colour of level h at column ``g * 256 + h``, so
+    """``[256 * 256, 3]`` uint8: gray level g blended with the heat colour of level h at row ``g * 256 + h``, so
     that an overlay is one lookup per pixel (the picture of the float blend with its gray at 1/255 steps)."""
     gray = torch.arange(256, dtype=torch.float32)[:, None, None] / 255
     rgb = gray + alpha * (_HEAT_TABLE[None] - gray)  # [256 gray, 256 heat, 3]
-    return (rgb * 255).round_().to(torch.uint8).reshape(-1, 3).T.contiguous()
+    return (rgb * 255).round_().to(torch.uint8).reshape(-1, 3)
 
 
 def normalize(image: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,7 @@ def heat_overlay(gray: torch.Tensor, heat: torch.Tensor | None, alpha: float = 0
     if heat is not None and where is None:  # the overlays of predict and eval: one table lookup per pixel
         level = (gray.float().clamp(0, 1) * 255).round_().to(torch.int32) * 256
         level += (normalize(heat.float()) * 255).round_().to(torch.int32)
-        return _blend_table(float(alpha))[:, level.flatten()].view(3, *gray.shape)
+        return _blend_table(float(alpha))[level.flatten()].view(*gray.shape, 3).permute(2, 0, 1)
     rgb = gray.float().clamp(0, 1)[..., None]  # [H, W, 1], broadcast over the channels
     if heat is not None:
         colors = _HEAT_TABLE[(normalize(heat) * 255).round_().long()]  # [H, W, 3]
@@ -99,7 +99,7 @@ def draw_tiles(image: torch.Tensor, tiles: list, color=BLACK, width: int = 2, te
             pen.rectangle([left - 2, top - 1, right + 2, bottom + 1], fill=BLACK)
             pen.text((3, 2), text, fill=WHITE, font=font)
         canvas.paste(tile, (x, y))
-    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1)  # a view: the pixels stay interleaved (see grid)
 
 
 def color_bar(height: int, width: int = 56, low: str = "low", high: str = "high", text_size: int = 12) -> torch.Tensor:
@@ -132,7 +132,8 @@ def finding_panels(gray: torch.Tensor, panels: list, columns: int = 4) -> torch.
                         WHITE, width=max(2, size // 8), text_size=size, halo=True,
                         size=(gray.shape[1], gray.shape[0]))
     bar = color_bar(figure.shape[1], text_size=size, low="CAM min", high="CAM max", width=5 * size)
-    return torch.cat([figure, torch.full((3, figure.shape[1], 4), 255, dtype=torch.uint8), bar], dim=2)
+    gap = torch.full((3, figure.shape[1], 4), 255, dtype=torch.uint8)
+    return torch.cat([part.permute(1, 2, 0) for part in (figure, gap, bar)], dim=1).permute(2, 0, 1)
 
 
 def grid(tiles: list, columns: int, gap: int = GRID_GAP) -> torch.Tensor:
