@@ -47,6 +47,18 @@ FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a write's error
 
 
 @contextlib.contextmanager
+def naming(path, doing: str):
+    """A full or read-only disk in the block is an error naming ``path`` (the file, or the folder of an unnamed
+    one) and what was ``doing``: the OS names neither for a write that fails."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno in FULL_OR_READ_ONLY and error.filename is None:
+            raise OSError(error.errno, f"{error.strerror} ({doing})", str(path)) from error
+        raise
+
+
+@contextlib.contextmanager
 def atomic_file(path, durable: bool = True):
     """A binary file to write ``path`` through: a temporary file in the same folder, renamed onto ``path`` when the
     block ends (removed if it fails), so readers never see a half-written file. ``durable`` also flushes it to disk
@@ -57,21 +69,20 @@ def atomic_file(path, durable: bool = True):
     if durable:  # checkpoints and indexes; bulk files (images, overlays) skip the folder scan
         remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        kill_point(f"rename:{path.name}")
-        os.replace(tmp, path)
-    except BaseException as error:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(error, OSError) and error.errno in FULL_OR_READ_ONLY and error.filename is None:
-            raise OSError(error.errno, f"{error.strerror} (writing it)", str(path)) from error  # name the path
-        raise
+    with naming(path, "writing it"):
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+            kill_point(f"rename:{path.name}")
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def _alive(pid: int) -> bool:

@@ -37,7 +37,7 @@ from .detection import DECIMALS, SUBMISSION_HEADERS, SUBMISSION_ROWS, coco_predi
 from .figures import finding_panels
 from .inference import ImagePrediction, load_model
 from .io import (atomic_npz, atomic_write_bytes, atomic_write_csv, atomic_write_json_streamed, check_outputs,
-                 clear_outputs, csv_text, json_text, print_table, progress, save_png)
+                 clear_outputs, csv_text, json_text, naming, print_table, progress, save_png)
 
 OVERLAY_SIDE = (320, 768)  # an overlay panel's longest side: small images are enlarged, large ones reduced
 
@@ -202,11 +202,8 @@ def run(config: PredictConfig, console: Console | None = None) -> dict:
                 if config.overlays:
                     save_png(out / "overlays" / f"{names[i]}.png", overlay(pixels, result, floor),
                              durable=False)
-                try:
+                with naming(out, "writing the records of the run"):  # the spool is unnamed: name its folder
                     spool.write(json_text(_record(files[i], result)) + "\n")
-                except OSError as error:  # the spool has no name: the folder it lives in is the one to free
-                    raise OSError(error.errno, f"{error.strerror} (writing the records of the run)", str(out)) \
-                        from error
                 count += 1
             elapsed = time.perf_counter() - started
             bar.update(task, advance=len(batch), rate=count / elapsed if elapsed else 0.0)
