@@ -14,10 +14,11 @@ each as its own ``dmfast`` process:
 
 and records each stage's wall time, the images it handled, and the peak resident memory of its process tree (all of
 it, and the anonymous part alone: the memory-mapped cache's pages count in the first, are the page cache's, and grow
-with what is read); eval and predict also report the rate of their own loops (start-up and output files left out). The per-image cost of a stage is the slope of its wall time between two sizes (what one more
-image costs; start-up and fixed work drop out): it must not grow with N. The projection is the wall time at the
-largest size plus that slope times the images a release adds. Training is projected per epoch from its step rate and
-its validation rate (both in the run's metrics.jsonl).
+with what is read); eval and predict also report the rate of their own loops (start-up and output files left out). The
+per-image cost of a stage is the slope of its wall time between two sizes (what one more image costs; start-up and
+fixed work drop out): it must not grow with N. The projection is the wall time at the largest size plus that slope
+times the images a release adds. Training is projected per epoch from its step rate and its validation rate (both in
+the run's metrics.jsonl).
 """
 
 import csv
@@ -126,10 +127,10 @@ def run_stage(command: list, log: Path) -> dict:
             peak, peak_anon = max(peak, total), max(peak_anon, anon)
             time.sleep(0.05)
     seconds = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode:
+    code = process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    if code:
         tail = log.read_text().strip().splitlines()[-5:]
-        raise SystemExit(f"dmfast {command[0]} failed (exit {process.returncode}): " + " | ".join(tail))
+        raise SystemExit(f"dmfast {command[0]} failed (exit {code}): " + " | ".join(tail))
     return {"seconds": seconds, "peak_rss_mib": peak / 1024, "peak_anon_mib": peak_anon / 1024}
 
 
@@ -254,7 +255,8 @@ def run(args) -> dict:
                       ", ".join(f"{s} {h:.1f} h" for s, h in hours.items()) + f"; total {sum(hours.values()):.1f} h")
     payload = {"benchmark": "pipeline", "environment": env,
                "config": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
-               "precision": precision, "measured": measured, "seconds_per_added_image": per_image, "projected_hours": projected}
+               "precision": precision, "measured": measured, "seconds_per_added_image": per_image,
+               "projected_hours": projected}
     atomic_write_json(args.out, payload, indent=2)
     console.print(f"results written to {args.out}")
     return payload

@@ -572,7 +572,8 @@ def run(config: EvalConfig, console: Console | None = None) -> dict:
     levels = box_levels(config.box_thresholds, config.max_boxes)
     out = Path(config.out)
     earlier = check_outputs(out, OUTPUTS, "dmfast eval", config.overwrite)
-    classifiers = [(name, Classifier(path, precision=config.precision, compile=config.compile)) for name, path in config.checkpoints]
+    classifiers = [(name, Classifier(path, precision=config.precision, compile=config.compile))
+                   for name, path in config.checkpoints]
     dataset = open_data(config, lists=config.split != "all" and not config.images, box_space=config.box_space,
                         check_boxes=True)
     if config.fuse_readers:

@@ -193,8 +193,8 @@ class Model:
     def __call__(self, pixels: torch.Tensor) -> Prediction:
         """Probabilities and CAMs (float32) of uint8 ``pixels [B, 1, size, size]``. With ``precision`` bf16 or
         fp16 the classifier's backbone and the alignment network run under autocast in channels_last (the CAM
-        head, the transform and the warp in float32, see :class:`CAMClassifier`): faster where the device has native low-precision arithmetic, with
-        probabilities a few hundredths off float32's (measured in the README)."""
+        head, the transform and the warp in float32, see :class:`CAMClassifier`): faster where the device has native
+        low-precision arithmetic, with probabilities a few hundredths off float32's (docs/performance.md)."""
         images = to_model_input(pixels).to(self.device)
         theta = None
         if self.aligner is not None:

@@ -33,7 +33,8 @@ from .data.images import to_model_input
 from .data.splits import Splits, make_splits, summary
 from .figures import training_figure
 from .inference import export_model, load_aligner, load_classifier, trained_file, weights_of
-from .io import LOSS_AND_RATE, PROGRESS_SECONDS, atomic_write_bytes, check_outputs, clear_outputs, json_text, progress, save_png
+from .io import (LOSS_AND_RATE, PROGRESS_SECONDS, atomic_write_bytes, check_outputs, clear_outputs, json_text, progress,
+                 save_png)
 from .metrics import roc_auc
 from .models import CAMClassifier, autocast_dtype, compiled
 
@@ -126,9 +127,8 @@ def evaluate_auroc(model, cache: ImageCache, names, labels: np.ndarray, batch: i
     when training runs in it), and the seconds the pass took."""
     model.eval()
     started, scores = time.perf_counter(), []
-    rows = dict(zip(names, labels))
     with torch.no_grad():
-        loader = BatchLoader(cache, [names[s:s + batch] for s in range(0, len(names), batch)], rows, device)
+        loader = BatchLoader(cache, [names[s:s + batch] for s in range(0, len(names), batch)], None, device)
         for pixels, _ in loader:
             images = _inputs(pixels, aligner)
             if low is not None:

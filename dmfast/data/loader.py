@@ -15,8 +15,8 @@ PREFETCH = 3  # batches queued ahead: enough to hide a slow read behind one step
 
 class BatchLoader:
     """``for pixels, targets in BatchLoader(cache, batches, labels, device)``: ``pixels`` uint8 ``[B, 1, S, S]``
-    and ``targets [B, C]`` (the ``labels`` of each name, stacked as they are; None without ``labels``) on ``device``, batch after batch of
-    ``batches`` (lists of image names), in order. ``wait_seconds`` is the time the consumer spent waiting for a
+    and ``targets [B, C]`` (the ``labels`` of each name, stacked as they are; None without ``labels``) on
+    ``device``, batch after batch of ``batches`` (lists of image names), in order. ``wait_seconds`` is the time the consumer spent waiting for a
     batch that was not ready yet (the part of the step time loading did not hide). An error while reading is
     raised in the consumer at the batch it concerns; leaving the loop early stops the thread."""
 
