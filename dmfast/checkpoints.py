@@ -12,17 +12,23 @@ TrainConfig as a dict, its paths a record only, ``format`` as detected), its ``s
 ``test`` image names, ``seed``, ``val_fraction``, ``folds``) and ``patients``: the patient IDs (str) of its training
 and validation images, None when the training data was not readable at export.
 
-Each is a dict saved atomically with a ``format`` tag and a format ``version``; reading checks both and names the
-file and the problem (missing, unreadable, another kind of file, written by a newer dmfast). Files of dmfast 0.1.0
-carry no tag and read as version 1.
+Each is a dict saved atomically with a ``format`` tag, a format ``version`` and a ``seal``: a digest of each
+setting the weights cannot show (architecture, CAM stride, image size, classes, the alignment network's input size)
+and of the weights' names and shapes. A dilated ResNet has the same weights at CAM stride 16 and 32, and a
+convolutional network the same at any size, so an edited stride or size would load and predict other maps; the seal
+tells. Reading checks the tag, the version, every field, the seal, and that every weight is finite (and every
+BatchNorm variance non-negative), and names the file and the problem (missing, unreadable, another kind of file,
+written by a newer dmfast, edited, diverged). Files of dmfast 0.1.0 carry no tag and read as version 1; files
+written before the seal are read without it.
 """
 
+import hashlib
 import pickle
 from pathlib import Path
 
 import torch
 
-from .config import ARCHS, CAM_STRIDES, MIN_CAM_CELLS, SIZE
+from .config import ARCHS, CAM_STRIDES, MIN_CAM_CELLS, SIZE, TrainConfig, defaults
 from .data.dataset import FINDINGS
 from .io import atomic_torch_save
 
@@ -36,8 +42,9 @@ KINDS = {CLASSIFIER: ("classifier checkpoint", ("model", "config")),
 
 
 def save(path, kind: str, payload: dict) -> Path:
-    """Write ``payload`` as a file of format ``kind`` (one of :data:`KINDS`), atomically."""
-    return atomic_torch_save(path, {"format": kind, "version": VERSION, **payload})
+    """Write ``payload`` as a file of format ``kind`` (one of :data:`KINDS`), sealed, atomically."""
+    payload = {k: v for k, v in payload.items() if k not in ("format", "version", "seal")}
+    return atomic_torch_save(path, {"format": kind, "version": VERSION, **payload, "seal": _seal(kind, payload)})
 
 
 def load(path, kind) -> dict:
@@ -75,20 +82,105 @@ def load(path, kind) -> dict:
     problem = _structure_problem(kind, payload)
     if problem:
         raise ValueError(f"{path}: not a usable {what}: {problem}")
-    masks = payload.get("masks")
-    if kind == MASKS and (not isinstance(masks, torch.Tensor) or masks.dim() != 3 or masks.shape[0] != len(FINDINGS)):
-        raise ValueError(f"{path}: not a dmfast masks file (expected a dict with 'masks' [{len(FINDINGS)}, h, w])")
-    if kind == MASKS and (masks.shape[1] != masks.shape[2] or masks.shape[1] < MIN_CAM_CELLS):
-        raise ValueError(f"{path}: masks of {masks.shape[1]} x {masks.shape[2]} per class; masks are square maps of "
-                         f"at least {MIN_CAM_CELLS} x {MIN_CAM_CELLS} over the canonical chest (dmfast masks writes "
-                         "them)")
-    if kind == MASKS and not torch.isfinite(masks).all():
-        raise ValueError(f"{path}: the masks contain NaN or infinite values")
-    if kind == MASKS and masks.numel() and not (masks.min() >= 0 and masks.max() <= 1):
-        raise ValueError(f"{path}: mask values must lie in [0, 1] (attention weights), found "
-                         f"{masks.min().item():g} to {masks.max().item():g}")
+    problem = _edited(kind, payload) or (_masks_problem(payload["masks"]) if kind == MASKS else None) or \
+        _weights_problem(kind, payload)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     payload.setdefault("format", kind)  # files of dmfast 0.1.0 carry no tag
     return payload
+
+
+def _masks_problem(masks, cells: int | None = None) -> str | None:
+    """What is wrong with disease masks (a masks file's, or those a classifier was trained with), or None. ``cells``:
+    the side of the CAM grid they attend to (masks coarser than it would blur the maps)."""
+    if not isinstance(masks, torch.Tensor) or masks.dim() != 3 or masks.shape[0] != len(FINDINGS):
+        return f"not a dmfast masks file (expected a dict with 'masks' [{len(FINDINGS)}, h, w])"
+    if masks.shape[1] != masks.shape[2] or masks.shape[1] < max(MIN_CAM_CELLS, cells or 0):
+        return (f"masks of {masks.shape[1]} x {masks.shape[2]} per class; masks are square maps of at least "
+                f"{max(MIN_CAM_CELLS, cells or 0)} x {max(MIN_CAM_CELLS, cells or 0)} over the canonical chest "
+                "(dmfast masks writes them)")
+    if not torch.isfinite(masks).all():
+        return "the masks contain NaN or infinite values"
+    if masks.numel() and not (masks.min() >= 0 and masks.max() <= 1):
+        return (f"mask values must lie in [0, 1] (attention weights), found {masks.min().item():g} to "
+                f"{masks.max().item():g}")
+    return None
+
+
+def _get(fields, key):
+    """``fields[key]``, or None where ``fields`` is not a dict (a damaged file, refused when read)."""
+    return fields.get(key) if isinstance(fields, dict) else None
+
+
+def _states(kind: str, payload: dict) -> dict:
+    """The state dicts of a file of format ``kind``, by the name its messages give them."""
+    if kind in (CLASSIFIER, ALIGNMENT):
+        states = {"model": payload.get("model")}
+    elif kind == MODEL:
+        states = {"classifier": _get(payload.get("classifier"), "state"),
+                  "aligner": _get(payload.get("aligner"), "state")}
+    else:
+        states = {}
+    return {name: state for name, state in states.items() if isinstance(state, dict)}
+
+
+def _sealed(kind: str, payload: dict) -> dict:
+    """The fields of a file of format ``kind`` its seal covers: what its weights cannot show, and their layout."""
+    fields = {f"{name} weights": sorted((k, tuple(getattr(v, "shape", ())), str(getattr(v, "dtype", type(v))))
+                                        for k, v in state.items())
+              for name, state in _states(kind, payload).items()}
+    if kind == CLASSIFIER:
+        fields.update({f"config {k}": _get(payload.get("config"), k) for k in ("arch", "size", "cam_stride")})
+    if kind == ALIGNMENT:
+        fields["net_config"] = payload.get("net_config")
+    if kind == MODEL:
+        fields.update({k: payload.get(k) for k in ("classes", "size", "normalisation")})
+        fields.update({f"classifier {k}": _get(payload.get("classifier"), k) for k in ("arch", "cam_stride")})
+        fields["aligner input_size"] = _get(payload.get("aligner"), "input_size")
+    return fields
+
+
+def _seal(kind: str, payload: dict) -> dict:
+    return {name: hashlib.sha256(repr(value).encode()).hexdigest()[:16]
+            for name, value in _sealed(kind, payload).items()}
+
+
+def _edited(kind: str, payload: dict) -> str | None:
+    """The sealed fields of ``payload`` changed since dmfast wrote it, as a message, or None (also for files
+    written before seals)."""
+    seal = payload.get("seal")
+    if seal is None:
+        return None
+    if not isinstance(seal, dict):
+        return "its seal is not a dict of digests (a damaged or edited file)"
+    changed = [name for name, digest in _seal(kind, payload).items() if seal.get(name) != digest]
+    if not changed:
+        return None
+    return (f"edited after dmfast wrote it: its {' and '.join(changed)} no longer match{'es' if len(changed) == 1 else ''}"
+            " its seal (a model's settings must match its weights: use the file as its run wrote it, or export it "
+            "again from the run)")
+
+
+def _weights_problem(kind: str, payload: dict) -> str | None:
+    """Weights that would predict NaN (a diverged run, or an edited file), or disease masks in a classifier's state
+    that do not fit its CAM grid, as a message; or None."""
+    for name, state in _states(kind, payload).items():
+        bad = _non_finite(state)
+        if bad:
+            return (f"its {name} weights hold NaN or infinite values ({', '.join(bad[:3])}): a diverged run (a lower "
+                    "--lr, or an earlier epoch's best.pt) or a damaged file")
+        negative = [k for k, v in state.items() if k.endswith("running_var") and v.numel() and v.min() < 0]
+        if negative:
+            return f"its {name} weights hold negative BatchNorm variances ({', '.join(negative[:3])}): a damaged file"
+    if kind in (CLASSIFIER, MODEL):
+        state, settings = (payload["classifier"]["state"], {**payload["classifier"], "size": payload["size"]}) \
+            if kind == MODEL else (payload["model"], payload["config"])
+        stride = settings.get("cam_stride", defaults(TrainConfig)["cam_stride"])  # of dmfast 0.1.0: the default
+        problem = None if state.get("masks") is None else \
+            _masks_problem(state["masks"], settings["size"] // stride if stride in CAM_STRIDES else None)
+        if problem:
+            return f"the disease masks it was trained with: {problem.replace('not a dmfast masks file', 'not masks')}"
+    return None
 
 
 def _numpy_array_globals() -> list:
@@ -153,7 +245,7 @@ def _structure_problem(kind: str, payload: dict) -> str | None:
     return None
 
 
-def non_finite(state: dict) -> list:
+def _non_finite(state: dict) -> list:
     """The names of the floating-point tensors of ``state`` holding NaN or infinite values (a diverged run)."""
     return [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
             and not torch.isfinite(v).all()]

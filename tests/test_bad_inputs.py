@@ -86,6 +86,7 @@ def world(tmp_path_factory):
                          ("classifier-none", {"classifier": None})):
         checkpoints.save(files / f"model-{name}.pt", checkpoints.MODEL,
                          {k: v for k, v in {**model, **change}.items() if k not in ("format", "version")})
+    _edited_model_files(files, model, state, checkpoints.load(root / "align" / "alignment.pt", checkpoints.ALIGNMENT))
     checkpoints.save(files / "runs-code.pt", checkpoints.CLASSIFIER, {**state, "note": _RunsCode(files / "ran")})
     checkpoints.save(files / "elsewhere.pt", checkpoints.CLASSIFIER,
                      {**state, "config": {**state["config"], "data": str(root / "moved-away")}})
@@ -93,6 +94,33 @@ def world(tmp_path_factory):
     kinds = {"checkpoint": checkpoint, "model": root / "run" / "model.pt", "masks": root / "masks" / "masks.pt",
              "alignment": root / "align" / "alignment.pt", "anchor": root / "align" / "anchor.pt"}
     return SimpleNamespace(root=root, data=data, cache=cache, files=files, kinds=kinds)
+
+
+def _edited_model_files(files: Path, model: dict, state: dict, alignment: dict) -> None:
+    """Trained-model files edited by hand after dmfast wrote them (``torch.save``: the seal left as it was), and
+    files whose weights or masks are damaged (written by dmfast, so sealed)."""
+    weights = model["classifier"]["state"]
+    variances = next(k for k in weights if k.endswith("running_var"))
+    edits = {"model-arch": {"classifier": {**model["classifier"], "arch": "resnet34"}},
+             "model-stride": {"classifier": {**model["classifier"], "cam_stride": 32}},
+             "model-size": {"size": 128},
+             "model-missing": {"classifier": {**model["classifier"], "state": {
+                 k: v for k, v in weights.items() if k != "fc.bias"}}}}
+    for name, change in edits.items():
+        torch.save({**model, **change}, files / f"{name}.pt")
+    torch.save({**state, "config": {**state["config"], "cam_stride": 32, "size": 128}},
+               files / "checkpoint-stride.pt")  # 8 x 8 CAMs: allowed, but not how its weights were trained
+    unsealed = {k: v for k, v in model.items() if k != "seal"}  # a file of a dmfast before seals
+    torch.save({**unsealed, "classifier": {**model["classifier"], "state": {
+        k: v for k, v in weights.items() if k != "fc.bias"}}}, files / "model-unsealed-missing.pt")
+    for name, value in (("nan-var", float("nan")), ("negative-var", -1.0)):
+        checkpoints.save(files / f"model-{name}.pt", checkpoints.MODEL, {**model, "classifier": {
+            **model["classifier"], "state": {**weights, variances: weights[variances] * 0 + value}}})
+    checkpoints.save(files / "model-masks-grid.pt", checkpoints.MODEL, {**model, "classifier": {
+        **model["classifier"], "state": {**weights, "masks": torch.rand(14, 64, 32)}}})
+    checkpoints.save(files / "alignment-nan.pt", checkpoints.ALIGNMENT, {
+        **alignment, "model": {k: v * float("nan") if v.is_floating_point() else v
+                               for k, v in alignment["model"].items()}})
 
 
 class _RunsCode:
@@ -177,6 +205,12 @@ def test_masks_refuse_cams_too_coarse(world, tmp_path):
 
 # --- files of the wrong kind: an error naming the file ---------------------------------------------------------------
 
+# each edited or damaged model file, and the words its error must hold
+EDITED_MODELS = {"model-arch": "classifier arch", "model-stride": "classifier cam_stride", "model-size": "its size",
+                 "model-missing": "classifier weights", "model-unsealed-missing": "fc.bias",
+                 "model-nan-var": "NaN or infinite", "model-negative-var": "negative BatchNorm variances",
+                 "model-masks-grid": "64 x 32"}
+EDITED = {**EDITED_MODELS, "checkpoint-stride": "config cam_stride", "alignment-nan": "NaN or infinite"}
 FILE_CASES = [("train", "--init", k) for k in ("empty", "garbage", "text", "list", "truncated", "masks", "alignment",
                                                 "mismatched", "weights", "nan", "runs-code")] + \
     [("train", "--aligned", k) for k in ("empty", "garbage", "checkpoint", "masks")] + \
@@ -190,7 +224,11 @@ FILE_CASES = [("train", "--init", k) for k in ("empty", "garbage", "text", "list
                                            "config-none", "no-size", "runs-code")] + \
     [("eval", "--masks", k) for k in ("garbage", "checkpoint")] + \
     [("predict", "MODEL", k) for k in ("empty", "garbage", "text", "masks", "model-size-0", "model-size-huge",
-                                       "model-size-text", "model-classifier-none", "runs-code")] + \
+                                       "model-size-text", "model-classifier-none", "runs-code", *EDITED_MODELS)] + \
+    [("eval", "--checkpoint", k) for k in (*EDITED_MODELS, "checkpoint-stride")] + \
+    [("export", "SOURCE", k) for k in (*EDITED_MODELS, "checkpoint-stride")] + \
+    [("train", "--init", k) for k in ("model-stride", "model-nan-var", "checkpoint-stride")] + \
+    [("train", "--aligned", "alignment-nan"), ("align", "--perceptual", "model-negative-var")] + \
     [("export", "SOURCE", k) for k in ("empty", "garbage", "masks", "settings", "weights", "config-none", "no-size",
                                        "runs-code")]
 
@@ -215,7 +253,8 @@ def test_files_of_the_wrong_kind_are_named(world, tmp_path, command, where, kind
         args = ["predict", path, world.data / "images", "--out", out]
     else:
         args = ["export", path, "--out", out / "model.pt"]
-    expect(args, str(path), *(["objects besides tensors"] if kind == "runs-code" else []))
+    expect(args, str(path), *(["objects besides tensors"] if kind == "runs-code" else []),
+           *([EDITED[kind]] if kind in EDITED else []))
     assert not (out / "checkpoint.pt").exists() and not (out / "model.pt").exists()
     assert not (world.files / "ran").exists()  # never unpickled with its code
 
