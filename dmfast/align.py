@@ -28,7 +28,7 @@ from .data.phantom import read_transforms
 from .data.splits import make_splits, summary
 from .inference import load_classifier, trained_file
 from .io import (LOSS_AND_RATE, PROGRESS_SECONDS, atomic_write_json, check_outputs, clear_outputs, progress, save_png,
-                 to_uint8)
+                 to_uint8, writing)
 from .models import AlignmentNet, autocast_dtype
 
 
@@ -116,6 +116,11 @@ def _recorded(config: AlignConfig) -> dict:
 def run(config: AlignConfig, console: Console | None = None) -> Path:
     """Train the alignment module; returns the checkpoint path. Writes the anchor, a grid of original (top) vs
     aligned (bottom) images with the anchor on the right, and alignment statistics."""
+    with writing(config.out, "dmfast align"):
+        return _run(config, console)
+
+
+def _run(config: AlignConfig, console: Console | None) -> Path:
     console = console or Console(stderr=True)
     torch.manual_seed(config.seed)
     out = Path(config.out)

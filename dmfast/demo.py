@@ -23,7 +23,7 @@ from .config import MIN_POOLED_CELLS, AlignConfig, DemoConfig, EvalConfig, Masks
 from .data.cache import prepare
 from .data.formats import open_dataset
 from .data.phantom import synthesize
-from .io import atomic_write_json, check_outputs, clear_outputs, print_table
+from .io import atomic_write_json, check_outputs, clear_outputs, print_table, writing
 
 
 def _stage(console: Console, times: dict, name: str, job):
@@ -42,6 +42,11 @@ OUTPUTS = ("phantom", "base", "align", "aligned", "masks-dm", "dm", "masks-pdm",
 def run(config: DemoConfig, console: Console | None = None) -> dict:
     """Run every stage; returns the evaluation report with the stage times under ``"stage_seconds"`` (also written
     to ``OUT/demo.json``)."""
+    with writing(config.out, "dmfast demo"):
+        return _run(config, console)
+
+
+def _run(config: DemoConfig, console: Console | None) -> dict:
     console = console or Console()
     out = Path(config.out)
     cache = out / f"cache-{config.size}"

@@ -46,7 +46,7 @@ from .detection import (DECIMALS, FROC_RATES, METRIC_NAMES, METRICS, Boxes, Task
 from .figures import BLACK, RED, draw, grid, heat_overlay
 from .inference import Classifier, scored_boxes
 from .io import (atomic_write_bytes, atomic_write_json, atomic_write_csv, check_outputs, clear_outputs, finite,
-                 print_table, progress, save_png)
+                 print_table, progress, save_png, writing)
 from .metrics import (class_preserving_bootstrap, interval, localization, predictions_from_padded, roc_auc,
                       weighted_mean_accuracy, weighted_mean_auroc)
 
@@ -562,6 +562,11 @@ OUTPUTS = ("eval.json", "eval.md", "predictions.csv", "boxes.csv", "coco", "over
 
 def run(config: EvalConfig, console: Console | None = None) -> dict:
     """Evaluate every checkpoint; print the tables, write ``eval.json``, ``eval.md`` and overlay figures."""
+    with writing(config.out, "dmfast eval"):
+        return _run(config, console)
+
+
+def _run(config: EvalConfig, console: Console | None) -> dict:
     console = console or Console(stderr=True)
     if not config.checkpoints:
         raise ValueError("dmfast eval needs at least one --checkpoint")

@@ -19,7 +19,7 @@ from .data.dataset import FINDINGS, DataError
 from .data.formats import open_dataset
 from .data.images import NORMALISATION, Square, load_gray, to_model_input, to_square
 from .data.splits import Splits
-from .io import check_outputs
+from .io import check_outputs, writing
 from .models import AlignmentNet, CAMClassifier, autocast_dtype, compiled, resolve_precision
 
 
@@ -72,10 +72,6 @@ def load_classifier(path, device="cpu") -> tuple:
         config = from_dict(TrainConfig, settings)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: its settings cannot be used ({error})") from None
-    diverged = checkpoints.non_finite(state)
-    if diverged:
-        raise ValueError(f"{path}: its weights hold NaN or infinite values ({', '.join(diverged[:3])}): the run "
-                         "diverged (a lower --lr, or an earlier epoch's best.pt)")
     model = CAMClassifier(config.arch, len(FINDINGS), cam_stride=config.cam_stride)
     with weights_of(path, config.arch):
         model.set_masks(state.get("masks"))
@@ -388,7 +384,12 @@ def export_model(source, out, half: bool = False, overwrite: bool = False, datas
         again = source.parent / "checkpoint.pt"
         raise ValueError(f"--out {out}: that is SOURCE itself ({source}); give another path" +
                          (f", or SOURCE {again} to write it again from the run's checkpoint" if again.is_file() else ""))
-    check_outputs(out.parent, [out.name], "dmfast export", overwrite)
+    with writing(out.parent, "dmfast export"):
+        check_outputs(out.parent, [out.name], "dmfast export", overwrite)
+        return _export(source, out, half, dataset, warn)
+
+
+def _export(source: Path, out: Path, half: bool, dataset, warn) -> Path:
     classifier = Classifier(source, "cpu", "fp32")  # the weights as stored (no channels_last)
     config = classifier.config
     cast = (lambda state: {k: v.half() if v.is_floating_point() else v for k, v in state.items()}) if half else dict

@@ -9,6 +9,7 @@ import math
 import os
 import struct
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
@@ -28,19 +29,27 @@ _ARRIVALS: dict = {}
 
 
 def kill_point(site: str) -> None:
-    """Fault injection for the kill-and-resume tests: with ``DMFAST_KILL_AT=SITE:N`` in the environment, the
-    process kills itself (SIGKILL, as ``kill -9``) at its Nth arrival at ``site``. Sites: ``rename:NAME`` (a write
-    of file NAME, before its rename) and ``prepare-chunk`` (a chunk of images written, not yet marked done)."""
-    wanted = os.environ.get("DMFAST_KILL_AT")
-    if not wanted:
-        return
-    name, _, count = wanted.rpartition(":")
-    if name == site:
-        _ARRIVALS[site] = _ARRIVALS.get(site, 0) + 1
-        if str(_ARRIVALS[site]) == count:
+    """Fault injection for the kill-and-resume and concurrency tests: with ``DMFAST_KILL_AT=SITE:N`` in the
+    environment, the process kills itself (SIGKILL, as ``kill -9``) at its Nth arrival at ``site``; with
+    ``DMFAST_PAUSE_AT=SITE:N`` and ``DMFAST_PAUSE_FILE=PATH`` it creates PATH there and waits (up to 10 minutes)
+    until PATH is removed. Sites: ``rename:NAME`` (a write of file NAME, before its rename) and ``prepare-chunk``
+    (a chunk of images written, not yet marked done)."""
+    for variable in ("DMFAST_KILL_AT", "DMFAST_PAUSE_AT"):
+        name, _, count = os.environ.get(variable, "").rpartition(":")
+        if name != site:
+            continue
+        _ARRIVALS[variable, site] = _ARRIVALS.get((variable, site), 0) + 1
+        if str(_ARRIVALS[variable, site]) != count:
+            continue
+        if variable == "DMFAST_KILL_AT":
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
+        signal_file = Path(os.environ["DMFAST_PAUSE_FILE"])
+        signal_file.touch()
+        deadline = time.monotonic() + 600
+        while signal_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a write's errors that name its path
@@ -110,21 +119,102 @@ def remove_stale_temporaries(path) -> list:
     return removed
 
 
-def check_outputs(folder, names, what: str, overwrite: bool = False, resume: bool | None = None) -> list:
-    """Check, before any work, that ``folder`` can take a stage's outputs ``names``: a folder (or creatable as one)
-    that can be written, holding none of them unless ``overwrite`` (or ``resume``, for a stage that can continue
-    its run: True continues it). Returns the outputs found (for :func:`clear_outputs`); never writes. ``what``
-    names the stage in messages."""
-    folder = Path(folder)
-    if overwrite and resume:
-        raise ValueError("--resume continues a run and --overwrite replaces it: give one of them")
-    existing = folder
+WRITER_LOCK = ".dmfast-writer.lock"  # in a folder being written: who writes it (pid, stage, since when)
+_HELD: dict = {}  # folders this process holds (resolved path -> depth): a stage nested in another reuses its hold
+
+
+def _writable(folder: Path) -> list:
+    """Check that ``folder`` is a folder that can be written, or can be created as one; returns the folders that
+    creating it would make, outermost first."""
+    existing, missing = folder, []
     while not existing.exists() and existing != existing.parent:
+        missing.insert(0, existing)
         existing = existing.parent
     if not existing.is_dir():
         raise ValueError(f"output folder {folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"output folder {folder}: {existing} is not writable")
+    return missing
+
+
+@contextlib.contextmanager
+def writing(folder, what: str):
+    """Hold ``folder`` as its one writer for the block: an exclusive ``flock`` on its :data:`WRITER_LOCK` file
+    (created with the folder if need be). A second writer, in this or any process, is refused at once with an error
+    naming the process that holds it and since when; the lock of a process that died went with it (the kernel
+    releases it), so its file is taken over. On leaving, the lock file goes, and the folders the block created are
+    removed when they stayed empty (a stage refused before writing leaves nothing). ``what`` names the stage."""
+    import fcntl
+
+    folder = Path(folder)
+    key = os.path.realpath(folder)
+    if key in _HELD:  # a stage run by another stage on the same folder (train writing its model file)
+        _HELD[key] += 1
+        try:
+            yield folder
+        finally:
+            _HELD[key] -= 1
+        return
+    created = _writable(folder)
+    with naming(folder, "create"):
+        folder.mkdir(parents=True, exist_ok=True)
+    path = folder / WRITER_LOCK
+    while True:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(handle, 4096).decode(errors="replace")
+            os.close(handle)
+            _remove_empty(created)
+            raise ValueError(f"{folder} is being written by {_holder(holder)}; wait for it to end, or choose another "
+                             "folder") from None
+        try:
+            if os.path.samestat(os.fstat(handle), os.stat(path)):
+                break
+        except FileNotFoundError:  # its last holder removed it between our open and our lock: take the new one
+            pass
+        os.close(handle)
+    os.ftruncate(handle, 0)
+    os.write(handle, json.dumps({"pid": os.getpid(), "what": what,
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+    _HELD[key] = 1
+    try:
+        yield folder
+    finally:
+        del _HELD[key]
+        path.unlink(missing_ok=True)
+        os.close(handle)  # releases the lock
+        _remove_empty(created)
+
+
+def _holder(record: str) -> str:
+    """Who holds a writer lock, from its file's record."""
+    try:
+        holder = json.loads(record)
+        return f"process {holder['pid']} ({holder['what']}, since {holder['since']})"
+    except (ValueError, KeyError, TypeError):  # written this instant: the record is not there yet
+        return "another process"
+
+
+def _remove_empty(folders: list) -> None:
+    for created in reversed(folders):
+        try:
+            created.rmdir()
+        except OSError:  # not empty: something was written there
+            return
+
+
+def check_outputs(folder, names, what: str, overwrite: bool = False, resume: bool | None = None) -> list:
+    """Check, before any work, that ``folder`` can take a stage's outputs ``names``: a folder (or creatable as one)
+    that can be written, holding none of them unless ``overwrite`` (or ``resume``, for a stage that can continue
+    its run: True continues it). Returns the outputs found (for :func:`clear_outputs`); never writes. ``what``
+    names the stage in messages. Run it inside :func:`writing`, so that no other writer comes between the check and
+    the writes."""
+    folder = Path(folder)
+    if overwrite and resume:
+        raise ValueError("--resume continues a run and --overwrite replaces it: give one of them")
+    _writable(folder)
     found = [name for name in names if (folder / name).exists()] if folder.is_dir() else []
     if found and not (overwrite or resume):
         shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")

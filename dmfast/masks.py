@@ -32,7 +32,7 @@ from .data.formats import open_data
 from .data.splits import make_splits
 from .figures import masks_figure
 from .inference import Classifier
-from .io import atomic_write_json, check_outputs, clear_outputs, print_table, progress, save_png
+from .io import atomic_write_json, check_outputs, clear_outputs, print_table, progress, save_png, writing
 
 
 def _normalized(maps: torch.Tensor) -> torch.Tensor:
@@ -121,6 +121,11 @@ OUTPUTS = ("masks.pt", "masks.png", "masks.json")
 
 def run(config: MasksConfig, console: Console | None = None) -> Path:
     """Make the masks; writes ``masks.pt``, ``masks.png`` and ``masks.json`` to ``config.out``; returns masks.pt."""
+    with writing(config.out, "dmfast masks"):
+        return _run(config, console)
+
+
+def _run(config: MasksConfig, console: Console | None) -> Path:
     console = console or Console(stderr=True)
     out = Path(config.out)
     if config.checkpoint is None and not config.pseudo:

@@ -37,7 +37,7 @@ from .detection import DECIMALS, SUBMISSION_HEADERS, SUBMISSION_ROWS, coco_predi
 from .figures import finding_panels
 from .inference import ImagePrediction, load_model
 from .io import (atomic_npz, atomic_write_bytes, atomic_write_csv, atomic_write_json_streamed, check_outputs,
-                 clear_outputs, csv_text, json_text, naming, print_table, progress, save_png)
+                 clear_outputs, csv_text, json_text, naming, print_table, progress, save_png, writing)
 
 OVERLAY_SIDE = (320, 768)  # an overlay panel's longest side: small images are enlarged, large ones reduced
 
@@ -142,6 +142,11 @@ def detection_files(out: Path, records, config: PredictConfig) -> None:
 
 def run(config: PredictConfig, console: Console | None = None) -> dict:
     """Predict every X-ray of ``config.inputs``; write the outputs (see the module) and return the report."""
+    with writing(config.out, "dmfast predict"):
+        return _run(config, console)
+
+
+def _run(config: PredictConfig, console: Console | None) -> dict:
     console = console or Console(stderr=True)
     levels, floor = box_levels(config.box_thresholds, config.max_boxes), min_probability(config.min_probability)
     out = Path(config.out)

@@ -34,7 +34,7 @@ from .data.splits import Splits, make_splits, summary
 from .figures import training_figure
 from .inference import export_model, load_aligner, load_classifier, trained_file, weights_of
 from .io import (LOSS_AND_RATE, PROGRESS_SECONDS, atomic_write_bytes, check_outputs, clear_outputs, json_text, progress,
-                 save_png)
+                 save_png, writing)
 from .metrics import roc_auc
 from .models import CAMClassifier, autocast_dtype, compiled
 
@@ -230,7 +230,14 @@ def _resumed_config(config: TrainConfig, saved: dict, path: Path, done: int, giv
 def run(config: TrainConfig, resume: bool = False, console: Console | None = None, given=None) -> Path:
     """Train (or resume) and return the path of the last checkpoint; the run's portable model file is written
     beside it as ``model.pt``. ``given``: the settings named on the command line (for ``resume``, see
-    :func:`_resumed_config`)."""
+    :func:`_resumed_config`). The run folder has one writer (rank 0 of a distributed run)."""
+    if _distributed()[0] != 0:
+        return _run(config, resume, console, given)
+    with writing(config.out, "dmfast train"):
+        return _run(config, resume, console, given)
+
+
+def _run(config: TrainConfig, resume: bool, console: Console | None, given) -> Path:
     rank, world = _distributed()
     console = console or Console(stderr=True, quiet=rank != 0)
     device = _device()

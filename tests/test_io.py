@@ -66,3 +66,34 @@ def test_a_write_on_a_full_or_read_only_disk_names_its_path(tmp_path, monkeypatc
         dio.atomic_write_bytes(tmp_path / "eval.json", b"{}")
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "eval.json")
     assert not list(tmp_path.iterdir())  # its temporary removed
+
+
+def test_a_folder_has_one_writer_and_a_dead_writers_lock_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "a" / "b"
+    with dio.writing(out, "dmfast eval"):
+        record = json.loads((out / dio.WRITER_LOCK).read_text())
+        assert record["pid"] == os.getpid() and record["what"] == "dmfast eval"
+        with dio.writing(out, "dmfast export"):  # a stage inside another on the same folder: the same hold
+            (out / "model.pt").write_bytes(b"x")
+        holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom dmfast import io\n"
+                                   f"with io.writing({str(tmp_path / 'c')!r}, 'dmfast train'):\n"
+                                   "    print('held', flush=True); sys.stdin.read()"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=rf"c is being written by process {holder.pid} \(dmfast train, since "):
+            with dio.writing(tmp_path / "c", "dmfast eval"):
+                pass
+        holder.communicate("")
+    assert not (out / dio.WRITER_LOCK).exists() and (out / "model.pt").is_file()
+    assert not (tmp_path / "c").exists()  # made for the lock and left empty: removed
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / dio.WRITER_LOCK).write_text('{"pid": 999999, "what": "dmfast train", "since": "then"}')
+    with dio.writing(tmp_path / "c", "dmfast eval"):  # the record of a writer that died: nobody holds its lock
+        pass
+    with pytest.raises(RuntimeError):
+        with dio.writing(tmp_path / "d" / "e", "dmfast eval"):
+            raise RuntimeError("refused before writing")
+    assert not (tmp_path / "d").exists()  # the folders made for the lock went, as they stayed empty

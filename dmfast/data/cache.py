@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 
 from ..config import SIZE, Range
-from ..io import atomic_write_json, check_outputs, kill_point, progress
+from ..io import atomic_write_json, check_outputs, kill_point, progress, writing
 from .dataset import DataError, Problems
 from .formats import open_dataset
 from .images import ImageError, load_gray, to_square
@@ -180,8 +180,14 @@ def prepare(data_dir, cache_dir=None, size: int = 512, workers: int | None = Non
     image_folders = {p.resolve() for p in {path.parent for path in dataset.paths.values()}}
     if folder.resolve() in image_folders | {Path(data_dir).resolve()}:
         raise DataError(f"--cache {folder}: the data folder or its images folder; give a folder of its own")
-    check_outputs(folder, (), "image cache")
-    folder.mkdir(parents=True, exist_ok=True)
+    with writing(folder, "dmfast prepare"):
+        check_outputs(folder, (), "image cache")
+        return _build(folder, dataset, data_dir, size, workers, skip_problems, console, limit_chunks)
+
+
+def _build(folder: Path, dataset, data_dir, size: int, workers: int | None, skip_problems: bool, console,
+           limit_chunks: int | None) -> Path:
+    """Build, resume or refresh the cache ``folder`` of ``dataset`` (see :func:`prepare`), holding it."""
     names = dataset.images
     sources = [_source_stamp(dataset.paths[n]) for n in names]
     root = Path(data_dir).resolve()

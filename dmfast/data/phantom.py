@@ -29,7 +29,7 @@ from rich.console import Console
 from .. import ops
 from ..anatomy import HEART, LUNGS
 from ..config import FRACTION, SIZE, Range
-from ..io import atomic_write_bytes, check_outputs, clear_outputs, progress, torch_threads
+from ..io import atomic_write_bytes, check_outputs, clear_outputs, progress, torch_threads, writing
 from .chestxray14 import PHANTOM_TRANSFORMS
 from .dataset import FINDINGS, RELEASE_SIZE
 
@@ -280,11 +280,17 @@ def synthesize(out_dir, count: int = 2000, size: int = 256, seed: int = 0, no_fi
     """Write a phantom dataset of ``count`` images of ``size`` px to ``out_dir``; returns the folder."""
     given = {"count": count, "size": size, "seed": seed, "no_finding": no_finding, "test_fraction": test_fraction}
     count, size, seed, no_finding, test_fraction = (RANGES[k].check(v, k) for k, v in given.items())
-    from PIL import Image
-
     console = console or Console(stderr=True)
     out = Path(out_dir)
-    clear_outputs(out, check_outputs(out, OUTPUTS, "dmfast synth", overwrite))
+    with writing(out, "dmfast synth"):
+        clear_outputs(out, check_outputs(out, OUTPUTS, "dmfast synth", overwrite))
+        return _write_phantom(out, count, size, seed, no_finding, test_fraction, console)
+
+
+def _write_phantom(out: Path, count: int, size: int, seed: int, no_finding: float, test_fraction: float,
+                   console) -> Path:
+    from PIL import Image
+
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     entries, box_rows, transforms, names_by_patient = [], [], [], {}
