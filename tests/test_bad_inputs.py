@@ -353,7 +353,15 @@ DATA_CASES = {
     "test list a folder": (lambda d: ((d / "test_list.txt").unlink(), (d / "test_list.txt").mkdir()), "train",
                            ["test_list.txt: cannot be read"]),
     "cache in the data folder": (lambda d: None, "prepare-into-data", ["its images folder"]),
+    "1 x 1 PNG": (lambda d: _tiny_png(d / "images" / _first_image(d)), "prepare",
+                  ["could not be decoded", "1 x 1 pixels, too small to be an X-ray"]),
 }
+
+
+def _tiny_png(path: Path) -> None:
+    from PIL import Image
+
+    Image.new("L", (1, 1), 200).save(path, format="PNG")
 
 
 @pytest.mark.parametrize("case", DATA_CASES, ids=list(DATA_CASES))
@@ -421,6 +429,21 @@ def test_a_folder_given_as_data_or_a_file_as_folder(world, tmp_path):
     (tmp_path / "blank").write_text("\n")
     expect(["eval", world.data, "--checkpoint", f"m={world.kinds['checkpoint']}", "--out", tmp_path / "o",
             "--images", tmp_path / "blank", "--cache", world.cache], "no image names")
+
+
+def test_predict_lists_images_too_small_to_be_xrays(world, tmp_path):
+    from dmfast.testing import write_dicom
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    shutil.copy(world.data / "images" / _first_image(world.data), inputs / "chest.png")
+    _tiny_png(inputs / "dot.png")
+    write_dicom(inputs / "dot.dcm", torch.full((1, 1), 300, dtype=torch.int16).numpy().astype("uint16"))
+    expect(["predict", world.kinds["model"], inputs, "--out", tmp_path / "out"], "2 files left out",
+                    code=0)
+    problems = (tmp_path / "out" / "problems.csv").read_text()
+    assert problems.count("1 x 1 pixels, too small to be an X-ray (a side of at least 32 px)") == 2, problems
+    assert "dot.png" in problems and "dot.dcm" in problems
 
 
 # --- runs are never overwritten or appended to ----------------------------------------------------------------------

@@ -94,7 +94,7 @@ def test_reader_reports_missing_files_unknown_labels_and_bad_rows(tmp_path):
 
 def test_images_in_release_subfolders_and_odd_formats(tmp_path):
     rgba = Image.fromarray(np.dstack([np.full((32, 32), v, np.uint8) for v in (200, 100, 50, 255)]), "RGBA")
-    sixteen = Image.fromarray(np.full((40, 24), 65535 // 2, np.uint16))
+    sixteen = Image.fromarray(np.full((40, 32), 65535 // 2, np.uint16))
     names = ["00000001_000.png", "00000002_000.png", "00000003_000.png"]
     write_release(tmp_path, [entry(n, patient=i) for i, n in enumerate(names)],
                   images={names[0]: rgba, names[1]: sixteen, names[2]: None})
@@ -108,6 +108,43 @@ def test_images_in_release_subfolders_and_odd_formats(tmp_path):
     assert abs(int(gray[0, 0]) - round(0.299 * 200 + 0.587 * 100 + 0.114 * 50)) <= 1
     half = load_gray(dataset.paths[names[1]], size=20)
     assert half.shape == (20, 20) and abs(int(half[5, 5]) - 127) <= 1
+
+
+def _sixteen_bit_png(path, values: np.ndarray, sbit: int | None = None) -> Path:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if sbit is not None:
+        info.add(b"sBIT", bytes([sbit]))
+    Image.fromarray(values.astype(np.uint16)).save(path, pnginfo=info)
+    return path
+
+
+def test_sixteen_bit_pngs_use_their_significant_bits(tmp_path):
+    ramp = np.round(np.linspace(0, 4080, 64 * 48)).reshape(48, 64)  # a 12-bit detector's values, stored as they are
+    twelve = load_gray(_sixteen_bit_png(tmp_path / "twelve.png", ramp))
+    np.testing.assert_array_equal(twelve, np.round(np.round(ramp) * 255 / 4095).astype(np.uint8))
+    assert twelve.max() == 254  # was 16 when scaled by the 16-bit container (4080 / 257)
+    ten = load_gray(_sixteen_bit_png(tmp_path / "ten.png", ramp // 8, sbit=10))  # 0-510 of 10 bits: sBIT says
+    np.testing.assert_array_equal(ten, np.round((np.round(ramp) // 8) * 255 / 1023).astype(np.uint8))
+    shifted = np.round(ramp) * 16  # scaled to 16 bits as the PNG standard asks, sBIT 12 recording the source
+    full = load_gray(_sixteen_bit_png(tmp_path / "shifted.png", shifted, sbit=12))
+    np.testing.assert_array_equal(full, np.round(shifted * 255 / 65535).astype(np.uint8))
+    dim = load_gray(_sixteen_bit_png(tmp_path / "dim.png", np.full((32, 32), 200)))  # fits 8 bits: as 8-bit
+    assert (dim == 200).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (31, 400), (400, 16)])
+def test_images_too_small_to_be_xrays_are_errors(tmp_path, shape):
+    from dmfast.testing import write_dicom
+
+    png = tmp_path / "small.png"
+    Image.fromarray(np.full(shape, 128, np.uint8)).save(png)
+    dicom = write_dicom(tmp_path / "small.dcm", np.full(shape, 300, np.uint16))
+    for path in (png, dicom):
+        with pytest.raises(ImageError, match=rf"{path.name}: {shape[1]} x {shape[0]} pixels, too small to be an "
+                                             "X-ray \\(a side of at least 32 px\\)"):
+            load_gray(path, size=64)
 
 
 def test_truncated_png_is_an_error_that_names_the_file(tmp_path):

@@ -13,18 +13,23 @@ from .dicom import DICOM_SUFFIXES, DicomError, has_dicom_marker, is_dicom, read_
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *DICOM_SUFFIXES)
 
 
+MIN_SIDE = 32  # pixels of an X-ray's shorter side, at the least: smaller files are icons or thumbnails, not X-rays
+WORD_DEPTHS = (8, 10, 12, 14, 16)  # the bit depths X-ray detectors store in 16-bit words
+
+
 class ImageError(RuntimeError):
-    """An image file that cannot be decoded (missing, truncated, not an image)."""
+    """An image file that cannot be decoded (missing, truncated, not an image, too small to be an X-ray)."""
 
 
 def load_gray(path, size: int | None = None) -> np.ndarray:
     """Decode ``path`` to a uint8 ``[H, W]`` array (``[size, size]`` when ``size`` is given, Lanczos-resized).
 
     PNG and JPEG only (other formats are refused: PIL would open many, some through external programs). 16-bit
-    images are scaled by their full range (65535 -> 255); colour images are converted with ITU-R 601 luma;
-    transparency is dropped; JPEGs are turned upright by their EXIF orientation; DICOM goes through its display
-    transforms (:func:`dmfast.data.dicom.read_dicom`). Raises :class:`ImageError` naming the file when it cannot be
-    read completely.
+    images are scaled by the range of their significant bits (:func:`significant_bits`: 12-bit data stored as
+    0-4095 fills 0-255 as 16-bit data does); colour images are converted with ITU-R 601 luma; transparency is
+    dropped; JPEGs are turned upright by their EXIF orientation; DICOM goes through its display transforms
+    (:func:`dmfast.data.dicom.read_dicom`). Raises :class:`ImageError` naming the file when it cannot be read
+    completely, or when its shorter side is below :data:`MIN_SIDE` pixels.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -34,7 +39,7 @@ def load_gray(path, size: int | None = None) -> np.ndarray:
             gray = Image.fromarray(read_dicom(path))
         except DicomError as error:
             raise ImageError(str(error)) from error
-        return _resized(gray, size)
+        return _resized(gray, size, path)
     try:
         with Image.open(path, formats=["PNG", "JPEG"]) as image:  # multi-picture JPEGs come out as MPO
             image.load()
@@ -42,7 +47,8 @@ def load_gray(path, size: int | None = None) -> np.ndarray:
                 image = ImageOps.exif_transpose(image)
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 array = np.asarray(image, dtype=np.float64)
-                gray = Image.fromarray(np.clip(np.round(array / 257.0), 0, 255).astype(np.uint8))
+                top = 2 ** significant_bits(array, _png_sbit(path) if image.format == "PNG" else None) - 1
+                gray = Image.fromarray(np.clip(np.round(array * (255 / top)), 0, 255).astype(np.uint8))
             elif image.mode == "L":
                 gray = image.copy()
             else:
@@ -55,12 +61,45 @@ def load_gray(path, size: int | None = None) -> np.ndarray:
         raise ImageError(f"{path}: too large to decode safely ({error})") from None
     except Exception as error:  # truncated or damaged files raise many kinds
         raise ImageError(f"{path}: cannot decode ({type(error).__name__}: {error})") from None
-    return _resized(gray, size)
+    return _resized(gray, size, path)
 
 
-def _resized(gray, size: int | None) -> np.ndarray:
+def significant_bits(array: np.ndarray, recorded: int | None = None) -> int:
+    """The bits of a 16-bit image's values that carry its data: ``recorded`` (a PNG's sBIT chunk) when the values
+    fit in it (data stored as is; a file scaled to the full 16 bits as the PNG standard asks keeps 16), else the
+    smallest of :data:`WORD_DEPTHS` that holds the largest value (a 12-bit detector's 0-4095 in a 16-bit file: 12)."""
+    largest = int(array.max()) if array.size else 0
+    if recorded is not None and 1 <= recorded < 16 and largest < 2 ** recorded:
+        return recorded
+    return next((bits for bits in WORD_DEPTHS if largest < 2 ** bits), 16)
+
+
+def _png_sbit(path) -> int | None:
+    """The significant bits a grayscale PNG's sBIT chunk records, or None (no chunk, or not readable)."""
+    import struct
+
+    with open(path, "rb") as f:
+        f.read(8)
+        for _ in range(256):  # chunks before the pixels
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"IDAT":
+                return None
+            if kind == b"sBIT":
+                data = f.read(length)
+                return data[0] if data else None
+            f.seek(length + 4, 1)
+    return None
+
+
+def _resized(gray, size: int | None, path) -> np.ndarray:
     from PIL import Image
 
+    if min(gray.size) < MIN_SIDE:
+        raise ImageError(f"{path}: {gray.size[0]} x {gray.size[1]} pixels, too small to be an X-ray (a side of at "
+                         f"least {MIN_SIDE} px)")
     if size is not None and gray.size != (size, size):
         gray = gray.resize((size, size), Image.Resampling.LANCZOS)
     return np.asarray(gray, dtype=np.uint8)
