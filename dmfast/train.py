@@ -190,6 +190,15 @@ def _resume_state(out: Path) -> dict:
         raise ValueError(f"--resume: {out} holds model.pt but no checkpoint.pt: a model file holds the weights only, "
                          "not the optimiser, scheduler and random states a resumed run needs; start a new run from "
                          f"its weights with --init {out / 'model.pt'}")
+    if not out.is_dir():
+        raise ValueError(f"--resume: {out}: no such run folder")
+    if not last.is_file():
+        best = out / "best.pt"
+        raise ValueError(f"--resume: {out} holds no checkpoint.pt: " + (
+            "its run stopped while writing its first checkpoint (best.pt is there, without the optimiser and random "
+            f"states a resumed run needs); start it again with --overwrite, or from those weights with --init {best}"
+            if best.is_file() else "the run finished no epoch (or this is not a run folder); start it with "
+            "--overwrite"))
     state = checkpoints.load(last, (checkpoints.CLASSIFIER, checkpoints.MODEL))
     if state["format"] == checkpoints.MODEL or any(k not in state for k in ("optimizer", "scheduler", "rng")):
         what = "a model file" if state["format"] == checkpoints.MODEL else "a checkpoint without them (a best.pt?)"

@@ -456,7 +456,8 @@ def test_runs_are_never_overwritten_without_asking(world, tmp_path):
     expect([*train, "--resume", "--overwrite"], "give one of them")
     expect([*train, "--resume", "--arch", "resnet34"], "arch", "resnet18")
     assert ((run / "checkpoint.pt").read_bytes(), (run / "metrics.jsonl").read_text()) == before
-    expect(["train", world.data, "--out", tmp_path / "none", "--cache", world.cache, "--resume"], "not found")
+    expect(["train", world.data, "--out", tmp_path / "none", "--cache", world.cache, "--resume"],
+           f"--resume: {tmp_path / 'none'}: no such run folder")
     expect(["align", world.data, "--out", world.root / "align", "--cache", world.cache, "--size", "64", "--pool", "8"],
            "already holds", "alignment.pt")
     expect(["masks", world.data, "--out", world.root / "masks", "--pseudo", "--cache", world.cache], "already holds")

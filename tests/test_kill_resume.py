@@ -77,3 +77,14 @@ def test_train_resumes_after_kills_bit_identical(phantom, tmp_path):
     assert [(m["epoch"], m["loss"], m["mean_auroc"]) for m in lines[0]] == \
         [(m["epoch"], m["loss"], m["mean_auroc"]) for m in lines[1]]
     assert (run / "model.pt").is_file() and not temporaries(run)
+
+
+def test_a_kill_before_the_first_checkpoint_is_named_when_resumed(phantom, tmp_path):
+    data, cache = phantom
+    run = tmp_path / "run"
+    assert killed(dmfast("train", data, "--out", run, "--cache", cache, *TRAIN, kill_at="rename:checkpoint.pt:1"))
+    assert (run / "best.pt").is_file() and not (run / "checkpoint.pt").exists()
+    result = dmfast("train", data, "--out", run, "--cache", cache, *TRAIN, "--resume")
+    assert result.returncode == 1
+    assert f"--resume: {run} holds no checkpoint.pt: its run stopped while writing its first checkpoint" in \
+        result.stderr and f"--init {run / 'best.pt'}" in result.stderr, result.stderr
