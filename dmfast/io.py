@@ -179,6 +179,8 @@ def writing(folder, what: str):
     os.write(handle, json.dumps({"pid": os.getpid(), "what": what,
                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
     _HELD[key] = 1
+    for tmp in folder.glob(".*.tmp"):  # of writes killed part-way: the lock says no writer is left to finish them
+        remove_stale_temporaries(folder / tmp.name[1:].rsplit(".", 2)[0])
     try:
         yield folder
     finally:

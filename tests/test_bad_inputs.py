@@ -536,6 +536,14 @@ def test_overwrite_replaces_and_removes_stale_temporaries(world, tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+def test_predict_removes_temporaries_of_a_killed_predict_whatever_it_writes(world, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".cams.npz.999999.tmp").write_bytes(b"x" * 1000)  # a predict --cams killed at its rename
+    expect(["predict", world.kinds["model"], world.data / "images" / _first_image(world.data), "--out", out], code=0)
+    assert not (out / ".cams.npz.999999.tmp").exists()
+
+
 def test_eval_refuses_training_images_unless_allowed(world, tmp_path):
     args = ["eval", world.data, "--checkpoint", f"m={world.kinds['checkpoint']}", "--out", tmp_path / "e", "--cache",
             world.cache, "--split", "all", "--bootstrap", "0", "--overlays", "0"]
