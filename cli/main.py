@@ -6,6 +6,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import click
@@ -115,6 +116,17 @@ def _save_traceback(error: BaseException) -> str:
         return f"(not saved: the temporary folder is not writable)\n{text}"
 
 
+def _note(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library's warning as one line of dmfast's: the file being decoded when there is one, and the library."""
+    from dmfast.data.images import decoding_file
+
+    parts = Path(filename).parts
+    library = parts[parts.index("site-packages") + 1] if "site-packages" in parts[:-1] else None
+    where = decoding_file()
+    text = " ".join(str(message).split())[:300]
+    click.echo(f"note: {f'{where}: ' if where else ''}{text}{f' ({library})' if library else ''}", err=True)
+
+
 class Group(click.Group):
     """The command group: no Python traceback reaches the user. An error about the input (data, files, settings)
     prints ``error: ...`` and exits 1; anything else (a bug) prints a short message and the path of a saved
@@ -122,7 +134,10 @@ class Group(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.simplefilter("default")
+                warnings.showwarning = _note
+                return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
         except KeyboardInterrupt:

@@ -151,6 +151,11 @@ def _run(config: PredictConfig, console: Console | None) -> dict:
     levels, floor = box_levels(config.box_thresholds, config.max_boxes), min_probability(config.min_probability)
     out = Path(config.out)
     earlier = check_outputs(out, OUTPUTS, "dmfast predict", config.overwrite)
+    inside = next((p for p in map(Path, config.inputs) if p.is_dir() and Path(os.path.realpath(p)).is_relative_to(
+        os.path.realpath(out))), None)
+    if inside is not None:  # the search leaves --out out (never reading its own overlays back as X-rays)
+        raise ValueError(f"--out {out}: the input folder {inside} is --out or inside it, and the search for X-rays "
+                         "leaves --out out; give --out a folder of its own")
     files, roots, problems = _release_files(config.inputs, config.format) if config.format else \
         list_xrays(config.inputs, exclude=[out])
     if not files:

@@ -544,6 +544,26 @@ def test_predict_removes_temporaries_of_a_killed_predict_whatever_it_writes(worl
     assert not (out / ".cams.npz.999999.tmp").exists()
 
 
+def test_predict_into_its_input_folder_says_so(world, tmp_path):
+    inputs = tmp_path / "inputs"
+    shutil.copytree(world.data / "images", inputs)
+    for out in (inputs, tmp_path):
+        expect(["predict", world.kinds["model"], inputs, "--out", out],
+               f"--out {out}: the input folder {inputs} is --out or inside it")
+
+
+def test_library_warnings_are_one_line_notes_naming_the_file(world, tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # the 64 x 64 phantom passes Pillow's bomb limit
+    image = world.data / "images" / _first_image(world.data)
+    output = expect(["predict", world.kinds["model"], image, "--out", tmp_path / "out"], code=0)
+    note = next(line for line in output.splitlines() if line.startswith("note: "))
+    assert note == (f"note: {image}: Image size (4096 pixels) exceeds limit of 3000 pixels, could be decompression "
+                    "bomb DOS attack. (PIL)"), output
+    assert "Warning" not in output
+
+
 def test_eval_refuses_training_images_unless_allowed(world, tmp_path):
     args = ["eval", world.data, "--checkpoint", f"m={world.kinds['checkpoint']}", "--out", tmp_path / "e", "--cache",
             world.cache, "--split", "all", "--bootstrap", "0", "--overlays", "0"]

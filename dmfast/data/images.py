@@ -3,6 +3,7 @@ grayscale, plus the known oddities: a few RGBA or RGB files, palette images, 16-
 DICOM (:mod:`dmfast.data.dicom`); and finding the X-rays in folders."""
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +18,16 @@ MIN_SIDE = 32  # pixels of an X-ray's shorter side, at the least: smaller files 
 WORD_DEPTHS = (8, 10, 12, 14, 16)  # the bit depths X-ray detectors store in 16-bit words
 
 
+_DECODING = threading.local()  # the file each thread decodes: a library's warning about it names it
+
+
 class ImageError(RuntimeError):
     """An image file that cannot be decoded (missing, truncated, not an image, too small to be an X-ray)."""
+
+
+def decoding_file() -> str | None:
+    """The file this thread is decoding with :func:`load_gray`, or None (for naming a library's warning)."""
+    return getattr(_DECODING, "path", None)
 
 
 def load_gray(path, size: int | None = None) -> np.ndarray:
@@ -31,9 +40,16 @@ def load_gray(path, size: int | None = None) -> np.ndarray:
     (:func:`dmfast.data.dicom.read_dicom`). Raises :class:`ImageError` naming the file when it cannot be read
     completely, or when its shorter side is below :data:`MIN_SIDE` pixels.
     """
+    _DECODING.path = str(path)
+    try:
+        return _decoded(Path(path), size)
+    finally:
+        _DECODING.path = None
+
+
+def _decoded(path: Path, size: int | None) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    path = Path(path)
     if is_dicom(path):
         try:
             gray = Image.fromarray(read_dicom(path))
