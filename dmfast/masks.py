@@ -105,11 +105,11 @@ def disease_masks(classifier, cache, names: list, labels: np.ndarray, config: Ma
             "counts": dict(zip(FINDINGS, kept.tolist())), "fallback": fallback, "kind": "DM"}
 
 
-def _anchor_for(config: MasksConfig, classifier, cache, dataset, train_names) -> tuple:
-    """The anchor image ``[S, S]`` and where it came from: ``--anchor``, else the classifier's alignment run, else
-    the mean of the No Finding training images."""
-    if config.anchor:
-        return checkpoints.load_anchor(config.anchor), str(config.anchor)
+def _anchor_for(config: MasksConfig, given, classifier, cache, dataset, train_names) -> tuple:
+    """The anchor image ``[S, S]`` and where it came from: ``given`` (``--anchor``, read), else the classifier's
+    alignment run, else the mean of the No Finding training images."""
+    if given is not None:
+        return given, str(config.anchor)
     if getattr(classifier, "anchor", None) is not None:  # beside its alignment checkpoint, or in its model file
         return classifier.anchor, classifier.anchor_source
     return make_anchor(cache, dataset, train_names, AlignConfig.anchor_images)[0, 0], \
@@ -143,13 +143,14 @@ def _run(config: MasksConfig, console: Console | None) -> Path:
             raise ValueError(f"{config.checkpoint}: its CAMs are {cells} x {cells} ({classifier.config.size} px, CAM "
                              f"stride {classifier.config.cam_stride}); masks need at least {MIN_CAM_CELLS} x "
                              f"{MIN_CAM_CELLS}: train at a larger --size or with --cam-stride 16")
+    given = checkpoints.load_anchor(config.anchor) if config.anchor else None  # read before any cache is built
     size = classifier.config.size if classifier else (config.size or SplitConfig.size)
     dataset = open_data(config, lists=False)
     report_left_out(dataset, console)
     cache = open_or_prepare(config.data, config.cache, size, config.skip_problems, console, config.format)
     splits = classifier.splits if classifier is not None and classifier.splits_known else make_splits(dataset)
     train_names = [n for n in splits.train if n in cache]
-    anchor, anchor_source = _anchor_for(config, classifier, cache, dataset, train_names)
+    anchor, anchor_source = _anchor_for(config, given, classifier, cache, dataset, train_names)
 
     if config.pseudo:
         payload = pseudo_masks(anchor)

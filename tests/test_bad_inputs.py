@@ -66,6 +66,8 @@ def world(tmp_path_factory):
     for name, values in (("huge", 1e30), ("negative", -5.0)):
         checkpoints.save(files / f"masks-{name}.pt", checkpoints.MASKS, {**masks, "masks": masks["masks"] * 0 + values})
     checkpoints.save(files / "masks-shape.pt", checkpoints.MASKS, {**masks, "masks": masks["masks"][:3]})
+    checkpoints.save(files / "masks-grid.pt", checkpoints.MASKS, {**masks, "masks": torch.rand(14, 64, 32)})
+    checkpoints.save(files / "masks-one.pt", checkpoints.MASKS, {**masks, "masks": torch.rand(14, 1, 1)})
     state = checkpoints.load(checkpoint, checkpoints.CLASSIFIER)
     checkpoints.save(files / "mismatched.pt", checkpoints.CLASSIFIER,
                      {**state, "config": {**state["config"], "arch": "resnet34"}})  # resnet18 weights
@@ -210,19 +212,20 @@ EDITED_MODELS = {"model-arch": "classifier arch", "model-stride": "classifier ca
                  "model-missing": "classifier weights", "model-unsealed-missing": "fc.bias",
                  "model-nan-var": "NaN or infinite", "model-negative-var": "negative BatchNorm variances",
                  "model-masks-grid": "64 x 32"}
-EDITED = {**EDITED_MODELS, "checkpoint-stride": "config cam_stride", "alignment-nan": "NaN or infinite"}
+EDITED = {**EDITED_MODELS, "checkpoint-stride": "config cam_stride", "alignment-nan": "NaN or infinite",
+          "masks-grid": "masks of 64 x 32 per class", "masks-one": "masks of 1 x 1 per class"}
 FILE_CASES = [("train", "--init", k) for k in ("empty", "garbage", "text", "list", "truncated", "masks", "alignment",
                                                 "mismatched", "weights", "nan", "runs-code")] + \
     [("train", "--aligned", k) for k in ("empty", "garbage", "checkpoint", "masks")] + \
     [("train", "--masks", k) for k in ("empty", "garbage", "checkpoint", "masks-huge", "masks-negative",
-                                       "masks-shape")] + \
+                                       "masks-shape", "masks-grid", "masks-one")] + \
     [("train", "--weights", k) for k in ("empty", "garbage", "text", "list", "checkpoint", "masks")] + \
     [("align", "--perceptual", k) for k in ("empty", "garbage", "masks", "alignment")] + \
     [("masks", "--checkpoint", k) for k in ("empty", "garbage", "masks", "alignment", "settings", "runs-code")] + \
     [("masks", "--anchor", k) for k in ("empty", "garbage", "checkpoint")] + \
     [("eval", "--checkpoint", k) for k in ("empty", "garbage", "masks", "alignment", "settings", "weights", "nan",
                                            "config-none", "no-size", "runs-code")] + \
-    [("eval", "--masks", k) for k in ("garbage", "checkpoint")] + \
+    [("eval", "--masks", k) for k in ("garbage", "checkpoint", "masks-grid", "masks-one")] + \
     [("predict", "MODEL", k) for k in ("empty", "garbage", "text", "masks", "model-size-0", "model-size-huge",
                                        "model-size-text", "model-classifier-none", "runs-code", *EDITED_MODELS)] + \
     [("eval", "--checkpoint", k) for k in (*EDITED_MODELS, "checkpoint-stride")] + \
@@ -562,6 +565,13 @@ def test_library_warnings_are_one_line_notes_naming_the_file(world, tmp_path, mo
     assert note == (f"note: {image}: Image size (4096 pixels) exceeds limit of 3000 pixels, could be decompression "
                     "bomb DOS attack. (PIL)"), output
     assert "Warning" not in output
+
+
+def test_a_bad_anchor_is_refused_before_a_cache_is_built(world, tmp_path):
+    cache = tmp_path / "cache"
+    expect(["masks", world.data, "--out", tmp_path / "out", "--pseudo", "--anchor", world.files / "garbage.pt",
+            "--cache", cache], f"{world.files / 'garbage.pt'}: not a readable anchor")
+    assert not cache.exists() and not (tmp_path / "out").exists()
 
 
 def test_eval_refuses_training_images_unless_allowed(world, tmp_path):

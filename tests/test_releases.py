@@ -4,6 +4,7 @@ each other: the same phantom images through two releases' files train and score 
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -395,6 +396,30 @@ def test_bad_release_inputs_get_named_errors(phantom, tmp_path):
     assert f"left out of {cx}" in output.replace("\n", "") and "train.csv:2" in output
     expect(["train", phantom, "--resume", "--mix", releases.generic(phantom, tmp_path / "csv"), *run[:2]],
            "was trained with mix")
+
+
+def _header_only(path: Path) -> None:
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        header = f.readline()
+    with opener(path, "wt") as f:
+        f.write(header)
+
+
+@pytest.mark.parametrize("release, listing", [
+    ("vindr", "annotations/*.csv"), ("rsna", "stage_2_train_labels.csv"), ("chexpert", "*/*.csv"),
+    ("mimic", "*chexpert.csv.gz"), ("generic", "labels.csv")])
+def test_a_label_file_with_a_header_only_lists_no_images(phantom, tmp_path, release, listing):
+    from tests.test_bad_inputs import expect
+
+    folder = getattr(releases, release)(phantom, tmp_path / release)
+    files = sorted(folder.glob(listing))
+    assert files
+    for path in files:  # the boxes files (generic's boxes.csv, VinDr's boxes) keep their rows
+        _header_only(path)
+    expect(["prepare", folder, "--cache", tmp_path / "cache", "--size", 64], "lists no images (a header only)")
 
 
 def test_box_space_release_is_refused_for_releases_that_draw_on_their_images(phantom, tmp_path):

@@ -69,7 +69,7 @@ class CheXpert:
             path = folder / name
             if not path.is_file():
                 continue
-            header, rows = csv_table(path)
+            header, rows = csv_table(path, listing=True)
             column = columns_of(path, header, ("Path",), CHEXPERT_COLUMNS, problems)
             for line, row in rows:
                 where = f"{name}:{line}"
@@ -117,7 +117,7 @@ class MimicCXR:
         split_file = self._file(root, "split")
         if label_file is None or split_file is None:
             raise DataError(f"{root}: MIMIC-CXR-JPG needs {self.STEM}chexpert.csv and {self.STEM}split.csv (or .gz)")
-        header, rows = csv_table(label_file)
+        header, rows = csv_table(label_file, listing=True)
         column = columns_of(label_file, header, ("subject_id", "study_id"), {"subject_id", "study_id", *LABELS},
                             problems)
         study_labels = {}  # study -> (labels, no finding)

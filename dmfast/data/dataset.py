@@ -219,8 +219,9 @@ def read_text(path) -> str:
         raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x}); save it as UTF-8") from None
 
 
-def csv_table(path) -> tuple:
-    """(header, [(line number, row)]) of a CSV file; blank rows left out."""
+def csv_table(path, listing: bool = False) -> tuple:
+    """(header, [(line number, row)]) of a CSV file; blank rows left out. ``listing``: a file that lists a release's
+    images, for which a header alone is an error (not a release whose every box names an image it lacks)."""
     path = Path(path)
     reader = csv.reader(io.StringIO(read_text(path), newline=""))
     try:
@@ -233,6 +234,8 @@ def csv_table(path) -> tuple:
                 rows.append((reader.line_num, row))
     except csv.Error as error:
         raise DataError(f"{path}:{reader.line_num + 1}: not CSV ({error})") from None
+    if listing and not rows:
+        raise DataError(f"{path}: lists no images (a header only)")
     return [name.strip() for name in header], rows
 
 

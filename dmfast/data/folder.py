@@ -29,7 +29,7 @@ def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True
     path = root / "labels.csv"
     if not path.is_file():
         raise DataError(f"{root}: no labels.csv (the generic format: see the README's 'Datasets')")
-    header, rows = csv_table(path)
+    header, rows = csv_table(path, listing=True)
     column = columns_of(path, header, ("image",), LABEL_COLUMNS, problems)
     records, paths, train_val, test = [], {}, set(), set()
     for line, row in rows:

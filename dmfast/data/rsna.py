@@ -44,7 +44,7 @@ def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True
     if path is None:
         raise DataError(f"{root}: no stage_2_train_labels.csv (is this the RSNA Pneumonia download?)")
     images = root / path.name.replace("_labels.csv", "_images")
-    header, rows = csv_table(path)
+    header, rows = csv_table(path, listing=True)
     column = columns_of(path, header, COLUMNS, COLUMNS, problems)
     target, boxes, contradicted = {}, [], set()
     for line, row in rows:

@@ -57,8 +57,9 @@ def detect(root: Path) -> bool:
 
 
 def _table(path: Path) -> tuple:
-    """A VinDr-CXR CSV file, its reader column named ``rad_id`` (the image labels files spell it ``rad_ID``)."""
-    header, rows = csv_table(path)
+    """A VinDr-CXR CSV file, its reader column named ``rad_id`` (the image labels files spell it ``rad_ID``); each
+    lists images (a "No finding" row for an image without boxes), so a header alone is an error."""
+    header, rows = csv_table(path, listing=True)
     return ["rad_id" if name == "rad_ID" else name for name in header], rows
 
 
