@@ -190,8 +190,6 @@ def _resume_state(out: Path) -> dict:
         raise ValueError(f"--resume: {out} holds model.pt but no checkpoint.pt: a model file holds the weights only, "
                          "not the optimiser, scheduler and random states a resumed run needs; start a new run from "
                          f"its weights with --init {out / 'model.pt'}")
-    if not out.is_dir():
-        raise ValueError(f"--resume: {out}: no such run folder")
     if not last.is_file():
         best = out / "best.pt"
         raise ValueError(f"--resume: {out} holds no checkpoint.pt: " + (
@@ -242,6 +240,8 @@ def run(config: TrainConfig, resume: bool = False, console: Console | None = Non
     :func:`_resumed_config`). The run folder has one writer (rank 0 of a distributed run)."""
     if _distributed()[0] != 0:
         return _run(config, resume, console, given)
+    if resume and not Path(config.out).is_dir():  # before holding it (which would make it)
+        raise ValueError(f"--resume: {config.out}: no such run folder")
     with writing(config.out, "dmfast train"):
         return _run(config, resume, console, given)
 
