@@ -49,6 +49,20 @@ class Number(click.ParamType):
         return int(value) if self.valid.integer else float(value)
 
 
+class Valid(click.ParamType):
+    """Text that ``problem`` (a function returning what is wrong, or None) accepts, e.g. a backbone's name."""
+
+    name = "text"
+
+    def __init__(self, problem):
+        self.problem = problem
+
+    def convert(self, value, param, ctx):
+        if self.problem(value):
+            self.fail(self.problem(value), param, ctx)
+        return value
+
+
 def option(owner, name: str, flag: str | None = None, **kwargs):
     """``--name`` (or ``flag``) for field ``name`` of a config dataclass (or keyword of a function), with its
     default, and its range or choices from the field."""
@@ -59,6 +73,8 @@ def option(owner, name: str, flag: str | None = None, **kwargs):
     metadata = metadata_of(owner, name)
     if "range" in metadata:
         kwargs.setdefault("type", Number(metadata["range"]))
+    if "valid" in metadata:
+        kwargs.setdefault("type", Valid(metadata["valid"]))
     if "choices" in metadata:
         choices = metadata["choices"]
         kwargs.setdefault("type", click.Choice([str(c) for c in choices]))
@@ -165,6 +181,10 @@ UNCERTAIN = ("uncertain", {"help": "Uncertain labels (-1: CheXpert, MIMIC-CXR, c
 BLANK = ("blank", {"help": "Blank label cells (finding not mentioned): unknown or negative."})
 LABELS = (FORMAT, UNCERTAIN, BLANK)
 SPLIT = ("split", {"help": "The official test list, or a patient-grouped split (data without official lists)."})
+ARCH = ("arch", {"help": "The backbone: resnet18, resnet34, resnet50, densenet121, or timm:MODEL for a timm model "
+                         "(pip install 'dmfast[timm]'; e.g. timm:convnext_tiny)."})
+
+
 def out_option(help: str):
     return click.option("--out", required=True, type=FOLDER, help=help)
 
@@ -211,7 +231,7 @@ def prepare(data_dir, **kwargs):
 @main.command()
 @DATA_DIR
 @out_option("Run folder (checkpoints, metrics).")
-@options(TrainConfig, CACHE, "arch",
+@options(TrainConfig, CACHE, ARCH,
          ("cam_stride", {"help": "Output stride of the CAMs (16: conv5_x without downsampling, finer maps)."}),
          ("size", {"help": "Image size."}), "epochs", ("batch", {"help": "Global batch size."}),
          ("lr", {"help": "Learning rate."}), ("lr_decay", {"help": "Per-epoch learning-rate factor."}),
@@ -253,7 +273,8 @@ def train(data_dir, resume, **kwargs):
          ("clip", {"help": "Gradient-norm clipping."}),
          ("pool", {"help": "Smoothing pool of the loss (phi = B(G(affine(I))))."}),
          ("perceptual", {"type": TRAINED, "help": f"Trained classifier for the perceptual loss: {TRAINED_HELP}."}),
-         "perceptual_weight", ("input_size", {"help": "Resolution the alignment network sees."}), "seed",
+         "perceptual_weight", ("input_size", {"help": "Resolution the alignment network sees."}),
+         ("arch", {"help": "The alignment network's backbone (the paper's resnet18; any --arch of train)."}), "seed",
          "val_fraction", SPLIT, ("grid_images", {"help": "Validation images in the before/after grid."}),
          TRAINING_PRECISION, *LABELS, MAX_STEPS, SKIP, OVERWRITE)
 def align(data_dir, **kwargs):
@@ -416,7 +437,7 @@ def predict(model, inputs, box_threshold, **kwargs):
          ("data", {"type": click.Path(exists=True, file_okay=False),
                    "help": "A ChestX-ray14-format directory (patient-grouped split) instead of the phantom."}),
          ("count", {"help": "Phantom images."}), ("size", {"help": "Working image size."}),
-         "arch", "cam_stride",
+         ARCH, "cam_stride",
          ("epochs", {"help": "Epochs of the base and aligned classifiers."}),
          ("attention_epochs", {"help": "Epochs of attention retraining."}), "align_epochs", "batch", "lr", "seed",
          "val_fraction", MAX_STEPS, ("overlays", {"help": "Overlay images per class."}),

@@ -153,7 +153,7 @@ def _run(config: AlignConfig, console: Console | None) -> Path:
     else:
         console.print("no --perceptual classifier given: Euclidean loss only")
     loss_fn = AlignmentLoss(anchor.to(device), config.pool, classifier, config.perceptual_weight, low)
-    net = AlignmentNet(config.input_size).to(device)
+    net = AlignmentNet(config.input_size, config.arch).to(device)
     if low is not None:  # the layout the low-precision convolution kernels are fastest in
         net.to(memory_format=torch.channels_last)
         if classifier is not None:
@@ -199,7 +199,7 @@ def _run(config: AlignConfig, console: Console | None) -> Path:
         console.print("[yellow]warning: the learned warp does not lower the loss on the validation images; the "
                       "identity transform is kept (more images or epochs, or another --lr, may help)")
     checkpoint = checkpoints.save(out / "alignment.pt", checkpoints.ALIGNMENT, {
-        "model": {k: v.cpu() for k, v in net.state_dict().items()}, "net_config": {"input_size": config.input_size},
+        "model": {k: v.cpu() for k, v in net.state_dict().items()}, "net_config": {"input_size": config.input_size, "arch": config.arch},
         "config": _recorded(config),
         "history": history})
     stats = {"history": history, "validation": check}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ARCHS, CAM_STRIDES, MIN_CAM_CELLS, SIZE, TrainConfig, defaults
+from .config import CAM_STRIDES, MIN_CAM_CELLS, SIZE, TrainConfig, arch_problem, defaults
 from .data.dataset import FINDINGS
 from .io import atomic_torch_save
 
@@ -136,7 +136,7 @@ def _sealed(kind: str, payload: dict) -> dict:
     if kind == MODEL:
         fields.update({k: payload.get(k) for k in ("classes", "size", "normalisation")})
         fields.update({f"classifier {k}": _get(payload.get("classifier"), k) for k in ("arch", "cam_stride")})
-        fields["aligner input_size"] = _get(payload.get("aligner"), "input_size")
+        fields.update({f"aligner {k}": _get(payload.get("aligner"), k) for k in ("input_size", "arch")})
     return fields
 
 
@@ -214,17 +214,19 @@ def _structure_problem(kind: str, payload: dict) -> str | None:
             return "its settings ('config') lack the architecture or the image size"
         if SIZE.problem(config["size"]):
             return f"size {SIZE.problem(config['size'])}"
-        if config["arch"] not in ARCHS:
-            return f"arch {config['arch']!r}"
+        if arch_problem(config["arch"]):
+            return f"arch {arch_problem(config['arch'])}"
     if kind == ALIGNMENT:
         net = payload["net_config"]
         if not isinstance(net, dict) or not isinstance(net.get("input_size"), int):
             return "'net_config' lacks the network's input_size"
+        if set(net) - {"input_size", "arch"} or arch_problem(net.get("arch", "resnet18")):
+            return f"'net_config' {net!r}: only input_size and arch (a backbone) are known"
     if kind == MODEL:
         classifier, aligner = payload["classifier"], payload["aligner"]
         if not isinstance(classifier, dict) or not state(classifier.get("state")):
             return "'classifier' lacks its weights"
-        if classifier.get("arch") not in ARCHS or classifier.get("cam_stride") not in CAM_STRIDES:
+        if arch_problem(classifier.get("arch")) or classifier.get("cam_stride") not in CAM_STRIDES:
             return f"classifier arch {classifier.get('arch')!r} or CAM stride {classifier.get('cam_stride')!r}"
         if SIZE.problem(payload["size"]):
             return f"size {SIZE.problem(payload['size'])}"
@@ -233,6 +235,8 @@ def _structure_problem(kind: str, payload: dict) -> str | None:
         if aligner is not None and not (isinstance(aligner, dict) and state(aligner.get("state")) and
                                         isinstance(aligner.get("input_size"), int)):
             return "'aligner' lacks its weights or input size"
+        if aligner is not None and arch_problem(aligner.get("arch", "resnet18")):
+            return f"aligner arch {arch_problem(aligner.get('arch'))}"
         splits, patients = payload.get("splits"), payload.get("patients")
         if payload.get("config") is not None and not isinstance(payload["config"], dict):
             return "its run's settings ('config') are not a dict"

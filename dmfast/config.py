@@ -7,13 +7,16 @@ range, so Python callers get the same errors as the command line."""
 import dataclasses
 import inspect
 import math
+import re
 from dataclasses import dataclass, field
 
 from .data.dataset import BLANK_POLICIES, UNCERTAIN_POLICIES
 from .data.formats import FORMATS as DATA_FORMATS
 from .metrics import DEFAULT_THRESHOLDS
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
+# the backbones (dmfast.backbones): torchvision's, and any timm model as "timm:<name>" (its extra installed)
+ARCHS = ("resnet18", "resnet34", "resnet50", "densenet121")
+TIMM = "timm:"
 CAM_STRIDES = (16, 32)
 OPTIMIZERS = ("adam", "sgd")
 # a classifier's arithmetic (train, align, masks, eval, predict): float32, or its backbone under autocast in
@@ -81,6 +84,20 @@ def chosen(default, choices):
     return field(default=default, metadata={"choices": tuple(choices)})
 
 
+def arch_problem(value) -> str | None:
+    """What is wrong with a backbone's name (one of :data:`ARCHS`, or ``timm:<model>``), or None; whether timm has
+    the model is checked when it is built."""
+    if value in ARCHS or isinstance(value, str) and value.startswith(TIMM) and \
+            re.fullmatch(r"[A-Za-z0-9_.\-]+", value[len(TIMM):]):
+        return None
+    return f"must be one of {', '.join(ARCHS)} or {TIMM}<model> (a timm model), got {value!r}"
+
+
+def arch_field(default: str):
+    """A dataclass field naming a backbone (:func:`arch_problem`)."""
+    return field(default=default, metadata={"valid": arch_problem})
+
+
 def metadata_of(owner, name: str) -> dict:
     """The metadata of field ``name`` of a config dataclass (its ``range`` or ``choices``); {} for a function's
     keyword or a field without."""
@@ -101,6 +118,8 @@ def check_ranges(config) -> None:
         value = getattr(config, f.name)
         if "range" in f.metadata:
             setattr(config, f.name, f.metadata["range"].check(value, f.name))
+        if "valid" in f.metadata and f.metadata["valid"](value):
+            raise ValueError(f"{f.name} {f.metadata['valid'](value)}")
         if "choices" in f.metadata and value not in f.metadata["choices"]:
             raise ValueError(f"{f.name} must be one of {', '.join(map(str, f.metadata['choices']))}, got {value!r}")
 
@@ -137,7 +156,7 @@ class SplitConfig(DataConfig):
 
 @dataclass(kw_only=True)
 class TrainConfig(SplitConfig):
-    arch: str = chosen("resnet50", ARCHS)
+    arch: str = arch_field("resnet50")
     cam_stride: int = chosen(32, CAM_STRIDES)  # 16: finer CAMs (conv5_x without downsampling)
     epochs: int = ranged(5, 1, 100000)
     lr: float = ranged(1e-4, 0, 10, open_low=True)
@@ -170,6 +189,7 @@ class AlignConfig(SplitConfig):
     perceptual: str | None = None  # trained classifier for the perceptual loss (model file, run, checkpoint)
     perceptual_weight: float = ranged(1.0, 0, 1e6)
     input_size: int = ranged(128, SIZE.low, 1024)
+    arch: str = arch_field("resnet18")  # the alignment network's backbone (the paper's ResNet-18)
     grid_images: int = ranged(8, 1, 64)
     precision: str = chosen("auto", PRECISIONS)  # of the networks' convolutions in training (resolve_precision)
 
@@ -270,7 +290,7 @@ class DemoConfig(Checked):
     data: str | None = None  # a ChestX-ray14-format directory instead of the phantom
     count: int = ranged(1600, 50, 1000000)  # phantom images (fewer leave splits without every class)
     size: int = ranged(128, 64, SIZE.high)  # 64 at least: the alignment loss's 8 x 8 pooled cells
-    arch: str = chosen("resnet18", ARCHS)
+    arch: str = arch_field("resnet18")
     cam_stride: int = chosen(16, CAM_STRIDES)
     epochs: int = ranged(3, 1, 100000)
     attention_epochs: int = ranged(2, 1, 100000)

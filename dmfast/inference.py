@@ -335,7 +335,7 @@ class Classifier(Model):
             embedded = payload["aligner"]
             if embedded is not None:
                 with weights_of(self.path, "alignment network"):
-                    aligner = AlignmentNet(embedded["input_size"])
+                    aligner = AlignmentNet(embedded["input_size"], embedded.get("arch", "resnet18"))
                     aligner.load_state_dict(_float(embedded["state"]))
                 aligner = aligner.to(device).eval()
                 if embedded.get("anchor") is not None:
@@ -395,7 +395,8 @@ def _export(source: Path, out: Path, half: bool, dataset, warn) -> Path:
     cast = (lambda state: {k: v.half() if v.is_floating_point() else v for k, v in state.items()}) if half else dict
     aligner = None
     if classifier.aligner is not None:
-        aligner = {"input_size": classifier.aligner.input_size, "state": cast(classifier.aligner.state_dict()),
+        aligner = {"input_size": classifier.aligner.input_size, "arch": classifier.aligner.arch,
+                   "state": cast(classifier.aligner.state_dict()),
                    "anchor": classifier.anchor}
     settings, splits, patients = None, None, classifier.patients
     if config.data is not None:  # known: a checkpoint, or a model file that kept them

@@ -3,31 +3,17 @@
 network (a ResNet-18 that predicts scale, shift and rotation, applied with the fused warp)."""
 
 import math
-import pickle
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from . import cpu_variants, ops
-from .config import ARCHS, PRECISIONS
+from . import backbones, cpu_variants, ops
+from .config import PRECISIONS
 
 # Bounds of the alignment parameters: scale 1 +- 0.3, shift +- 0.3 (half-widths), rotation +- 25 degrees.
 LIMITS = {"scale": 0.3, "shift": 0.3, "angle": math.radians(25)}
-
-
-def _dilate_last_stage(layer: nn.Sequential) -> None:
-    """Output stride 32 -> 16: no downsampling in ``layer``; its later 3 x 3 convolutions dilate by 2 instead."""
-    for index, block in enumerate(layer):
-        for module in block.modules():
-            if not isinstance(module, nn.Conv2d):
-                continue
-            if module.stride == (2, 2):
-                module.stride = (1, 1)
-            if module.kernel_size == (3, 3) and index > 0:
-                module.dilation, module.padding = (2, 2), (2, 2)
 
 
 def resolve_precision(precision: str, device, training: bool = False, amp: bool = False) -> str:
@@ -69,94 +55,60 @@ def compiled(module: nn.Module):
 
 
 class CAMClassifier(nn.Module):
-    """ResNet-18/34/50 on grayscale X-rays (replicated to 3 channels) with the fused CAM head.
+    """A backbone of the registry (:mod:`dmfast.backbones`: ResNet-18/34/50, DenseNet-121, timm models) on
+    grayscale X-rays (replicated to 3 channels) with the fused CAM head.
 
     ``forward`` returns logits ``[B, C]``; ``forward(images, cams=True)`` also returns the class activation maps
     ``[B, C, h, w]`` (attended by the disease masks when the model has them).
 
-    ``cam_stride`` is the output stride of the feature map: 32 (the ResNet's own; 16 x 16 CAMs at 512 px) or 16,
-    where conv5_x keeps conv4_x's resolution (its first block does not downsample and its 3 x 3 convolutions are
-    dilated by 2 instead, as torchvision's ``replace_stride_with_dilation``), for finer CAMs on small images at
-    about 1.7x the compute of ResNet-18. The weights are the same either way.
+    ``cam_stride`` is the output stride of the feature map: 32 (16 x 16 CAMs at 512 px) or 16, finer CAMs reached
+    without changing a weight (for a ResNet, conv5_x keeps conv4_x's resolution and dilates its 3 x 3 convolutions
+    by 2, as torchvision's ``replace_stride_with_dilation``: about 1.7x the compute of ResNet-18).
     """
 
     def __init__(self, arch: str = "resnet50", classes: int = 14, pretrained: bool = False, cam_stride: int = 32):
         super().__init__()
-        if arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
         if cam_stride not in (16, 32):
             raise ValueError(f"cam_stride must be 16 or 32, got {cam_stride!r}")
-        try:
-            net = getattr(torchvision.models, arch)(weights="DEFAULT" if pretrained else None)
-        except (OSError, RuntimeError) as error:  # no network (urllib's errors are OSErrors), or a broken download
-            raise ValueError(f"--pretrained: torchvision could not get the ImageNet weights of {arch} "
-                             f"({type(error).__name__}: {error}); download them where there is a network and pass "
-                             "them with --weights FILE") from None
-        if cam_stride == 16:
-            _dilate_last_stage(net.layer4)
+        self.backbone = backbones.backbone(arch)
+        modules, channels = self.backbone.build(pretrained, cam_stride)
+        for name, module in modules.items():  # the backbone's own names: its state dict's prefixes
+            self.add_module(name, module)
         self.arch = arch
         self.cam_stride = cam_stride
-        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        self.fc = nn.Linear(net.fc.in_features, classes)
+        self.fc = nn.Linear(channels, classes)
         self.register_buffer("masks", None)
 
-    def load_torchvision_weights(self, path) -> tuple:
-        """Load ResNet weights in torchvision's layout (e.g. ImageNet weights a user downloaded), also wrapped in a
-        ``state_dict`` or ``model`` entry or with ``module.``/``model.`` key prefixes (DataParallel, training
-        frameworks); the fc layer is kept when its shape fits. Returns (backbone tensors loaded, backbone tensors,
-        keys not loaded). Fewer than 90% of the backbone is an error naming the mismatch (e.g. another
-        architecture), never a silent random start."""
-        try:
-            state = torch.load(Path(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            if "unsupported global" not in str(error).lower():
-                raise ValueError(f"{path}: not a readable weights file (not a file torch.load reads: damaged, "
-                                 "truncated or another format)") from None
-            raise ValueError(f"{path}: not a plain state dict of tensors (it holds other Python objects, so it is not "
-                             "read; a dmfast checkpoint is given with --init instead)") from None
-        except Exception as error:  # not a file torch can read safely: say which and why
-            raise ValueError(f"{path}: not a readable weights file ({type(error).__name__}: {error})") from None
-        if isinstance(state, dict) and str(state.get("format", "")).startswith("dmfast."):
-            raise ValueError(f"{path}: a dmfast file ({state['format']}), not torchvision weights (a trained dmfast "
-                             "classifier is given with --init)")
-        while isinstance(state, dict) and any(isinstance(state.get(k), dict) for k in ("state_dict", "model")):
-            state = next(state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict))
-        if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-            raise ValueError(f"{path}: not a state dict of tensors")
-        renamed = {}
-        for key, value in state.items():
-            while key.startswith(("module.", "model.")):
-                key = key.partition(".")[2]
-            for old, new in (("conv1.", "stem.0."), ("bn1.", "stem.1.")):
-                key = new + key[len(old):] if key.startswith(old) else key
-            renamed[key] = value
+    def load_weights(self, path) -> tuple:
+        """Load a backbone's weights in the layouts people have (:func:`dmfast.backbones.foreign_weights`:
+        torchvision, timm, torchxrayvision's and CheXNet's DenseNet-121, wrapped in ``state_dict``/``model`` entries or
+        behind ``module.``/``model.`` prefixes). The file's classifier rows are kept where they fit: all of them
+        when it has dmfast's classes, and by name for torchxrayvision's 18 pathologies. Returns (backbone tensors
+        loaded, backbone tensors, notes on what was not loaded). Fewer than 90% of the backbone is an error naming
+        the mismatch (e.g. another architecture), never a silent random start."""
         own = self.state_dict()
+        renamed, head, notes = backbones.foreign_weights(backbones.read_weights(path), self.backbone, own)
         usable = {k: v for k, v in renamed.items() if k in own and own[k].shape == v.shape}
-        backbone = [k for k in own if not k.startswith("fc.") and k != "masks"]
-        loaded = sum(k in usable for k in backbone)
-        if loaded < 0.9 * len(backbone):
-            wrong = [f"{k} {tuple(renamed[k].shape)} vs {tuple(own[k].shape)}" for k in backbone
+        # the weights and statistics; BatchNorm's step counters are not (files of older torch lack them)
+        body = [k for k in own if not k.startswith("fc.") and k != "masks" and not k.endswith("num_batches_tracked")]
+        loaded = sum(k in usable for k in body)
+        if loaded < 0.9 * len(body):
+            wrong = [f"{k} {tuple(renamed[k].shape)} vs {tuple(own[k].shape)}" for k in body
                      if k in renamed and k not in usable][:2]
-            absent = [k for k in backbone if k not in renamed][:2]
-            raise ValueError(f"{path}: only {loaded} of the {len(backbone)} backbone tensors of a {self.arch} match "
+            absent = [k for k in body if k not in renamed][:2]
+            raise ValueError(f"{path}: only {loaded} of the {len(body)} backbone tensors of a {self.arch} match "
                              f"(shape mismatches: {wrong or 'none'}; missing: {absent or 'none'}); weights of "
                              "another architecture?")
         self.load_state_dict(usable, strict=False)
-        return loaded, len(backbone), sorted(set(own) - set(usable) - {"masks"})
+        return loaded, len(body), notes + backbones.load_head(head, self.fc)
 
     def set_masks(self, masks: Tensor | None) -> None:
         """Disease masks ``[C, h, w]`` (resized to the feature map on use); classes without a mask should hold 0."""
         self.masks = None if masks is None else masks.detach().to(self.fc.weight)
 
     def stages(self, images: Tensor) -> list:
-        """Feature maps of conv2_x .. conv5_x (layer1 .. layer4)."""
-        x = self.stem(images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images)
-        out = []
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = layer(x)
-            out.append(x)
-        return out
+        """The backbone's four feature maps (a ResNet's conv2_x .. conv5_x), the last one the CAMs'."""
+        return self.backbone.stages(self, images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images)
 
     def forward(self, images: Tensor, cams: bool = False):
         features = self.stages(images)[-1]
@@ -172,29 +124,46 @@ class CAMClassifier(nn.Module):
 
 
 class AlignmentNet(nn.Module):
-    """ResNet-18 -> (sx, sy, tx, ty, angle), bounded, identity at initialisation.
+    """A backbone of the registry (ResNet-18 by default, as the paper's) -> (sx, sy, tx, ty, angle), bounded,
+    identity at initialisation.
 
     The last layer starts at zero, so training starts from the identity transform, and the five parameters pass
     through tanh into the :data:`LIMITS`, so no step can collapse or flip the image."""
 
-    def __init__(self, input_size: int = 128):
+    def __init__(self, input_size: int = 128, arch: str = "resnet18"):
         super().__init__()
-        self.input_size = input_size
-        net = torchvision.models.resnet18(weights=None)
-        net.fc = nn.Linear(net.fc.in_features, 5)
-        self.net = net
+        self.input_size, self.arch = input_size, arch
+        self.backbone = backbones.backbone(arch)
+        modules, channels = self.backbone.build(False, 32)
+        self.body = nn.Module()
+        for name, module in modules.items():
+            self.body.add_module(name, module)
+        self.head = nn.Linear(channels, 5)
         self.reset_to_identity()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also the layout of dmfast before the registry: a torchvision ResNet-18 as ``net`` (``net.conv1``,
+        ``net.layer1`` .., ``net.fc``), the same network."""
+        if any(k.startswith("net.") for k in state_dict):
+            renamed = {}
+            for key, value in state_dict.items():
+                key = key.removeprefix("net.")
+                key = "head." + key[3:] if key.startswith("fc.") else "body." + self.backbone.rename(key, {})
+                renamed[key] = value
+            state_dict = renamed
+        return super().load_state_dict(state_dict, strict, assign)
 
     def reset_to_identity(self) -> None:
         """Zero the last layer: every image then gets the identity transform."""
-        nn.init.zeros_(self.net.fc.weight)
-        nn.init.zeros_(self.net.fc.bias)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
 
     def parameters_of(self, images: Tensor) -> Tensor:
         """``[B, 5]``: sx, sy, tx, ty, angle (radians)."""
         x = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
                           antialias=True) if images.shape[-1] != self.input_size else images
-        raw = torch.tanh(self.net(x.expand(-1, 3, -1, -1)).float())  # float32 under autocast too
+        features = self.backbone.stages(self.body, x.expand(-1, 3, -1, -1))[-1]
+        raw = torch.tanh(self.head(features.mean((2, 3))).float())  # float32 under autocast too
         scale = 1 + LIMITS["scale"] * raw[:, :2]
         return torch.cat([scale, LIMITS["shift"] * raw[:, 2:4], LIMITS["angle"] * raw[:, 4:]], 1)
 

@@ -74,9 +74,9 @@ def _set_rng_state(state: dict) -> None:
 def build_model(config: TrainConfig, console: Console) -> CAMClassifier:
     model = CAMClassifier(config.arch, len(FINDINGS), pretrained=config.pretrained, cam_stride=config.cam_stride)
     if config.weights:
-        loaded, total, skipped = model.load_torchvision_weights(config.weights)
+        loaded, total, notes = model.load_weights(config.weights)
         console.print(f"{config.weights}: loaded {loaded} of {total} backbone tensors"
-                      + (f"; not loaded: {', '.join(skipped)}" if skipped else ""))
+                      + "".join(f"; {note}" for note in notes))
     elif config.pretrained:
         console.print(f"{config.arch}: torchvision ImageNet weights")
     else:

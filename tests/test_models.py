@@ -10,9 +10,10 @@ def test_torchvision_weights_load_and_the_head_is_the_fused_cam(tmp_path, gen):
     path = tmp_path / "resnet18.pth"
     torch.save(reference.state_dict(), path)
     model = CAMClassifier("resnet18", classes=14)
-    loaded, total, skipped = model.load_torchvision_weights(path)
-    assert loaded == total == len(reference.state_dict()) - 2
-    assert skipped == ["fc.bias", "fc.weight"]  # 1000 ImageNet classes do not fit 14
+    loaded, total, notes = model.load_weights(path)
+    assert loaded == total == sum(not k.endswith("num_batches_tracked") for k in reference.state_dict()) - 2
+    assert notes == ["its classifier has 1000 outputs, not dmfast's 14 classes or torchxrayvision's 18 (not loaded: "
+                     "the head starts fresh)"]
     assert torch.equal(model.stem[0].weight, reference.conv1.weight)
     assert torch.equal(model.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
     model.eval()
@@ -40,7 +41,7 @@ def test_torchvision_weights_in_common_layouts_load(tmp_path, layout):
     }[layout]
     torch.save(saved, tmp_path / "weights.pth")
     model = CAMClassifier("resnet18", classes=14)
-    loaded, total, _ = model.load_torchvision_weights(tmp_path / "weights.pth")
+    loaded, total, _ = model.load_weights(tmp_path / "weights.pth")
     assert loaded == total
     assert torch.equal(model.layer3[0].downsample[0].weight, reference.layer3[0].downsample[0].weight)
 
@@ -50,23 +51,23 @@ def test_weights_of_another_architecture_or_no_weights_fail_loudly(tmp_path, mon
     model = CAMClassifier("resnet18", classes=14)
     before = model.layer1[0].conv1.weight.clone()
     with pytest.raises(ValueError, match=r"resnet50.pth: only \d+ of the \d+ backbone tensors of a resnet18 match"):
-        model.load_torchvision_weights(tmp_path / "resnet50.pth")
+        model.load_weights(tmp_path / "resnet50.pth")
     assert torch.equal(model.layer1[0].conv1.weight, before)  # nothing half-loaded
     torch.save({"features.conv0.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "densenet.pth")
     with pytest.raises(ValueError, match="only 0 of the .* missing: \\['stem.0.weight'"):
-        model.load_torchvision_weights(tmp_path / "densenet.pth")
+        model.load_weights(tmp_path / "densenet.pth")
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(ValueError, match="junk.pth: not a readable weights file"):
-        model.load_torchvision_weights(tmp_path / "junk.pth")
+        model.load_weights(tmp_path / "junk.pth")
     torch.save({"lr": 0.1}, tmp_path / "config.pth")
     with pytest.raises(ValueError, match="config.pth: not a state dict of tensors"):
-        model.load_torchvision_weights(tmp_path / "config.pth")
+        model.load_weights(tmp_path / "config.pth")
 
     def offline(*args, **kwargs):
         raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
 
     monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", offline)
-    with pytest.raises(ValueError, match="--pretrained: torchvision could not get the ImageNet weights of resnet18"):
+    with pytest.raises(ValueError, match="--pretrained: the ImageNet weights of resnet18 could not be fetched"):
         CAMClassifier("resnet18", pretrained=True)
 
 
