@@ -12,8 +12,8 @@ from pathlib import Path
 import click
 
 import dmfast
-from dmfast.config import (DATA_FORMATS, FRACTION, PRECISIONS, SIZE, SUBMISSIONS, WANG_THRESHOLDS, AlignConfig,
-                           BoxConfig, DemoConfig, EvalConfig, MasksConfig, PredictConfig, Range, SplitConfig,
+from dmfast.config import (CAM_METHODS, DATA_FORMATS, FRACTION, PRECISIONS, SIZE, SUBMISSIONS, WANG_THRESHOLDS,
+                           AlignConfig, BoxConfig, DemoConfig, EvalConfig, MasksConfig, PredictConfig, Range, SplitConfig,
                            TrainConfig, defaults, metadata_of)
 from dmfast.data import phantom
 from dmfast.data.cache import WORKERS
@@ -371,6 +371,9 @@ BOX_FLOOR = ("box_floor", {"help": "Classes of an image with at least this proba
               help="NAME=PATH of a trained model (model file, run folder, checkpoint.pt or best.pt); repeat to "
                    "compare (table order).")
 @click.option("--masks", "masks_files", multiple=True, help="NAME=PATH of a masks file: an extra mask-only row.")
+@click.option("--cam", "cam_methods", multiple=True, type=click.Choice(CAM_METHODS), default=CAM_METHODS[:1],
+              show_default=True, help="The maps each checkpoint's boxes come from, a row each (repeat): its own CAM "
+                                      "(with its disease masks), Grad-CAM, Grad-CAM++ or Eigen-CAM (gradient-free).")
 @out_option("Folder for eval.json/.md and the overlays.")
 @BOX_THRESHOLD
 @options(EvalConfig, MAX_BOXES, BOX_SCORE, BOX_FLOOR,
@@ -417,6 +420,8 @@ def evaluate(data_dir, checkpoints, masks_files, box_threshold, **kwargs):
                          "help": "Also write the VinBigData or RSNA Pneumonia challenge's submission.csv (the reported "
                                  "findings' boxes; image ids are the file names without suffix)."}),
          ("cams", {"help": "Also write every class's CAM per image to cams.npz."}),
+         ("cam_method", {"flag": "--cam", "help": "The maps the boxes come from: the model's own CAM, Grad-CAM, "
+                                                  "Grad-CAM++ or Eigen-CAM."}),
          ("overlays", {"help": "Also write one overlay PNG per image (CAMs, boxes, probabilities)."}),
          ("device", {"help": "cpu, cuda or cuda:N [default: cuda when available]."}), PRECISION, COMPILE,
          ("format", {"type": click.Choice(["auto", *DATA_FORMATS]),

@@ -18,6 +18,7 @@ from .metrics import DEFAULT_THRESHOLDS
 ARCHS = ("resnet18", "resnet34", "resnet50", "densenet121")
 TIMM = "timm:"
 CAM_STRIDES = (16, 32)
+CAM_METHODS = ("cam", "gradcam", "gradcam++", "eigencam")  # the maps eval and predict can draw boxes from
 OPTIMIZERS = ("adam", "sgd")
 # a classifier's arithmetic (train, align, masks, eval, predict): float32, or its backbone under autocast in
 # bfloat16 / float16; "auto" picks by device (dmfast.models.resolve_precision)
@@ -247,6 +248,10 @@ def min_probability(value: float, name: str = "min_probability") -> float:
 class EvalConfig(DataConfig, BoxConfig):
     checkpoints: list = field(default_factory=list)  # [(name, path)] of trained classifiers, in table order
     masks: list = field(default_factory=list)  # [(name, path)] extra masks files for mask-only rows
+    # the maps each checkpoint is scored with, a row each ("cam": the head's own; dmfast.cam_methods)
+    cam_methods: tuple = field(default=CAM_METHODS[:1], metadata={"valid": lambda methods: None if methods and all(
+        m in CAM_METHODS for m in methods) and len(set(methods)) == len(methods) else
+        f"must be distinct names among {', '.join(CAM_METHODS)}, got {methods!r}"})
     overlays: int = ranged(2, 0, 1000)  # images per class in the overlay figures
     overlap_thresholds: tuple = DEFAULT_THRESHOLDS
     split: str | None = None  # test, train_val or all of the data's lists (default: see eval.select_images)
@@ -274,6 +279,7 @@ class PredictConfig(BoxConfig):
     min_probability: float = ranged(0.5, 0, 1)  # classes reaching this get boxes (0: every class)
     batch: int = ranged(16, 1, 65536)
     cams: bool = False  # write cams.npz
+    cam_method: str = chosen(CAM_METHODS[0], CAM_METHODS)  # the maps boxes are drawn from (dmfast.cam_methods)
     overlays: bool = False  # write one overlay PNG per image
     device: str | None = None  # default: CUDA when available, else the CPU
     precision: str = chosen("auto", PRECISIONS)  # see dmfast.inference.Model

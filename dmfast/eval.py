@@ -35,7 +35,7 @@ from rich.console import Console
 import dmfast
 
 from . import checkpoints
-from .config import EvalConfig, box_levels
+from .config import CAM_METHODS, EvalConfig, box_levels
 from .data.cache import CacheSet, ImageCache, open_or_prepare, report_left_out
 from .data.dataset import FINDINGS, DataError, fuse_readers, image_size, read_text
 from .data import rsna
@@ -261,7 +261,7 @@ def training_overlap(classifier: Classifier, dataset, names: list) -> dict:
 
 def evaluate_checkpoint(name: str, classifier: Classifier, cache: ImageCache, test_names: list, labels: np.ndarray,
                         truth: GroundTruth, config: EvalConfig, keep: set, console: Console,
-                        detected: frozenset = frozenset()) -> tuple:
+                        detected: frozenset = frozenset(), cam_method: str = CAM_METHODS[0]) -> tuple:
     """One pass over the test images: probabilities for AUROC, CAM boxes of every class reaching the box floor on
     the images ``detected`` (those scored for detection) and of every ground-truth class, whatever its probability,
     for the paper's accuracy. Returns the :class:`Method` and the maps/boxes of the (image, class) pairs in
@@ -272,7 +272,7 @@ def evaluate_checkpoint(name: str, classifier: Classifier, cache: ImageCache, te
         task = bar.add_task("eval", total=len(test_names))
         for start in range(0, len(test_names), config.batch):
             names = test_names[start:start + config.batch]
-            prediction = classifier(cache.batch(names))
+            prediction = classifier(cache.batch(names), cam_method)
             probabilities = prediction.probabilities.cpu()
             scores.append(probabilities)
             wanted = probabilities >= config.box_floor
@@ -628,17 +628,18 @@ def _run(config: EvalConfig, console: Console | None) -> dict:
     detected = frozenset(detection_images)
     methods, kept_by_method, truth_at = [], {}, {}
     keep = None
-    for name, classifier in classifiers:
+    for (name, classifier), cam_method in ((c, m) for c in classifiers for m in config.cam_methods):
+        name = name if cam_method == CAM_METHODS[0] else f"{name} {cam_method}"  # a row per kind of map
         cache = caches[classifier.config.size]
         if cache.size not in truth_at:
             truth_at[cache.size] = GroundTruth(dataset, test_names, cache.size)
         truth = truth_at[cache.size]
         keep = _chosen_for_overlays(truth, config.overlays) if keep is None else keep
         method, kept = evaluate_checkpoint(name, classifier, cache, test_names, labels, truth, config, keep, console,
-                                           detected)
+                                           detected, cam_method)
         methods.append(method)
         kept_by_method[name] = kept
-        if classifier.masks is not None:
+        if classifier.masks is not None and cam_method == config.cam_methods[0]:
             methods.append(mask_only(f"{name} mask only", classifier.masks.cpu(), truth, config, method.probabilities,
                                      test_names, detected))
     truth = truth_at[first.config.size]

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, checkpoints, ops
-from .config import BOX_SCORES, MAX_BOXES, PRECISIONS, TrainConfig, box_levels, from_dict
+from .cam_methods import class_maps
+from .config import BOX_SCORES, CAM_METHODS, MAX_BOXES, PRECISIONS, TrainConfig, box_levels, from_dict
 from .config import min_probability as probability_floor
 from .data.dataset import FINDINGS, DataError
 from .data.formats import open_dataset
@@ -180,17 +181,21 @@ class Model:
             if aligner is not None:
                 aligner.to(memory_format=torch.channels_last)
         self.network = compiled(self.model) if compile else self.model  # compile: under torch.compile
+        self.cam_method = CAM_METHODS[0]  # the maps of every call by default (:mod:`dmfast.cam_methods`)
 
     @property
     def masks(self) -> torch.Tensor | None:
         return self.model.masks
 
     @torch.no_grad()
-    def __call__(self, pixels: torch.Tensor) -> Prediction:
-        """Probabilities and CAMs (float32) of uint8 ``pixels [B, 1, size, size]``. With ``precision`` bf16 or
-        fp16 the classifier's backbone and the alignment network run under autocast in channels_last (the CAM
-        head, the transform and the warp in float32, see :class:`CAMClassifier`): faster where the device has native
-        low-precision arithmetic, with probabilities a few hundredths off float32's (docs/performance.md)."""
+    def __call__(self, pixels: torch.Tensor, method: str | None = None) -> Prediction:
+        """Probabilities and CAMs (float32) of uint8 ``pixels [B, 1, size, size]``; ``method``: the maps' kind
+        (:mod:`dmfast.cam_methods`: the head's own, Grad-CAM, Grad-CAM++ or Eigen-CAM; the same probabilities),
+        default :attr:`cam_method`.
+        With ``precision`` bf16 or fp16 the classifier's backbone and the alignment network run under autocast in
+        channels_last (the CAM head, the transform and the warp in float32, see :class:`CAMClassifier`): faster
+        where the device has native low-precision arithmetic, with probabilities a few hundredths off float32's
+        (docs/performance.md)."""
         images = to_model_input(pixels).to(self.device)
         theta = None
         if self.aligner is not None:
@@ -198,10 +203,12 @@ class Model:
                 theta = self.aligner.theta(images)  # float32 (AlignmentNet.parameters_of), warped in float32
             images = self.aligner.warp(images, theta)
         if self.low_precision is not None:
-            with torch.autocast(self.device.type, dtype=self.low_precision):
-                logits, cams = self.network(images.contiguous(memory_format=torch.channels_last), cams=True)
-        else:
-            logits, cams = self.network(images, cams=True)
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.low_precision, enabled=self.low_precision is not None):
+            if (method or self.cam_method) == CAM_METHODS[0]:
+                logits, cams = self.network(images, cams=True)
+            else:  # the backbone as for the head's own maps; the maps from its last feature map
+                logits, cams = class_maps(self.model.head, self.model.stages(images)[-1], method or self.cam_method)
         return Prediction(torch.sigmoid(logits).float(), cams.float(), theta)
 
     def square(self, image) -> "Square":

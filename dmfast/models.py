@@ -111,16 +111,19 @@ class CAMClassifier(nn.Module):
         return self.backbone.stages(self, images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images)
 
     def forward(self, images: Tensor, cams: bool = False):
-        features = self.stages(images)[-1]
-        # the head runs in full precision under autocast (bf16/fp16 backbones): one cast of the last feature map
+        logits, maps = self.head(self.stages(images)[-1])
+        return (logits, maps) if cams else logits
+
+    def head(self, features: Tensor) -> tuple:
+        """``(logits, cams)`` of the last feature map: the fused CAM head, with the disease masks when the model has
+        them. It runs in full precision under autocast (bf16/fp16 backbones): one cast of the feature map."""
         with torch.autocast(features.device.type, enabled=False):
             features = features.to(self.fc.weight.dtype)
             masks = self.masks
             if masks is not None and masks.shape[-2:] != features.shape[-2:]:
                 masks = F.interpolate(masks[None], size=features.shape[-2:], mode="bilinear", align_corners=False,
                                       antialias=True)[0]
-            logits, maps = ops.attention_cam(features, self.fc.weight, self.fc.bias, masks)
-        return (logits, maps) if cams else logits
+            return ops.attention_cam(features, self.fc.weight, self.fc.bias, masks)
 
 
 class AlignmentNet(nn.Module):

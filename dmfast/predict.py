@@ -168,6 +168,7 @@ def _run(config: PredictConfig, console: Console | None) -> dict:
                 raise ValueError(f"--submission {config.submission}: {other} and {path} have one image id, "
                                  f"{submission_id(path)!r} (a challenge knows an image by its file name)")
     model = load_model(config.model, config.device, config.precision, config.compile)
+    model.cam_method = config.cam_method
     clear_outputs(out, earlier)
     out.mkdir(parents=True, exist_ok=True)
     names = output_names(files, roots)
