@@ -10,6 +10,14 @@ __version__ = "0.1.0"
 from . import ops  # noqa: E402,F401  (registers fake kernels and autograd formulas)
 from .ops import affine_matrix, affine_smooth, attention_cam, cam_boxes, mask_attention  # noqa: E402,F401
 
+# the public API: a trained model (load_model -> Model: predict, __call__, classes) and the fused ops
+__all__ = ["load_model", "affine_matrix", "affine_smooth", "attention_cam", "cam_boxes", "mask_attention", "ops",
+           "__version__"]
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
 
 def __getattr__(name):
     if name == "load_model":  # imported on first use: models and torchvision are not needed to use the ops

@@ -16,9 +16,9 @@ from . import __version__, checkpoints, ops
 from .cam_methods import class_maps
 from .config import BOX_SCORES, CAM_METHODS, MAX_BOXES, PRECISIONS, TrainConfig, box_levels, from_dict
 from .config import min_probability as probability_floor
-from .data.dataset import FINDINGS, DataError
+from .data.dataset import FINDINGS, DataError, finding_index
 from .data.formats import open_dataset
-from .data.images import NORMALISATION, Square, load_gray, to_model_input, to_square
+from .data.images import NORMALISATION, Square, gray_of, load_gray, to_model_input, to_square
 from .data.splits import Splits
 from .io import check_outputs, writing
 from .models import AlignmentNet, CAMClassifier, autocast_dtype, compiled, resolve_precision
@@ -185,18 +185,42 @@ class Model:
 
     @property
     def masks(self) -> torch.Tensor | None:
+        """The disease masks ``[C, h, w]`` the classifier attends with, or None."""
         return self.model.masks
+
+    @property
+    def classes(self) -> tuple:
+        """The findings, in the order of every probability vector and CAM (names: any case, or a release's
+        spelling, where a finding is asked for by name)."""
+        return FINDINGS
+
+    def pixels_of(self, pixels) -> torch.Tensor:
+        """``pixels`` as the uint8 ``[B, 1, size, size]`` batch the classifier takes: uint8 as it is; ``[B, size,
+        size]`` given a channel; other dtypes (uint16 by their significant bits, floats in [0, 1]) converted by the
+        readers' rule (:func:`~dmfast.data.images.gray_of`). Another size, or floats outside [0, 1], is a
+        ValueError saying what is expected."""
+        tensor = pixels if torch.is_tensor(pixels) else torch.from_numpy(np.ascontiguousarray(pixels))
+        if tensor.dim() == 3:
+            tensor = tensor[:, None]
+        if tensor.dim() != 4 or tensor.shape[1] != 1 or tuple(tensor.shape[2:]) != (self.size, self.size):
+            raise ValueError(f"pixels of shape {tuple(tensor.shape)}; this model takes [B, 1, {self.size}, {self.size}] "
+                             f"(uint8, or floats in [0, 1]); Model.predict pads and resizes X-rays of any size")
+        if tensor.dtype == torch.uint8:
+            return tensor
+        return torch.stack([torch.from_numpy(gray_of(image[0], f"pixels[{i}]")) for i, image in enumerate(tensor)])[
+            :, None]
 
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor, method: str | None = None) -> Prediction:
-        """Probabilities and CAMs (float32) of uint8 ``pixels [B, 1, size, size]``; ``method``: the maps' kind
+        """Probabilities and CAMs (float32) of uint8 ``pixels [B, 1, size, size]`` (others as :meth:`pixels_of`
+        converts or refuses them); ``method``: the maps' kind
         (:mod:`dmfast.cam_methods`: the head's own, Grad-CAM, Grad-CAM++ or Eigen-CAM; the same probabilities),
         default :attr:`cam_method`.
         With ``precision`` bf16 or fp16 the classifier's backbone and the alignment network run under autocast in
         channels_last (the CAM head, the transform and the warp in float32, see :class:`CAMClassifier`): faster
         where the device has native low-precision arithmetic, with probabilities a few hundredths off float32's
         (docs/performance.md)."""
-        images = to_model_input(pixels).to(self.device)
+        images = to_model_input(self.pixels_of(pixels)).to(self.device)
         theta = None
         if self.aligner is not None:
             with torch.autocast(self.device.type, dtype=self.low_precision, enabled=self.low_precision is not None):
@@ -211,31 +235,35 @@ class Model:
                 logits, cams = class_maps(self.model.head, self.model.stages(images)[-1], method or self.cam_method)
         return Prediction(torch.sigmoid(logits).float(), cams.float(), theta)
 
-    def square(self, image) -> "Square":
-        """An image file or a 2-D uint8 array/tensor padded to a centred square at the model's input size (safe to
-        run in threads, ahead of :meth:`predict_squares`)."""
-        return to_square(_gray(image), self.size)
+    def square(self, image, name: str = "image") -> "Square":
+        """An image file or an image array (:meth:`predict`'s rule) padded to a centred square at the model's input
+        size (safe to run in threads, ahead of :meth:`predict_squares`)."""
+        return to_square(_gray(image, name), self.size)
 
     def predict(self, images, min_probability: float = 0.5, box_thresholds=(0.5,), max_boxes: int = 1,
                 batch: int = 16, names: list | None = None, box_score: str = BOX_SCORES[0],
                 box_floor: float | None = None) -> list:
         """Probabilities, CAMs and boxes for X-rays of any size: ``images`` are image files (PNG, JPEG, DICOM) or
-        2-D uint8 arrays/tensors ``[H, W]`` (a list, a ``[B, H, W]`` tensor, or one). Each is padded to a centred
+        arrays/tensors ``[H, W]`` (a list, a ``[B, H, W]`` tensor, or one): uint8, uint16 and the like by their
+        significant bits, floats in [0, 1], ``[H, W, 3]`` colour to grey, as the readers decode files
+        (:func:`~dmfast.data.images.gray_of`; anything else is refused, saying what is expected). Each is padded to a centred
         square (never squashed) and resized to the model's input; CAMs of aligned models are warped back onto the
         image. The boxes of every class whose probability reaches ``min_probability`` (the reported findings) come
         back in the image's own pixels, scored as ``box_score`` says (:meth:`Prediction.boxes`); those of every
         class reaching ``box_floor`` (default: ``min_probability``; 0: all) in ``all_boxes``, for detection
         metrics. ``names`` label the images in errors (default: their paths or positions). Returns one
         :class:`ImagePrediction` per image."""
-        if isinstance(images, (str, Path)) or getattr(images, "ndim", None) == 2:
-            images = [images]  # one X-ray: a list of one result
+        if isinstance(images, (str, Path)) or getattr(images, "ndim", None) == 2 or \
+                getattr(images, "ndim", None) == 3 and images.shape[-1] in (3, 4):
+            images = [images]  # one X-ray (grey, or colour [H, W, 3]): a list of one result
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         names = names or [str(image) if isinstance(image, (str, Path)) else f"image {i}"
                           for i, image in enumerate(images)]
         results = []
         for start in range(0, len(images), batch):
-            squares = [self.square(image) for image in images[start:start + batch]]
+            squares = [self.square(image, name) for image, name in zip(images[start:start + batch],
+                                                                        names[start:start + batch])]
             results += self.predict_squares(squares, min_probability, box_thresholds, max_boxes,
                                             names[start:start + batch], box_score, box_floor)
         return results
@@ -294,7 +322,7 @@ class ImagePrediction:
     def image_cams(self, classes: list | None = None) -> torch.Tensor:
         """The CAMs of ``classes`` (default: all) over the padded square, ``[len(classes), r, r]`` (r a quarter of
         the model's input): map pixel (u, v) covers image point ((u + 0.5) * side / r - pad_x, ...)."""
-        index = list(range(len(FINDINGS))) if classes is None else [FINDINGS.index(c) for c in classes]
+        index = list(range(len(FINDINGS))) if classes is None else [finding_index(c) for c in classes]
         theta = None if self.theta is None else self.theta.expand(len(index), 2, 3)
         return to_image_frame(self.cams[index], theta, map_resolution(self.size))
 
@@ -311,13 +339,9 @@ class ImagePrediction:
         return full[:, y0:y0 + max(round(self.height * scale), 1), x0:x0 + max(round(self.width * scale), 1)]
 
 
-def _gray(image) -> np.ndarray:
-    if isinstance(image, (str, Path)):
-        return load_gray(image)
-    array = image.cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
-    if array.ndim != 2 or array.dtype != np.uint8 or 0 in array.shape:
-        raise ValueError(f"predict: an image array must be 2-D uint8 [H, W], got {array.dtype} {array.shape}")
-    return array
+def _gray(image, name: str = "image") -> np.ndarray:
+    """An image file decoded, or an image array converted by the readers' rule (:func:`gray_of`)."""
+    return load_gray(image) if isinstance(image, (str, Path)) else gray_of(image, name)
 
 
 class Classifier(Model):

@@ -153,9 +153,12 @@ def cam_boxes(cams: Tensor, size, threshold, max_boxes: int = 16, score: str = "
     pass ``threshold=(60/255, 180/255)`` for their two-level scheme, whose boxes are pooled per map.
 
     Args:
-        cams: ``[N, h, w]`` or ``[B, C, h, w]`` float maps. A map with NaN or inf gets no boxes and count -1 (no
-            error, so the CUDA kernel never waits for the device; the caller checks ``counts < 0``).
-        size: ``(H, W)`` of the image the boxes are reported in (pixels of the upsampled map).
+        cams: ``[N, h, w]`` or ``[B, C, h, w]`` float maps, or one ``[h, w]`` map; a tensor or an array (numpy, as
+            pytorch-grad-cam returns them); float16/bfloat16 and integer maps on the CPU are converted to float32
+            first. A map with NaN or inf gets no boxes and count -1 (no error, so the CUDA kernel never waits for
+            the device; the caller checks ``counts < 0``).
+        size: ``(H, W)`` of the image the boxes are reported in (pixels of the upsampled map), or one int for a
+            square.
         threshold: a fraction in [0, 1] or a sequence of them.
         max_boxes: boxes kept per map (the best by score), 1 to 65536.
         score: ``"max"`` (default; the peak normalised activation inside the region, robust to region size) or
@@ -164,12 +167,14 @@ def cam_boxes(cams: Tensor, size, threshold, max_boxes: int = 16, score: str = "
     Returns:
         ``boxes [..., max_boxes, 4]`` int64 ``(x0, y0, x1, y1)``, inclusive-exclusive pixels; ``scores
         [..., max_boxes]`` float64; ``counts [...]`` int64, the number of regions found (may exceed ``max_boxes``;
-        -1 for a non-finite map).
+        -1 for a non-finite map); ``...`` is empty for one ``[h, w]`` map.
         Boxes are sorted by score (highest first; ties by threshold level, then raster order of the region's first
         pixel). Entries past ``min(count, max_boxes)`` are zero. A constant map has no region: count 0.
         Not differentiable.
     """
+    cams, single = _maps(cams)
     _tensors("cam_boxes", cams=cams)
+    size = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
     try:
         levels = [float(threshold)] if isinstance(threshold, (int, float)) else [float(t) for t in threshold]
     except (TypeError, ValueError):
@@ -182,8 +187,27 @@ def cam_boxes(cams: Tensor, size, threshold, max_boxes: int = 16, score: str = "
         raise ValueError(f"cam_boxes: size must be (H, W), two ints, got {size!r}") from None
     if not (1 <= height <= OP_MAX_SIDE and 1 <= width <= OP_MAX_SIDE):
         raise ValueError(f"cam_boxes: size must be (H, W) with H, W in [1, {OP_MAX_SIDE}], got {size!r}")
-    return torch.ops.dmfast.cam_boxes.default(cams.detach(), [height, width], levels,
-                                              _index(max_boxes, "cam_boxes", "max_boxes"), score)
+    boxes, scores, counts = torch.ops.dmfast.cam_boxes.default(cams.detach(), [height, width], levels,
+                                                               _index(max_boxes, "cam_boxes", "max_boxes"), score)
+    return (boxes[0], scores[0], counts[0]) if single else (boxes, scores, counts)
+
+
+def _maps(cams) -> tuple:
+    """``(maps, single)``: what other CAM tools give (numpy arrays, one ``[h, w]`` map, half precision or integer
+    maps on the CPU) as the float tensor the op takes; ``single`` when one map was given."""
+    if not torch.is_tensor(cams):
+        import numpy as np
+
+        try:
+            cams = torch.from_numpy(np.ascontiguousarray(cams))
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"cam_boxes: cams must be a tensor or a numpy array of maps, got {type(cams).__name__}"
+                             ) from None
+    if cams.device.type == "cpu" and (cams.dtype in (torch.float16, torch.bfloat16) or
+                                      (not cams.is_floating_point() and not cams.is_complex()
+                                       and cams.dtype != torch.bool)):
+        cams = cams.float()
+    return (cams[None], True) if cams.dim() == 2 else (cams, False)
 
 
 def _index(value, op: str, name: str) -> int:

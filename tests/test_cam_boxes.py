@@ -139,3 +139,26 @@ def test_strided_maps_give_the_boxes_of_their_contiguous_copy(device, dtype, vie
     for got, want in zip(ops.cam_boxes(strided, size, (0.3, 0.6), 4), ops.cam_boxes(strided.contiguous(), size,
                                                                                    (0.3, 0.6), 4)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_maps_of_other_tools_numpy_single_2d_half_and_an_int_size_give_the_float32_result(gen):
+    """What pytorch-grad-cam and others return: numpy ``[B, H, W]`` float32 maps, one ``[H, W]`` map, half
+    precision; converted at the boundary, the same boxes as the float32 tensor."""
+    import numpy as np
+
+    maps = torch.rand(3, 9, 7, generator=gen)
+    want = ops.cam_boxes(maps, (64, 48), (0.4, 0.7), 4)
+    for given in (maps.numpy(), maps.numpy().astype(np.float64)):
+        for got, expected in zip(ops.cam_boxes(given, (64, 48), (0.4, 0.7), 4), want):
+            assert torch.equal(got, expected)
+    single = ops.cam_boxes(maps[1].numpy(), (64, 48), (0.4, 0.7), 4)
+    assert single[0].shape == (4, 4) and single[2].dim() == 0
+    for got, expected in zip(single, want):
+        assert torch.equal(got, expected[1])
+    square = ops.cam_boxes(maps, 64, 0.5, 4)
+    for got, expected in zip(square, ops.cam_boxes(maps, (64, 64), 0.5, 4)):
+        assert torch.equal(got, expected)
+    for low in (torch.float16, torch.bfloat16):
+        for got, expected in zip(ops.cam_boxes(maps.to(low), 64, 0.5, 4), ops.cam_boxes(maps.to(low).float(), 64,
+                                                                                         0.5, 4)):
+            assert torch.equal(got, expected)

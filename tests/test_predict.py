@@ -428,3 +428,45 @@ def test_a_full_disk_during_predict_names_the_output_folder(run, tmp_path, monke
     assert result.exit_code == 1
     assert f"{out}: No space left on device (writing the records of the run)" in " ".join(result.output.split())
     assert not out.exists()  # nothing written: the folder the run made for its outputs went with it
+
+
+def test_inputs_other_than_uint8_convert_by_the_readers_rule_or_are_refused(run):
+    """uint16 (its significant bits), floats in [0, 1], colour [H, W, 3] and [B, S, S] give the uint8 image's
+    probabilities; a float image outside [0, 1], another size, or an image too small are refused saying what is
+    expected."""
+    folder, xray = run
+    model = dmfast.load_model(folder, "cpu", "fp32")
+    want = model.predict(xray, min_probability=0)[0].probabilities
+    twelve = ((xray.astype(np.int64) * 4095 + 127) // 255).astype(np.uint16)  # 12-bit data stored as it is
+    colour = np.repeat(xray[..., None], 3, -1)
+    for given in (xray.astype(np.float32) / 255, twelve, colour, torch.from_numpy(xray.astype(np.float64) / 255)):
+        got = model.predict(given, min_probability=0)[0].probabilities
+        for name in want:
+            assert abs(got[name] - want[name]) <= 1e-3, (given.dtype, name, got[name], want[name])
+    square = torch.from_numpy(xray).view(1, 1, *xray.shape)
+    assert tuple(square.shape[2:]) == (model.size, model.size)  # the phantom X-ray is at the model's size
+    base = model(square).probabilities
+    torch.testing.assert_close(model(square.float() / 255).probabilities, base, atol=1e-3, rtol=0)
+    torch.testing.assert_close(model(square[:, 0]).probabilities, base)  # [B, S, S]
+    with pytest.raises(ValueError, match="float pixels from 0 to 255; floats must lie in \\[0, 1\\]"):
+        model.predict(xray.astype(np.float32), min_probability=0)
+    with pytest.raises(ValueError, match=f"pixels of shape \\(1, 1, 32, 32\\); this model takes \\[B, 1, "
+                                         f"{model.size}, {model.size}\\]"):
+        model(torch.zeros(1, 1, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="image 0: 1 x 1 pixels, too small to be an X-ray"):
+        model.predict(np.zeros((1, 1), np.uint8))
+    with pytest.raises(ValueError, match="image 0: int64 \\(2, 64, 64, 7\\); expected uint8"):
+        model.predict([np.zeros((2, 64, 64, 7), np.int64)])
+
+
+def test_classes_are_named_in_any_case_or_a_releases_spelling(run):
+    folder, xray = run
+    model = dmfast.load_model(folder, "cpu", "fp32")
+    assert model.classes[0] == "Atelectasis" and len(model.classes) == 14
+    result = model.predict(xray, min_probability=0)[0]
+    for name in ("cardiomegaly", "Infiltrate", "pleural effusion", "Pleural Thickening", "PLEURAL_THICKENING"):
+        assert result.heatmap(name).shape == (xray.shape[0], xray.shape[1])
+    torch.testing.assert_close(result.heatmap("infiltrate"), result.heatmap("Infiltration"))
+    with pytest.raises(ValueError, match="unknown finding 'Tumour'; the findings are Atelectasis, Cardiomegaly"):
+        result.heatmap("Tumour")
+    assert "load_model" in dir(dmfast) and "load_model" in dmfast.__all__

@@ -25,6 +25,9 @@ FINDINGS = (
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
     "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
 )
+# other spellings of the findings in the releases (ChestX-ray14's boxes, CheXpert, VinDr-CXR) and in the papers
+FINDING_ALIASES = {"infiltrate": "Infiltration", "pleural effusion": "Effusion", "pleural thickening":
+                   "Pleural_Thickening", "pulmonary fibrosis": "Fibrosis"}
 UNKNOWN = -1  # a label the release does not give: left out of that class's loss and AUROC, never a negative
 # ChestX-ray14's boxes are in the pixel space of its released 1024 x 1024 PNGs; other releases draw on their images.
 RELEASE_SIZE = 1024
@@ -33,6 +36,20 @@ BOX_SLACK = 1.0  # pixels a box may reach past the image's edge (rounding of dra
 # How a release's uncertain labels (CheXpert's -1) and blank cells (finding not mentioned) become labels.
 UNCERTAIN_POLICIES = ("ignore", "positive", "negative")  # ignore: unknown
 BLANK_POLICIES = ("unknown", "negative")
+
+
+def finding_index(name: str) -> int:
+    """The index in :data:`FINDINGS` of a finding named in any case, with spaces or underscores, or by a release's
+    spelling (:data:`FINDING_ALIASES`: "Infiltrate", "Pleural Effusion", ...); an unknown name is a ValueError
+    listing the valid ones."""
+    key = " ".join(str(name).replace("_", " ").replace("-", " ").lower().split())
+    for index, finding in enumerate(FINDINGS):
+        if key == finding.replace("_", " ").lower():
+            return index
+    if key in FINDING_ALIASES:
+        return FINDINGS.index(FINDING_ALIASES[key])
+    raise ValueError(f"unknown finding {name!r}; the findings are {', '.join(FINDINGS)} (any case; also "
+                     f"{', '.join(a.title() for a in FINDING_ALIASES)})")
 
 
 class DataError(RuntimeError):

@@ -90,6 +90,41 @@ def significant_bits(array: np.ndarray, recorded: int | None = None) -> int:
     return next((bits for bits in WORD_DEPTHS if largest < 2 ** bits), 16)
 
 
+def gray_of(array, name: str = "image") -> np.ndarray:
+    """An image array as the readers decode a file: uint8 ``[H, W]``. The rule: uint8 as it is; other integers
+    (uint16 and the like, non-negative) by their significant bits (:func:`significant_bits`, as 16-bit PNGs);
+    floats in [0, 1] times 255, rounded; ``[H, W, 3]`` or ``[H, W, 4]`` colour to grey by ITU-R 601 luma (alpha
+    dropped, as the readers do) after the same scaling; ``[H, W, 1]`` as ``[H, W]``. Anything else (other shapes,
+    negative or non-finite values, floats outside [0, 1], a side under :data:`MIN_SIDE`) is a ValueError naming
+    ``name`` and what is expected."""
+    from PIL import Image
+
+    array = np.asarray(array.cpu() if hasattr(array, "cpu") else array)
+    expected = ("uint8 (or uint16, or floats in [0, 1]) pixels [H, W], or [H, W, 3] colour, with sides of at least "
+                f"{MIN_SIDE}")
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or array.ndim == 3 and array.shape[-1] not in (3, 4) or array.dtype == bool or \
+            array.dtype.kind not in "uif":
+        raise ValueError(f"{name}: {array.dtype} {tuple(array.shape)}; expected {expected}")
+    if min(array.shape[:2]) < MIN_SIDE:
+        raise ValueError(f"{name}: {array.shape[1]} x {array.shape[0]} pixels, too small to be an X-ray; expected "
+                         f"{expected}")
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise ValueError(f"{name}: float pixels from {np.nanmin(array):g} to {np.nanmax(array):g}; floats must lie "
+                             "in [0, 1] (or give the uint8/uint16 pixels)")
+        array = np.round(array.astype(np.float64) * 255).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        if array.min() < 0:
+            raise ValueError(f"{name}: negative pixel values ({array.min()}); expected {expected}")
+        top = 2 ** significant_bits(array) - 1
+        array = np.clip(np.round(array.astype(np.float64) * (255 / top)), 0, 255).astype(np.uint8)
+    if array.ndim == 3:
+        array = np.asarray(Image.fromarray(np.ascontiguousarray(array[..., :3])).convert("L"))
+    return np.require(array, requirements=["C", "W"])  # contiguous and writable (a copy of a PIL image's view)
+
+
 def _png_sbit(path) -> int | None:
     """The significant bits a grayscale PNG's sBIT chunk records, or None (no chunk, or not readable)."""
     import struct
@@ -118,7 +153,7 @@ def _resized(gray, size: int | None, path) -> np.ndarray:
                          f"least {MIN_SIDE} px)")
     if size is not None and gray.size != (size, size):
         gray = gray.resize((size, size), Image.Resampling.LANCZOS)
-    return np.asarray(gray, dtype=np.uint8)
+    return np.require(np.asarray(gray, dtype=np.uint8), requirements=["C", "W"])  # writable, as arrays are
 
 
 def list_xrays(inputs, exclude=()) -> tuple:
