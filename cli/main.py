@@ -212,7 +212,8 @@ TRAINING_PRECISION = ("precision", {"type": click.Choice(PRECISIONS),
 @click.argument("out_dir", type=FOLDER)
 @options(synthesize, *((name, {"type": Number(phantom.RANGES[name]), "help": text}) for name, text in (
     ("count", "Number of images."), ("size", "Image side in pixels."), ("seed", "Random seed."),
-    ("no_finding", "Fraction of images without findings."))), OVERWRITE)
+    ("no_finding", "Fraction of images without findings."))),
+         ("overwrite", {"help": "Replace an earlier phantom in OUT_DIR (never done without it)."}))
 def synth(out_dir, **kwargs):
     """Write a synthetic chest-phantom dataset in ChestX-ray14 format to OUT_DIR."""
     synthesize(out_dir, **kwargs)
@@ -423,7 +424,8 @@ def evaluate(data_dir, checkpoints, masks_files, box_threshold, **kwargs):
          ("cam_method", {"flag": "--cam", "help": "The maps the boxes come from: the model's own CAM, Grad-CAM, "
                                                   "Grad-CAM++ or Eigen-CAM."}),
          ("overlays", {"help": "Also write one overlay PNG per image (CAMs, boxes, probabilities)."}),
-         ("device", {"help": "cpu, cuda or cuda:N [default: cuda when available]."}), PRECISION, COMPILE,
+         ("device", {"help": "cpu, cuda or cuda:N [default: cuda when available]."}),
+         PRECISION, COMPILE,
          ("format", {"type": click.Choice(["auto", *DATA_FORMATS]),
                      "help": "INPUTS are release folders (of this layout, or auto: detected): predict the images each "
                              "lists (its frontal X-rays) instead of every image file."}), OVERWRITE)

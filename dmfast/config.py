@@ -94,6 +94,14 @@ def arch_problem(value) -> str | None:
     return f"must be one of {', '.join(ARCHS)} or {TIMM}<model> (a timm model), got {value!r}"
 
 
+def device_problem(value) -> str | None:
+    """What is wrong with a device's name as written (cpu, cuda or cuda:N), or None; whether this machine has it
+    is checked when it is used (:func:`dmfast.ops.chosen_device`)."""
+    if value is None or isinstance(value, str) and re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        return None
+    return f"must be cpu, cuda or cuda:N, got {value!r}"
+
+
 def arch_field(default: str):
     """A dataclass field naming a backbone (:func:`arch_problem`)."""
     return field(default=default, metadata={"valid": arch_problem})
@@ -281,7 +289,7 @@ class PredictConfig(BoxConfig):
     cams: bool = False  # write cams.npz
     cam_method: str = chosen(CAM_METHODS[0], CAM_METHODS)  # the maps boxes are drawn from (dmfast.cam_methods)
     overlays: bool = False  # write one overlay PNG per image
-    device: str | None = None  # default: CUDA when available, else the CPU
+    device: str | None = field(default=None, metadata={"valid": device_problem})  # default: CUDA when available
     precision: str = chosen("auto", PRECISIONS)  # see dmfast.inference.Model
     compile: bool = False  # run the classifier under torch.compile (dmfast.models.compiled)
     overwrite: bool = False  # replace the outputs of an earlier prediction in ``out``

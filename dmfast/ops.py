@@ -154,8 +154,7 @@ def cam_boxes(cams: Tensor, size, threshold, max_boxes: int = 16, score: str = "
 
     Args:
         cams: ``[N, h, w]`` or ``[B, C, h, w]`` float maps, or one ``[h, w]`` map; a tensor or an array (numpy, as
-            pytorch-grad-cam returns them); float16/bfloat16 and integer maps on the CPU are converted to float32
-            first. A map with NaN or inf gets no boxes and count -1 (no error, so the CUDA kernel never waits for
+            pytorch-grad-cam returns them); float16/bfloat16 maps on the CPU are converted to float32 first. A map with NaN or inf gets no boxes and count -1 (no error, so the CUDA kernel never waits for
             the device; the caller checks ``counts < 0``).
         size: ``(H, W)`` of the image the boxes are reported in (pixels of the upsampled map), or one int for a
             square.
@@ -193,8 +192,8 @@ def cam_boxes(cams: Tensor, size, threshold, max_boxes: int = 16, score: str = "
 
 
 def _maps(cams) -> tuple:
-    """``(maps, single)``: what other CAM tools give (numpy arrays, one ``[h, w]`` map, half precision or integer
-    maps on the CPU) as the float tensor the op takes; ``single`` when one map was given."""
+    """``(maps, single)``: what other CAM tools give (numpy arrays, one ``[h, w]`` map, half precision maps on the
+    CPU) as the float tensor the op takes; ``single`` when one map was given."""
     if not torch.is_tensor(cams):
         import numpy as np
 
@@ -203,9 +202,7 @@ def _maps(cams) -> tuple:
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"cam_boxes: cams must be a tensor or a numpy array of maps, got {type(cams).__name__}"
                              ) from None
-    if cams.device.type == "cpu" and (cams.dtype in (torch.float16, torch.bfloat16) or
-                                      (not cams.is_floating_point() and not cams.is_complex()
-                                       and cams.dtype != torch.bool)):
+    if cams.device.type == "cpu" and cams.dtype in (torch.float16, torch.bfloat16):
         cams = cams.float()
     return (cams[None], True) if cams.dim() == 2 else (cams, False)
 

@@ -238,7 +238,9 @@ def _run(config: PredictConfig, console: Console | None) -> dict:
         atomic_write_json_streamed(out / "predictions.json", report)
         report["images"] = count  # the records are in the file
     if problems:
-        print_table(console, f"{len(problems)} files left out ({out / 'problems.csv'})", ["file", "reason"],
+        unreadable = len(files) - count  # of the X-ray files the bar counted; the others were not X-ray files
+        print_table(console, f"{len(problems)} files left out: {unreadable} of the {len(files)} X-ray files could not "
+                    f"be read, {len(problems) - unreadable} other files ({out / 'problems.csv'})", ["file", "reason"],
                     [[escape(path), escape(reason)] for path, reason in problems], justify=["left", "left"])
     if not count:
         raise ValueError(f"none of the {len(files)} X-ray files could be read (see {out / 'problems.csv'})")

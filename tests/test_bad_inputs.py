@@ -173,7 +173,8 @@ RANGE_CASES = [
     ("eval", "--box-threshold", "0.5,-0.1"), ("eval", "--bootstrap", "-1"), ("eval", "--overlays", "-1"),
     ("eval", "--seed", "-1"), ("eval", "--box-space", "pixels"), ("eval", "--split", "none"),
     ("predict", "--batch", "0"), ("predict", "--min-probability", "2"), ("predict", "--min-probability", "nan"),
-    ("predict", "--max-boxes", "0"), ("predict", "--box-threshold", "1.5"),
+    ("predict", "--max-boxes", "0"), ("predict", "--box-threshold", "1.5"), ("predict", "--device", "tpu"),
+    ("predict", "--device", "cuda:x"), ("eval", "--cam", "scorecam"), ("train", "--arch", "timm:"),
     ("synth", "--count", "0"), ("synth", "--count", "-5"), ("synth", "--size", "0"), ("synth", "--no-finding", "2"),
     ("synth", "--no-finding", "nan"), ("synth", "--seed", "-1"),
     ("prepare", "--size", "0"), ("prepare", "--size", "16"), ("prepare", "--workers", "0"),
@@ -449,6 +450,28 @@ def test_predict_lists_images_too_small_to_be_xrays(world, tmp_path):
     assert "dot.png" in problems and "dot.dcm" in problems
 
 
+def test_empty_and_truncated_files_are_named_for_what_they_are(world, tmp_path):
+    from dmfast.testing import write_dicom
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    shutil.copy(world.data / "images" / _first_image(world.data), inputs / "chest.png")
+    (inputs / "empty.png").write_bytes(b"")
+    whole = write_dicom(tmp_path / "whole.dcm", torch.full((64, 64), 300, dtype=torch.int32).numpy().astype("uint16"))
+    (inputs / "cut.dcm").write_bytes(whole.read_bytes()[:-2000])  # uncompressed, its pixel data cut short
+    output = expect(["predict", world.kinds["model"], inputs, "--out", tmp_path / "out"], code=0)
+    problems = (tmp_path / "out" / "problems.csv").read_text()
+    assert "empty.png,an empty file" in problems, problems
+    cut = next(line for line in problems.splitlines() if "cut.dcm" in line)
+    assert "truncated or damaged" in cut and "pip install" not in cut, cut
+    assert "2 files left out: 2 of the 3 X-ray files could not be read, 0 other files" in " ".join(output.split())
+
+
+def test_synth_help_names_only_its_own_arguments():
+    help_text = invoke("synth", "--help").output
+    assert "OUT_DIR" in help_text and "--out " not in help_text and "in --out" not in help_text
+
+
 # --- runs are never overwritten or appended to ----------------------------------------------------------------------
 
 def test_runs_are_never_overwritten_without_asking(world, tmp_path):
@@ -649,7 +672,7 @@ OP_CASES = {
     "cam_boxes threshold nan": (lambda: ops.cam_boxes(_images((2, 8, 8)), (32, 32), float("nan")), "thresholds"),
     "cam_boxes threshold text": (lambda: ops.cam_boxes(_images((2, 8, 8)), (32, 32), "high"), "threshold"),
     "cam_boxes no thresholds": (lambda: ops.cam_boxes(_images((2, 8, 8)), (32, 32), []), "at least one threshold"),
-    "cam_boxes 2-d maps": (lambda: ops.cam_boxes(_images((8, 8)), (32, 32), 0.5), "cams must be"),
+    "cam_boxes 1-d maps": (lambda: ops.cam_boxes(_images((8,)), (32, 32), 0.5), "cams must be"),
     "cam_boxes int maps": (lambda: ops.cam_boxes(_images((2, 8, 8)).long(), (32, 32), 0.5), "cams must be float"),
     "cam_boxes score": (lambda: ops.cam_boxes(_images((2, 8, 8)), (32, 32), 0.5, 1, "median"), "score must be"),
     "cam_boxes not maps": (lambda: ops.cam_boxes("maps", (32, 32), 0.5),

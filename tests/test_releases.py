@@ -398,6 +398,26 @@ def test_bad_release_inputs_get_named_errors(phantom, tmp_path):
            "was trained with mix")
 
 
+def test_generic_csv_takes_release_spellings_and_suggests_a_close_name(phantom, tmp_path):
+    from dmfast.data.formats import open_dataset
+
+    folder = releases.generic(phantom, tmp_path / "csv")
+    labels = (folder / "labels.csv").read_text()
+    (folder / "labels.csv").write_text(labels.replace("Infiltration", "Infiltrate", 1).replace("Effusion",
+                                                                                            "pleural effusion", 1))
+    boxes = (folder / "boxes.csv").read_text().splitlines()
+    row = boxes[1].split(",")
+    (folder / "boxes.csv").write_text("\n".join(boxes + [",".join([row[0], "Infiltrate", *row[2:]]),
+                                                        ",".join([row[0], "Cardiomegally", *row[2:]])]) + "\n")
+    with pytest.raises(DataError) as error:
+        open_dataset(folder)
+    assert "did you mean 'Cardiomegaly'?" in str(error.value) and "Infiltrate" not in str(error.value)
+    dataset = open_dataset(folder, skip_problems=True)
+    original = open_dataset(releases.generic(phantom, tmp_path / "again"))
+    assert [r.labels.tolist() for r in dataset.records] == [r.labels.tolist() for r in original.records]
+    assert len(dataset.boxes) == len(original.boxes) + 1  # the Infiltrate box read as Infiltration
+
+
 def _header_only(path: Path) -> None:
     import gzip
 

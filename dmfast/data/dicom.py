@@ -138,8 +138,10 @@ def read_dicom(path) -> np.ndarray:
         except Exception as error:
             syntax = ds.file_meta.get("TransferSyntaxUID", "?")
             first = (str(error).splitlines() or [""])[0]
-            raise DicomError(f"cannot decode its pixel data ({getattr(syntax, 'name', syntax)}): {first} For "
-                             f"compressed DICOM: {DECODERS}") from None
+            hint = f"For compressed DICOM: {DECODERS}" if getattr(syntax, "is_compressed", True) else \
+                "(uncompressed pixel data that does not fit its rows and columns: a truncated or damaged file?)"
+            raise DicomError(f"cannot decode its pixel data ({getattr(syntax, 'name', syntax)}): {first} {hint}"
+                             ) from None
         photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").upper()
         shown = _gray(ds, pixels, photometric)
     except DicomError as error:

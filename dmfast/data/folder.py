@@ -3,21 +3,31 @@
 
 ``labels.csv``: a column ``image`` (the file's path relative to the folder), optional ``patient`` (default: the
 file's name without suffix), ``split`` (``train`` or ``test``, blank for neither) and ``view``, and a column per
-finding among the 14 (named as in :data:`~dmfast.data.dataset.FINDINGS`) whose cells are ``1``, ``0``, ``-1``
+finding among the 14 (named as in :data:`~dmfast.data.dataset.FINDINGS`, in any case, or by a release's spelling
+such as ChestX-ray14's ``Infiltrate``: :func:`~dmfast.data.dataset.finding_index`) whose cells are ``1``, ``0``, ``-1``
 (uncertain) or blank, read by the label policy; a finding without a column is unknown. ``boxes.csv``: ``image,
 finding, x_min, y_min, x_max, y_max`` in the image's own pixels, and optionally ``reader``.
 """
 
+import difflib
 from pathlib import Path
 
 import numpy as np
 
 from .dataset import (FINDINGS, UNKNOWN, Box, Dataset, DataError, LabelPolicy, Problems, Record, cell, columns_of,
-                      csv_table, parse_box)
+                      csv_table, finding_index, parse_box)
 
 LABEL_COLUMNS = ("image", "patient", "split", "view", *FINDINGS)
 BOX_COLUMNS = ("image", "finding", "x_min", "y_min", "x_max", "y_max")
 SPLITS = ("train", "test", "")
+
+
+def _finding(name: str) -> str | None:
+    """The finding ``name`` stands for (any case, a release's spelling), or None."""
+    try:
+        return FINDINGS[finding_index(name)]
+    except ValueError:
+        return None
 
 
 def detect(root: Path) -> bool:
@@ -30,6 +40,7 @@ def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True
     if not path.is_file():
         raise DataError(f"{root}: no labels.csv (the generic format: see the README's 'Datasets')")
     header, rows = csv_table(path, listing=True)
+    header = [_finding(name) or name for name in header]  # "Infiltrate", "pleural effusion": the 14's own names
     column = columns_of(path, header, ("image",), LABEL_COLUMNS, problems)
     records, paths, train_val, test = [], {}, set(), set()
     for line, row in rows:
@@ -67,9 +78,12 @@ def _read_boxes(path: Path, problems: Problems, paths: dict) -> list:
     boxes = []
     for line, row in rows:
         where = f"{path.name}:{line}"
-        image, finding = cell(row, column, "image"), cell(row, column, "finding")
-        if finding not in FINDINGS:
-            problems.add("box rows with unknown labels", f"{where} ({finding!r})")
+        image, given = cell(row, column, "image"), cell(row, column, "finding")
+        finding = _finding(given)
+        if finding is None:
+            close = difflib.get_close_matches(given, FINDINGS, 1, 0.6)
+            problems.add("box rows with unknown labels", f"{where} ({given!r}" +
+                         (f"; did you mean {close[0]!r}?)" if close else ")"))
             continue
         if image not in paths:
             problems.add("boxes of images missing or not in labels.csv", image)

@@ -50,6 +50,8 @@ def load_gray(path, size: int | None = None) -> np.ndarray:
 def _decoded(path: Path, size: int | None) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if path.is_file() and path.stat().st_size == 0:
+        raise ImageError(f"{path}: an empty file")
     if is_dicom(path):
         try:
             gray = Image.fromarray(read_dicom(path))
