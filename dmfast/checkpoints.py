@@ -9,8 +9,10 @@ the portable model file (``dmfast export``, and ``model.pt`` of every ``dmfast t
 ``dmfast eval``'s check of test images against the training images wherever the file travels, it also keeps
 (optional fields: files written before them read as None) its training run's settings ``config`` (the
 TrainConfig as a dict, its paths a record only, ``format`` as detected), its ``splits`` (``train``, ``val``,
-``test`` image names, ``seed``, ``val_fraction``, ``folds``) and ``patients``: the patient IDs (str) of its training
-and validation images, None when the training data was not readable at export.
+``test`` image names, ``seed``, ``val_fraction``, ``folds``), ``patients``: the patient IDs (str) of its training
+and validation images, None when the training data was not readable at export, and ``ood``: the training images'
+pooled feature statistics (``mean``, ``std`` per channel, ``threshold`` calibrated on the validation images; see
+:func:`dmfast.inference.feature_statistics`), None when its image cache was not readable at export.
 
 Each is a dict saved atomically with a ``format`` tag, a format ``version`` and a ``seal``: a digest of each
 setting the weights cannot show (architecture, CAM stride, image size, classes, the alignment network's input size)
@@ -246,6 +248,12 @@ def _structure_problem(kind: str, payload: dict) -> str | None:
             return "'splits' lacks the lists of training, validation and test image names"
         if patients is not None and not (isinstance(patients, list) and all(isinstance(p, str) for p in patients)):
             return "'patients' is not a list of patient IDs"
+        ood = payload.get("ood")
+        if ood is not None and not (isinstance(ood, dict) and all(isinstance(ood.get(k), torch.Tensor) and
+                                                                   ood[k].dim() == 1 for k in ("mean", "std")) and
+                                    ood["mean"].shape == ood["std"].shape and bool((ood["std"] > 0).all()) and
+                                    isinstance(ood.get("threshold"), float) and ood["threshold"] >= 0):
+            return "'ood' is not the training images' feature statistics (mean, std > 0, threshold)"
     return None
 
 

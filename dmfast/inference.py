@@ -107,9 +107,14 @@ def map_resolution(size: int) -> int:
 
 @dataclass
 class Prediction:
+    """A batch's result of :meth:`Model.__call__`."""
+
     probabilities: torch.Tensor  # [B, C]
     cams: torch.Tensor  # [B, C, h, w], in the frame the model saw (aligned when it was trained aligned)
     theta: torch.Tensor | None  # [B, 2, 3] alignment transforms (aligned frame -> image frame), or None
+    # [B] how far each input's features are from the training X-rays' (:meth:`Model.ood_score`); None for a
+    # model without the statistics
+    ood: torch.Tensor | None = None
 
     def boxes(self, images: list, classes: list, size: int, thresholds, max_boxes: int, names: list,
               score: str = BOX_SCORES[0]) -> tuple:
@@ -182,6 +187,7 @@ class Model:
                 aligner.to(memory_format=torch.channels_last)
         self.network = compiled(self.model) if compile else self.model  # compile: under torch.compile
         self.cam_method = CAM_METHODS[0]  # the maps of every call by default (:mod:`dmfast.cam_methods`)
+        self.ood = None  # the training images' feature statistics (feature_statistics), from a model file
 
     @property
     def masks(self) -> torch.Tensor | None:
@@ -230,10 +236,22 @@ class Model:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.low_precision, enabled=self.low_precision is not None):
             if (method or self.cam_method) == CAM_METHODS[0]:
-                logits, cams = self.network(images, cams=True)
+                logits, cams, pooled = self.network(images, cams=True, pooled=True)
             else:  # the backbone as for the head's own maps; the maps from its last feature map
-                logits, cams = class_maps(self.model.head, self.model.stages(images)[-1], method or self.cam_method)
-        return Prediction(torch.sigmoid(logits).float(), cams.float(), theta)
+                features = self.model.stages(images)[-1]
+                logits, cams = class_maps(self.model.head, features, method or self.cam_method)
+                pooled = features.float().mean((2, 3))
+        return Prediction(torch.sigmoid(logits).float(), cams.float(), theta, self.ood_score(pooled))
+
+    def ood_score(self, pooled: torch.Tensor) -> torch.Tensor | None:
+        """``[B]``: the root mean square z-score of the pooled last feature map ``[B, K]`` against the training
+        images' (their mean and standard deviation per channel, kept in the model file); beyond :attr:`ood`'s
+        ``threshold`` (calibrated on the validation images) an input is unlike the X-rays the model was trained on.
+        None for a model file without the statistics."""
+        if self.ood is None:
+            return None
+        mean, std = (self.ood[k].to(pooled.device) for k in ("mean", "std"))
+        return ((pooled.float() - mean) / std).square().mean(1).sqrt().cpu()
 
     def square(self, image, name: str = "image") -> "Square":
         """An image file or an image array (:meth:`predict`'s rule) padded to a centred square at the model's input
@@ -300,7 +318,9 @@ class Model:
                                            {c: v for c, v in found.items() if p[c] >= min_probability},
                                            cams[b], None if theta is None else theta[b], self.size,
                                            (square.side, square.pad_x, square.pad_y),
-                                           {c: v for c, v in found.items() if p[c] >= box_floor}))
+                                           {c: v for c, v in found.items() if p[c] >= box_floor},
+                                           None if prediction.ood is None else float(prediction.ood[b]),
+                                           None if self.ood is None else self.ood["threshold"]))
         return results
 
 
@@ -318,6 +338,14 @@ class ImagePrediction:
     size: int  # the model's input size
     frame: tuple  # (side, pad_x, pad_y): the centred square of side `side` padding the image
     all_boxes: dict = field(default_factory=dict)  # as boxes, for every class reaching the box floor
+    ood_score: float | None = None  # how far from the training X-rays (Model.ood_score); None: not known
+    ood_threshold: float | None = None  # the score beyond which an input is out of distribution
+
+    @property
+    def out_of_distribution(self) -> bool | None:
+        """Whether the input is unlike the X-rays the model was trained on (its score beyond the threshold
+        calibrated on the validation images); None when the model file has no statistics."""
+        return None if self.ood_score is None or self.ood_threshold is None else self.ood_score > self.ood_threshold
 
     def image_cams(self, classes: list | None = None) -> torch.Tensor:
         """The CAMs of ``classes`` (default: all) over the padded square, ``[len(classes), r, r]`` (r a quarter of
@@ -362,6 +390,7 @@ class Classifier(Model):
             Splits([], [], [], self.config.seed, self.config.val_fraction)
         self.patients = payload.get("patients") if payload["format"] == checkpoints.MODEL else None
         self.anchor, self.anchor_source, aligner = None, None, None
+        statistics = payload.get("ood") if payload["format"] == checkpoints.MODEL else None
         if payload["format"] == checkpoints.MODEL:
             embedded = payload["aligner"]
             if embedded is not None:
@@ -380,6 +409,7 @@ class Classifier(Model):
             if anchor.is_file():
                 self.anchor, self.anchor_source = checkpoints.load_anchor(anchor), str(anchor)
         super().__init__(model, aligner, self.config.size, device, precision, compile)
+        self.ood = statistics
 
 
 def training_patients(config: TrainConfig, splits: Splits, dataset=None) -> tuple:
@@ -421,9 +451,14 @@ def export_model(source, out, half: bool = False, overwrite: bool = False, datas
 
 
 def _export(source: Path, out: Path, half: bool, dataset, warn) -> Path:
-    classifier = Classifier(source, "cpu", "fp32")  # the weights as stored (no channels_last)
+    classifier = Classifier(source, precision="fp32")  # the weights as stored (no channels_last)
     config = classifier.config
-    cast = (lambda state: {k: v.half() if v.is_floating_point() else v for k, v in state.items()}) if half else dict
+    statistics = classifier.ood or feature_statistics(classifier, config.cache, classifier.splits)
+    if statistics is None:
+        warn(f"{source}: its image cache ({config.cache}) is not readable here, so the model file has no "
+             "statistics of its training images: predict will not flag inputs unlike them")
+    cast = (lambda state: {k: v.cpu().half() if v.is_floating_point() else v.cpu() for k, v in state.items()}) \
+        if half else (lambda state: {k: v.cpu() for k, v in state.items()})
     aligner = None
     if classifier.aligner is not None:
         aligner = {"input_size": classifier.aligner.input_size, "arch": classifier.aligner.arch,
@@ -444,7 +479,46 @@ def _export(source: Path, out: Path, half: bool, dataset, warn) -> Path:
         "classifier": {"arch": config.arch, "cam_stride": config.cam_stride,
                        "state": cast(classifier.model.state_dict())},
         "aligner": aligner, "written_by": {"dmfast": __version__, "torch": str(torch.__version__)},
-        "config": settings, "splits": splits, "patients": patients})
+        "config": settings, "splits": splits, "patients": patients, "ood": statistics})
+
+
+OOD_IMAGES = 256  # training images the feature statistics come from, and validation images that calibrate them
+OOD_QUANTILE = 0.99  # of the validation images' scores: the threshold beyond which an input is flagged
+
+
+def feature_statistics(classifier: "Classifier", cache_folder, splits: Splits) -> dict | None:
+    """What :meth:`Model.ood_score` compares with: the mean and standard deviation per channel of the pooled last
+    feature map over (up to :data:`OOD_IMAGES`, evenly spaced) training images of the run's image cache, and the
+    :data:`OOD_QUANTILE` of the validation images' scores as the threshold (the training images' when there are
+    no validation images). None when the cache is not readable here."""
+    from .data.cache import ImageCache
+
+    try:
+        cache = ImageCache(cache_folder, check_sources=False)
+    except (DataError, OSError, TypeError, ValueError):
+        return None
+    train = [n for n in splits.train if n in cache]
+    val = [n for n in splits.val if n in cache] or train
+    if len(train) < 2:
+        return None
+
+    def pooled(names: list) -> torch.Tensor:
+        names = [names[i] for i in np.linspace(0, len(names) - 1, min(len(names), OOD_IMAGES)).round().astype(int)]
+        model, features = classifier.model, []
+        for start in range(0, len(names), 32):
+            images = to_model_input(cache.batch(names[start:start + 32])).to(classifier.device)
+            if classifier.aligner is not None:
+                images = classifier.aligner.align(images)
+            features.append(model(images, cams=True, pooled=True)[2].cpu())
+        return torch.cat(features)
+
+    with torch.no_grad():
+        seen = pooled(train)
+        mean, std = seen.mean(0), seen.std(0).clamp_min(1e-6)
+        held_out = ((pooled(val) - mean) / std).square().mean(1).sqrt()
+    return {"mean": mean, "std": std, "threshold": float(torch.quantile(held_out.double(), OOD_QUANTILE)),
+            "quantile": OOD_QUANTILE, "calibration": "validation" if splits.val else "training",
+            "images": [len(seen), len(held_out)]}
 
 
 def load_model(path, device=None, precision: str = PRECISIONS[0], compile: bool = False) -> Model:

@@ -110,8 +110,13 @@ class CAMClassifier(nn.Module):
         """The backbone's four feature maps (a ResNet's conv2_x .. conv5_x), the last one the CAMs'."""
         return self.backbone.stages(self, images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images)
 
-    def forward(self, images: Tensor, cams: bool = False):
-        logits, maps = self.head(self.stages(images)[-1])
+    def forward(self, images: Tensor, cams: bool = False, pooled: bool = False):
+        """Logits; with ``cams`` also the CAMs; with ``pooled`` also the last feature map averaged over its
+        positions ``[B, K]`` (float32: what the out-of-distribution score compares)."""
+        features = self.stages(images)[-1]
+        logits, maps = self.head(features)
+        if pooled:
+            return logits, maps, features.float().mean((2, 3))
         return (logits, maps) if cams else logits
 
     def head(self, features: Tensor) -> tuple:

@@ -84,6 +84,10 @@ def overlay(gray: np.ndarray, result: ImagePrediction, min_probability: float) -
         top = max(result.probabilities, key=result.probabilities.get)
         panels = [(f"no finding reaches p = {min_probability:g} (highest: {top} {result.probabilities[top]:.2f})",
                    None, [])]
+    if result.out_of_distribution:  # said where it is read first
+        caption, heat, boxes = panels[0]
+        panels[0] = (f"UNLIKE THE TRAINING X-RAYS (score {result.ood_score:.1f} > {result.ood_threshold:.1f}): "
+                     f"{caption}", heat, boxes)
     return finding_panels(image, panels)
 
 
@@ -95,6 +99,7 @@ def _record(path: Path, result: ImagePrediction) -> dict:
 
     every = sorted(((name, b) for name, boxes in result.all_boxes.items() for b in boxes), key=lambda nb: -nb[1][4])
     return {"path": str(path), "width": result.width, "height": result.height,
+            "ood_score": result.ood_score, "out_of_distribution": result.out_of_distribution,
             "probabilities": result.probabilities,
             "findings": {name: {"probability": result.probabilities[name],
                                 "boxes": [{"box": box(b), "score": b[4]} for b in boxes]}
@@ -225,8 +230,11 @@ def _run(config: PredictConfig, console: Console | None) -> dict:
         seconds = time.perf_counter() - started
 
         atomic_write_bytes(out / "problems.csv", csv_text(["path", "reason"], problems).encode())
-        atomic_write_csv(out / "predictions.csv", ["path", "width", "height", *FINDINGS],
-                         ([r["path"], r["width"], r["height"], *(f"{r['probabilities'][c]:.6f}" for c in FINDINGS)]
+        atomic_write_csv(out / "predictions.csv", ["path", "width", "height", *FINDINGS, "ood_score",
+                                                   "out_of_distribution"],
+                         ([r["path"], r["width"], r["height"], *(f"{r['probabilities'][c]:.6f}" for c in FINDINGS),
+                           "" if r["ood_score"] is None else f"{r['ood_score']:.4f}",
+                           "" if r["out_of_distribution"] is None else int(r["out_of_distribution"])]
                           for r in records()))
         detection_files(out, records, config)
         report = {"model": str(config.model), "precision": model.precision, "min_probability": floor,

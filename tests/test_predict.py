@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
@@ -135,11 +136,12 @@ def test_predict_fails_only_when_nothing_can_be_read(run, tmp_path):
     result = CliRunner().invoke(main, ["predict", str(folder), str(tmp_path / "bad.dcm"), "--out", str(tmp_path / "o"),
                                        "--box-threshold", "1.5"])
     assert result.exit_code == 2 and "must be a finite number in [0, 1], got 1.5" in result.output
-    for device, message in (("meta", "dmfast runs on cpu or cuda"), ("gpu", "not a device"),
-                            ("cuda:7", "no CUDA GPU here" if not cuda_available() else "CUDA devices")):
+    for device, message, code in (("meta", "must be cpu, cuda or cuda:N, got 'meta'", 2),
+                                  ("gpu", "must be cpu, cuda or cuda:N, got 'gpu'", 2),  # as written: usage errors
+                                  ("cuda:7", "no CUDA GPU here" if not cuda_available() else "CUDA devices", 1)):
         result = CliRunner().invoke(main, ["predict", str(folder), str(tmp_path / "bad.dcm"), "--out",
                                            str(tmp_path / "o"), "--device", device])
-        assert result.exit_code == 1 and message in result.output, (device, result.output)
+        assert result.exit_code == code and message in result.output, (device, result.output)
 
 
 def test_load_model_reads_model_files_run_folders_and_checkpoints(run, tmp_path):
@@ -470,3 +472,41 @@ def test_classes_are_named_in_any_case_or_a_releases_spelling(run):
     with pytest.raises(ValueError, match="unknown finding 'Tumour'; the findings are Atelectasis, Cardiomegaly"):
         result.heatmap("Tumour")
     assert "load_model" in dir(dmfast) and "load_model" in dmfast.__all__
+
+
+def test_the_ood_score_separates_xrays_from_what_they_are_not_and_predict_flags_them(run, tmp_path, gen):
+    """The model file keeps its training images' feature statistics; the score separates held-out phantom X-rays
+    from blank, grey, noise, inverted, rotated and smooth-texture inputs (AUROC on 16 + 16 images each), and
+    predict marks the inputs beyond the calibrated threshold in its CSV and JSON."""
+    from dmfast.data.cache import ImageCache
+    from dmfast.metrics import roc_auc
+
+    folder, _ = run
+    model = dmfast.load_model(folder, "cpu", "fp32")
+    assert model.ood is not None and model.ood["calibration"] == "validation" and model.ood["threshold"] > 0
+    cache = ImageCache(model.config.cache)
+    held_out = [n for n in model.splits.test if n in cache][:16]  # neither trained on nor calibrated with
+    xrays = cache.batch(held_out)
+    kinds = {"blank": torch.zeros_like(xrays), "grey": torch.full_like(xrays, 128),
+             "noise": torch.randint(0, 256, xrays.shape, generator=gen, dtype=torch.uint8),
+             "inverted": 255 - xrays, "rotated": xrays.rot90(1, (2, 3)).contiguous(),
+             "texture": (F.interpolate(torch.rand(len(xrays), 1, 8, 8, generator=gen), size=xrays.shape[-1],
+                                       mode="bicubic").clamp(0, 1) * 255).to(torch.uint8)}
+    inside = model(xrays).ood.numpy()
+    separated = {}
+    for kind, pixels in kinds.items():
+        outside = model(pixels).ood.numpy()
+        labels = np.r_[np.zeros(len(inside)), np.ones(len(outside))].astype(int)[:, None]
+        separated[kind] = float(roc_auc(labels, np.r_[inside, outside][:, None]).mean)
+    assert sum(auroc >= 0.95 for auroc in separated.values()) >= 4, separated
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for kind in ("blank", "noise", "inverted"):
+        Image.fromarray(kinds[kind][0, 0].numpy()).save(inputs / f"{kind}.png")
+    result = CliRunner().invoke(main, ["predict", str(folder), str(inputs), "--out", str(tmp_path / "out"),
+                                       "--overlays"])
+    assert result.exit_code == 0, result.output
+    rows = {Path(r["path"]).stem: r for r in csv.DictReader(open(tmp_path / "out" / "predictions.csv"))}
+    assert all(rows[kind]["out_of_distribution"] == "1" for kind in ("blank", "noise", "inverted")), rows
+    records = json.loads((tmp_path / "out" / "predictions.json").read_text())["images"]
+    assert all(r["out_of_distribution"] is True and r["ood_score"] > model.ood["threshold"] for r in records)
