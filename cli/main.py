@@ -13,8 +13,8 @@ import click
 
 import dmfast
 from dmfast.config import (CAM_METHODS, DATA_FORMATS, FRACTION, PRECISIONS, SIZE, SUBMISSIONS, WANG_THRESHOLDS,
-                           AlignConfig, BoxConfig, DemoConfig, EvalConfig, MasksConfig, PredictConfig, Range, SplitConfig,
-                           TrainConfig, defaults, metadata_of)
+                           AlignConfig, BoxConfig, DemoConfig, EvalConfig, MasksConfig, PredictConfig, Range,
+                           SplitConfig, TrainConfig, defaults, metadata_of)
 from dmfast.data import phantom
 from dmfast.data.cache import WORKERS
 from dmfast.data.cache import prepare as prepare_cache

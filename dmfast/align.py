@@ -199,7 +199,8 @@ def _run(config: AlignConfig, console: Console | None) -> Path:
         console.print("[yellow]warning: the learned warp does not lower the loss on the validation images; the "
                       "identity transform is kept (more images or epochs, or another --lr, may help)")
     checkpoint = checkpoints.save(out / "alignment.pt", checkpoints.ALIGNMENT, {
-        "model": {k: v.cpu() for k, v in net.state_dict().items()}, "net_config": {"input_size": config.input_size, "arch": config.arch},
+        "model": {k: v.cpu() for k, v in net.state_dict().items()},
+        "net_config": {"input_size": config.input_size, "arch": config.arch},
         "config": _recorded(config),
         "history": history})
     stats = {"history": history, "validation": check}

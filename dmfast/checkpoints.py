@@ -158,9 +158,9 @@ def _edited(kind: str, payload: dict) -> str | None:
     changed = [name for name, digest in _seal(kind, payload).items() if seal.get(name) != digest]
     if not changed:
         return None
-    return (f"edited after dmfast wrote it: its {' and '.join(changed)} no longer match{'es' if len(changed) == 1 else ''}"
-            " its seal (a model's settings must match its weights: use the file as its run wrote it, or export it "
-            "again from the run)")
+    verb = "matches" if len(changed) == 1 else "match"
+    return (f"edited after dmfast wrote it: its {' and '.join(changed)} no longer {verb} its seal (a model's "
+            "settings must match its weights: use the file as its run wrote it, or export it again from the run)")
 
 
 def _weights_problem(kind: str, payload: dict) -> str | None:

@@ -209,8 +209,9 @@ class Model:
         if tensor.dim() == 3:
             tensor = tensor[:, None]
         if tensor.dim() != 4 or tensor.shape[1] != 1 or tuple(tensor.shape[2:]) != (self.size, self.size):
-            raise ValueError(f"pixels of shape {tuple(tensor.shape)}; this model takes [B, 1, {self.size}, {self.size}] "
-                             f"(uint8, or floats in [0, 1]); Model.predict pads and resizes X-rays of any size")
+            raise ValueError(f"pixels of shape {tuple(tensor.shape)}; this model takes [B, 1, {self.size}, "
+                             f"{self.size}] (uint8, or floats in [0, 1]); Model.predict pads and resizes X-rays of "
+                             "any size")
         if tensor.dtype == torch.uint8:
             return tensor
         return torch.stack([torch.from_numpy(gray_of(image[0], f"pixels[{i}]")) for i, image in enumerate(tensor)])[
@@ -264,10 +265,10 @@ class Model:
         """Probabilities, CAMs and boxes for X-rays of any size: ``images`` are image files (PNG, JPEG, DICOM) or
         arrays/tensors ``[H, W]`` (a list, a ``[B, H, W]`` tensor, or one): uint8, uint16 and the like by their
         significant bits, floats in [0, 1], ``[H, W, 3]`` colour to grey, as the readers decode files
-        (:func:`~dmfast.data.images.gray_of`; anything else is refused, saying what is expected). Each is padded to a centred
-        square (never squashed) and resized to the model's input; CAMs of aligned models are warped back onto the
-        image. The boxes of every class whose probability reaches ``min_probability`` (the reported findings) come
-        back in the image's own pixels, scored as ``box_score`` says (:meth:`Prediction.boxes`); those of every
+        (:func:`~dmfast.data.images.gray_of`; anything else is refused, saying what is expected). Each is padded to
+        a centred square (never squashed) and resized to the model's input; CAMs of aligned models are warped back
+        onto the image. The boxes of every class whose probability reaches ``min_probability`` (the reported
+        findings) come back in the image's own pixels, scored as ``box_score`` says (:meth:`Prediction.boxes`); those of every
         class reaching ``box_floor`` (default: ``min_probability``; 0: all) in ``all_boxes``, for detection
         metrics. ``names`` label the images in errors (default: their paths or positions). Returns one
         :class:`ImagePrediction` per image."""

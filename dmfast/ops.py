@@ -154,8 +154,9 @@ def cam_boxes(cams: Tensor, size, threshold, max_boxes: int = 16, score: str = "
 
     Args:
         cams: ``[N, h, w]`` or ``[B, C, h, w]`` float maps, or one ``[h, w]`` map; a tensor or an array (numpy, as
-            pytorch-grad-cam returns them); float16/bfloat16 maps on the CPU are converted to float32 first. A map with NaN or inf gets no boxes and count -1 (no error, so the CUDA kernel never waits for
-            the device; the caller checks ``counts < 0``).
+            pytorch-grad-cam returns them); float16/bfloat16 maps on the CPU are converted to float32 first. A
+            map with NaN or inf gets no boxes and count -1 (no error, so the CUDA kernel never waits for the
+            device; the caller checks ``counts < 0``).
         size: ``(H, W)`` of the image the boxes are reported in (pixels of the upsampled map), or one int for a
             square.
         threshold: a fraction in [0, 1] or a sequence of them.
