@@ -268,9 +268,9 @@ class Model:
         (:func:`~dmfast.data.images.gray_of`; anything else is refused, saying what is expected). Each is padded to
         a centred square (never squashed) and resized to the model's input; CAMs of aligned models are warped back
         onto the image. The boxes of every class whose probability reaches ``min_probability`` (the reported
-        findings) come back in the image's own pixels, scored as ``box_score`` says (:meth:`Prediction.boxes`); those of every
-        class reaching ``box_floor`` (default: ``min_probability``; 0: all) in ``all_boxes``, for detection
-        metrics. ``names`` label the images in errors (default: their paths or positions). Returns one
+        findings) come back in the image's own pixels, scored as ``box_score`` says (:meth:`Prediction.boxes`);
+        those of every class reaching ``box_floor`` (default: ``min_probability``; 0: all) in ``all_boxes``, for
+        detection metrics. ``names`` label the images in errors (default: their paths or positions). Returns one
         :class:`ImagePrediction` per image."""
         if isinstance(images, (str, Path)) or getattr(images, "ndim", None) == 2 or \
                 getattr(images, "ndim", None) == 3 and images.shape[-1] in (3, 4):
