@@ -167,12 +167,31 @@ def masks_figure(anchor: torch.Tensor, payload: dict, tile: int = 192) -> torch.
     return grid(tiles, columns=7)
 
 
-def line_panel(series: list, title: str, low: float, high: float, width: int = 440, height: int = 300) -> torch.Tensor:
+# 14 distinguishable colours (Tableau's 20 without the lightest), one per finding in the per-class curves
+CLASS_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+                 (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120),
+                 (152, 223, 138), (255, 152, 150))
+
+
+def round_ticks(low: float, high: float, most: int = 6) -> list:
+    """Round tick values (steps of 1, 2 or 5 times a power of ten) covering ``low``..``high``, at most ``most``."""
+    span = max(high - low, 1e-12)
+    step = next(m * 10 ** e for e in range(int(np.floor(np.log10(span / most))) - 1, 12) for m in (1, 2, 5)
+                if span / (m * 10 ** e) <= most - 1)
+    first = np.ceil(low / step - 1e-9) * step
+    return [round(float(first + k * step), 12) for k in range(int(np.floor((high - first) / step + 1e-9)) + 1)]
+
+
+def line_panel(series: list, title: str, low: float, high: float, width: int = 440, height: int = 300,
+               marked: int | None = None, legend: list = ()) -> torch.Tensor:
     """A small line chart on white: ``series`` of ``(values per epoch, RGB colour, line width)`` (None/NaN values
-    are gaps), epochs 1..n along x, ``low``..``high`` along y, with its title and axis labels."""
+    are gaps), epochs 1..n along x, ``low``..``high`` along y with round ticks, its title; ``marked``: an epoch
+    (1-based) drawn as a dashed vertical line and named; ``legend``: ``(label, colour)`` pairs listed below."""
     from PIL import Image, ImageDraw
 
-    canvas = Image.new("RGB", (width, height), WHITE)
+    per_row = 3
+    rows = -(-len(legend) // per_row)
+    canvas = Image.new("RGB", (width, height + 16 * rows), WHITE)
     pen = ImageDraw.Draw(canvas)
     font = _font(12)
     left, top, right, bottom = 48, 24, width - 12, height - 28
@@ -181,36 +200,55 @@ def line_panel(series: list, title: str, low: float, high: float, width: int = 4
     count = max((len(values) for values, _, _ in series), default=1)
     x_of = lambda i: left + (right - left) * (i / max(count - 1, 1))  # noqa: E731
     y_of = lambda v: bottom - (bottom - top) * ((v - low) / (high - low) if high > low else 0.5)  # noqa: E731
-    for k in range(5):  # y grid and labels
-        value = low + (high - low) * k / 4
+    for value in round_ticks(low, high):  # y grid and labels
         pen.line([left, y_of(value), right, y_of(value)], fill=(232, 232, 232))
-        pen.text((4, y_of(value) - 7), f"{value:.3g}", fill=BLACK, font=font)
+        pen.text((4, y_of(value) - 7), f"{value:g}", fill=BLACK, font=font)
     for i in range(count):
-        if count <= 12 or i % -(-count // 12) == 0:
+        if (count <= 12 or i % -(-count // 12) == 0) and i + 1 != marked:  # the marked epoch is named there
             pen.text((x_of(i) - 4, bottom + 6), str(i + 1), fill=BLACK, font=font)
+    if marked is not None and 1 <= marked <= count:
+        x = x_of(marked - 1)
+        for y in range(top, bottom, 8):
+            pen.line([x, y, x, min(y + 4, bottom)], fill=(90, 90, 90), width=1)
+        label = f"best epoch {marked}"  # on white below the axis, clear of the curves
+        pen.text((min(max(x - pen.textlength(label, font=font) / 2, left), right - pen.textlength(label, font=font)),
+                  bottom + 6), label, fill=(90, 90, 90), font=font)
     for values, color, line in series:
         points = [(x_of(i), y_of(v)) for i, v in enumerate(values) if v is not None and np.isfinite(v)]
         if len(points) > 1:
             pen.line(points, fill=color, width=line)
         for x, y in points:
             pen.ellipse([x - line - 1, y - line - 1, x + line + 1, y + line + 1], fill=color)
+    for k, (label, color) in enumerate(legend):
+        x, y = 8 + (k % per_row) * (width - 16) // per_row, height - 6 + 16 * (k // per_row)
+        pen.rectangle([x, y + 4, x + 10, y + 8], fill=color)
+        pen.text((x + 14, y), label, fill=BLACK, font=font)
     return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
 
 
 def training_figure(history: list) -> torch.Tensor:
-    """The curves of a training run from its per-epoch metrics: the loss, and the validation AUROC (the mean bold,
-    each class faint)."""
+    """The curves of a training run from its per-epoch metrics: the training and validation loss, and the
+    validation AUROC (the mean bold black, each class in its colour, named below); the best epoch (the highest
+    validation mean AUROC, the one best.pt keeps) marked on both."""
     def series(key, source):
         return [source(m).get(key) if source(m) else None for m in history]
 
-    loss = [m.get("loss") for m in history]
-    finite = [v for v in loss if v is not None and np.isfinite(v)] or [0.0, 1.0]
-    panels = [line_panel([(loss, (31, 119, 180), 2)], "training loss (weighted BCE) per epoch", min(finite) * 0.95,
-                         max(finite) * 1.05)]
-    per_class = [(series(c, lambda m: m.get("auroc")), (200, 200, 215), 1) for c in FINDINGS]
+    loss, held_out = [m.get("loss") for m in history], [m.get("val_loss") for m in history]
+    finite = [v for v in loss + held_out if v is not None and np.isfinite(v)] or [0.0, 1.0]
     mean = series("mean_auroc", lambda m: m)
+    scored = [(v, i + 1) for i, v in enumerate(mean) if v is not None and np.isfinite(v)]
+    best = max(scored)[1] if scored else None
+    low, high = min(finite), max(finite)
+    margin = (high - low) * 0.05 or abs(high) * 0.05 or 0.05
+    panels = [line_panel([(loss, (31, 119, 180), 2), (held_out, (255, 127, 14), 2)],
+                         "weighted BCE per epoch: training (blue), validation (orange)", low - margin, high + margin,
+                         marked=best)]
+    per_class = [(series(c, lambda m: m.get("auroc")), CLASS_COLOURS[i], 1) for i, c in enumerate(FINDINGS)]
     values = [v for s, _, _ in per_class + [(mean, None, None)] for v in s if v is not None and np.isfinite(v)]
-    low = min([0.5] + values)
-    panels.append(line_panel(per_class + [(mean, (214, 39, 40), 3)],
-                             "validation AUROC per epoch (mean red, classes grey)", np.floor(low * 10) / 10, 1.0))
+    panels.append(line_panel(per_class + [(mean, BLACK, 3)], "validation AUROC per epoch (mean: black)",
+                             np.floor(min([0.5] + values) * 10) / 10, 1.0, marked=best,
+                             legend=[(c, CLASS_COLOURS[i]) for i, c in enumerate(FINDINGS)]))
+    height = max(p.shape[1] for p in panels)  # the legend makes the second taller: pad the first
+    panels = [torch.cat([p, torch.full((3, height - p.shape[1], p.shape[2]), 255, dtype=torch.uint8)], 1)
+              for p in panels]
     return grid(panels, columns=2, gap=8)

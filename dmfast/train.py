@@ -123,8 +123,9 @@ def _inputs(pixels: torch.Tensor, aligner) -> torch.Tensor:
 
 def evaluate_auroc(model, cache: ImageCache, names, labels: np.ndarray, batch: int, device, aligner=None,
                    low=None) -> dict:
-    """Validation AUROC of ``model`` on ``names`` (read ahead by a :class:`BatchLoader`, under autocast to ``low``
-    when training runs in it), and the seconds the pass took."""
+    """Validation AUROC and loss (the weighted BCE over the whole validation set, the training loss's measure) of
+    ``model`` on ``names`` (read ahead by a :class:`BatchLoader`, under autocast to ``low`` when training runs in
+    it), and the seconds the pass took."""
     model.eval()
     started, scores = time.perf_counter(), []
     with torch.no_grad():
@@ -134,11 +135,14 @@ def evaluate_auroc(model, cache: ImageCache, names, labels: np.ndarray, batch: i
             if low is not None:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(images.device.type, dtype=low, enabled=low is not None):
-                scores.append(torch.sigmoid(model(images).float()).cpu())
-    result = roc_auc(labels, torch.cat(scores).numpy()) if scores else None
-    seconds = {"validation_seconds": time.perf_counter() - started}
-    return {"auroc": dict(zip(FINDINGS, result.per_class.tolist())), "mean_auroc": result.mean, **seconds} \
-        if result else seconds
+                scores.append(model(images).float().cpu())
+    if not scores:
+        return {"validation_seconds": time.perf_counter() - started}
+    logits = torch.cat(scores)
+    result = roc_auc(labels, torch.sigmoid(logits).numpy())
+    loss = float(training.weighted_bce(logits, torch.as_tensor(labels)))
+    return {"auroc": dict(zip(FINDINGS, result.per_class.tolist())), "mean_auroc": result.mean, "val_loss": loss,
+            "validation_seconds": time.perf_counter() - started}
 
 
 def _earlier_history(out: Path, state: dict) -> list:
@@ -406,7 +410,7 @@ def _run(config: TrainConfig, resume: bool, console: Console | None, given) -> P
             atomic_write_bytes(out / "metrics.jsonl", "".join(json_text(m) + "\n" for m in history).encode())
             save_png(out / "training.png", training_figure(history))
             if writer is not None:
-                for key in ("loss", "mean_auroc", "lr", "images_per_second"):
+                for key in ("loss", "val_loss", "mean_auroc", "lr", "images_per_second"):
                     if metrics.get(key) is not None:
                         writer.add_scalar(key, metrics[key], epoch + 1)
                 for name, value in metrics.get("auroc", {}).items():

@@ -63,3 +63,15 @@ def test_drawing_all_tiles_at_once_equals_drawing_each():
                          WHITE, width=2, text_size=12, halo=True, size=(50, 40))
     assert torch.equal(at_once, one_by_one)
     assert not torch.equal(draw(tiles[0], boxes[0], BLACK), tiles[0])
+
+
+def test_round_ticks_by_hand():
+    """Steps of 1, 2 or 5 times a power of ten, at most 6 ticks, inside the range (the validation AUROC axis of
+    an earlier training.png read 0.797, 0.857, ...)."""
+    from dmfast.figures import round_ticks
+
+    assert round_ticks(0.4, 1.0) == [0.4, 0.6, 0.8, 1.0]  # 0.1 would give 7 ticks
+    assert round_ticks(0.857, 1.0) == [0.9, 0.95, 1.0]
+    assert round_ticks(0.7969, 0.8571) == [0.8, 0.82, 0.84]
+    assert round_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert round_ticks(0.75, 1.2) == [0.8, 0.9, 1.0, 1.1, 1.2]

@@ -37,7 +37,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(phantom, tmp_path
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 2 and '"mean_auroc"' in lines[-1]
+    assert len(lines) == 2 and '"mean_auroc"' in lines[-1] and '"val_loss"' in lines[-1]
     assert straight["splits"]["train"] and not set(straight["splits"]["train"]) & set(straight["splits"]["val"])
 
 
