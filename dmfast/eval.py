@@ -43,7 +43,7 @@ from .data.formats import detect_format, open_data, open_dataset
 from .data.images import square_geometry
 from .detection import (DECIMALS, FROC_RATES, METRIC_NAMES, METRICS, Boxes, Task, coco_ground_truth, coco_results,
                         ground_truth, pycocotools_ap, scored_images)
-from .figures import BLACK, RED, draw, grid, heat_overlay
+from .figures import TRUTH, WHITE, draw, grid, heat_overlay
 from .inference import Classifier, scored_boxes
 from .io import (atomic_write_bytes, atomic_write_json, atomic_write_csv, check_outputs, clear_outputs, finite,
                  print_table, progress, save_png, writing)
@@ -403,8 +403,9 @@ def overlay_figures(out: Path, kept_by_method: dict, truth: GroundTruth, cache: 
             gt = [b * scale for b in truth.boxes[(truth.image == image) & (truth.cls == c)]]
             for method in names:
                 heat, boxes = kept_by_method[method].get((image, c), (None, np.zeros((0, 4))))
-                picture = draw(heat_overlay(gray, heat), gt, RED)
-                tiles.append(draw(picture, [b * scale for b in boxes], BLACK, text=f"{method}: {image}"))
+                # colours the heat map never takes, each with a black halo: visible on every heat colour
+                picture = draw(heat_overlay(gray, heat), gt, TRUTH, halo=True)
+                tiles.append(draw(picture, [b * scale for b in boxes], WHITE, text=f"{method}: {image}", halo=True))
         paths.append(save_png(out / "overlays" / f"{finding}.png", grid(tiles, columns=len(names))))
     return paths
 

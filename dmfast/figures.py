@@ -15,6 +15,8 @@ _HEAT = torch.tensor([[0.0, 0.0, 0.5], [0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1
 RED = (255, 0, 0)
 BLACK = (0, 0, 0)
 WHITE = (255, 255, 255)
+NO_DATA = (110, 110, 110)  # the hatching of areas a map says nothing about
+TRUTH = (255, 0, 255)  # ground-truth boxes: magenta, which the heat colours never take
 GRID_GAP = 4  # white pixels between the tiles of a grid
 
 
@@ -44,16 +46,28 @@ def normalize(image: torch.Tensor) -> torch.Tensor:
 
 
 def heat_overlay(gray: torch.Tensor, heat: torch.Tensor | None, alpha: float = 0.45,
-                 where: torch.Tensor | None = None) -> torch.Tensor:
-    """A grayscale image ``[H, W]`` in [0, 1] with ``heat`` (any size, min-max normalised here) blended over it;
-    ``where`` ([H, W] in [0, 1]) limits the blend (e.g. to a mask). Returns RGB uint8 ``[3, H, W]``. The heat's
-    colours come from a 256-entry table (the colour map at 1/255 steps)."""
+                 where: torch.Tensor | None = None, scale: tuple | None = None) -> torch.Tensor:
+    """A grayscale image ``[H, W]`` in [0, 1] with ``heat`` (any size) blended over it: min-max normalised here, or
+    on the fixed range ``scale = (low, high)`` (so that panels compare); NaN heat is no data, drawn as the bare
+    image under grey hatching. ``where`` ([H, W] in [0, 1]) limits the blend (e.g. to a mask). Returns RGB uint8
+    ``[3, H, W]``. The heat's colours come from a 256-entry table (the colour map at 1/255 steps)."""
     if heat is not None and heat.shape != gray.shape:
         heat = F.interpolate(heat.float()[None, None], size=gray.shape, mode="bilinear", align_corners=False)[0, 0]
     if heat is not None and where is None:  # the overlays of predict and eval: one table lookup per pixel
+        heat = heat.float()
+        missing = torch.isnan(heat)
+        known = heat.nan_to_num(nan=float(heat[~missing].min()) if (~missing).any() else 0.0)
+        share = normalize(known) if scale is None else \
+            ((known - scale[0]) / max(scale[1] - scale[0], 1e-12)).clamp_(0, 1)
         level = (gray.float().clamp(0, 1) * 255).round_().to(torch.int32) * 256
-        level += (normalize(heat.float()) * 255).round_().to(torch.int32)
-        return _blend_table(float(alpha))[level.flatten()].view(*gray.shape, 3).permute(2, 0, 1)
+        level += (share * 255).round_().to(torch.int32)
+        out = _blend_table(float(alpha))[level.flatten()].view(*gray.shape, 3)
+        if missing.any():  # no data: the bare image, hatched
+            ys, xs = torch.meshgrid(torch.arange(gray.shape[0]), torch.arange(gray.shape[1]), indexing="ij")
+            bare = (gray.float().clamp(0, 1) * 255).round_().to(torch.uint8)[..., None].expand(-1, -1, 3)
+            out = torch.where(missing[..., None], bare, out)
+            out[missing & ((ys + xs) % 8 < 2)] = torch.tensor(NO_DATA, dtype=torch.uint8)
+        return out.permute(2, 0, 1)
     rgb = gray.float().clamp(0, 1)[..., None]  # [H, W, 1], broadcast over the channels
     if heat is not None:
         colors = _HEAT_TABLE[(normalize(heat) * 255).round_().long()]  # [H, W, 3]
@@ -119,21 +133,30 @@ def color_bar(height: int, width: int = 56, low: str = "low", high: str = "high"
     return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
 
 
-def finding_panels(gray: torch.Tensor, panels: list, columns: int = 4) -> torch.Tensor:
+def finding_panels(gray: torch.Tensor, panels: list, columns: int = 4, scale: tuple | None = None,
+                   bar: tuple = ("CAM min", "CAM max"), title: str | None = None) -> torch.Tensor:
     """One X-ray ``[H, W]`` (in [0, 1]) shown once per panel ``(caption, heat [H, W] or None, boxes)``: the heat
-    blended over it, the boxes in white with a black halo, the caption written on it; panels in rows of
-    ``columns`` with a colour bar of the heat at the right."""
+    blended over it (on the fixed range ``scale``, else min-max per panel; NaN: no data, hatched), the boxes in
+    white with a black halo, the caption written on it over the boxes; panels in rows of ``columns`` with a colour
+    bar of the heat at the right labelled ``bar`` (low, high), and ``title`` above them all."""
     size = max(12, min(28, max(gray.shape) // 24))
     columns = min(columns, len(panels))
-    figure = grid([heat_overlay(gray, heat) for _, heat, _ in panels], columns)
+    figure = grid([heat_overlay(gray, heat, scale=scale) for _, heat, _ in panels], columns)
     step_y, step_x = gray.shape[0] + GRID_GAP, gray.shape[1] + GRID_GAP
     figure = draw_tiles(figure, [((k % columns * step_x, k // columns * step_y), boxes, caption)
                                  for k, (caption, _, boxes) in enumerate(panels)],
                         WHITE, width=max(2, size // 8), text_size=size, halo=True,
                         size=(gray.shape[1], gray.shape[0]))
-    bar = color_bar(figure.shape[1], text_size=size, low="CAM min", high="CAM max", width=5 * size)
+    colours = color_bar(figure.shape[1], text_size=size, low=bar[0], high=bar[1], width=5 * size)
     gap = torch.full((3, figure.shape[1], 4), 255, dtype=torch.uint8)
-    return torch.cat([part.permute(1, 2, 0) for part in (figure, gap, bar)], dim=1).permute(2, 0, 1)
+    figure = torch.cat([part.permute(1, 2, 0) for part in (figure, gap, colours)], dim=1).permute(2, 0, 1)
+    if title is None:
+        return figure
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("RGB", (figure.shape[2], size + 10), WHITE)
+    ImageDraw.Draw(strip).text((4, 4), title, fill=BLACK, font=_font(size))
+    return torch.cat([torch.from_numpy(np.array(strip)).permute(2, 0, 1), figure], 1)
 
 
 def grid(tiles: list, columns: int, gap: int = GRID_GAP) -> torch.Tensor:

@@ -348,21 +348,23 @@ class ImagePrediction:
         calibrated on the validation images); None when the model file has no statistics."""
         return None if self.ood_score is None or self.ood_threshold is None else self.ood_score > self.ood_threshold
 
-    def image_cams(self, classes: list | None = None) -> torch.Tensor:
+    def image_cams(self, classes: list | None = None, outside: float | None = None) -> torch.Tensor:
         """The CAMs of ``classes`` (default: all) over the padded square, ``[len(classes), r, r]`` (r a quarter of
-        the model's input): map pixel (u, v) covers image point ((u + 0.5) * side / r - pad_x, ...)."""
+        the model's input): map pixel (u, v) covers image point ((u + 0.5) * side / r - pad_x, ...). For an aligned
+        model the area outside its field of view holds the map's minimum, or ``outside`` (NaN: no data)."""
         index = list(range(len(FINDINGS))) if classes is None else [finding_index(c) for c in classes]
         theta = None if self.theta is None else self.theta.expand(len(index), 2, 3)
-        return to_image_frame(self.cams[index], theta, map_resolution(self.size))
+        return to_image_frame(self.cams[index], theta, map_resolution(self.size), outside)
 
     def heatmap(self, finding: str, scale: float = 1.0) -> torch.Tensor:
         """The CAM of ``finding`` over the image itself (the padding cropped), ``[H, W]`` scaled by ``scale``."""
         return self.heatmaps([finding], scale)[0]
 
-    def heatmaps(self, findings: list, scale: float = 1.0) -> torch.Tensor:
-        """:meth:`heatmap` of each of ``findings`` at once, ``[len(findings), H, W]`` (one resampling for all)."""
+    def heatmaps(self, findings: list, scale: float = 1.0, outside: float | None = None) -> torch.Tensor:
+        """:meth:`heatmap` of each of ``findings`` at once, ``[len(findings), H, W]`` (one resampling for all);
+        ``outside``: see :meth:`image_cams`."""
         side, pad_x, pad_y = self.frame
-        full = F.interpolate(self.image_cams(list(findings))[None].float(), size=(round(side * scale),) * 2,
+        full = F.interpolate(self.image_cams(list(findings), outside)[None].float(), size=(round(side * scale),) * 2,
                              mode="bilinear", align_corners=False)[0]
         x0, y0 = round(pad_x * scale), round(pad_y * scale)
         return full[:, y0:y0 + max(round(self.height * scale), 1), x0:x0 + max(round(self.width * scale), 1)]
@@ -531,13 +533,19 @@ def load_model(path, device=None, precision: str = PRECISIONS[0], compile: bool 
     return Classifier(path, device, precision, compile)
 
 
-def to_image_frame(maps: torch.Tensor, theta: torch.Tensor | None, resolution: int) -> torch.Tensor:
+def to_image_frame(maps: torch.Tensor, theta: torch.Tensor | None, resolution: int,
+                   outside: float | None = None) -> torch.Tensor:
     """Maps ``[N, h, w]`` upsampled to ``resolution`` and, for maps of aligned images (``theta [N, 2, 3]``, aligned
     -> image frame), warped back onto the original image, so boxes drawn from them land on the X-ray itself.
-    Outside the aligned field of view the map takes its own minimum (it says nothing there)."""
+    Outside the aligned field of view the map says nothing: it takes its own minimum there (for boxes), or
+    ``outside`` when given (NaN: no data, for pictures)."""
     up = F.interpolate(maps[:, None].float(), size=(resolution, resolution), mode="bilinear", align_corners=False)
     if theta is None:
         return up[:, 0]
     low = up.amin((2, 3), keepdim=True)
     inverse = ops.affine_inverse(theta).to(up.dtype)
-    return (ops.affine_smooth((up - low).contiguous(), inverse, 1) + low)[:, 0]
+    warped = (ops.affine_smooth((up - low).contiguous(), inverse, 1) + low)[:, 0]
+    if outside is None:
+        return warped
+    seen = ops.affine_smooth(torch.ones_like(up), inverse, 1)[:, 0]  # 1 inside the aligned view, 0 beyond
+    return torch.where(seen >= 0.5, warped, outside)

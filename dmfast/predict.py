@@ -69,15 +69,20 @@ def output_names(files: list, roots: list) -> list:
     return names
 
 
-def overlay(gray: np.ndarray, result: ImagePrediction, min_probability: float) -> torch.Tensor:
-    """One panel per reported class (most probable first): the X-ray, the class's CAM, its boxes, its name and
-    probability; with a colour bar. With no reported class, the X-ray and the most probable class."""
+def overlay(gray: np.ndarray, result: ImagePrediction, min_probability: float, title: str | None = None
+            ) -> torch.Tensor:
+    """One panel per reported class (most probable first): the X-ray, the class's heat, its boxes, its name and
+    probability; with a colour bar and ``title`` (the file, the thresholds) above. The heat is the class's
+    probability times its min-max normalised CAM, on one scale for every panel (a class at p = 0.04 is faint, at
+    p = 1 full), and hatched where the model saw nothing (outside an aligned model's field of view). With no
+    reported class, the X-ray and the most probable class."""
     scale = min(max(1.0, OVERLAY_SIDE[0] / max(gray.shape)), OVERLAY_SIDE[1] / max(gray.shape))
     size = (max(round(gray.shape[0] * scale), 1), max(round(gray.shape[1] * scale), 1))
     image = F.interpolate(torch.tensor(gray)[None, None].float() / 255, size=size, mode="bilinear",
                           align_corners=False, antialias=True)[0, 0]
     reported = sorted(result.boxes, key=lambda name: -result.probabilities[name])
-    heats = result.heatmaps(reported, scale) if reported else []
+    heats = result.heatmaps(reported, scale, outside=float("nan")) if reported else []
+    heats = [_share(heat) * result.probabilities[name] for name, heat in zip(reported, heats)]
     panels = [(f"{name}  p = {result.probabilities[name]:.2f}", heat,
                [[v * scale for v in box[:4]] for box in result.boxes[name]]) for name, heat in zip(reported, heats)]
     if not panels:
@@ -88,7 +93,16 @@ def overlay(gray: np.ndarray, result: ImagePrediction, min_probability: float) -
         caption, heat, boxes = panels[0]
         panels[0] = (f"UNLIKE THE TRAINING X-RAYS (score {result.ood_score:.1f} > {result.ood_threshold:.1f}): "
                      f"{caption}", heat, boxes)
-    return finding_panels(image, panels)
+    return finding_panels(image, panels, scale=(0.0, 1.0), bar=("0", "1"), title=title)
+
+
+def _share(heat: torch.Tensor) -> torch.Tensor:
+    """A map min-max normalised over its known (not NaN) values; NaN stays."""
+    known = heat[~torch.isnan(heat)]
+    if not known.numel():
+        return heat
+    low, high = known.min(), known.max()
+    return (heat - low) / (high - low) if high > low else torch.zeros_like(heat).where(~torch.isnan(heat), heat)
 
 
 def _record(path: Path, result: ImagePrediction) -> dict:
@@ -216,8 +230,10 @@ def _run(config: PredictConfig, console: Console | None) -> dict:
                     add_cams(str(count), result.image_cams().half().numpy())
                     frames.append([result.width, result.height, *result.frame])
                 if config.overlays:
-                    save_png(out / "overlays" / f"{names[i]}.png", overlay(pixels, result, floor),
-                             durable=False)
+                    save_png(out / "overlays" / f"{names[i]}.png", overlay(
+                        pixels, result, floor, f"{files[i].name}   heat: p x CAM (min-max), one scale   boxes at "
+                        f"{', '.join(f'{t:g}' for t in levels)} of the CAM's range, classes with p >= {floor:g}"),
+                        durable=False)
                 with naming(out, "writing the records of the run"):  # the spool is unnamed: name its folder
                     spool.write(json_text(_record(files[i], result)) + "\n")
                 count += 1

@@ -75,3 +75,24 @@ def test_round_ticks_by_hand():
     assert round_ticks(0.7969, 0.8571) == [0.8, 0.82, 0.84]
     assert round_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert round_ticks(0.75, 1.2) == [0.8, 0.9, 1.0, 1.1, 1.2]
+
+
+def test_heat_on_a_fixed_scale_and_no_data_hatched():
+    """On one scale a weak map stays faint where min-max would stretch it to full heat; NaN (no data) shows the
+    bare image under hatching, never the colour of 'no disease'."""
+    from dmfast.figures import NO_DATA, heat_overlay
+
+    gray = torch.full((16, 16), 0.5)
+    weak = torch.full((16, 16), 0.04)
+    weak[0, 0] = 0.05
+    fixed, stretched = heat_overlay(gray, weak, scale=(0.0, 1.0)), heat_overlay(gray, weak)
+    assert not torch.equal(fixed[:, 8, 8], stretched[:, 8, 8])
+    assert torch.equal(fixed[:, 8, 8], heat_overlay(gray, torch.full((16, 16), 0.04), scale=(0.0, 1.0))[:, 8, 8])
+    assert torch.equal(stretched[:, 8, 8], heat_overlay(gray, torch.zeros(16, 16), scale=(0.0, 1.0))[:, 8, 8])
+    missing = weak.clone()
+    missing[:, 8:] = float("nan")
+    picture = heat_overlay(gray, missing, scale=(0.0, 1.0))
+    assert torch.equal(picture[:, 0, 0], fixed[:, 0, 0])  # known values as before
+    hatch = torch.tensor(NO_DATA, dtype=torch.uint8)
+    assert torch.equal(picture[:, 0, 8], hatch) and torch.equal(picture[:, 1, 15], hatch)  # (y + x) % 8 < 2
+    assert (picture[:, 0, 12] == 128).all()  # the bare grey image between the hatch lines
