@@ -264,7 +264,8 @@ def training_figure(history: list) -> torch.Tensor:
     low, high = min(finite), max(finite)
     margin = (high - low) * 0.05 or abs(high) * 0.05 or 0.05
     panels = [line_panel([(loss, (31, 119, 180), 2), (held_out, (255, 127, 14), 2)],
-                         "weighted BCE per epoch: training (blue), validation (orange)", low - margin, high + margin,
+                         "weighted BCE: training (blue, per batch), validation (orange, whole set)", low - margin,
+                         high + margin,
                          marked=best)]
     per_class = [(series(c, lambda m: m.get("auroc")), CLASS_COLOURS[i], 1) for i, c in enumerate(FINDINGS)]
     values = [v for s, _, _ in per_class + [(mean, None, None)] for v in s if v is not None and np.isfinite(v)]
