@@ -385,9 +385,12 @@ def markdown(tables_: list) -> str:
     return "\n".join(lines)
 
 
-def overlay_figures(out: Path, kept_by_method: dict, truth: GroundTruth, cache: ImageCache, tile: int = 256) -> list:
-    """Per class: rows of images, one column per checkpoint; the X-ray with the CAM as heat, ground-truth boxes
-    red, predicted boxes black (the paper's Fig. 6)."""
+def overlay_figures(out: Path, kept_by_method: dict, truth: GroundTruth, cache: ImageCache, tile: int = 256,
+                    thresholds=()) -> list:
+    """Per class: rows of images, one column per checkpoint; the X-ray with the CAM as heat (min-max per tile),
+    ground-truth boxes magenta, predicted boxes white (the paper's Fig. 6), each tile captioned with the method,
+    the image and the box ``thresholds``."""
+    at = f" (boxes at {', '.join(f'{t:g}' for t in thresholds)})" if len(thresholds) else ""
     paths = []
     names = list(kept_by_method)
     pairs = sorted({p for kept in kept_by_method.values() for p in kept}, key=lambda p: (p[1], p[0]))
@@ -405,7 +408,8 @@ def overlay_figures(out: Path, kept_by_method: dict, truth: GroundTruth, cache: 
                 heat, boxes = kept_by_method[method].get((image, c), (None, np.zeros((0, 4))))
                 # colours the heat map never takes, each with a black halo: visible on every heat colour
                 picture = draw(heat_overlay(gray, heat), gt, TRUTH, halo=True)
-                tiles.append(draw(picture, [b * scale for b in boxes], WHITE, text=f"{method}: {image}", halo=True))
+                tiles.append(draw(picture, [b * scale for b in boxes], WHITE, text=f"{method}: {image}{at}",
+                                  halo=True))
         paths.append(save_png(out / "overlays" / f"{finding}.png", grid(tiles, columns=len(names))))
     return paths
 
@@ -673,7 +677,7 @@ def _run(config: EvalConfig, console: Console | None) -> dict:
         results += interval_tables(methods)
     for title, header, rows in results:
         print_table(console, title, header, rows)
-    figures = overlay_figures(out, kept_by_method, truth, caches[first.config.size]) \
+    figures = overlay_figures(out, kept_by_method, truth, caches[first.config.size], thresholds=levels) \
         if config.overlays > 0 and len(truth.images) else []
     report = {"config": {**asdict(config), "box_thresholds": list(levels)}, "test_images": len(test_names),
               "selection": {"what": selection.what, "images": len(test_names), "overlap": selection.overlap},

@@ -94,7 +94,7 @@ def test_opcheck(device, gen):
 
 
 BAD = [
-    ("rank", lambda c: (c[0], (8, 8), 0.5), "cams must be \\[N, h, w\\] or \\[B, C, h, w\\]"),
+    ("rank", lambda c: (c[0, 0], (8, 8), 0.5), "cams must be \\[N, h, w\\] or \\[B, C, h, w\\]"),
     ("size", lambda c: (c, (0, 8), 0.5), "size must be \\(H, W\\)"),
     ("threshold", lambda c: (c, (8, 8), 1.5), "thresholds are fractions"),
     ("no threshold", lambda c: (c, (8, 8), []), "at least one threshold"),

@@ -56,7 +56,7 @@ def test_demo_writes_every_stage_and_a_consistent_report(demo):
     assert overlays and all(p.endswith(".png") for p in overlays)
     picture = np.asarray(Image.open(overlays[0]))
     assert picture.ndim == 3 and picture.shape[2] == 3
-    assert ((picture[..., 0] == 255) & (picture[..., 1] == 0) & (picture[..., 2] == 0)).any()  # a red GT box
+    assert ((picture[..., 0] == 255) & (picture[..., 1] == 0) & (picture[..., 2] == 255)).any()  # a magenta GT box
     markdown = (out / "eval" / "eval.md").read_text()
     assert "Classification AUROC" in markdown and "| +PDM mask only |" in markdown
 

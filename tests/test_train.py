@@ -161,7 +161,7 @@ def test_predict_reports_boxes_in_the_pixels_of_images_of_any_size(phantom, tmp_
     assert model.predict([padded], min_probability=1)[0].boxes == {}  # a briefly trained model: p < 1
     with pytest.raises(ValueError, match="min_probability must be a finite number in"):
         model.predict([padded], min_probability=1.01)
-    with pytest.raises(ValueError, match="2-D uint8"):
+    with pytest.raises(ValueError, match="image 0: float32 \\(3, 8, 8\\); expected uint8"):
         model.predict([torch.zeros(3, 8, 8)])
 
 
