@@ -174,7 +174,7 @@ CACHE = ("cache", {"type": FOLDER, "help": "Image cache [default: DATA_DIR/cache
                                             "DATA_DIR is read-only]."})
 SKIP = ("skip_problems", {"help": "Leave out missing or unreadable images instead of stopping."})
 MAX_STEPS = ("max_steps", {"help": "Steps per epoch at most (quick runs)."})
-FORMAT = ("format", {"type": click.Choice(DATA_FORMATS), "help": "The release's layout (README: 'Datasets') "
+FORMAT = ("format", {"type": click.Choice(DATA_FORMATS), "help": "The release's layout (docs/datasets.md) "
                      "[default: detected from DATA_DIR]."})
 UNCERTAIN = ("uncertain", {"help": "Uncertain labels (-1: CheXpert, MIMIC-CXR, csv): unknown (ignore, left out of "
                                    "loss and AUROC), positive or negative."})

@@ -192,7 +192,7 @@ class AlignConfig(SplitConfig):
     epochs: int = ranged(5, 1, 100000)
     lr: float = ranged(1e-3, 0, 10, open_low=True)
     momentum: float = ranged(0.9, 0, 0.999)  # SGD only
-    optimizer: str = chosen("sgd", OPTIMIZERS)  # the paper's; "adam" converges faster on the phantom (see the README)
+    optimizer: str = chosen("sgd", OPTIMIZERS)  # the paper's; "adam" converges faster on the phantom (docs/demo.md)
     clip: float = ranged(1.0, 0, 1e6, open_low=True)  # gradient-norm clipping: no batch throws the transform far
     pool: int = ranged(16, 1, 512)
     perceptual: str | None = None  # trained classifier for the perceptual loss (model file, run, checkpoint)

@@ -8,7 +8,7 @@ mask attention -> pseudo disease masks from the anchor's anatomy -> retrain with
 
 The defaults fit about 15 minutes on 2 CPU cores: 1,600 phantom images at 128 px, ResNet-18 with CAM stride 16
 (8 x 8 CAMs), 3 epochs per classifier, 2 of attention retraining, Adam 1e-3 for the classifiers and the alignment
-(Adam converges faster than the paper's SGD on the phantom; see the README). The paper's setting (ResNet-50 at
+(Adam converges faster than the paper's SGD on the phantom; see docs/demo.md). The paper's setting (ResNet-50 at
 512 px, 5 + 5 epochs) is what ``dmfast train`` defaults to on a GPU.
 """
 

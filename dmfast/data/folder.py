@@ -38,7 +38,7 @@ def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True
     """Index a folder in the generic format (see :func:`dmfast.data.formats.open_dataset`)."""
     path = root / "labels.csv"
     if not path.is_file():
-        raise DataError(f"{root}: no labels.csv (the generic format: see the README's 'Datasets')")
+        raise DataError(f"{root}: no labels.csv (the generic format: see docs/datasets.md)")
     header, rows = csv_table(path, listing=True)
     header = [_finding(name) or name for name in header]  # "Infiltrate", "pleural effusion": the 14's own names
     column = columns_of(path, header, ("image",), LABEL_COLUMNS, problems)

@@ -1,7 +1,7 @@
 """The release readers behind one call: :func:`open_dataset` picks the reader by ``format`` or detects it from the
 folder, then checks what every release shares (boxes inside their images) and raises the data report.
 
-Formats (the README's "Datasets" section documents each layout, label mapping and policy):
+Formats (docs/datasets.md documents each layout, label mapping and policy):
 
 - ``chestxray14``: NIH ChestX-ray14 (``Data_Entry_2017.csv``, ``BBox_List_2017.csv``, the split lists);
 - ``vindr``: VinDr-CXR (DICOM, ``annotations_{train,test}.csv`` with each radiologist's boxes, ``image_labels_*.csv``);
@@ -35,8 +35,8 @@ def detect_format(root) -> str:
     if len(found) == 1:
         return found[0]
     if not found:
-        raise DataError(f"{root}: not a folder of a known release ({', '.join(FORMATS)}; see the README's "
-                        "'Datasets'), e.g. no Data_Entry_2017.csv, annotations_train.csv, stage_2_train_labels.csv, "
+        raise DataError(f"{root}: not a folder of a known release ({', '.join(FORMATS)}; see docs/datasets.md"
+                        "), e.g. no Data_Entry_2017.csv, annotations_train.csv, stage_2_train_labels.csv, "
                         "train.csv, mimic-cxr-2.0.0-chexpert.csv or labels.csv")
     raise DataError(f"{root}: looks like several releases ({', '.join(found)}); give --format")
 

@@ -5,7 +5,7 @@ rad_id, class_name, x_min, y_min, x_max, y_max``; Kaggle's copy adds ``class_id`
 
 Boxes are in each image's own pixels and keep their reader (``rad_id``); ``eval --fuse-readers`` fuses overlapping
 boxes of several readers. VinDr-CXR has no patient IDs: each image counts as its own patient. The mapping of
-VinDr-CXR's findings onto the 14 (:data:`TO_FINDINGS`) is documented in the README; findings outside the 14 are
+VinDr-CXR's findings onto the 14 (:data:`TO_FINDINGS`) is documented in docs/datasets.md; findings outside the 14 are
 noted and left out; names VinDr-CXR does not have are problems.
 """
 
