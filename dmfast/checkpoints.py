@@ -254,6 +254,9 @@ def _structure_problem(kind: str, payload: dict) -> str | None:
                                     ood["mean"].shape == ood["std"].shape and bool((ood["std"] > 0).all()) and
                                     isinstance(ood.get("threshold"), float) and ood["threshold"] >= 0):
             return "'ood' is not the training images' feature statistics (mean, std > 0, threshold)"
+        weight = classifier["state"].get("fc.weight")
+        if ood is not None and weight is not None and ood["mean"].shape[0] != weight.shape[-1]:
+            return f"'ood' holds statistics of {ood['mean'].shape[0]} channels, its classifier has {weight.shape[-1]}"
     return None
 
 

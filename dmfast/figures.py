@@ -199,8 +199,9 @@ CLASS_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (
 def round_ticks(low: float, high: float, most: int = 6) -> list:
     """Round tick values (steps of 1, 2 or 5 times a power of ten) covering ``low``..``high``, at most ``most``."""
     span = max(high - low, 1e-12)
-    step = next(m * 10 ** e for e in range(int(np.floor(np.log10(span / most))) - 1, 12) for m in (1, 2, 5)
-                if span / (m * 10 ** e) <= most - 1)
+    start = int(np.floor(np.log10(span / most))) - 1
+    step = next(m * 10.0 ** e for e in range(start, start + 4) for m in (1, 2, 5)
+                if span / (m * 10.0 ** e) <= most - 1)  # never empty: 10 ** (start + 2) > span / 6
     first = np.ceil(low / step - 1e-9) * step
     return [round(float(first + k * step), 12) for k in range(int(np.floor((high - first) / step + 1e-9)) + 1)]
 
@@ -260,7 +261,7 @@ def training_figure(history: list) -> torch.Tensor:
     finite = [v for v in loss + held_out if v is not None and np.isfinite(v)] or [0.0, 1.0]
     mean = series("mean_auroc", lambda m: m)
     scored = [(v, i + 1) for i, v in enumerate(mean) if v is not None and np.isfinite(v)]
-    best = max(scored)[1] if scored else None
+    best = max(scored, key=lambda s: (s[0], -s[1]))[1] if scored else None  # the first of equals, as best.pt
     low, high = min(finite), max(finite)
     margin = (high - low) * 0.05 or abs(high) * 0.05 or 0.05
     panels = [line_panel([(loss, (31, 119, 180), 2), (held_out, (255, 127, 14), 2)],

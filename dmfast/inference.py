@@ -16,6 +16,7 @@ from . import __version__, checkpoints, ops
 from .cam_methods import class_maps
 from .config import BOX_SCORES, CAM_METHODS, MAX_BOXES, PRECISIONS, TrainConfig, box_levels, from_dict
 from .config import min_probability as probability_floor
+from .data.cache import ImageCache, default_cache_dir
 from .data.dataset import FINDINGS, DataError, finding_index
 from .data.formats import open_dataset
 from .data.images import NORMALISATION, Square, gray_of, load_gray, to_model_input, to_square
@@ -273,7 +274,7 @@ class Model:
         detection metrics. ``names`` label the images in errors (default: their paths or positions). Returns one
         :class:`ImagePrediction` per image."""
         if isinstance(images, (str, Path)) or getattr(images, "ndim", None) == 2 or \
-                getattr(images, "ndim", None) == 3 and images.shape[-1] in (3, 4):
+                getattr(images, "ndim", None) == 3 and images.shape[-1] in (1, 3, 4):
             images = [images]  # one X-ray (grey, or colour [H, W, 3]): a list of one result
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
@@ -456,9 +457,10 @@ def export_model(source, out, half: bool = False, overwrite: bool = False, datas
 def _export(source: Path, out: Path, half: bool, dataset, warn) -> Path:
     classifier = Classifier(source, precision="fp32")  # the weights as stored (no channels_last)
     config = classifier.config
-    statistics = classifier.ood or feature_statistics(classifier, config.cache, classifier.splits)
+    cache = config.cache or (default_cache_dir(config.data, config.size) if config.data else None)
+    statistics = classifier.ood or feature_statistics(classifier, cache, classifier.splits, config.batch)
     if statistics is None:
-        warn(f"{source}: its image cache ({config.cache}) is not readable here, so the model file has no "
+        warn(f"{source}: its image cache ({cache}) is not readable here, so the model file has no "
              "statistics of its training images: predict will not flag inputs unlike them")
     cast = (lambda state: {k: v.cpu().half() if v.is_floating_point() else v.cpu() for k, v in state.items()}) \
         if half else (lambda state: {k: v.cpu() for k, v in state.items()})
@@ -489,39 +491,42 @@ OOD_IMAGES = 256  # training images the feature statistics come from, and valida
 OOD_QUANTILE = 0.99  # of the validation images' scores: the threshold beyond which an input is flagged
 
 
-def feature_statistics(classifier: "Classifier", cache_folder, splits: Splits) -> dict | None:
+def feature_statistics(classifier: "Classifier", cache_folder, splits: Splits, batch: int = 32) -> dict | None:
     """What :meth:`Model.ood_score` compares with: the mean and standard deviation per channel of the pooled last
     feature map over (up to :data:`OOD_IMAGES`, evenly spaced) training images of the run's image cache, and the
     :data:`OOD_QUANTILE` of the validation images' scores as the threshold (the training images' when there are
-    no validation images). None when the cache is not readable here."""
-    from .data.cache import ImageCache
-
+    no validation images), in batches of ``batch``. None when the cache is not readable here, or the device runs
+    out of memory."""
     try:
         cache = ImageCache(cache_folder, check_sources=False)
     except (DataError, OSError, TypeError, ValueError):
         return None
     train = [n for n in splits.train if n in cache]
-    val = [n for n in splits.val if n in cache] or train
+    held_out = [n for n in splits.val if n in cache]
     if len(train) < 2:
         return None
 
     def pooled(names: list) -> torch.Tensor:
         names = [names[i] for i in np.linspace(0, len(names) - 1, min(len(names), OOD_IMAGES)).round().astype(int)]
         model, features = classifier.model, []
-        for start in range(0, len(names), 32):
-            images = to_model_input(cache.batch(names[start:start + 32])).to(classifier.device)
+        for start in range(0, len(names), batch):
+            images = to_model_input(cache.batch(names[start:start + batch])).to(classifier.device)
             if classifier.aligner is not None:
                 images = classifier.aligner.align(images)
             features.append(model(images, cams=True, pooled=True)[2].cpu())
         return torch.cat(features)
 
-    with torch.no_grad():
-        seen = pooled(train)
-        mean, std = seen.mean(0), seen.std(0).clamp_min(1e-6)
-        held_out = ((pooled(val) - mean) / std).square().mean(1).sqrt()
-    return {"mean": mean, "std": std, "threshold": float(torch.quantile(held_out.double(), OOD_QUANTILE)),
-            "quantile": OOD_QUANTILE, "calibration": "validation" if splits.val else "training",
-            "images": [len(seen), len(held_out)]}
+    try:
+        with torch.no_grad():
+            seen = pooled(train)
+            # channels (nearly) silent on the training images would turn any activation into a huge z-score
+            mean, std = seen.mean(0), seen.std(0).clamp_min(float(seen.std(0).median()) * 1e-2 + 1e-6)
+            scores = ((pooled(held_out or train) - mean) / std).square().mean(1).sqrt()
+    except torch.OutOfMemoryError:
+        return None
+    return {"mean": mean, "std": std, "threshold": float(torch.quantile(scores.double(), OOD_QUANTILE)),
+            "quantile": OOD_QUANTILE, "calibration": "validation" if held_out else "training",
+            "images": [len(seen), len(scores)]}
 
 
 def load_model(path, device=None, precision: str = PRECISIONS[0], compile: bool = False) -> Model:

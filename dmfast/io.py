@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import struct
 import tempfile
 import time
@@ -121,6 +122,7 @@ def remove_stale_temporaries(path) -> list:
 
 WRITER_LOCK = ".dmfast-writer.lock"  # in a folder being written: who writes it (pid, stage, since when)
 _HELD: dict = {}  # folders this process holds (resolved path -> depth): a stage nested in another reuses its hold
+_TEMPORARY = re.compile(r"\.(.+)\.(\d+)\.[^.]+\.tmp")  # atomic_file's temporary of NAME: .NAME.<pid>.<random>.tmp
 
 
 def _writable(folder: Path) -> list:
@@ -163,10 +165,13 @@ def writing(folder, what: str):
         handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as error:
             holder = os.read(handle, 4096).decode(errors="replace")
             os.close(handle)
             _remove_empty(created)
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no locks on this file system
+                raise OSError(error.errno, f"cannot lock it against a second writer ({error.strerror})",
+                              str(folder)) from None
             raise ValueError(f"{folder} is being written by {_holder(holder)}; wait for it to end, or choose another "
                              "folder") from None
         try:
@@ -175,13 +180,16 @@ def writing(folder, what: str):
         except FileNotFoundError:  # its last holder removed it between our open and our lock: take the new one
             pass
         os.close(handle)
-    os.ftruncate(handle, 0)
-    os.write(handle, json.dumps({"pid": os.getpid(), "what": what,
-                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
     _HELD[key] = 1
-    for tmp in folder.glob(".*.tmp"):  # of writes killed part-way: the lock says no writer is left to finish them
-        remove_stale_temporaries(folder / tmp.name[1:].rsplit(".", 2)[0])
     try:
+        for tmp in folder.glob(".*.tmp"):  # of writes killed part-way: the lock says no writer is left to finish them
+            target = _TEMPORARY.fullmatch(tmp.name)
+            if target:
+                remove_stale_temporaries(folder / target.group(1))
+        with contextlib.suppress(OSError):  # the record is for the message of a second writer: best effort
+            os.ftruncate(handle, 0)
+            os.write(handle, json.dumps({"pid": os.getpid(), "what": what,
+                                         "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
         yield folder
     finally:
         del _HELD[key]

@@ -565,9 +565,10 @@ def test_overwrite_replaces_and_removes_stale_temporaries(world, tmp_path):
 def test_predict_removes_temporaries_of_a_killed_predict_whatever_it_writes(world, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / ".cams.npz.999999.tmp").write_bytes(b"x" * 1000)  # a predict --cams killed at its rename
+    (out / ".cams.npz.999999.k2j4_x9a.tmp").write_bytes(b"x" * 1000)  # a predict --cams killed at its rename
+    (out / ".notes.txt.tmp").write_text("mine")  # not a temporary of dmfast's: kept
     expect(["predict", world.kinds["model"], world.data / "images" / _first_image(world.data), "--out", out], code=0)
-    assert not (out / ".cams.npz.999999.tmp").exists()
+    assert not (out / ".cams.npz.999999.k2j4_x9a.tmp").exists() and (out / ".notes.txt.tmp").read_text() == "mine"
 
 
 def test_predict_into_its_input_folder_says_so(world, tmp_path):

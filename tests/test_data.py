@@ -132,6 +132,20 @@ def test_sixteen_bit_pngs_use_their_significant_bits(tmp_path):
     np.testing.assert_array_equal(full, np.round(shifted * 255 / 65535).astype(np.uint8))
     dim = load_gray(_sixteen_bit_png(tmp_path / "dim.png", np.full((32, 32), 200)))  # fits 8 bits: as 8-bit
     assert (dim == 200).all()
+    full = load_gray(_sixteen_bit_png(tmp_path / "full.png", np.full((32, 32), 3000), sbit=16))  # sBIT says 16 bits
+    assert (full == round(3000 * 255 / 65535)).all()
+
+
+def test_image_arrays_of_any_tensor_kind_convert_or_are_refused_in_one_line():
+    from dmfast.data.images import gray_of
+
+    values = torch.linspace(0, 1, 40 * 36).view(40, 36)
+    want = gray_of(values.numpy())
+    for given in (values.to(torch.bfloat16), values.half(), values.requires_grad_(), values[..., None]):
+        got = gray_of(given)
+        assert got.shape == (40, 36) and np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    with pytest.raises(ValueError, match="float pixels from 0 to 2; floats must lie in"):
+        gray_of(values.detach() * 2)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (31, 400), (400, 16)])

@@ -75,6 +75,8 @@ def test_round_ticks_by_hand():
     assert round_ticks(0.7969, 0.8571) == [0.8, 0.82, 0.84]
     assert round_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert round_ticks(0.75, 1.2) == [0.8, 0.9, 1.0, 1.1, 1.2]
+    assert round_ticks(0, 5e12) == [0, 1e12, 2e12, 3e12, 4e12, 5e12]  # a diverging loss still gets its axis
+    assert round_ticks(1, 1) == [1.0]
 
 
 def test_heat_on_a_fixed_scale_and_no_data_hatched():

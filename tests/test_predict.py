@@ -441,7 +441,8 @@ def test_inputs_other_than_uint8_convert_by_the_readers_rule_or_are_refused(run)
     want = model.predict(xray, min_probability=0)[0].probabilities
     twelve = ((xray.astype(np.int64) * 4095 + 127) // 255).astype(np.uint16)  # 12-bit data stored as it is
     colour = np.repeat(xray[..., None], 3, -1)
-    for given in (xray.astype(np.float32) / 255, twelve, colour, torch.from_numpy(xray.astype(np.float64) / 255)):
+    for given in (xray.astype(np.float32) / 255, twelve, colour, torch.from_numpy(xray.astype(np.float64) / 255),
+                  xray[..., None]):  # [H, W, 1]: one grey image, not H images
         got = model.predict(given, min_probability=0)[0].probabilities
         for name in want:
             assert abs(got[name] - want[name]) <= 1e-3, (given.dtype, name, got[name], want[name])

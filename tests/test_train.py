@@ -233,3 +233,14 @@ def test_compiled_training_matches_eager_and_records_its_timing(phantom, tmp_pat
     metrics = runs["compiled"]["metrics"]
     assert metrics["step_seconds"] > 0 and 0 <= metrics["data_wait_seconds"] <= metrics["step_seconds"]
     assert metrics["validation_seconds"] > 0 and metrics["mean_auroc"] == metrics["mean_auroc"]
+
+
+def test_a_run_without_cache_keeps_its_training_images_statistics(tmp_path):
+    """No --cache: the run's default cache is where the model file's out-of-distribution statistics come from."""
+    from dmfast.data.phantom import synthesize
+
+    data = synthesize(tmp_path / "data", count=40, size=64, seed=2)
+    checkpoint = train.run(TrainConfig(data=str(data), out=str(tmp_path / "run"), arch="resnet18", size=64, batch=8,
+                                       epochs=1, max_steps=1, split="patients", val_fraction=0.2))
+    model = checkpoints.load(checkpoint.parent / "model.pt", checkpoints.MODEL)
+    assert model["ood"] is not None and model["ood"]["calibration"] == "validation"

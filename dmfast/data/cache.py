@@ -29,7 +29,8 @@ from .dataset import DataError, Problems
 from .formats import open_dataset
 from .images import ImageError, load_gray, to_square
 
-CACHE_VERSION = 2  # 2: non-square images padded to a square (1 squashed them)
+# 2: non-square images padded to a square (1 squashed them); 3: 16-bit PNGs by their significant bits (2: / 257)
+CACHE_VERSION = 3
 WORKERS = Range(1, 1024)  # decoding processes
 
 

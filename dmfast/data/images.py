@@ -87,7 +87,7 @@ def significant_bits(array: np.ndarray, recorded: int | None = None) -> int:
     fit in it (data stored as is; a file scaled to the full 16 bits as the PNG standard asks keeps 16), else the
     smallest of :data:`WORD_DEPTHS` that holds the largest value (a 12-bit detector's 0-4095 in a 16-bit file: 12)."""
     largest = int(array.max()) if array.size else 0
-    if recorded is not None and 1 <= recorded < 16 and largest < 2 ** recorded:
+    if recorded is not None and 1 <= recorded <= 16 and largest < 2 ** recorded:
         return recorded
     return next((bits for bits in WORD_DEPTHS if largest < 2 ** bits), 16)
 
@@ -101,7 +101,10 @@ def gray_of(array, name: str = "image") -> np.ndarray:
     ``name`` and what is expected."""
     from PIL import Image
 
-    array = np.asarray(array.cpu() if hasattr(array, "cpu") else array)
+    if hasattr(array, "detach"):  # a tensor: off the graph and the device; bfloat16 has no numpy type
+        array = array.detach().cpu()
+        array = array.float() if str(array.dtype) in ("torch.bfloat16", "torch.float16") else array
+    array = np.asarray(array)
     expected = ("uint8 (or uint16, or floats in [0, 1]) pixels [H, W], or [H, W, 3] colour, with sides of at least "
                 f"{MIN_SIDE}")
     if array.ndim == 3 and array.shape[-1] == 1:
