@@ -152,12 +152,18 @@ def test_predict_reports_boxes_in_the_pixels_of_images_of_any_size(phantom, tmp_
     small = to_square(big, 64).pixels
     found = model.predict([tmp_path / "wide.png", padded, big, small], min_probability=0, max_boxes=2)
     assert [(r.width, r.height) for r in found] == [(64, 48), (64, 64), (128, 128), (64, 64)]
-    assert found[0].probabilities == found[1].probabilities and len(found[0].boxes) == 14
+    # the same pixels at two places of one batch: the CPU kernels may round a probability an ulp apart
+    assert found[0].probabilities == pytest.approx(found[1].probabilities, rel=1e-5) and len(found[0].boxes) == 14
+
+    def same(got: list, want: list) -> bool:  # corners exactly, scores (p times the region's mean) to rounding
+        return [b[:4] for b in got] == [b[:4] for b in want] and \
+            [b[4] for b in got] == pytest.approx([b[4] for b in want], rel=1e-5)
+
     for name, boxes in found[1].boxes.items():  # the square's boxes, moved up by the padding and clipped
         want = [[x0, min(max(y0 - 8, 0), 48), x1, min(max(y1 - 8, 0), 48), s] for x0, y0, x1, y1, s in boxes]
-        assert found[0].boxes[name] == want, name
+        assert same(found[0].boxes[name], want), name
     for name, boxes in found[3].boxes.items():  # a 2x larger image: the same boxes at twice the coordinates
-        assert found[2].boxes[name] == [[2 * v for v in box[:4]] + box[4:] for box in boxes], name
+        assert same(found[2].boxes[name], [[2 * v for v in box[:4]] + box[4:] for box in boxes]), name
     assert model.predict([padded], min_probability=1)[0].boxes == {}  # a briefly trained model: p < 1
     with pytest.raises(ValueError, match="min_probability must be a finite number in"):
         model.predict([padded], min_probability=1.01)
