@@ -64,9 +64,8 @@ def _decoded(path: Path, size: int | None) -> np.ndarray:
             if image.format in ("JPEG", "MPO"):
                 image = ImageOps.exif_transpose(image)
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                array = np.asarray(image, dtype=np.float64)
-                top = 2 ** significant_bits(array, _png_sbit(path) if image.format == "PNG" else None) - 1
-                gray = Image.fromarray(np.clip(np.round(array * (255 / top)), 0, 255).astype(np.uint8))
+                sbit = _png_sbit(path) if image.format == "PNG" else None
+                gray = Image.fromarray(eight_bits(np.asarray(image), sbit))
             elif image.mode == "L":
                 gray = image.copy()
             else:
@@ -92,9 +91,16 @@ def significant_bits(array: np.ndarray, recorded: int | None = None) -> int:
     return next((bits for bits in WORD_DEPTHS if largest < 2 ** bits), 16)
 
 
+def eight_bits(array: np.ndarray, recorded: int | None = None) -> np.ndarray:
+    """Integer pixels as uint8, their :func:`significant_bits` range (``recorded``: a PNG's sBIT) scaled to 0-255:
+    the one rule of 16-bit files and arrays."""
+    top = 2 ** significant_bits(array, recorded) - 1
+    return np.clip(np.round(array.astype(np.float64) * (255 / top)), 0, 255).astype(np.uint8)
+
+
 def gray_of(array, name: str = "image") -> np.ndarray:
     """An image array as the readers decode a file: uint8 ``[H, W]``. The rule: uint8 as it is; other integers
-    (uint16 and the like, non-negative) by their significant bits (:func:`significant_bits`, as 16-bit PNGs);
+    (uint16 and the like, non-negative) by their significant bits (:func:`eight_bits`, as 16-bit PNGs);
     floats in [0, 1] times 255, rounded; ``[H, W, 3]`` or ``[H, W, 4]`` colour to grey by ITU-R 601 luma (alpha
     dropped, as the readers do) after the same scaling; ``[H, W, 1]`` as ``[H, W]``. Anything else (other shapes,
     negative or non-finite values, floats outside [0, 1], a side under :data:`MIN_SIDE`) is a ValueError naming
@@ -123,8 +129,7 @@ def gray_of(array, name: str = "image") -> np.ndarray:
     elif array.dtype != np.uint8:
         if array.min() < 0:
             raise ValueError(f"{name}: negative pixel values ({array.min()}); expected {expected}")
-        top = 2 ** significant_bits(array) - 1
-        array = np.clip(np.round(array.astype(np.float64) * (255 / top)), 0, 255).astype(np.uint8)
+        array = eight_bits(array)
     if array.ndim == 3:
         array = np.asarray(Image.fromarray(np.ascontiguousarray(array[..., :3])).convert("L"))
     return np.require(array, requirements=["C", "W"])  # contiguous and writable (a copy of a PIL image's view)
