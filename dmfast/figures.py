@@ -41,8 +41,12 @@ def _blend_table(alpha: float) -> torch.Tensor:
 
 
 def normalize(image: torch.Tensor) -> torch.Tensor:
-    low, high = image.min(), image.max()
-    return (image - low) / (high - low) if high > low else torch.zeros_like(image)
+    """Min-max to [0, 1] over the known values: NaN (no data) stays NaN; a constant map is 0."""
+    missing = torch.isnan(image)
+    if missing.all():
+        return image
+    low, high = image.nan_to_num(nan=float("inf")).min(), image.nan_to_num(nan=float("-inf")).max()
+    return (image - low) / (high - low) if high > low else torch.where(missing, image, 0.0)
 
 
 def heat_overlay(gray: torch.Tensor, heat: torch.Tensor | None, alpha: float = 0.45,
@@ -56,9 +60,8 @@ def heat_overlay(gray: torch.Tensor, heat: torch.Tensor | None, alpha: float = 0
     if heat is not None and where is None:  # the overlays of predict and eval: one table lookup per pixel
         heat = heat.float()
         missing = torch.isnan(heat)
-        known = heat.nan_to_num(nan=float(heat[~missing].min()) if (~missing).any() else 0.0)
-        share = normalize(known) if scale is None else \
-            ((known - scale[0]) / max(scale[1] - scale[0], 1e-12)).clamp_(0, 1)
+        share = normalize(heat) if scale is None else ((heat - scale[0]) / max(scale[1] - scale[0], 1e-12)).clamp_(0, 1)
+        share = share.nan_to_num_(0.0)  # the missing pixels are drawn bare below
         level = (gray.float().clamp(0, 1) * 255).round_().to(torch.int32) * 256
         level += (share * 255).round_().to(torch.int32)
         out = _blend_table(float(alpha))[level.flatten()].view(*gray.shape, 3)

@@ -34,7 +34,7 @@ from .data.dataset import FINDINGS
 from .data.formats import open_dataset
 from .data.images import ImageError, list_xrays, load_gray
 from .detection import DECIMALS, SUBMISSION_HEADERS, SUBMISSION_ROWS, coco_predictions, submission_id
-from .figures import finding_panels
+from .figures import finding_panels, normalize
 from .inference import ImagePrediction, load_model
 from .io import (atomic_npz, atomic_write_bytes, atomic_write_csv, atomic_write_json_streamed, check_outputs,
                  clear_outputs, csv_text, json_text, naming, print_table, progress, save_png, writing)
@@ -82,7 +82,7 @@ def overlay(gray: np.ndarray, result: ImagePrediction, min_probability: float, t
                           align_corners=False, antialias=True)[0, 0]
     reported = sorted(result.boxes, key=lambda name: -result.probabilities[name])
     heats = result.heatmaps(reported, scale, outside=float("nan")) if reported else []
-    heats = [_share(heat) * result.probabilities[name] for name, heat in zip(reported, heats)]
+    heats = [normalize(heat) * result.probabilities[name] for name, heat in zip(reported, heats)]
     panels = [(f"{name}  p = {result.probabilities[name]:.2f}", heat,
                [[v * scale for v in box[:4]] for box in result.boxes[name]]) for name, heat in zip(reported, heats)]
     if not panels:
@@ -95,14 +95,6 @@ def overlay(gray: np.ndarray, result: ImagePrediction, min_probability: float, t
                      f"{caption}", heat, boxes)
     return finding_panels(image, panels, scale=(0.0, 1.0), bar=("0", "1"), title=title)
 
-
-def _share(heat: torch.Tensor) -> torch.Tensor:
-    """A map min-max normalised over its known (not NaN) values; NaN stays."""
-    known = heat[~torch.isnan(heat)]
-    if not known.numel():
-        return heat
-    low, high = known.min(), known.max()
-    return (heat - low) / (high - low) if high > low else torch.zeros_like(heat).where(~torch.isnan(heat), heat)
 
 
 def _record(path: Path, result: ImagePrediction) -> dict:
