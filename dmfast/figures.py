@@ -31,13 +31,24 @@ def heat_colors(values: torch.Tensor) -> torch.Tensor:
 _HEAT_TABLE = heat_colors(torch.linspace(0, 1, 256)[None])[:, 0].T.contiguous()  # [256, 3]: a lookup per pixel
 
 
+BARE, HATCH = 256, 257  # heat levels past the colour map's 256: no data, drawn as the bare gray or the hatching
+
+
 @functools.lru_cache(maxsize=4)
 def _blend_table(alpha: float) -> torch.Tensor:
-    """``[256 * 256, 3]`` uint8: gray level g blended with the heat colour of level h at row ``g * 256 + h``, so
-    that an overlay is one lookup per pixel (the picture of the float blend with its gray at 1/255 steps)."""
+    """``[256 * 258, 3]`` uint8: gray level g blended with the heat colour of level h at row ``g * 258 + h``, so
+    that an overlay is one lookup per pixel (the picture of the float blend with its gray at 1/255 steps); the
+    levels :data:`BARE` and :data:`HATCH` hold the bare gray and the hatching's colour (no data)."""
     gray = torch.arange(256, dtype=torch.float32)[:, None, None] / 255
     rgb = gray + alpha * (_HEAT_TABLE[None] - gray)  # [256 gray, 256 heat, 3]
-    return (rgb * 255).round_().to(torch.uint8).reshape(-1, 3)
+    no_data = torch.cat([gray.expand(-1, 1, 3), torch.tensor(NO_DATA)[None, None].expand(256, 1, 3) / 255], 1)
+    return (torch.cat([rgb, no_data], 1) * 255).round_().to(torch.uint8).reshape(-1, 3)
+
+
+@functools.lru_cache(maxsize=4)
+def _hatching(height: int, width: int) -> torch.Tensor:
+    """``[H, W]`` bool: the lines of the no-data hatching (2 of every 8 diagonals)."""
+    return (torch.arange(height)[:, None] + torch.arange(width)[None]) % 8 < 2
 
 
 def normalize(image: torch.Tensor) -> torch.Tensor:
@@ -61,16 +72,11 @@ def heat_overlay(gray: torch.Tensor, heat: torch.Tensor | None, alpha: float = 0
         heat = heat.float()
         missing = torch.isnan(heat)
         share = normalize(heat) if scale is None else ((heat - scale[0]) / max(scale[1] - scale[0], 1e-12)).clamp_(0, 1)
-        share = share.nan_to_num_(0.0)  # the missing pixels are drawn bare below
-        level = (gray.float().clamp(0, 1) * 255).round_().to(torch.int32) * 256
-        level += (share * 255).round_().to(torch.int32)
-        out = _blend_table(float(alpha))[level.flatten()].view(*gray.shape, 3)
+        level = (share.nan_to_num_(0.0) * 255).round_().to(torch.int32)
         if missing.any():  # no data: the bare image, hatched
-            ys, xs = torch.meshgrid(torch.arange(gray.shape[0]), torch.arange(gray.shape[1]), indexing="ij")
-            bare = (gray.float().clamp(0, 1) * 255).round_().to(torch.uint8)[..., None].expand(-1, -1, 3)
-            out = torch.where(missing[..., None], bare, out)
-            out[missing & ((ys + xs) % 8 < 2)] = torch.tensor(NO_DATA, dtype=torch.uint8)
-        return out.permute(2, 0, 1)
+            level[missing] = (BARE + _hatching(*gray.shape)[missing]).to(torch.int32)
+        level += (gray.float().clamp(0, 1) * 255).round_().to(torch.int32) * 258
+        return _blend_table(float(alpha))[level.flatten()].view(*gray.shape, 3).permute(2, 0, 1)
     rgb = gray.float().clamp(0, 1)[..., None]  # [H, W, 1], broadcast over the channels
     if heat is not None:
         colors = _HEAT_TABLE[(normalize(heat) * 255).round_().long()]  # [H, W, 3]
@@ -97,26 +103,56 @@ def draw_tiles(image: torch.Tensor, tiles: list, color=BLACK, width: int = 2, te
     """:func:`draw` on several tiles of one image at once (one conversion to PIL and back): ``tiles`` are
     ``((x, y) of the tile's top left, boxes in the tile's pixels, caption or None)``, each drawn inside its tile
     (``size``: its ``(width, height)``, default the whole image) exactly as :func:`draw` draws it alone."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     canvas = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
-    width_, height_ = size or canvas.size
-    font = _font(text_size)
+    _draw_on(canvas, tiles, color, width, _font(text_size), halo, size or canvas.size)
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1)  # a view: the pixels stay interleaved (see grid)
+
+
+def _draw_on(canvas, tiles: list, color, width: int, font, halo: bool, size: tuple) -> None:
+    """:func:`draw_tiles` on a PIL image, in place. A tile whose drawing stays inside it is drawn on the canvas
+    itself; one reaching its edge is drawn on a crop, so that nothing spills into the next tile."""
+    from PIL import ImageDraw
+
+    canvas_pen = ImageDraw.Draw(canvas)
     for (x, y), boxes, text in tiles:
-        tile = canvas.crop((x, y, x + width_, y + height_))
-        pen = ImageDraw.Draw(tile)
+        shapes = []  # (corners in the tile, outline or None, fill or None, line width)
         for x0, y0, x1, y1 in boxes:
             corners = [float(x0), float(y0), max(float(x1) - 1, float(x0)), max(float(y1) - 1, float(y0))]
             if halo:
-                pen.rectangle([corners[0] - 1, corners[1] - 1, corners[2] + 1, corners[3] + 1], outline=BLACK,
-                              width=width + 2)
-            pen.rectangle(corners, outline=color, width=width)
+                shapes.append(([corners[0] - 1, corners[1] - 1, corners[2] + 1, corners[3] + 1], BLACK, None,
+                               width + 2))
+            shapes.append((corners, color, None, width))
         if text:
-            left, top, right, bottom = pen.textbbox((3, 2), text, font=font)
-            pen.rectangle([left - 2, top - 1, right + 2, bottom + 1], fill=BLACK)
-            pen.text((3, 2), text, fill=WHITE, font=font)
-        canvas.paste(tile, (x, y))
-    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1)  # a view: the pixels stay interleaved (see grid)
+            left, top, right, bottom = canvas_pen.textbbox((3, 2), text, font=font)
+            shapes.append(([left - 2, top - 1, right + 2, bottom + 1], None, BLACK, 1))
+        inside = all(c[0] >= 0 and c[1] >= 0 and c[2] < size[0] and c[3] < size[1] for c, *_ in shapes)
+        tile = canvas if inside else canvas.crop((x, y, x + size[0], y + size[1]))
+        dx, dy = (x, y) if inside else (0, 0)
+        pen = canvas_pen if inside else ImageDraw.Draw(tile)
+        for (c0, c1, c2, c3), outline, fill, line in shapes:
+            pen.rectangle([c0 + dx, c1 + dy, c2 + dx, c3 + dy], outline=outline, fill=fill, width=line)
+        if text:
+            pen.text((3 + dx, 2 + dy), text, fill=WHITE, font=font)
+        if not inside:
+            canvas.paste(tile, (x, y))
+
+
+def _bar_pixels(height: int, width: int, text_size: int) -> np.ndarray:
+    """The colour strip of :func:`color_bar` on white, without its labels: ``[height, width, 3]`` uint8."""
+    margin = text_size + 6
+    strip = heat_colors(torch.linspace(1, 0, max(height - 2 * margin, 2))[:, None].expand(-1, width // 3))
+    out = np.full((height, width, 3), 255, dtype=np.uint8)
+    out[margin:margin + strip.shape[1], 4:4 + strip.shape[2]] = (strip * 255).round().to(torch.uint8).permute(
+        1, 2, 0).numpy()
+    return out
+
+
+def _label_bar(pen, x: int, y: int, height: int, low: str, high: str, font, text_size: int) -> None:
+    """The labels of a colour bar whose top left is at ``(x, y)``."""
+    pen.text((x + 2, y + 1), high, fill=BLACK, font=font)
+    pen.text((x + 2, y + height - text_size - 3), low, fill=BLACK, font=font)
 
 
 def color_bar(height: int, width: int = 56, low: str = "low", high: str = "high", text_size: int = 12) -> torch.Tensor:
@@ -124,15 +160,8 @@ def color_bar(height: int, width: int = 56, low: str = "low", high: str = "high"
     width]``."""
     from PIL import Image, ImageDraw
 
-    margin = text_size + 6
-    strip = heat_colors(torch.linspace(1, 0, max(height - 2 * margin, 2))[:, None].expand(-1, width // 3))
-    out = torch.full((3, height, width), 255, dtype=torch.uint8)
-    out[:, margin:margin + strip.shape[1], 4:4 + strip.shape[2]] = (strip * 255).round().to(torch.uint8)
-    canvas = Image.fromarray(out.permute(1, 2, 0).contiguous().numpy())
-    pen = ImageDraw.Draw(canvas)
-    font = _font(text_size)
-    pen.text((2, 1), high, fill=BLACK, font=font)
-    pen.text((2, height - margin + 3), low, fill=BLACK, font=font)
+    canvas = Image.fromarray(_bar_pixels(height, width, text_size))
+    _label_bar(ImageDraw.Draw(canvas), 0, 0, height, low, high, _font(text_size), text_size)
     return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
 
 
@@ -141,25 +170,33 @@ def finding_panels(gray: torch.Tensor, panels: list, columns: int = 4, scale: tu
     """One X-ray ``[H, W]`` (in [0, 1]) shown once per panel ``(caption, heat [H, W] or None, boxes)``: the heat
     blended over it (on the fixed range ``scale``, else min-max per panel; NaN: no data, hatched), the boxes in
     white with a black halo, the caption written on it over the boxes; panels in rows of ``columns`` with a colour
-    bar of the heat at the right labelled ``bar`` (low, high), and ``title`` above them all."""
-    size = max(12, min(28, max(gray.shape) // 24))
-    columns = min(columns, len(panels))
-    figure = grid([heat_overlay(gray, heat, scale=scale) for _, heat, _ in panels], columns)
-    step_y, step_x = gray.shape[0] + GRID_GAP, gray.shape[1] + GRID_GAP
-    figure = draw_tiles(figure, [((k % columns * step_x, k // columns * step_y), boxes, caption)
-                                 for k, (caption, _, boxes) in enumerate(panels)],
-                        WHITE, width=max(2, size // 8), text_size=size, halo=True,
-                        size=(gray.shape[1], gray.shape[0]))
-    colours = color_bar(figure.shape[1], text_size=size, low=bar[0], high=bar[1], width=5 * size)
-    gap = torch.full((3, figure.shape[1], 4), 255, dtype=torch.uint8)
-    figure = torch.cat([part.permute(1, 2, 0) for part in (figure, gap, colours)], dim=1).permute(2, 0, 1)
-    if title is None:
-        return figure
+    bar of the heat at the right labelled ``bar`` (low, high), and ``title`` above them all. Drawn on one canvas
+    with one conversion to PIL and back (a 14-panel 512-px figure is 13 MB)."""
     from PIL import Image, ImageDraw
 
-    strip = Image.new("RGB", (figure.shape[2], size + 10), WHITE)
-    ImageDraw.Draw(strip).text((4, 4), title, fill=BLACK, font=_font(size))
-    return torch.cat([torch.from_numpy(np.array(strip)).permute(2, 0, 1), figure], 1)
+    size = max(12, min(28, max(gray.shape) // 24))
+    columns = min(columns, len(panels))
+    height, width = gray.shape
+    step_y, step_x = height + GRID_GAP, width + GRID_GAP
+    rows = (len(panels) + columns - 1) // columns
+    top = size + 10 if title is not None else 0  # the title's strip
+    grid_height, grid_width = rows * step_y - GRID_GAP, columns * step_x - GRID_GAP
+    canvas = np.full((top + grid_height, grid_width + 4 + 5 * size, 3), 255, dtype=np.uint8)
+    pixels = torch.from_numpy(canvas)
+    for k, (_, heat, _) in enumerate(panels):
+        y, x = top + k // columns * step_y, k % columns * step_x
+        pixels[y:y + height, x:x + width] = heat_overlay(gray, heat, scale=scale).permute(1, 2, 0)
+    canvas[top:, grid_width + 4:] = _bar_pixels(grid_height, 5 * size, size)
+    image = Image.fromarray(canvas)
+    font = _font(size)
+    _draw_on(image, [((k % columns * step_x, top + k // columns * step_y), boxes, caption)
+                     for k, (caption, _, boxes) in enumerate(panels)], WHITE, max(2, size // 8), font, True,
+             (width, height))
+    pen = ImageDraw.Draw(image)
+    _label_bar(pen, grid_width + 4, top, grid_height, bar[0], bar[1], font, size)
+    if title is not None:
+        pen.text((4, 4), title, fill=BLACK, font=font)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
 def grid(tiles: list, columns: int, gap: int = GRID_GAP) -> torch.Tensor:

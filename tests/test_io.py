@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import sys
 import zlib
 
 import numpy as np
@@ -42,11 +43,16 @@ def test_a_stream_failing_part_way_leaves_nothing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("deflater", ["isal", "zlib"])
 @pytest.mark.parametrize("extra", [0, 1, 12345])
-def test_parallel_deflate_is_one_zlib_stream(monkeypatch, extra):
-    """Above PNG_SLICE bytes the data is deflated in slices on several threads: zlib (and so every PNG reader) reads
-    the joined stream back as the data, with its Adler-32."""
+def test_parallel_deflate_is_one_zlib_stream(monkeypatch, extra, deflater):
+    """Above PNG_SLICE bytes the data is deflated in slices on several threads (by ISA-L, or zlib without it): zlib
+    (and so every PNG reader) reads the joined stream back as the data, with its Adler-32."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # as on a 2-core machine
+    if deflater == "zlib":
+        monkeypatch.setitem(sys.modules, "isal", None)  # as where isal is not installed: the import fails
+    assert dio._deflater().__name__ == ("isal.isal_zlib" if deflater == "isal" else "zlib")
+    assert zlib.decompress(dio.zlib_stream(b"short")) == b"short"
     data = np.random.default_rng(extra).integers(0, 6, 3 * dio.PNG_SLICE + extra, dtype=np.uint8)
     stream = dio.zlib_stream(data.tobytes())
     assert zlib.decompress(stream) == data.tobytes()
