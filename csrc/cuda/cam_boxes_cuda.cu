@@ -92,6 +92,189 @@ struct Candidate {
   int64_t box[4];
 };
 
+// The phases of cam_boxes_kernel. Each is called by every thread of the block together, so every __syncthreads()
+// in them is reached by the whole block; the ones that end with a barrier say so, and then the next phase may read
+// what they wrote.
+
+struct MapRange {
+  double lo, hi;
+  bool finite;  // every value finite (fmin and fmax skip NaN, so the range alone would not tell)
+};
+
+// The map's min, max and finiteness: a strided pass per thread, then a tree over the block in shared memory. Ends
+// with a barrier, after which the reduction arrays are free again.
+template <typename scalar_t>
+__device__ __forceinline__ MapRange block_min_max(const scalar_t* m, int64_t size, double* reduce_lo,
+                                                  double* reduce_hi, int32_t* reduce_finite) {
+  const int64_t tid = threadIdx.x;
+  double lo = INFINITY, hi = -INFINITY;
+  int32_t finite = 1;
+  for (int64_t k = tid; k < size; k += kBlock) {
+    const double v = double(m[k]);
+    finite &= int32_t(isfinite(v)), lo = fmin(lo, v), hi = fmax(hi, v);
+  }
+  reduce_lo[tid] = lo, reduce_hi[tid] = hi, reduce_finite[tid] = finite;
+  __syncthreads();
+  for (int stride = kBlock / 2; stride > 0; stride /= 2) {
+    if (tid < stride) {
+      reduce_lo[tid] = fmin(reduce_lo[tid], reduce_lo[tid + stride]);
+      reduce_hi[tid] = fmax(reduce_hi[tid], reduce_hi[tid + stride]);
+      reduce_finite[tid] = min(reduce_finite[tid], reduce_finite[tid + stride]);
+    }
+    __syncthreads();
+  }
+  const MapRange range{reduce_lo[0], reduce_hi[0], reduce_finite[0] != 0};
+  __syncthreads();
+  return range;
+}
+
+// The map scaled to [0, 1] (hi > lo) into scratch. Ends with a barrier.
+template <typename scalar_t>
+__device__ __forceinline__ void normalise_map(const scalar_t* m, int64_t size, const MapRange& range, double* out) {
+  for (int64_t k = threadIdx.x; k < size; k += kBlock) out[k] = (double(m[k]) - range.lo) / (range.hi - range.lo);
+  __syncthreads();
+}
+
+// The level's foreground mask, written as the initial union-find forest: a foreground pixel (upsampled value >=
+// threshold, computed on the fly) is its own root, background is -1. Ends with a barrier.
+__device__ __forceinline__ void threshold_pixels(const Scratch& s, int64_t h, int64_t w, int64_t H, int64_t W,
+                                                 double threshold) {
+  for (int64_t p = threadIdx.x; p < H * W; p += kBlock) {
+    const bool fg = pixel_value(s.map, h, w, H, W, p / W, p % W) >= threshold;
+    s.parent[p] = fg ? int32_t(p) : -1;
+  }
+  __syncthreads();
+}
+
+// 8-connectivity: each foreground pixel unites with the foreground among its left, up-left, up and up-right
+// neighbours (the other four unite with it). Threads unite concurrently; unite's atomicMin makes that safe. Ends with
+// a barrier, after which every component is one tree rooted at its raster-first pixel.
+__device__ __forceinline__ void link_neighbours(int32_t* parent, int64_t H, int64_t W) {
+  for (int64_t p = threadIdx.x; p < H * W; p += kBlock) {
+    if (parent[p] < 0) continue;
+    const int64_t y = p / W, x = p % W;
+    if (x > 0 && parent[p - 1] >= 0) unite(parent, int32_t(p), int32_t(p - 1));
+    if (y > 0) {
+      for (int64_t dx = -1; dx <= 1; ++dx) {
+        const int64_t nx = x + dx;
+        if (nx >= 0 && nx < W && parent[p - W + dx] >= 0) unite(parent, int32_t(p), int32_t(p - W + dx));
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// Points every foreground pixel straight at its root; each root clears its component record and appends itself to
+// the compact list of roots (num_roots was zeroed before link_neighbours' barrier). The list's order depends on thread
+// timing, which the selection's tie-break on the root index makes harmless. Ends with a barrier.
+__device__ __forceinline__ void collect_roots(const Scratch& s, int64_t H, int64_t W, int32_t& num_roots) {
+  for (int64_t p = threadIdx.x; p < H * W; p += kBlock) {
+    if (s.parent[p] < 0) continue;
+    const int32_t root = find_root(s.parent, int32_t(p));
+    s.parent[p] = root;
+    if (root == p) {
+      s.x0[p] = int32_t(W), s.y0[p] = int32_t(H), s.x1[p] = 0, s.y1[p] = 0, s.count[p] = 0;
+      s.max_bits[p] = 0ull, s.sum[p] = 0.0;
+      s.roots[atomicAdd(&num_roots, 1)] = int32_t(p);
+    }
+  }
+  __syncthreads();
+}
+
+// Each foreground pixel adds itself to its root's record with atomics: the box, the pixel count, and the max (through
+// its bit pattern: the values are non-negative) and sum of its upsampled activation. Ends with a barrier.
+__device__ __forceinline__ void accumulate_components(const Scratch& s, int64_t h, int64_t w, int64_t H, int64_t W) {
+  for (int64_t p = threadIdx.x; p < H * W; p += kBlock) {
+    const int32_t root = s.parent[p];
+    if (root < 0) continue;
+    const int64_t y = p / W, x = p % W;
+    const double value = pixel_value(s.map, h, w, H, W, y, x);
+    atomicMin(s.x0 + root, int32_t(x)), atomicMin(s.y0 + root, int32_t(y));
+    atomicMax(s.x1 + root, int32_t(x + 1)), atomicMax(s.y1 + root, int32_t(y + 1));
+    atomicAdd(s.count + root, 1);
+    atomicMax(s.max_bits + root, static_cast<unsigned long long>(__double_as_longlong(value)));
+    atomicAdd(s.sum + root, value);
+  }
+  __syncthreads();
+}
+
+// The score of each of the level's components, by its slot in the list of roots; scores are in [0, 1], so the
+// selection marks a taken component with -1. Ends with a barrier.
+__device__ __forceinline__ void score_components(const Scratch& s, int32_t roots, bool mean) {
+  for (int64_t c = threadIdx.x; c < roots; c += kBlock) {
+    const int32_t r = s.roots[c];
+    s.rank_score[c] = mean ? s.sum[r] / double(s.count[r]) : __longlong_as_double(s.max_bits[r]);
+  }
+  __syncthreads();
+}
+
+// Whether slot a ranks before slot b: higher score, then the smaller root (earlier first pixel in raster order).
+__device__ __forceinline__ bool outranks(const Scratch& s, int64_t a, int64_t b) {
+  if (s.rank_score[a] != s.rank_score[b]) return s.rank_score[a] > s.rank_score[b];
+  return s.roots[a] < s.roots[b];
+}
+
+// The slot of the best component not yet taken: a strided scan per thread, then a tree over the block in shared
+// memory. Returns after the tree's last barrier, so every thread gets the same slot.
+__device__ __forceinline__ int32_t block_best_component(const Scratch& s, int32_t roots, int32_t* reduce) {
+  const int64_t tid = threadIdx.x;
+  int32_t best = -1;
+  for (int64_t c = tid; c < roots; c += kBlock) {
+    if (s.rank_score[c] < 0) continue;  // taken
+    if (best < 0 || outranks(s, c, best)) best = int32_t(c);
+  }
+  reduce[tid] = best;
+  __syncthreads();
+  for (int stride = kBlock / 2; stride > 0; stride /= 2) {
+    if (tid < stride) {
+      const int32_t a = reduce[tid], b = reduce[tid + stride];
+      if (b >= 0 && (a < 0 || outranks(s, b, a))) reduce[tid] = b;
+    }
+    __syncthreads();
+  }
+  return reduce[0];
+}
+
+// One thread's work: inserts cand into the map's ranked output of kept entries (at most max_boxes), shifting the
+// lower ones down and dropping the last when full. Entries already there come from earlier levels, so they win ties
+// on level: compare on score only. Returns false when cand falls outside the output (nothing changes).
+__device__ __forceinline__ bool insert_ranked(const Candidate& cand, int64_t* out_boxes, double* out_scores,
+                                              int64_t max_boxes, int64_t& kept) {
+  int64_t pos = kept;
+  while (pos > 0 && cand.score > out_scores[pos - 1]) --pos;
+  if (pos < max_boxes) {
+    for (int64_t k = kept < max_boxes - 1 ? kept : max_boxes - 1; k > pos; --k) {
+      out_scores[k] = out_scores[k - 1];
+      for (int e = 0; e < 4; ++e) out_boxes[k * 4 + e] = out_boxes[(k - 1) * 4 + e];
+    }
+    out_scores[pos] = cand.score;
+    for (int e = 0; e < 4; ++e) out_boxes[pos * 4 + e] = cand.box[e];
+    kept = kept + 1 < max_boxes ? kept + 1 : max_boxes;
+  }
+  return pos < max_boxes;
+}
+
+// Takes the level's components best first and inserts them into the map's ranked output until one falls outside it
+// (the rest of the level ranks lower still): max_boxes rounds at most, one block-wide arg-max each. kept and stop are
+// shared, written by thread 0 only. Ends with a barrier.
+__device__ __forceinline__ void merge_level(const Scratch& s, int32_t roots, int64_t level, int64_t max_boxes,
+                                            int64_t* out_boxes, double* out_scores, int32_t* reduce, int64_t& kept,
+                                            bool& stop) {
+  for (int64_t round = 0; round < max_boxes && round < roots; ++round) {
+    const int32_t winner = block_best_component(s, roots, reduce);
+    if (threadIdx.x == 0) {
+      const int32_t r = s.roots[winner];
+      const Candidate cand{s.rank_score[winner], level, int64_t(r), {s.x0[r], s.y0[r], s.x1[r], s.y1[r]}};
+      s.rank_score[winner] = -1.0;  // taken
+      stop = !insert_ranked(cand, out_boxes, out_scores, max_boxes, kept);
+    }
+    __syncthreads();
+    if (stop) break;  // uniform: read after the barrier
+  }
+  __syncthreads();
+}
+
+// One block per map at a time (grid-stride over maps), in the block's own scratch slot.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBlock) cam_boxes_kernel(const scalar_t* __restrict__ cams, int64_t N, int64_t h,
                                                             int64_t w, int64_t H, int64_t W,
@@ -105,138 +288,29 @@ __global__ void __launch_bounds__(kBlock) cam_boxes_kernel(const scalar_t* __res
   __shared__ int64_t kept;
   __shared__ bool stop;
   const Scratch s = Scratch::at(arena + blockIdx.x * slot_bytes, H * W, h * w);
-  const int64_t P = H * W, tid = threadIdx.x;
 
   for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
-    // Normalise the map (min-max) into scratch.
     const scalar_t* m = cams + n * h * w;
-    double lo = INFINITY, hi = -INFINITY;
-    int32_t finite = 1;
-    for (int64_t k = tid; k < h * w; k += kBlock) {
-      const double v = double(m[k]);
-      finite &= int32_t(isfinite(v)), lo = fmin(lo, v), hi = fmax(hi, v);
-    }
-    reduce_a[tid] = lo, reduce_b[tid] = hi, reduce_i[tid] = finite;
-    __syncthreads();
-    for (int stride = kBlock / 2; stride > 0; stride /= 2) {
-      if (tid < stride) {
-        reduce_a[tid] = fmin(reduce_a[tid], reduce_a[tid + stride]);
-        reduce_b[tid] = fmax(reduce_b[tid], reduce_b[tid + stride]);
-        reduce_i[tid] = min(reduce_i[tid], reduce_i[tid + stride]);
-      }
-      __syncthreads();
-    }
-    lo = reduce_a[0], hi = reduce_b[0], finite = reduce_i[0];
-    __syncthreads();
+    const MapRange range = block_min_max(m, h * w, reduce_a, reduce_b, reduce_i);
     // Uniform over the block: a map with NaN or inf gets count -1, a constant map none (outputs are pre-zeroed).
-    if (!finite && tid == 0) counts[n] = -1;
-    if (!finite || !(hi > lo)) continue;
-    for (int64_t k = tid; k < h * w; k += kBlock) s.map[k] = (double(m[k]) - lo) / (hi - lo);
-    if (tid == 0) kept = 0;
+    if (!range.finite && threadIdx.x == 0) counts[n] = -1;
+    if (!range.finite || !(range.hi > range.lo)) continue;
+    if (threadIdx.x == 0) kept = 0;
+    normalise_map(m, h * w, range, s.map);
     int64_t total = 0;
-    __syncthreads();
-
     for (int64_t level = 0; level < levels.count; ++level) {
-      const double threshold = levels.value[level];
-      for (int64_t p = tid; p < P; p += kBlock) {
-        const bool fg = pixel_value(s.map, h, w, H, W, p / W, p % W) >= threshold;
-        s.parent[p] = fg ? int32_t(p) : -1;
-      }
-      __syncthreads();
-      // 8-connectivity: link to the foreground among left, up-left, up, up-right.
-      for (int64_t p = tid; p < P; p += kBlock) {
-        if (s.parent[p] < 0) continue;
-        const int64_t y = p / W, x = p % W;
-        if (x > 0 && s.parent[p - 1] >= 0) unite(s.parent, int32_t(p), int32_t(p - 1));
-        if (y > 0) {
-          for (int64_t dx = -1; dx <= 1; ++dx) {
-            const int64_t nx = x + dx;
-            if (nx >= 0 && nx < W && s.parent[p - W + dx] >= 0) unite(s.parent, int32_t(p), int32_t(p - W + dx));
-          }
-        }
-      }
-      if (tid == 0) num_roots = 0;
-      __syncthreads();
-      for (int64_t p = tid; p < P; p += kBlock) {
-        if (s.parent[p] < 0) continue;
-        const int32_t root = find_root(s.parent, int32_t(p));
-        s.parent[p] = root;
-        if (root == p) {
-          s.x0[p] = int32_t(W), s.y0[p] = int32_t(H), s.x1[p] = 0, s.y1[p] = 0, s.count[p] = 0;
-          s.max_bits[p] = 0ull, s.sum[p] = 0.0;
-          s.roots[atomicAdd(&num_roots, 1)] = int32_t(p);
-        }
-      }
-      __syncthreads();
-      for (int64_t p = tid; p < P; p += kBlock) {
-        const int32_t root = s.parent[p];
-        if (root < 0) continue;
-        const int64_t y = p / W, x = p % W;
-        const double value = pixel_value(s.map, h, w, H, W, y, x);
-        atomicMin(s.x0 + root, int32_t(x)), atomicMin(s.y0 + root, int32_t(y));
-        atomicMax(s.x1 + root, int32_t(x + 1)), atomicMax(s.y1 + root, int32_t(y + 1));
-        atomicAdd(s.count + root, 1);
-        atomicMax(s.max_bits + root, static_cast<unsigned long long>(__double_as_longlong(value)));
-        atomicAdd(s.sum + root, value);
-      }
-      __syncthreads();
+      threshold_pixels(s, h, w, H, W, levels.value[level]);
+      if (threadIdx.x == 0) num_roots = 0;  // collect_roots' counter, zeroed before link_neighbours' barrier
+      link_neighbours(s.parent, H, W);
+      collect_roots(s, H, W, num_roots);
+      accumulate_components(s, h, w, H, W);
       const int32_t roots = num_roots;
       total += roots;
-      for (int64_t c = tid; c < roots; c += kBlock) {
-        const int32_t r = s.roots[c];
-        s.rank_score[c] = mean ? s.sum[r] / double(s.count[r]) : __longlong_as_double(s.max_bits[r]);
-      }
-      __syncthreads();
-      // Take the level's components best first and insert them into the map's ranked list until one would fall
-      // outside it.
-      for (int64_t round = 0; round < max_boxes && round < roots; ++round) {
-        int32_t best = -1;
-        for (int64_t c = tid; c < roots; c += kBlock) {
-          if (s.rank_score[c] < 0) continue;  // taken
-          if (best < 0 || s.rank_score[c] > s.rank_score[best] ||
-              (s.rank_score[c] == s.rank_score[best] && s.roots[c] < s.roots[best])) {
-            best = int32_t(c);
-          }
-        }
-        reduce_i[tid] = best;
-        __syncthreads();
-        for (int stride = kBlock / 2; stride > 0; stride /= 2) {
-          if (tid < stride) {
-            const int32_t a = reduce_i[tid], b = reduce_i[tid + stride];
-            if (b >= 0 && (a < 0 || s.rank_score[b] > s.rank_score[a] ||
-                           (s.rank_score[b] == s.rank_score[a] && s.roots[b] < s.roots[a]))) {
-              reduce_i[tid] = b;
-            }
-          }
-          __syncthreads();
-        }
-        if (tid == 0) {
-          const int32_t winner = reduce_i[0];
-          const int32_t r = s.roots[winner];
-          const Candidate cand{s.rank_score[winner], level, int64_t(r), {s.x0[r], s.y0[r], s.x1[r], s.y1[r]}};
-          s.rank_score[winner] = -1.0;
-          int64_t* out_boxes = boxes + n * max_boxes * 4;
-          double* out_scores = scores + n * max_boxes;
-          // Existing entries come from earlier levels, so they win ties on level; compare on score only.
-          int64_t pos = kept;
-          while (pos > 0 && cand.score > out_scores[pos - 1]) --pos;
-          if (pos < max_boxes) {
-            for (int64_t k = kept < max_boxes - 1 ? kept : max_boxes - 1; k > pos; --k) {
-              out_scores[k] = out_scores[k - 1];
-              for (int e = 0; e < 4; ++e) out_boxes[k * 4 + e] = out_boxes[(k - 1) * 4 + e];
-            }
-            out_scores[pos] = cand.score;
-            for (int e = 0; e < 4; ++e) out_boxes[pos * 4 + e] = cand.box[e];
-            kept = kept + 1 < max_boxes ? kept + 1 : max_boxes;
-          }
-          stop = pos >= max_boxes;
-        }
-        __syncthreads();
-        if (stop) break;
-      }
-      __syncthreads();
+      score_components(s, roots, mean);
+      merge_level(s, roots, level, max_boxes, boxes + n * max_boxes * 4, scores + n * max_boxes, reduce_i, kept,
+                  stop);
     }
-    if (tid == 0) counts[n] = total;
+    if (threadIdx.x == 0) counts[n] = total;
     __syncthreads();
   }
 }
