@@ -11,10 +11,12 @@ them off. Set CUDA_HOME to the toolkit root and TORCH_CUDA_ARCH_LIST (e.g. "8.0;
 without a GPU.
 """
 
+import ast
 import glob
 import os
 import platform
 import sys
+from pathlib import Path
 
 import torch
 from setuptools import setup
@@ -35,12 +37,17 @@ def openmp_flags() -> list[str]:
     return ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
 
 
-# The CPU variants and their flags, narrowest first (dmfast.cpu_variants.VARIANTS lists the same names).
-X86_VARIANTS = {
-    "base": ["-march=x86-64-v2"],
-    "avx2": ["-march=x86-64-v3"],
-    "avx512": ["-march=x86-64-v4", "-mprefer-vector-width=512"],
-}
+def _constant(path: Path, name: str):
+    """The literal value assigned to ``name`` in the Python file ``path`` (read, not imported: the package is not
+    built yet)."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise SystemExit(f"{path}: no {name} = ...")
+
+
+# The CPU variants and their flags, narrowest first: dmfast/cpu_variants.py owns the list (it loads them).
+X86_VARIANTS = _constant(Path(HERE) / "dmfast" / "cpu_variants.py", "COMPILE_FLAGS")
 
 
 def cpu_variants() -> dict:

@@ -12,13 +12,14 @@ from pathlib import Path
 import click
 
 import dmfast
-from dmfast.config import (CAM_METHODS, DATA_FORMATS, FRACTION, PRECISIONS, SIZE, SUBMISSIONS, WANG_THRESHOLDS,
-                           AlignConfig, BoxConfig, DemoConfig, EvalConfig, MasksConfig, PredictConfig, Range,
-                           SplitConfig, TrainConfig, defaults, metadata_of)
-from dmfast.data import phantom
+from dmfast import phantom
+from dmfast.config import (ARCHS, CAM_METHODS, DATA_FORMATS, FRACTION, PRECISIONS, SIZE, SUBMISSIONS, TIMM,
+                           WANG_THRESHOLDS, AlignConfig, BoxConfig, DemoConfig, EvalConfig, MasksConfig, PredictConfig,
+                           Range, SplitConfig, TrainConfig, defaults, metadata_of)
 from dmfast.data.cache import WORKERS
 from dmfast.data.cache import prepare as prepare_cache
-from dmfast.data.phantom import synthesize
+from dmfast.errors import Error
+from dmfast.phantom import synthesize
 
 FILE = click.Path(exists=True, dir_okay=False)
 TRAINED = click.Path(exists=True)  # a trained classifier: model file, run folder, checkpoint.pt or best.pt
@@ -26,8 +27,6 @@ TRAINED_HELP = ("a model file, a dmfast train run folder (its model.pt, else its
                 "a best.pt")
 FOLDER = click.Path(file_okay=False)
 DATA_DIR = click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
-# dmfast's own code: an error raised there on purpose is about the input (see _expected)
-OWN_CODE = tuple(str(Path(p).resolve().parent) + os.sep for p in (dmfast.__file__, __file__))
 
 
 class Number(click.ParamType):
@@ -77,7 +76,7 @@ def option(owner, name: str, flag: str | None = None, **kwargs):
         kwargs.setdefault("type", Valid(metadata["valid"]))
     if "choices" in metadata:
         choices = metadata["choices"]
-        kwargs.setdefault("type", click.Choice([str(c) for c in choices]))
+        kwargs.setdefault("type", click.Choice([str(c) for c in choices if c is not None]))  # None: not given
         if all(isinstance(c, int) for c in choices):  # e.g. the CAM stride: given as text, used as an int
             kwargs.setdefault("callback", lambda ctx, param, value: None if value is None else int(value))
     kwargs.setdefault("show_default", default is not None)
@@ -95,19 +94,11 @@ def options(owner, *specs):
 
 
 def _expected(error: BaseException) -> bool:
-    """Whether ``error`` is one dmfast raises on purpose (about the input, the settings or the files), as opposed
-    to a bug: an OSError (the file system's answer), or an error of dmfast's kinds raised by dmfast's own code."""
+    """Whether ``error`` is about the input rather than a bug: one of dmfast's errors (:class:`dmfast.errors.Error`:
+    data, images, model files, settings), the file system's answer (OSError) or a lack of memory."""
     import torch
 
-    if isinstance(error, (OSError, MemoryError, torch.OutOfMemoryError)):
-        return True
-    from dmfast.data.dataset import DataError
-    from dmfast.data.images import ImageError
-
-    if not isinstance(error, (DataError, ImageError, ValueError)):
-        return False
-    frames = traceback.extract_tb(error.__traceback__)
-    return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(OWN_CODE)
+    return isinstance(error, (Error, OSError, MemoryError, torch.OutOfMemoryError))
 
 
 def _message(error: BaseException) -> str:
@@ -181,7 +172,7 @@ UNCERTAIN = ("uncertain", {"help": "Uncertain labels (-1: CheXpert, MIMIC-CXR, c
 BLANK = ("blank", {"help": "Blank label cells (finding not mentioned): unknown or negative."})
 LABELS = (FORMAT, UNCERTAIN, BLANK)
 SPLIT = ("split", {"help": "The official test list, or a patient-grouped split (data without official lists)."})
-ARCH = ("arch", {"help": "The backbone: resnet18, resnet34, resnet50, densenet121, or timm:MODEL for a timm model "
+ARCH = ("arch", {"help": f"The backbone: {', '.join(ARCHS)}, or {TIMM}MODEL for a timm model "
                          "(pip install 'dmfast[timm]'; e.g. timm:convnext_tiny)."})
 
 
@@ -382,15 +373,13 @@ BOX_FLOOR = ("box_floor", {"help": "Classes of an image with at least this proba
                                       "metric scores their boxes)."}),
          ("froc_iou", {"help": "A detection hits a ground-truth box of its class at IoU >= this (FROC)."}),
          ("overlays", {"help": "Overlay images per class (0: none)."}), "batch", CACHE, SKIP,
-         OVERWRITE, ("split", {"type": click.Choice(["test", "train_val", "all"]),
-                    "help": "Which of DATA_DIR's images to score [default: the checkpoint's test split when DATA_DIR "
-                            "is its training data, else DATA_DIR's test_list.txt]."}),
+         OVERWRITE, ("split", {"help": "Which of DATA_DIR's images to score [default: the checkpoint's test split when "
+                            "DATA_DIR  is its training data, else DATA_DIR's test_list.txt]."}),
          ("images", {"type": FILE, "help": "A file of image names (one per line) to score instead."}),
          ("strict", {"help": "Stop when it cannot be told whether evaluation images share a patient with the "
                              "training images (their data is not here)."}),
          ("allow_overlap", {"help": "Score images that share a name or patient with the training images anyway."}),
-         ("box_space", {"type": click.Choice(["release", "image"]),
-                        "help": "Pixels of the boxes: the 1024 x 1024 release images (ChestX-ray14's BBox_List_2017"
+         ("box_space", {"help": "Pixels of the boxes: the 1024 x 1024 release images (ChestX-ray14's BBox_List_2017"
                                 ".csv) or each stored image's own [default: the release's own]."}),
          ("fuse_readers", {"help": "Fuse overlapping boxes of several readers (VinDr-CXR) into one box (IoU >= "
                                    "0.5, mean corners) before scoring."}), *LABELS,
@@ -426,8 +415,7 @@ def evaluate(data_dir, checkpoints, masks_files, box_threshold, **kwargs):
          ("overlays", {"help": "Also write one overlay PNG per image (CAMs, boxes, probabilities)."}),
          ("device", {"help": "cpu, cuda or cuda:N [default: cuda when available]."}),
          PRECISION, COMPILE,
-         ("format", {"type": click.Choice(["auto", *DATA_FORMATS]),
-                     "help": "INPUTS are release folders (of this layout, or auto: detected): predict the images each "
+         ("format", {"help": "INPUTS are release folders (of this layout, or auto: detected): predict the images each "
                              "lists (its frontal X-rays) instead of every image file."}), OVERWRITE)
 def predict(model, inputs, box_threshold, **kwargs):
     """Probabilities, CAMs and boxes of a trained MODEL (model file, run folder or checkpoint) for X-ray INPUTS:

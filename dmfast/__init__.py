@@ -8,11 +8,13 @@ inference (:func:`dmfast.inference.load_model`).
 __version__ = "0.1.0"
 
 from . import ops  # noqa: E402,F401  (registers fake kernels and autograd formulas)
+from .errors import DataError, DicomError, Error, ImageError, ModelFileError, SettingsError  # noqa: E402,F401
 from .ops import affine_matrix, affine_smooth, attention_cam, cam_boxes, mask_attention  # noqa: E402,F401
 
-# the public API: a trained model (load_model -> Model: predict, __call__, classes) and the fused ops
+# the public API: a trained model (load_model -> Model: predict, __call__, classes), the fused ops, and the errors
+# a user's inputs can cause (dmfast.Error and its kinds)
 __all__ = ["load_model", "affine_matrix", "affine_smooth", "attention_cam", "cam_boxes", "mask_attention", "ops",
-           "__version__"]
+           "Error", "SettingsError", "DataError", "ImageError", "DicomError", "ModelFileError", "__version__"]
 
 
 def __dir__():

@@ -20,12 +20,13 @@ from rich.console import Console
 from . import checkpoints, ops, training
 from .anatomy import anchor_images, make_anchor
 from .config import AlignConfig
-from .data.cache import open_or_prepare, report_left_out
+from .data.cache import open_cache, report_left_out
 from .data.formats import open_data
 from .data.images import to_model_input
 from .data.loader import BatchLoader
-from .data.phantom import read_transforms
+from .phantom import read_transforms
 from .data.splits import make_splits, summary
+from .errors import DataError
 from .inference import load_classifier, trained_file
 from .io import (LOSS_AND_RATE, PROGRESS_SECONDS, atomic_write_json, check_outputs, clear_outputs, progress, save_png,
                  to_uint8, writing)
@@ -131,14 +132,14 @@ def _run(config: AlignConfig, console: Console | None) -> Path:
     classifier = load_classifier(config.perceptual, device)[0].requires_grad_(False) if config.perceptual else None
     dataset = open_data(config, lists=config.split == "official")
     report_left_out(dataset, console)
-    cache = open_or_prepare(config.data, config.cache, config.size, config.skip_problems, console, config.format)
+    cache = open_cache(config, console=console)
     splits = make_splits(dataset, config.val_fraction, config.seed, split=config.split)
     console.print(summary(dataset, splits, config.split))
     train_names = [n for n in splits.train if n in cache]
     val_names = [n for n in splits.val + splits.test if n in cache]
     if not train_names or not val_names:
-        raise ValueError(f"{config.data}: the alignment needs training and validation images, got {len(train_names)} "
-                         f"and {len(val_names)} (a larger --val-fraction, or more images)")
+        raise DataError(f"{config.data}: the alignment needs training and validation images, got {len(train_names)} "
+                        f"and {len(val_names)} (a larger --val-fraction, or more images)")
     training.epoch_batches(len(train_names), config.batch, config.max_steps, config.seed, 0)  # enough images?
     anchor = make_anchor(cache, dataset, train_names, config.anchor_images)
     used = len(anchor_images(dataset, train_names, config.anchor_images))

@@ -15,6 +15,7 @@ from scipy import ndimage
 from .checkpoints import MASK_SIZE
 from .data.dataset import FINDINGS
 from .data.images import to_model_input
+from .errors import DataError
 
 # The canonical chest in normalised coordinates (x to the image's right, y down, both in [-1, 1]): the lung fields
 # (cx, cy, rx, ry) of the image-left and image-right lung and the heart shadow. The phantom is drawn in it, and
@@ -42,8 +43,8 @@ def make_anchor(cache, dataset, names, count: int) -> torch.Tensor:
     """Pixel mean of the :func:`anchor_images` (of an image cache), as a float [-1, 1] image ``[1, 1, S, S]``."""
     healthy = anchor_images(dataset, names, count)
     if not healthy:
-        raise ValueError("no 'No Finding' training images to build the anchor from (images the release says are "
-                         "free of findings; give --anchor of another run)")
+        raise DataError("no 'No Finding' training images to build the anchor from (images the release says are "
+                        "free of findings; give --anchor of another run)")
     total = torch.zeros(1, 1, cache.size, cache.size, dtype=torch.float64)
     for start in range(0, len(healthy), 64):
         total += to_model_input(cache.batch(healthy[start:start + 64])).double().sum(0, keepdim=True)

@@ -22,6 +22,7 @@ from torch import nn
 
 from .config import ARCHS, TIMM
 from .data.dataset import FINDINGS
+from .errors import ModelFileError, SettingsError
 
 # torchxrayvision's 18 outputs (its ``default_pathologies``), in the order of its DenseNet-121 classifier's rows
 XRV_PATHOLOGIES = ("Atelectasis", "Consolidation", "Infiltration", "Pneumothorax", "Edema", "Emphysema", "Fibrosis",
@@ -136,13 +137,14 @@ def _timm(name: str) -> Backbone:
         except (OSError, RuntimeError) as error:
             if pretrained:
                 raise _pretrained_error(f"{TIMM}{name}", error) from None
-            raise ValueError(f"arch {TIMM}{name}: timm cannot build it ({type(error).__name__}: {error})") from None
+            raise SettingsError(f"arch {TIMM}{name}: timm cannot build it ({type(error).__name__}: {error})") from None
         except (TypeError, ValueError, AssertionError, NotImplementedError) as error:  # e.g. no output_stride 16
-            raise ValueError(f"arch {TIMM}{name}: timm cannot build it with features_only and output_stride "
-                             f"{cam_stride} ({type(error).__name__}: {error}); try --cam-stride 32 or another "
-                             "model") from None
+            raise SettingsError(f"arch {TIMM}{name}: timm cannot build it with features_only and output_stride "
+                                f"{cam_stride} ({type(error).__name__}: {error}); try --cam-stride 32 or another "
+                                "model") from None
         if len(body.feature_info.channels()) < 4:
-            raise ValueError(f"arch {TIMM}{name}: {len(body.feature_info.channels())} feature levels; dmfast needs 4")
+            levels = len(body.feature_info.channels())
+            raise SettingsError(f"arch {TIMM}{name}: {levels} feature levels; dmfast needs 4")
         return {"body": body}, body.feature_info.channels()[-1]
 
     def stages(owner: nn.Module, x: torch.Tensor) -> list:
@@ -160,11 +162,11 @@ def _timm_module(name: str):
     try:
         import timm
     except ImportError:
-        raise ValueError(f"arch {TIMM}{name} needs timm: pip install 'dmfast[timm]'") from None
+        raise SettingsError(f"arch {TIMM}{name} needs timm: pip install 'dmfast[timm]'") from None
     if not timm.is_model(name):
         close = timm.list_models(f"*{name[:6]}*")[:5]
-        raise ValueError(f"arch {TIMM}{name}: timm has no such model" +
-                         (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise SettingsError(f"arch {TIMM}{name}: timm has no such model" +
+                            (f" (did you mean {', '.join(close)}?)" if close else ""))
     return timm
 
 
@@ -176,7 +178,7 @@ def backbone(arch: str) -> Backbone:
         return _densenet(arch)
     if isinstance(arch, str) and arch.startswith(TIMM) and len(arch) > len(TIMM):
         return _timm(arch[len(TIMM):])
-    raise ValueError(f"arch must be one of {', '.join(ARCHS)} or {TIMM}<model>, got {arch!r}")
+    raise SettingsError(f"arch must be one of {', '.join(ARCHS)} or {TIMM}<model>, got {arch!r}")
 
 
 def read_weights(path) -> dict:
@@ -185,19 +187,19 @@ def read_weights(path) -> dict:
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "unsupported global" not in str(error).lower():
-            raise ValueError(f"{path}: not a readable weights file (not a file torch.load reads: damaged, "
-                             "truncated or another format)") from None
-        raise ValueError(f"{path}: not a plain state dict of tensors (it holds other Python objects, so it is not "
-                         "read; a dmfast checkpoint is given with --init instead)") from None
+            raise ModelFileError(f"{path}: not a readable weights file (not a file torch.load reads: damaged, "
+                                 "truncated or another format)") from None
+        raise ModelFileError(f"{path}: not a plain state dict of tensors (it holds other Python objects, so it is not "
+                             "read; a dmfast checkpoint is given with --init instead)") from None
     except Exception as error:  # not a file torch can read safely: say which and why
-        raise ValueError(f"{path}: not a readable weights file ({type(error).__name__}: {error})") from None
+        raise ModelFileError(f"{path}: not a readable weights file ({type(error).__name__}: {error})") from None
     if isinstance(state, dict) and str(state.get("format", "")).startswith("dmfast."):
-        raise ValueError(f"{path}: a dmfast file ({state['format']}), not a backbone's weights (a trained dmfast "
-                         "classifier is given with --init)")
+        raise ModelFileError(f"{path}: a dmfast file ({state['format']}), not a backbone's weights (a trained dmfast "
+                             "classifier is given with --init)")
     while isinstance(state, dict) and any(isinstance(state.get(k), dict) for k in ("state_dict", "model")):
         state = next(state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict))
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{path}: not a state dict of tensors")
+        raise ModelFileError(f"{path}: not a state dict of tensors")
     return state
 
 

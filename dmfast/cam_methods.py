@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import CAM_METHODS
+from .errors import SettingsError
 
 
 def class_maps(head, features: Tensor, method: str) -> tuple:
@@ -27,7 +28,7 @@ def class_maps(head, features: Tensor, method: str) -> tuple:
     feature map ``features [B, K, h, w]`` through ``head`` (``features -> (logits, cams)``: the classifier's
     :meth:`~dmfast.models.CAMClassifier.head`), in float32 at least (a bf16/fp16 feature map is cast up)."""
     if method not in CAM_METHODS:
-        raise ValueError(f"CAM method must be one of {', '.join(CAM_METHODS)}, got {method!r}")
+        raise SettingsError(f"CAM method must be one of {', '.join(CAM_METHODS)}, got {method!r}")
     features = features.detach().to(torch.promote_types(features.dtype, torch.float32))
     if method == "cam":
         return head(features)

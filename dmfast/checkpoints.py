@@ -32,6 +32,7 @@ import torch
 
 from .config import CAM_STRIDES, MIN_CAM_CELLS, SIZE, TrainConfig, arch_problem, defaults
 from .data.dataset import FINDINGS
+from .errors import ModelFileError
 from .io import atomic_torch_save
 
 VERSION = 1
@@ -58,36 +59,36 @@ def load(path, kind) -> dict:
     what = " or ".join(KINDS[k][0] for k in kinds)
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} not found")
+        raise ModelFileError(f"{what} {path} not found")
     try:
         with torch.serialization.safe_globals(_numpy_array_globals()):
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "unsupported global" not in str(error).lower():  # not objects besides tensors: garbage
-            raise ValueError(f"{path}: not a readable {what} (not a file torch.load reads: damaged, truncated or "
-                             "another format)") from None
-        raise ValueError(f"{path}: not {_a(what)}: it holds objects besides tensors and plain values, so it is not "
-                         "read (dmfast reads its files weights only, never running code from them)") from None
+            raise ModelFileError(f"{path}: not a readable {what} (not a file torch.load reads: damaged, truncated or "
+                                 "another format)") from None
+        raise ModelFileError(f"{path}: not {_a(what)}: it holds objects besides tensors and plain values, so it is not "
+                             "read (dmfast reads its files weights only, never running code from them)") from None
     except Exception as error:  # a truncated or foreign file: say which and why, not a pickle traceback
-        raise ValueError(f"{path}: not a readable {what} ({type(error).__name__}: {error})") from None
+        raise ModelFileError(f"{path}: not a readable {what} ({type(error).__name__}: {error})") from None
     found = (payload.get("format") or _untagged(payload, kinds)  # untagged: by its keys
              if isinstance(payload, dict) else None)
     if found not in (*kinds, None):
-        raise ValueError(f"{path}: {_a(KINDS[found][0] if found in KINDS else f'{found} file')}, not {_a(what)}")
+        raise ModelFileError(f"{path}: {_a(KINDS[found][0] if found in KINDS else f'{found} file')}, not {_a(what)}")
     kind = found or kinds[0]
     what, required = KINDS[kind] if found else (what, KINDS[kind][1])
     if found and payload.get("version", 1) > VERSION:
-        raise ValueError(f"{path}: {what} of format version {payload['version']}, written by a newer dmfast; this "
-                         f"one reads up to version {VERSION}")
+        raise ModelFileError(f"{path}: {what} of format version {payload['version']}, written by a newer dmfast; this "
+                             f"one reads up to version {VERSION}")
     if not found or any(key not in payload for key in required):
-        raise ValueError(f"{path}: not a dmfast {what} (expected a dict with {', '.join(map(repr, required))})")
+        raise ModelFileError(f"{path}: not a dmfast {what} (expected a dict with {', '.join(map(repr, required))})")
     problem = _structure_problem(kind, payload)
     if problem:
-        raise ValueError(f"{path}: not a usable {what}: {problem}")
+        raise ModelFileError(f"{path}: not a usable {what}: {problem}")
     problem = _edited(kind, payload) or (_masks_problem(payload["masks"]) if kind == MASKS else None) or \
         _weights_problem(kind, payload)
     if problem:
-        raise ValueError(f"{path}: {problem}")
+        raise ModelFileError(f"{path}: {problem}")
     payload.setdefault("format", kind)  # files of dmfast 0.1.0 carry no tag
     return payload
 
@@ -279,11 +280,11 @@ def load_anchor(path) -> torch.Tensor:
     """The anchor image of ``dmfast align`` as ``[S, S]``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"anchor {path} not found")
+        raise ModelFileError(f"anchor {path} not found")
     try:
         anchor = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"{path}: not a readable anchor ({type(error).__name__})") from None
+        raise ModelFileError(f"{path}: not a readable anchor ({type(error).__name__})") from None
     if not isinstance(anchor, torch.Tensor) or anchor.dim() != 4 or anchor.shape[:2] != (1, 1):
-        raise ValueError(f"{path}: not an anchor image (expected a [1, 1, S, S] tensor)")
+        raise ModelFileError(f"{path}: not an anchor image (expected a [1, 1, S, S] tensor)")
     return anchor[0, 0]

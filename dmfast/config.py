@@ -6,23 +6,24 @@ range, so Python callers get the same errors as the command line."""
 
 import dataclasses
 import inspect
-import math
 import re
 from dataclasses import dataclass, field
 
-from .data.dataset import BLANK_POLICIES, UNCERTAIN_POLICIES
+from .data.dataset import BLANK_POLICIES, BOX_SPACES, UNCERTAIN_POLICIES
 from .data.formats import FORMATS as DATA_FORMATS
+from .errors import SettingsError
+from .limits import CAM_STRIDES, DEFAULT_SIZE, FRACTION, MAX_BOXES, SIZE, Range  # noqa: F401 (settings' vocabulary)
 from .metrics import DEFAULT_THRESHOLDS
 
 # the backbones (dmfast.backbones): torchvision's, and any timm model as "timm:<name>" (its extra installed)
 ARCHS = ("resnet18", "resnet34", "resnet50", "densenet121")
 TIMM = "timm:"
-CAM_STRIDES = (16, 32)
 CAM_METHODS = ("cam", "gradcam", "gradcam++", "eigencam")  # the maps eval and predict can draw boxes from
 OPTIMIZERS = ("adam", "sgd")
 # a classifier's arithmetic (train, align, masks, eval, predict): float32, or its backbone under autocast in
 # bfloat16 / float16; "auto" picks by device (dmfast.models.resolve_precision)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+EVAL_SPLITS = ("test", "train_val", "all")  # which of a release's lists eval scores (--split)
 SUBMISSIONS = ("vindr", "rsna")  # the challenges whose submission files predict writes (see dmfast.detection)
 BOX_SCORES = ("mean", "peak", "probability")  # a box's confidence: p x the region's mean or peak CAM, or p alone
 WANG_THRESHOLDS = (60 / 255, 180 / 255)  # Wang et al.'s two CAM levels for boxes (`--box-threshold wang`)
@@ -31,53 +32,12 @@ MIN_POOLED_CELLS = 8  # the alignment loss's pooled grid, per side: 4 x 4 cells 
 MIN_CAM_CELLS = 4  # CAMs of fewer cells a side (2 x 2 at 64 px and stride 32) give half-plane masks
 
 
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric setting may take: ``low``/``high`` bounds (None: unbounded; ``open_low`` excludes
-    ``low``), an int or a finite float."""
-    low: float | None = None
-    high: float | None = None
-    integer: bool = True
-    open_low: bool = False
-
-    def describe(self) -> str:
-        kind = "an integer" if self.integer else "a finite number"
-        low, high = (None if v is None else str(int(v)) if float(v).is_integer() and abs(v) < 1e10 else f"{v:g}"
-                     for v in (self.low, self.high))
-        if low is not None and high is not None:
-            return f"{kind} in {'(' if self.open_low else '['}{low}, {high}]"
-        if low is not None:
-            return f"{kind} {'>' if self.open_low else '>='} {low}"
-        return f"{kind} <= {high}" if high is not None else kind
-
-    def problem(self, value) -> str | None:
-        """What is wrong with ``value`` ("must be ..., got ..."), or None."""
-        bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
-            (self.integer and not float(value).is_integer()) or \
-            (self.low is not None and (value <= self.low if self.open_low else value < self.low)) or \
-            (self.high is not None and value > self.high)
-        return f"must be {self.describe()}, got {value!r}" if bad else None
-
-    def check(self, value, name: str):
-        """``value`` (None passes: an unset optional setting) or a ValueError naming ``name`` and the range."""
-        if value is None:
-            return None
-        problem = self.problem(value)
-        if problem:
-            raise ValueError(f"{name} {problem}")
-        return int(value) if self.integer else float(value)
-
-
 def ranged(default, low=None, high=None, integer: bool | None = None, open_low: bool = False):
     """A dataclass field with its :class:`Range` (int-valued when the default is an int)."""
     integer = isinstance(default, int) if integer is None else integer
     return field(default=default, metadata={"range": Range(low, high, integer, open_low)})
 
 
-# Shared ranges: the working image size (a ResNet needs 32 px to have one feature-map cell) and fractions.
-SIZE = Range(32, 4096)
-FRACTION = Range(0, 1, integer=False)
-MAX_BOXES = 65536  # as the cam_boxes op (csrc/checks.h, kMaxBoxes)
 
 
 def chosen(default, choices):
@@ -122,15 +82,15 @@ def range_of(owner, name: str) -> Range | None:
 
 
 def check_ranges(config) -> None:
-    """Every field of ``config`` with a :class:`Range` checked (a ValueError naming the first bad one)."""
+    """Every field of ``config`` with a :class:`Range` checked (a SettingsError naming the first bad one)."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if "range" in f.metadata:
             setattr(config, f.name, f.metadata["range"].check(value, f.name))
         if "valid" in f.metadata and f.metadata["valid"](value):
-            raise ValueError(f"{f.name} {f.metadata['valid'](value)}")
+            raise SettingsError(f"{f.name} {f.metadata['valid'](value)}")
         if "choices" in f.metadata and value not in f.metadata["choices"]:
-            raise ValueError(f"{f.name} must be one of {', '.join(map(str, f.metadata['choices']))}, got {value!r}")
+            raise SettingsError(f"{f.name} must be one of {', '.join(map(str, f.metadata['choices']))}, got {value!r}")
 
 
 class Checked:
@@ -155,7 +115,7 @@ class DataConfig(Checked):
 
 @dataclass(kw_only=True)
 class SplitConfig(DataConfig):
-    size: int = ranged(512, SIZE.low, SIZE.high)  # working image size (the paper's)
+    size: int = ranged(DEFAULT_SIZE, SIZE.low, SIZE.high)  # working image size
     seed: int = ranged(0, 0, 2**32 - 1)
     val_fraction: float = ranged(0.1, 0, 0.9)  # patients of train_val held out for validation
     # "patients": a patient-grouped test split (for data without official lists)
@@ -206,11 +166,11 @@ class AlignConfig(SplitConfig):
         super().__post_init__()
         cells = self.size // self.pool
         if self.size % self.pool:
-            raise ValueError(f"pool {self.pool} must divide the image size {self.size}")
+            raise SettingsError(f"pool {self.pool} must divide the image size {self.size}")
         if cells < MIN_POOLED_CELLS:
-            raise ValueError(f"pool {self.pool} leaves {cells} x {cells} cells of a {self.size} px image; the "
-                             f"alignment loss needs at least {MIN_POOLED_CELLS} x {MIN_POOLED_CELLS} to see the chest's "
-                             f"layout (a larger size or a pool of at most {self.size // MIN_POOLED_CELLS})")
+            raise SettingsError(f"pool {self.pool} leaves {cells} x {cells} cells of a {self.size} px image; the "
+                                f"alignment loss needs at least {MIN_POOLED_CELLS} x {MIN_POOLED_CELLS} to see the "
+                                f"chest's layout (a larger size or a pool of at most {self.size // MIN_POOLED_CELLS})")
 
 
 @dataclass(kw_only=True)
@@ -243,7 +203,7 @@ def box_levels(thresholds, max_boxes: int) -> tuple:
     range_of(BoxConfig, "max_boxes").check(max_boxes, "max_boxes")
     levels = tuple(FRACTION.check(t, "box threshold") for t in thresholds)
     if not levels:
-        raise ValueError("give at least one box threshold")
+        raise SettingsError("give at least one box threshold")
     return levels
 
 
@@ -262,13 +222,13 @@ class EvalConfig(DataConfig, BoxConfig):
         f"must be distinct names among {', '.join(CAM_METHODS)}, got {methods!r}"})
     overlays: int = ranged(2, 0, 1000)  # images per class in the overlay figures
     overlap_thresholds: tuple = DEFAULT_THRESHOLDS
-    split: str | None = None  # test, train_val or all of the data's lists (default: see eval.select_images)
+    split: str | None = chosen(None, (None, *EVAL_SPLITS))  # None: see eval.select_images
     images: str | None = None  # a file of image names to score instead
     strict: bool = False  # refuse evaluation images that may share a patient with the training images (unknown)
     allow_overlap: bool = False  # score images that share a name or patient with the training images anyway
     # the pixels the boxes are in: ChestX-ray14's 1024 x 1024 ("release"), or each image's own ("image");
     # default: the release's own
-    box_space: str | None = chosen(None, (None, "release", "image"))
+    box_space: str | None = chosen(None, (None, *BOX_SPACES))
     fuse_readers: bool = False  # fuse overlapping boxes of several readers (VinDr-CXR) into one
     # the operating point: classes reaching it are the reported findings (the RSNA metric scores these boxes)
     min_probability: float = ranged(0.5, 0, 1)

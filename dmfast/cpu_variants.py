@@ -12,7 +12,16 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("base", "avx2", "avx512")  # narrowest first; setup.py's X86_VARIANTS
+from .errors import SettingsError
+
+# The variants, narrowest first, with their kernels' compiler flags: setup.py builds one library per entry (it
+# reads this dict from this file, so the list is written once).
+COMPILE_FLAGS = {
+    "base": ["-march=x86-64-v2"],
+    "avx2": ["-march=x86-64-v3"],
+    "avx512": ["-march=x86-64-v4", "-mprefer-vector-width=512"],
+}
+VARIANTS = tuple(COMPILE_FLAGS)
 # The /proc/cpuinfo flags each x86-64 micro-architecture level needs (the compilers' -march=x86-64-vN).
 FLAGS = {
     "base": {"sse4_2", "ssse3", "popcnt", "cx16"},
@@ -52,7 +61,7 @@ def _cpu_flags() -> set | None:
 def supported(variant: str) -> bool:
     """Whether this CPU runs ``variant`` (each level includes the ones below it)."""
     if variant not in VARIANTS:
-        raise ValueError(f"CPU variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+        raise SettingsError(f"CPU variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     import platform
 
     if platform.machine() not in ("x86_64", "AMD64"):
@@ -71,7 +80,7 @@ def native_bf16() -> bool:
     forced = os.environ.get(FORCE_BF16)
     if forced:
         if forced not in ("0", "1"):
-            raise ValueError(f"{FORCE_BF16}={forced!r}: give 0 or 1")
+            raise SettingsError(f"{FORCE_BF16}={forced!r}: give 0 or 1")
         return forced == "1"
     return bool(BF16_FLAGS & (_cpu_flags() or set()))
 

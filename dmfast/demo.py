@@ -22,8 +22,9 @@ from . import align, checkpoints, eval, masks, predict, train
 from .config import MIN_POOLED_CELLS, AlignConfig, DemoConfig, EvalConfig, MasksConfig, PredictConfig, TrainConfig
 from .data.cache import prepare
 from .data.formats import open_dataset
-from .data.phantom import synthesize
+from .phantom import synthesize
 from .io import atomic_write_json, check_outputs, clear_outputs, print_table, writing
+from .metrics import REPORTED_THRESHOLDS
 
 
 def _stage(console: Console, times: dict, name: str, job):
@@ -112,7 +113,7 @@ def ablation_rows(report: dict) -> list:
     for name, method in report["methods"].items():
         iou = method["iou"]
         cells = []
-        for t in (0.3, 0.5, 0.7):
+        for t in REPORTED_THRESHOLDS:
             k = iou["thresholds"].index(t)
             cells.append(f"{iou['mean_accuracy'][k]:.3f} ({iou['mean_afp'][k]:.2f})")
         auroc = method.get("mean_auroc")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.dataset import FINDINGS
+from .errors import SettingsError
 
 # Anchor points of the heat colour map (dark blue -> blue -> cyan -> yellow -> red), as in the paper's figures.
 _HEAT = torch.tensor([[0.0, 0.0, 0.5], [0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
@@ -203,7 +204,7 @@ def grid(tiles: list, columns: int, gap: int = GRID_GAP) -> torch.Tensor:
     """Equal-size RGB uint8 tiles in rows of ``columns``, on a white background. Like the other figures, a ``[3, H,
     W]`` view of interleaved ``[H, W, 3]`` pixels: PIL and PNG take those without a transposing copy."""
     if not tiles:
-        raise ValueError("grid: no tiles")
+        raise SettingsError("grid: no tiles")
     _, height, width = tiles[0].shape
     rows = (len(tiles) + columns - 1) // columns
     out = torch.full((rows * (height + gap) - gap, columns * (width + gap) - gap, 3), 255, dtype=torch.uint8)

@@ -12,16 +12,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__, checkpoints, ops
+from . import checkpoints, ops
 from .cam_methods import class_maps
 from .config import BOX_SCORES, CAM_METHODS, MAX_BOXES, PRECISIONS, TrainConfig, box_levels, from_dict
 from .config import min_probability as probability_floor
 from .data.cache import ImageCache, default_cache_dir
-from .data.dataset import FINDINGS, DataError, finding_index
+from .data.dataset import FINDINGS, finding_index
 from .data.formats import open_dataset
 from .data.images import NORMALISATION, Square, gray_of, load_gray, to_model_input, to_square
 from .data.splits import Splits
-from .io import check_outputs, writing
+from .errors import DataError, ImageError, ModelFileError, SettingsError
+from .io import check_outputs, versions, writing
 from .models import AlignmentNet, CAMClassifier, autocast_dtype, compiled, resolve_precision
 
 
@@ -36,8 +37,8 @@ def trained_file(path) -> Path:
         return path
     found = next((path / name for name in RUN_FILES if (path / name).is_file()), None)
     if found is None:
-        raise FileNotFoundError(f"{path}: a folder without model.pt or checkpoint.pt (not a dmfast train run "
-                                "folder; a run writes checkpoint.pt every epoch and model.pt at its end)")
+        raise ModelFileError(f"{path}: a folder without model.pt or checkpoint.pt (not a dmfast train run "
+                             "folder; a run writes checkpoint.pt every epoch and model.pt at its end)")
     return found
 
 
@@ -61,9 +62,9 @@ def load_classifier(path, device="cpu") -> tuple:
     path, payload = read_trained(path)
     if payload["format"] == checkpoints.MODEL:
         if payload["classes"] != list(FINDINGS) or payload["normalisation"] != NORMALISATION:
-            raise ValueError(f"{path}: a model of classes {payload['classes']} with input normalisation "
-                             f"{payload['normalisation']}; this dmfast works with {list(FINDINGS)} and "
-                             f"{NORMALISATION}")
+            raise ModelFileError(f"{path}: a model of classes {payload['classes']} with input normalisation "
+                                 f"{payload['normalisation']}; this dmfast works with {list(FINDINGS)} and "
+                                 f"{NORMALISATION}")
         spec = payload["classifier"]
         settings = {**(payload.get("config") or {"data": None, "out": None}), "size": payload["size"],
                     "arch": spec["arch"], "cam_stride": spec["cam_stride"]}
@@ -73,7 +74,7 @@ def load_classifier(path, device="cpu") -> tuple:
     try:
         config = from_dict(TrainConfig, settings)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{path}: its settings cannot be used ({error})") from None
+        raise ModelFileError(f"{path}: its settings cannot be used ({error})") from None
     model = CAMClassifier(config.arch, len(FINDINGS), cam_stride=config.cam_stride)
     with weights_of(path, config.arch):
         model.set_masks(state.get("masks"))
@@ -89,7 +90,7 @@ def weights_of(path, what: str):
         yield
     except (RuntimeError, TypeError, ValueError, AttributeError, KeyError) as error:
         detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
-        raise ValueError(f"{path}: its weights do not fit a {what} ({detail[:300]})") from None
+        raise ModelFileError(f"{path}: its weights do not fit a {what} ({detail[:300]})") from None
 
 
 def load_aligner(path, device="cpu") -> AlignmentNet:
@@ -99,6 +100,16 @@ def load_aligner(path, device="cpu") -> AlignmentNet:
         net = AlignmentNet(**state["net_config"])
         net.load_state_dict(state["model"])
     return net.to(device).eval()
+
+
+def model_input(pixels: torch.Tensor, aligner: AlignmentNet | None = None) -> torch.Tensor:
+    """A uint8 batch as the classifier sees it, on the pixels' device: normalised there (put uint8 on the device
+    first: a quarter of the bytes travel) and, for an aligned model, aligned."""
+    images = to_model_input(pixels)
+    if aligner is None:
+        return images
+    with torch.no_grad():
+        return aligner.align(images)
 
 
 def map_resolution(size: int) -> int:
@@ -135,8 +146,8 @@ class Prediction:
         boxes, region, counts = scored_boxes(maps, size, thresholds, max_boxes, score)
         if (counts < 0).any():
             i = int(torch.nonzero(counts < 0)[0, 0])
-            raise ValueError(f"{names[i]}: the {FINDINGS[classes[i]]} CAM contains NaN or infinite values (a "
-                             "diverged model?)")
+            raise ModelFileError(f"{names[i]}: the {FINDINGS[classes[i]]} CAM contains NaN or infinite values (a "
+                                 "diverged model?)")
         probability = self.probabilities[b_index, c_index].double().cpu()[:, None]
         return maps, boxes, probability * region, counts
 
@@ -147,7 +158,7 @@ def scored_boxes(maps: torch.Tensor, size: int, thresholds, max_boxes: int, scor
     says; ``region`` is the box's region term of ``score``: the region's mean (``"mean"``, from a second pass over
     every region), its peak (``"peak"``) or 1 (``"probability"``); 0 past the count."""
     if score not in BOX_SCORES:
-        raise ValueError(f"box score must be one of {', '.join(BOX_SCORES)}, got {score!r}")
+        raise SettingsError(f"box score must be one of {', '.join(BOX_SCORES)}, got {score!r}")
     boxes, peak, counts = (t.cpu() for t in ops.cam_boxes(maps, (size, size), thresholds, max_boxes, "max"))
     shown = torch.arange(boxes.shape[-2])[None] < counts[:, None]
     if score == "peak":
@@ -204,13 +215,13 @@ class Model:
     def pixels_of(self, pixels) -> torch.Tensor:
         """``pixels`` as the uint8 ``[B, 1, size, size]`` batch the classifier takes: uint8 as it is; ``[B, size,
         size]`` given a channel; other dtypes (uint16 by their significant bits, floats in [0, 1]) converted by the
-        readers' rule (:func:`~dmfast.data.images.gray_of`). Another size, or floats outside [0, 1], is a
-        ValueError saying what is expected."""
+        readers' rule (:func:`~dmfast.data.images.gray_of`). Another size, or floats outside [0, 1], is an
+        ImageError (a ValueError) saying what is expected."""
         tensor = pixels if torch.is_tensor(pixels) else torch.from_numpy(np.ascontiguousarray(pixels))
         if tensor.dim() == 3:
             tensor = tensor[:, None]
         if tensor.dim() != 4 or tensor.shape[1] != 1 or tuple(tensor.shape[2:]) != (self.size, self.size):
-            raise ValueError(f"pixels of shape {tuple(tensor.shape)}; this model takes [B, 1, {self.size}, "
+            raise ImageError(f"pixels of shape {tuple(tensor.shape)}; this model takes [B, 1, {self.size}, "
                              f"{self.size}] (uint8, or floats in [0, 1]); Model.predict pads and resizes X-rays of "
                              "any size")
         if tensor.dtype == torch.uint8:
@@ -277,7 +288,7 @@ class Model:
                 getattr(images, "ndim", None) == 3 and images.shape[-1] in (1, 3, 4):
             images = [images]  # one X-ray (grey, or colour [H, W, 3]): a list of one result
         if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
+            raise SettingsError(f"batch must be >= 1, got {batch}")
         names = names or [str(image) if isinstance(image, (str, Path)) else f"image {i}"
                           for i, image in enumerate(images)]
         results = []
@@ -406,8 +417,8 @@ class Classifier(Model):
                     self.anchor, self.anchor_source = embedded["anchor"].float(), f"embedded in {self.path}"
         elif self.config.aligned:
             if not Path(self.config.aligned).is_file():
-                raise FileNotFoundError(f"{self.path} was trained on aligned images, but its alignment checkpoint "
-                                        f"{self.config.aligned} is missing (export a model file to move a model)")
+                raise ModelFileError(f"{self.path} was trained on aligned images, but its alignment checkpoint "
+                                     f"{self.config.aligned} is missing (export a model file to move a model)")
             aligner = load_aligner(self.config.aligned, device)
             anchor = Path(self.config.aligned).parent / "anchor.pt"
             if anchor.is_file():
@@ -441,14 +452,14 @@ def export_model(source, out, half: bool = False, overwrite: bool = False, datas
     if given.is_dir() and source.resolve() == out.resolve() and (given / "checkpoint.pt").is_file():
         source = given / "checkpoint.pt"  # the run's model file written again, from its checkpoint
     if out.is_dir():
-        raise ValueError(f"--out {out}: a folder; give the model file's path (e.g. {out / 'model.pt'})")
+        raise SettingsError(f"--out {out}: a folder; give the model file's path (e.g. {out / 'model.pt'})")
     if out.name in ("checkpoint.pt", "best.pt") and (out.exists() or out.resolve() == source.resolve()):
-        raise ValueError(f"--out {out}: that is a training checkpoint (never replaced by a model file); give another "
-                         "path, e.g. RUN/model.pt")
+        raise SettingsError(f"--out {out}: that is a training checkpoint (never replaced by a model file); give "
+                            "another path, e.g. RUN/model.pt")
     if out.resolve() == source.resolve():
         again = source.parent / "checkpoint.pt"
-        raise ValueError(f"--out {out}: that is SOURCE itself ({source}); give another path" +
-                         (f", or SOURCE {again} to write it again from the run's checkpoint" if again.is_file() else ""))
+        again_hint = f", or SOURCE {again} to write it again from the run's checkpoint" if again.is_file() else ""
+        raise SettingsError(f"--out {out}: that is SOURCE itself ({source}); give another path{again_hint}")
     with writing(out.parent, "dmfast export"):
         check_outputs(out.parent, [out.name], "dmfast export", overwrite)
         return _export(source, out, half, dataset, warn)
@@ -483,7 +494,7 @@ def _export(source: Path, out: Path, half: bool, dataset, warn) -> Path:
         "classes": list(FINDINGS), "size": config.size, "normalisation": dict(NORMALISATION), "half": half,
         "classifier": {"arch": config.arch, "cam_stride": config.cam_stride,
                        "state": cast(classifier.model.state_dict())},
-        "aligner": aligner, "written_by": {"dmfast": __version__, "torch": str(torch.__version__)},
+        "aligner": aligner, "written_by": versions(),
         "config": settings, "splits": splits, "patients": patients, "ood": statistics})
 
 
@@ -510,9 +521,7 @@ def feature_statistics(classifier: "Classifier", cache_folder, splits: Splits, b
         names = [names[i] for i in np.linspace(0, len(names) - 1, min(len(names), OOD_IMAGES)).round().astype(int)]
         model, features = classifier.model, []
         for start in range(0, len(names), batch):
-            images = to_model_input(cache.batch(names[start:start + batch])).to(classifier.device)
-            if classifier.aligner is not None:
-                images = classifier.aligner.align(images)
+            images = model_input(cache.batch(names[start:start + batch]).to(classifier.device), classifier.aligner)
             features.append(model(images, cams=True, pooled=True)[2].cpu())
         return torch.cat(features)
 

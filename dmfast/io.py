@@ -19,6 +19,8 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .errors import SettingsError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -133,9 +135,9 @@ def _writable(folder: Path) -> list:
         missing.insert(0, existing)
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"output folder {folder}: {existing} is a file, not a folder")
+        raise SettingsError(f"output folder {folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"output folder {folder}: {existing} is not writable")
+        raise SettingsError(f"output folder {folder}: {existing} is not writable")
     return missing
 
 
@@ -172,8 +174,8 @@ def writing(folder, what: str):
             if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no locks on this file system
                 raise OSError(error.errno, f"cannot lock it against a second writer ({error.strerror})",
                               str(folder)) from None
-            raise ValueError(f"{folder} is being written by {_holder(holder)}; wait for it to end, or choose another "
-                             "folder") from None
+            raise SettingsError(f"{folder} is being written by {_holder(holder)}; wait for it to end, or choose "
+                                "another folder") from None
         try:
             if os.path.samestat(os.fstat(handle), os.stat(path)):
                 break
@@ -223,14 +225,14 @@ def check_outputs(folder, names, what: str, overwrite: bool = False, resume: boo
     the writes."""
     folder = Path(folder)
     if overwrite and resume:
-        raise ValueError("--resume continues a run and --overwrite replaces it: give one of them")
+        raise SettingsError("--resume continues a run and --overwrite replaces it: give one of them")
     _writable(folder)
     found = [name for name in names if (folder / name).exists()] if folder.is_dir() else []
     if found and not (overwrite or resume):
         shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
-        raise ValueError(f"{folder} already holds the outputs of an earlier {what} ({shown}); pass --overwrite to "
-                         f"replace them{'' if resume is None else ' or --resume to continue it'}, or "
-                         "choose another folder")
+        raise SettingsError(f"{folder} already holds the outputs of an earlier {what} ({shown}); pass --overwrite to "
+                            f"replace them{'' if resume is None else ' or --resume to continue it'}, or "
+                            "choose another folder")
     return found if overwrite else []
 
 
@@ -357,13 +359,31 @@ def torch_threads(count: int):
         torch.set_num_threads(before)
 
 
+def versions(*packages: str) -> dict:
+    """The versions an output is stamped with: dmfast, torch, Python, numpy, and each of ``packages`` (None where
+    it is not installed)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def installed(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+
+    return {"dmfast": __version__, "torch": str(torch.__version__), "python": platform.python_version(),
+            "numpy": np.__version__, **{package: installed(package) for package in packages}}
+
+
 def to_uint8(image: torch.Tensor, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
     """Map values in [low, high] to uint8, clamping outside."""
     scaled = (image.detach().float().cpu() - low) / (high - low)
     return (scaled.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-PNG_LEVEL = 1  # deflate level of the figures: with the "Up" filter, smaller than PIL's level 1 at a fraction of its time
+PNG_LEVEL = 1  # deflate level of the figures: with the "Up" filter, smaller files than PIL's level 1, much sooner
 PNG_SLICE = 1 << 20  # bytes of a large figure's rows deflated apart, in parallel (see zlib_stream)
 _deflaters = None  # the threads that deflate the slices (both deflaters release the GIL while they compress)
 
@@ -432,13 +452,13 @@ def save_png(path, image: torch.Tensor, durable: bool = True) -> Path:
     """Save a uint8 image ``[H, W]`` or ``[C, H, W]`` (C = 1 or 3) as PNG (:func:`png_bytes`), atomically (see
     :func:`atomic_file` for ``durable``)."""
     if image.dtype != torch.uint8:
-        raise TypeError(f"save_png: expected a uint8 image, got {image.dtype}")
+        raise SettingsError(f"save_png: expected a uint8 image, got {image.dtype}")
     if image.dim() == 2:
         image = image.unsqueeze(0)
     if image.dim() != 3 or image.shape[0] not in (1, 3):
-        raise ValueError(f"save_png: expected [H, W] or [C, H, W] with C in (1, 3), got {tuple(image.shape)}")
+        raise SettingsError(f"save_png: expected [H, W] or [C, H, W] with C in (1, 3), got {tuple(image.shape)}")
     if 0 in image.shape:
-        raise ValueError(f"save_png: an empty image {tuple(image.shape)}")
+        raise SettingsError(f"save_png: an empty image {tuple(image.shape)}")
     array = image.permute(1, 2, 0).contiguous().numpy()
     return atomic_write_bytes(path, png_bytes(array[:, :, 0] if array.shape[2] == 1 else array), durable)
 

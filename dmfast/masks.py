@@ -26,10 +26,11 @@ from . import checkpoints
 from .anatomy import make_anchor, pseudo_masks
 from .checkpoints import MASK_SIZE
 from .config import MIN_CAM_CELLS, AlignConfig, MasksConfig, SplitConfig
-from .data.cache import open_or_prepare, report_left_out
+from .data.cache import open_cache, report_left_out
 from .data.dataset import FINDINGS
 from .data.formats import open_data
 from .data.splits import make_splits
+from .errors import DataError, ModelFileError, SettingsError
 from .figures import masks_figure
 from .inference import Classifier
 from .io import atomic_write_json, check_outputs, clear_outputs, print_table, progress, save_png, writing
@@ -47,7 +48,7 @@ def _symmetrize(maps: torch.Tensor, asymmetric) -> torch.Tensor:
     average equals averaging the mirrored CAMs)."""
     unknown = sorted(set(asymmetric) - set(FINDINGS))
     if unknown:
-        raise ValueError(f"unknown asymmetric class(es) {unknown}; classes are {list(FINDINGS)}")
+        raise SettingsError(f"unknown asymmetric class(es) {unknown}; classes are {list(FINDINGS)}")
     out = (maps + maps.flip(-1)) / 2
     for name in asymmetric:
         out[FINDINGS.index(name)] = maps[FINDINGS.index(name)]
@@ -62,8 +63,8 @@ def disease_masks(classifier, cache, names: list, labels: np.ndarray, config: Ma
                   console: Console) -> dict:
     """Average the normalised CAMs of the confident training images per class; see the module docstring."""
     if not 0 < config.confidence <= 1 or not 0 < config.threshold < 1:
-        raise ValueError(f"confidence must lie in (0, 1] and threshold in (0, 1), got {config.confidence} and "
-                         f"{config.threshold}")
+        raise SettingsError(f"confidence must lie in (0, 1] and threshold in (0, 1), got {config.confidence} and "
+                            f"{config.threshold}")
     classes = len(FINDINGS)
     sums = torch.zeros(classes, MASK_SIZE, MASK_SIZE, dtype=torch.float64)
     kept = torch.zeros(classes, dtype=torch.long)
@@ -129,25 +130,25 @@ def _run(config: MasksConfig, console: Console | None) -> Path:
     console = console or Console(stderr=True)
     out = Path(config.out)
     if config.checkpoint is None and not config.pseudo:
-        raise ValueError("dmfast masks needs --checkpoint (a trained classifier), or --pseudo for anatomy masks")
+        raise SettingsError("dmfast masks needs --checkpoint (a trained classifier), or --pseudo for anatomy masks")
     earlier = check_outputs(out, OUTPUTS, "dmfast masks", config.overwrite)
     classifier = Classifier(config.checkpoint, precision=config.precision, compile=config.compile) \
         if config.checkpoint else None
     if classifier is not None and not config.pseudo and not classifier.splits_known:
-        raise ValueError(f"{classifier.path}: a model file of an older dmfast, without its run's splits; masks come "
-                         "from the CAMs of its training images: give the run's checkpoint.pt or best.pt, or a model "
-                         "file this dmfast exports from it")
+        raise ModelFileError(f"{classifier.path}: a model file of an older dmfast, without its run's splits; masks "
+                             "come from the CAMs of its training images: give the run's checkpoint.pt or best.pt, or "
+                             "a model file this dmfast exports from it")
     if classifier is not None and not config.pseudo:
         cells = classifier.config.size // classifier.config.cam_stride
         if cells < MIN_CAM_CELLS:
-            raise ValueError(f"{config.checkpoint}: its CAMs are {cells} x {cells} ({classifier.config.size} px, CAM "
-                             f"stride {classifier.config.cam_stride}); masks need at least {MIN_CAM_CELLS} x "
-                             f"{MIN_CAM_CELLS}: train at a larger --size or with --cam-stride 16")
+            raise ModelFileError(f"{config.checkpoint}: its CAMs are {cells} x {cells} ({classifier.config.size} px, "
+                                 f"CAM  stride {classifier.config.cam_stride}); masks need at least {MIN_CAM_CELLS} x "
+                                 f"{MIN_CAM_CELLS}: train at a larger --size or with --cam-stride 16")
     given = checkpoints.load_anchor(config.anchor) if config.anchor else None  # read before any cache is built
     size = classifier.config.size if classifier else (config.size or SplitConfig.size)
     dataset = open_data(config, lists=False)
     report_left_out(dataset, console)
-    cache = open_or_prepare(config.data, config.cache, size, config.skip_problems, console, config.format)
+    cache = open_cache(config, size, console)
     splits = classifier.splits if classifier is not None and classifier.splits_known else make_splits(dataset)
     train_names = [n for n in splits.train if n in cache]
     anchor, anchor_source = _anchor_for(config, given, classifier, cache, dataset, train_names)
@@ -158,7 +159,7 @@ def _run(config: MasksConfig, console: Console | None) -> Path:
             console.print("[yellow]the lung fields could not be segmented in the anchor; canonical positions used")
     else:
         if not train_names:
-            raise ValueError(f"{config.checkpoint}: none of its training images is in {cache.folder}")
+            raise DataError(f"{config.checkpoint}: none of its training images is in {cache.folder}")
         label_of = {r.image: r.labels for r in dataset.records}
         labels = np.stack([label_of[n] for n in train_names])
         payload = disease_masks(classifier, cache, train_names, labels, config, console)

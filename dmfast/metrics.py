@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.stats import rankdata
 
+from .errors import SettingsError
+
 DEFAULT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+REPORTED_THRESHOLDS = (0.3, 0.5, 0.7)  # the paper's T(IoU) columns (eval's tables, the demo's ablation)
 
 
 def _array(x, dtype=None) -> np.ndarray:
@@ -23,7 +26,7 @@ def _boxes(x, name: str) -> np.ndarray:
     boxes = _array(x, np.float64).reshape(-1, 4) if np.size(_array(x)) else np.zeros((0, 4))
     if np.any(boxes[:, 2] < boxes[:, 0]) or np.any(boxes[:, 3] < boxes[:, 1]):
         bad = int(np.flatnonzero((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]))[0])
-        raise ValueError(f"{name}: box {bad} {boxes[bad].tolist()} has x1 < x0 or y1 < y0")
+        raise SettingsError(f"{name}: box {bad} {boxes[bad].tolist()} has x1 < x0 or y1 < y0")
     return boxes
 
 
@@ -47,7 +50,7 @@ def box_overlap(pred, gt, metric: str = "iou") -> np.ndarray:
 def _overlap(pred: np.ndarray, gt: np.ndarray, metric: str) -> np.ndarray:
     """Overlaps of broadcast box arrays pred[..., 4] and gt[..., 4]."""
     if metric not in ("iou", "iobb"):
-        raise ValueError(f"metric must be 'iou' or 'iobb', got {metric!r}")
+        raise SettingsError(f"metric must be 'iou' or 'iobb', got {metric!r}")
     inter = _intersection(pred, gt)
     area_p = np.broadcast_to(_area(pred), inter.shape)
     denom = area_p + _area(gt) - inter if metric == "iou" else area_p
@@ -104,11 +107,11 @@ def localization(gt_image, gt_class, gt_boxes, pred_image, pred_class, pred_boxe
     gt_c, pred_c = _array(gt_class, np.int64).reshape(-1), _array(pred_class, np.int64).reshape(-1)
     gt_i, pred_i = _array(gt_image).reshape(-1), _array(pred_image).reshape(-1)
     if not (len(gt_b) == len(gt_c) == len(gt_i)) or not (len(pred_b) == len(pred_c) == len(pred_i)):
-        raise ValueError("localization: image, class and box arrays must have the same length "
-                         f"(gt {len(gt_i)}/{len(gt_c)}/{len(gt_b)}, pred {len(pred_i)}/{len(pred_c)}/{len(pred_b)})")
+        raise SettingsError("localization: image, class and box arrays must have the same length "
+                            f"(gt {len(gt_i)}/{len(gt_c)}/{len(gt_b)}, pred {len(pred_i)}/{len(pred_c)}/{len(pred_b)})")
     for name, c in (("gt_class", gt_c), ("pred_class", pred_c)):
         if len(c) and (c.min() < 0 or c.max() >= num_classes):
-            raise ValueError(f"localization: {name} must lie in [0, {num_classes}), got {c.min()}..{c.max()}")
+            raise SettingsError(f"localization: {name} must lie in [0, {num_classes}), got {c.min()}..{c.max()}")
     _, image_codes = np.unique(np.concatenate([gt_i, pred_i]).astype(str), return_inverse=True)
     gt_key = image_codes[: len(gt_i)] * num_classes + gt_c
     pred_key = image_codes[len(gt_i):] * num_classes + pred_c
@@ -159,11 +162,11 @@ def roc_auc(labels, scores) -> AUROC:
     if y.ndim == 1:
         y, s = y[:, None], s[:, None]
     if y.shape != s.shape:
-        raise ValueError(f"roc_auc: labels {y.shape} and scores {s.shape} differ in shape")
+        raise SettingsError(f"roc_auc: labels {y.shape} and scores {s.shape} differ in shape")
     if not np.isin(y, (0, 1, -1)).all():
-        raise ValueError("roc_auc: labels must be 0, 1 or -1 (unknown)")
+        raise SettingsError("roc_auc: labels must be 0, 1 or -1 (unknown)")
     if not np.isfinite(s).all():
-        raise ValueError("roc_auc: scores contain NaN or infinite values")
+        raise SettingsError("roc_auc: scores contain NaN or infinite values")
     if (y == -1).any():
         per_class = np.array([roc_auc(y[y[:, c] != -1, c], s[y[:, c] != -1, c]).per_class[0]
                               for c in range(y.shape[1])])
@@ -274,15 +277,15 @@ def _image_codes(ids: np.ndarray, images=None):
     ranked = names[order]
     twice = ranked[1:][ranked[1:] == ranked[:-1]]
     if len(twice):
-        raise ValueError(f"images: id {twice[0]!r} is listed more than once")
+        raise SettingsError(f"images: id {twice[0]!r} is listed more than once")
     if not len(ranked):
         if len(keys):
-            raise ValueError(f"image id {ids[0]!r} is not in images (which is empty)")
+            raise SettingsError(f"image id {ids[0]!r} is not in images (which is empty)")
         return np.zeros(0, np.int64), images
     position = np.minimum(np.searchsorted(ranked, keys), len(ranked) - 1)
     missing = ranked[position] != keys
     if missing.any():
-        raise ValueError(f"image id {ids[np.flatnonzero(missing)[0]]!r} is not in images")
+        raise SettingsError(f"image id {ids[np.flatnonzero(missing)[0]]!r} is not in images")
     return order[position].astype(np.int64), images
 
 
@@ -293,10 +296,10 @@ def _image_weights(weights, num_images: int, name: str) -> np.ndarray:
     w = _array(weights, np.float64)
     w = w[None] if w.ndim == 1 else w
     if w.ndim != 2 or w.shape[1] != num_images:
-        raise ValueError(f"{name}: weights must be [resamples, {num_images}] (one column per image code), "
-                         f"got {list(w.shape)}")
+        raise SettingsError(f"{name}: weights must be [resamples, {num_images}] (one column per image code), "
+                            f"got {list(w.shape)}")
     if not np.isfinite(w).all() or (w < 0).any():
-        raise ValueError(f"{name}: weights must be finite and non-negative")
+        raise SettingsError(f"{name}: weights must be finite and non-negative")
     return w
 
 
@@ -359,20 +362,20 @@ def match_detections(gt_image, gt_class, gt_boxes, pred_image, pred_class, pred_
     The loop runs over detection ranks within their (image, class), each step vectorised over all groups and
     thresholds (one detection per group per step, so steps never compete for a box)."""
     if rule not in MATCH_RULES:
-        raise ValueError(f"match_detections: rule must be one of {MATCH_RULES}, got {rule!r}")
+        raise SettingsError(f"match_detections: rule must be one of {MATCH_RULES}, got {rule!r}")
     if max_per_image is not None and int(max_per_image) < 1:
-        raise ValueError(f"match_detections: max_per_image must be at least 1 or None, got {max_per_image}")
+        raise SettingsError(f"match_detections: max_per_image must be at least 1 or None, got {max_per_image}")
     thresholds = tuple(float(t) for t in np.atleast_1d(_array(thresholds, np.float64)).reshape(-1))
     gt_b, pred_b = _boxes(gt_boxes, "gt_boxes"), _boxes(pred_boxes, "pred_boxes")
     gt_c, pred_c = _array(gt_class, np.int64).reshape(-1), _array(pred_class, np.int64).reshape(-1)
     gt_i, pred_i = _array(gt_image).reshape(-1), _array(pred_image).reshape(-1)
     scores = _array(pred_scores, np.float64).reshape(-1)
     if not (len(gt_b) == len(gt_c) == len(gt_i)) or not (len(pred_b) == len(pred_c) == len(pred_i) == len(scores)):
-        raise ValueError("match_detections: image, class and box (and score) arrays must have the same length (gt "
-                         f"{len(gt_i)}/{len(gt_c)}/{len(gt_b)}, pred {len(pred_i)}/{len(pred_c)}/{len(pred_b)}/"
-                         f"{len(scores)})")
+        raise SettingsError("match_detections: image, class and box (and score) arrays must have the same length (gt "
+                            f"{len(gt_i)}/{len(gt_c)}/{len(gt_b)}, pred {len(pred_i)}/{len(pred_c)}/{len(pred_b)}/"
+                            f"{len(scores)})")
     if not np.isfinite(scores).all():
-        raise ValueError("match_detections: pred_scores contain NaN or infinite values")
+        raise SettingsError("match_detections: pred_scores contain NaN or infinite values")
     num_gt, num_pred = len(gt_b), len(pred_b)
     codes, image_ids = _image_codes(np.concatenate([gt_i.astype(object), pred_i.astype(object)]), images)
     class_values, class_codes = np.unique(np.concatenate([gt_c, pred_c]), return_inverse=True)
@@ -443,12 +446,12 @@ def average_precision(matches: Matches, num_classes: int, weights=None, interpol
     An integer weight equals duplicating the image when scores do not tie across images (with ties the order of
     the tied detections, and so the interpolated precision, can differ)."""
     if interpolation not in ("coco", "voc"):
-        raise ValueError(f"average_precision: interpolation must be 'coco' or 'voc', got {interpolation!r}")
+        raise SettingsError(f"average_precision: interpolation must be 'coco' or 'voc', got {interpolation!r}")
     num_images = len(matches.images)
     w = _image_weights(weights, num_images, "average_precision")
     for name, c in (("gt_class", matches.gt_class), ("pred_class", matches.pred_class)):
         if len(c) and (c.min() < 0 or c.max() >= num_classes):
-            raise ValueError(f"average_precision: {name} must lie in [0, {num_classes}), got {c.min()}..{c.max()}")
+            raise SettingsError(f"average_precision: {name} must lie in [0, {num_classes}), got {c.min()}..{c.max()}")
     num_thresholds = len(matches.thresholds)
     boxes = np.zeros((num_images, num_classes))
     np.add.at(boxes, (matches.gt_image_index, matches.gt_class), 1)
@@ -503,7 +506,7 @@ def froc(matches: Matches, num_images: int | None = None, fp_rates=FROC_RATES, w
     ``weights [R, num_images]``. NaN in a resample without ground truth or images."""
     num_images = len(matches.images) if num_images is None else int(num_images)
     if num_images < len(matches.images):
-        raise ValueError(f"froc: num_images {num_images} is less than the {len(matches.images)} images in matches")
+        raise SettingsError(f"froc: num_images {num_images} is less than the {len(matches.images)} images in matches")
     w = _image_weights(weights, num_images, "froc")
     rates = np.asarray(fp_rates, np.float64).reshape(-1)
     rate_order = np.argsort(rates, kind="stable")
@@ -574,15 +577,15 @@ def stratified_patient_bootstrap(patients, strata, resamples: int, seed: int, re
     stratum_names, stratum = np.unique(_array(strata).astype(str), return_inverse=True)
     patient, stratum = patient.reshape(-1), stratum.reshape(-1)
     if len(patient) != len(stratum):
-        raise ValueError(f"stratified_patient_bootstrap: {len(patient)} patients but {len(stratum)} strata")
+        raise SettingsError(f"stratified_patient_bootstrap: {len(patient)} patients but {len(stratum)} strata")
     count = int(patient.max()) + 1 if len(patient) else 0
     of_patient = np.zeros(count, np.int64)
     of_patient[patient] = stratum
     mixed = np.flatnonzero(of_patient[patient] != stratum)
     if len(mixed):
         i = int(mixed[0])
-        raise ValueError(f"stratified_patient_bootstrap: the patient {_array(patients).reshape(-1)[i]!r} has images "
-                         f"in strata {stratum_names[stratum[i]]!r} and {stratum_names[of_patient[patient[i]]]!r}")
+        raise SettingsError(f"stratified_patient_bootstrap: the patient {_array(patients).reshape(-1)[i]!r} has images "
+                            f"in strata {stratum_names[stratum[i]]!r} and {stratum_names[of_patient[patient[i]]]!r}")
     members = [np.flatnonzero(of_patient == s) for s in range(len(stratum_names))]
     rng = np.random.default_rng(seed)
 
@@ -617,12 +620,12 @@ def patient_strata(patients, box_classes, labels=None) -> np.ndarray:
     patient = patient.reshape(-1)
     box_classes = list(box_classes)
     if len(box_classes) != len(patient):
-        raise ValueError(f"patient_strata: {len(patient)} patients but {len(box_classes)} box class lists")
+        raise SettingsError(f"patient_strata: {len(patient)} patients but {len(box_classes)} box class lists")
     pairs = np.array([(patient[i], int(c)) for i, cs in enumerate(box_classes) for c in cs], np.int64).reshape(-1, 2)
     y = np.zeros((len(patient), 0)) if labels is None else _array(labels).reshape(len(patient), -1)
     classes = max(y.shape[1], int(pairs[:, 1].max(initial=-1)) + 1)
     if len(pairs) and pairs[:, 1].min() < 0:
-        raise ValueError("patient_strata: box classes must be non-negative")
+        raise SettingsError("patient_strata: box classes must be non-negative")
     count = int(patient.max()) + 1 if len(patient) else 0
     has_box = np.zeros((count, classes), bool)
     has_box[pairs[:, 0], pairs[:, 1]] = True

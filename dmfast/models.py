@@ -10,7 +10,8 @@ import torchvision
 from torch import Tensor, nn
 
 from . import backbones, cpu_variants, ops
-from .config import PRECISIONS
+from .config import CAM_STRIDES, PRECISIONS
+from .errors import ModelFileError, SettingsError
 
 # Bounds of the alignment parameters: scale 1 +- 0.3, shift +- 0.3 (half-widths), rotation +- 25 degrees.
 LIMITS = {"scale": 0.3, "shift": 0.3, "angle": math.radians(25)}
@@ -23,9 +24,9 @@ def resolve_precision(precision: str, device, training: bool = False, amp: bool 
     twice as fast but not shown to be as accurate; docs/performance.md). ``amp`` (train's older switch) is fp16 on
     CUDA and float32 elsewhere; fp16 asked for by name needs CUDA."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise SettingsError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if amp and precision not in ("auto", "fp32", "fp16"):
-        raise ValueError(f"--amp is --precision fp16; it cannot go with --precision {precision}")
+        raise SettingsError(f"--amp is --precision fp16; it cannot go with --precision {precision}")
     device = torch.device(device)
     if amp:
         return "fp16" if device.type == "cuda" else "fp32"
@@ -34,7 +35,7 @@ def resolve_precision(precision: str, device, training: bool = False, amp: bool 
             return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         return "bf16" if device.type == "cpu" and not training and cpu_variants.native_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs a CUDA device; on the CPU use bf16")
+        raise SettingsError("--precision fp16 needs a CUDA device; on the CPU use bf16")
     return precision
 
 
@@ -68,8 +69,8 @@ class CAMClassifier(nn.Module):
 
     def __init__(self, arch: str = "resnet50", classes: int = 14, pretrained: bool = False, cam_stride: int = 32):
         super().__init__()
-        if cam_stride not in (16, 32):
-            raise ValueError(f"cam_stride must be 16 or 32, got {cam_stride!r}")
+        if cam_stride not in CAM_STRIDES:
+            raise SettingsError(f"cam_stride must be one of {', '.join(map(str, CAM_STRIDES))}, got {cam_stride!r}")
         self.backbone = backbones.backbone(arch)
         modules, channels = self.backbone.build(pretrained, cam_stride)
         for name, module in modules.items():  # the backbone's own names: its state dict's prefixes
@@ -96,9 +97,9 @@ class CAMClassifier(nn.Module):
             wrong = [f"{k} {tuple(renamed[k].shape)} vs {tuple(own[k].shape)}" for k in body
                      if k in renamed and k not in usable][:2]
             absent = [k for k in body if k not in renamed][:2]
-            raise ValueError(f"{path}: only {loaded} of the {len(body)} backbone tensors of a {self.arch} match "
-                             f"(shape mismatches: {wrong or 'none'}; missing: {absent or 'none'}); weights of "
-                             "another architecture?")
+            raise ModelFileError(f"{path}: only {loaded} of the {len(body)} backbone tensors of a {self.arch} match "
+                                 f"(shape mismatches: {wrong or 'none'}; missing: {absent or 'none'}); weights of "
+                                 "another architecture?")
         self.load_state_dict(usable, strict=False)
         return loaded, len(body), notes + backbones.load_head(head, self.fc)
 

@@ -9,12 +9,11 @@ from torch import Tensor
 
 from . import _C  # loading the extension registers the ops and their CUDA kernels
 from . import cpu_variants
+from .errors import SettingsError
+from .limits import MAX_THRESHOLDS, OP_MAX_SIDE, THETA_LIMIT  # noqa: F401 (THETA_LIMIT: part of the ops API)
 
 cpu_variants.load()  # the CPU kernels built for the widest instruction set this CPU runs
 
-THETA_LIMIT = 1e6  # affine_smooth's domain: |theta| entries beyond it give NaN (csrc/affine_smooth.h, kThetaLimit)
-OP_MAX_SIDE = 1 << 16  # the largest image side (H, W, pool) the ops take: larger ones only exhaust memory
-MAX_THRESHOLDS = 256  # cam_boxes' threshold levels at most
 
 __all__ = ["affine_smooth", "affine_matrix", "affine_inverse", "mask_attention", "attention_cam", "cam_boxes",
            "cuda_ready", "default_device"]
@@ -39,13 +38,13 @@ def chosen_device(name=None) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device {name!r}: not a device (cpu, cuda or cuda:N)") from None
+        raise SettingsError(f"device {name!r}: not a device (cpu, cuda or cuda:N)") from None
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r}: dmfast runs on cpu or cuda")
+        raise SettingsError(f"device {name!r}: dmfast runs on cpu or cuda")
     if device.type == "cuda" and not cuda_ready():
-        raise ValueError(f"device {name!r}: no CUDA GPU here, or dmfast was built without its CUDA kernels")
+        raise SettingsError(f"device {name!r}: no CUDA GPU here, or dmfast was built without its CUDA kernels")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA devices")
+        raise SettingsError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA devices")
     return device
 
 
@@ -77,7 +76,7 @@ def affine_smooth(images: Tensor, theta: Tensor, pool: int = 16) -> Tensor:
     _tensors("affine_smooth", images=images, theta=theta)
     pool = _index(pool, "affine_smooth", "pool")
     if not 1 <= pool <= OP_MAX_SIDE:
-        raise ValueError(f"affine_smooth: pool must be in [1, {OP_MAX_SIDE}], got {pool}")
+        raise SettingsError(f"affine_smooth: pool must be in [1, {OP_MAX_SIDE}], got {pool}")
     return torch.ops.dmfast.affine_smooth.default(images, theta, pool)
 
 
@@ -100,12 +99,12 @@ def affine_inverse(theta: Tensor) -> Tensor:
     other way between the two frames, e.g. from an image back to its aligned version."""
     _tensors("affine_inverse", theta=theta)
     if theta.dim() < 2 or tuple(theta.shape[-2:]) != (2, 3):
-        raise ValueError(f"affine_inverse: theta must be [..., 2, 3], got {tuple(theta.shape)}")
+        raise SettingsError(f"affine_inverse: theta must be [..., 2, 3], got {tuple(theta.shape)}")
     theta = theta.double()
     last = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64, device=theta.device).expand(*theta.shape[:-2], 1, 3)
     inverse, info = torch.linalg.inv_ex(torch.cat([theta, last], -2))
     if (info != 0).any():
-        raise ValueError("affine_inverse: theta is singular (it maps the image onto a line or a point)")
+        raise SettingsError("affine_inverse: theta is singular (it maps the image onto a line or a point)")
     return inverse[..., :2, :]
 
 
@@ -178,15 +177,16 @@ def cam_boxes(cams: Tensor, size, threshold, max_boxes: int = 16, score: str = "
     try:
         levels = [float(threshold)] if isinstance(threshold, (int, float)) else [float(t) for t in threshold]
     except (TypeError, ValueError):
-        raise ValueError(f"cam_boxes: threshold must be a fraction or a sequence of them, got {threshold!r}") from None
+        raise SettingsError(f"cam_boxes: threshold must be a fraction or a sequence of them, "
+                            f"got {threshold!r}") from None
     if len(levels) > MAX_THRESHOLDS:
-        raise ValueError(f"cam_boxes: at most {MAX_THRESHOLDS} thresholds, got {len(levels)}")
+        raise SettingsError(f"cam_boxes: at most {MAX_THRESHOLDS} thresholds, got {len(levels)}")
     try:
         height, width = (_index(v, "cam_boxes", "size") for v in size)
     except (TypeError, ValueError):
-        raise ValueError(f"cam_boxes: size must be (H, W), two ints, got {size!r}") from None
+        raise SettingsError(f"cam_boxes: size must be (H, W), two ints, got {size!r}") from None
     if not (1 <= height <= OP_MAX_SIDE and 1 <= width <= OP_MAX_SIDE):
-        raise ValueError(f"cam_boxes: size must be (H, W) with H, W in [1, {OP_MAX_SIDE}], got {size!r}")
+        raise SettingsError(f"cam_boxes: size must be (H, W) with H, W in [1, {OP_MAX_SIDE}], got {size!r}")
     boxes, scores, counts = torch.ops.dmfast.cam_boxes.default(cams.detach(), [height, width], levels,
                                                                _index(max_boxes, "cam_boxes", "max_boxes"), score)
     return (boxes[0], scores[0], counts[0]) if single else (boxes, scores, counts)
@@ -201,8 +201,8 @@ def _maps(cams) -> tuple:
         try:
             cams = torch.from_numpy(np.ascontiguousarray(cams))
         except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"cam_boxes: cams must be a tensor or a numpy array of maps, got {type(cams).__name__}"
-                             ) from None
+            raise SettingsError(f"cam_boxes: cams must be a tensor or a numpy array of maps, got {type(cams).__name__}"
+                                ) from None
     if cams.device.type == "cpu" and cams.dtype in (torch.float16, torch.bfloat16):
         cams = cams.float()
     return (cams[None], True) if cams.dim() == 2 else (cams, False)
@@ -211,14 +211,14 @@ def _maps(cams) -> tuple:
 def _index(value, op: str, name: str) -> int:
     """``value`` as an int, when it is one (a Python or numpy int, or a one-element integer tensor)."""
     if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{op}: {name} must be an int, got {value!r}")
+        raise SettingsError(f"{op}: {name} must be an int, got {value!r}")
     return int(value.__index__())
 
 
 def _tensors(op: str, **named) -> None:
     for name, value in named.items():
         if not isinstance(value, Tensor):
-            raise TypeError(f"{op}: {name} must be a tensor, got {type(value).__name__}")
+            raise SettingsError(f"{op}: {name} must be a tensor, got {type(value).__name__}")
 
 
 def _check_affine_smooth_shapes(images: Tensor, theta: Tensor, pool: int) -> None:

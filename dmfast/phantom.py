@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from .. import ops
-from ..anatomy import HEART, LUNGS
-from ..config import FRACTION, SIZE, Range
-from ..io import atomic_write_bytes, check_outputs, clear_outputs, progress, torch_threads, writing
-from .chestxray14 import PHANTOM_TRANSFORMS
-from .dataset import FINDINGS, RELEASE_SIZE
+from . import ops
+from .anatomy import HEART, LUNGS
+from .data.chestxray14 import PHANTOM_TRANSFORMS
+from .data.dataset import FINDINGS, RELEASE_SIZE
+from .io import atomic_write_bytes, check_outputs, clear_outputs, progress, torch_threads, writing
+from .limits import FRACTION, SIZE, Range
 
 # Prevalence of each finding among images with findings (ChestX-ray14's order of magnitude, rare ones lifted so a
 # small phantom still has some).

@@ -27,17 +27,18 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.markup import escape
 
-import dmfast
 
 from .config import PredictConfig, box_levels, min_probability
 from .data.dataset import FINDINGS
 from .data.formats import open_dataset
 from .data.images import ImageError, list_xrays, load_gray
 from .detection import DECIMALS, SUBMISSION_HEADERS, SUBMISSION_ROWS, coco_predictions, submission_id
+from .errors import DataError, SettingsError
 from .figures import finding_panels, normalize
 from .inference import ImagePrediction, load_model
 from .io import (atomic_npz, atomic_write_bytes, atomic_write_csv, atomic_write_json_streamed, check_outputs,
-                 clear_outputs, csv_text, json_text, naming, print_table, progress, save_png, writing)
+                 clear_outputs, csv_text, json_text, naming, print_table, progress, save_png, versions,
+                 writing)
 
 OVERLAY_SIDE = (320, 768)  # an overlay panel's longest side: small images are enlarged, large ones reduced
 
@@ -125,7 +126,7 @@ def _release_files(inputs, format: str) -> tuple:
     files, roots, problems = [], [], []
     for folder in map(Path, inputs):
         if not folder.is_dir():
-            raise ValueError(f"{folder}: with --format, each input is a release's folder")
+            raise SettingsError(f"{folder}: with --format, each input is a release's folder")
         dataset = open_dataset(folder, None if format == "auto" else format, skip_problems=True, lists=False)
         files += [dataset.paths[n] for n in dataset.images]
         roots += [folder] * len(dataset.images)
@@ -143,7 +144,7 @@ def detection_files(out: Path, records, config: PredictConfig) -> None:
     detections = ((k, index[b["class"]], b["box"], b["score"], b["probability"]) for k, r in enumerate(records())
                   for b in r["boxes"])
     atomic_write_json_streamed(out / "predictions.coco.json", coco_predictions(
-        images, detections, {"description": f"dmfast predict with {config.model}", "version": dmfast.__version__}))
+        images, detections, {"description": f"dmfast predict with {config.model}", "version": versions()["dmfast"]}))
     if config.submission:
         rows = (row for r in records() for row in SUBMISSION_ROWS[config.submission](
             [(submission_id(r["path"]), [(index[name], b["score"], b["box"]) for name, f in r["findings"].items()
@@ -165,19 +166,19 @@ def _run(config: PredictConfig, console: Console | None) -> dict:
     inside = next((p for p in map(Path, config.inputs) if p.is_dir() and Path(os.path.realpath(p)).is_relative_to(
         os.path.realpath(out))), None)
     if inside is not None:  # the search leaves --out out (never reading its own overlays back as X-rays)
-        raise ValueError(f"--out {out}: the input folder {inside} is --out or inside it, and the search for X-rays "
-                         "leaves --out out; give --out a folder of its own")
+        raise SettingsError(f"--out {out}: the input folder {inside} is --out or inside it, and the search for X-rays "
+                            "leaves --out out; give --out a folder of its own")
     files, roots, problems = _release_files(config.inputs, config.format) if config.format else \
         list_xrays(config.inputs, exclude=[out])
     if not files:
-        raise ValueError(f"no PNG, JPEG or DICOM files in {', '.join(map(str, config.inputs))}")
+        raise DataError(f"no PNG, JPEG or DICOM files in {', '.join(map(str, config.inputs))}")
     if config.submission:
         seen = {}
         for path in files:
             other = seen.setdefault(submission_id(path), path)
             if other != path:
-                raise ValueError(f"--submission {config.submission}: {other} and {path} have one image id, "
-                                 f"{submission_id(path)!r} (a challenge knows an image by its file name)")
+                raise SettingsError(f"--submission {config.submission}: {other} and {path} have one image id, "
+                                    f"{submission_id(path)!r} (a challenge knows an image by its file name)")
     model = load_model(config.model, config.device, config.precision, config.compile)
     model.cam_method = config.cam_method
     clear_outputs(out, earlier)
@@ -250,7 +251,7 @@ def _run(config: PredictConfig, console: Console | None) -> dict:
                   "box_floor": config.box_floor, "classes": list(FINDINGS), "images": records(),
                   "problems": [{"path": p, "reason": r} for p, r in problems], "seconds": seconds,
                   "images_per_second": count / seconds if seconds else None,
-                  "versions": {"dmfast": dmfast.__version__, "torch": torch.__version__}}
+                  "versions": versions()}
         atomic_write_json_streamed(out / "predictions.json", report)
         report["images"] = count  # the records are in the file
     if problems:
@@ -259,7 +260,7 @@ def _run(config: PredictConfig, console: Console | None) -> dict:
                     f"be read, {len(problems) - unreadable} other files ({out / 'problems.csv'})", ["file", "reason"],
                     [[escape(path), escape(reason)] for path, reason in problems], justify=["left", "left"])
     if not count:
-        raise ValueError(f"none of the {len(files)} X-ray files could be read (see {out / 'problems.csv'})")
+        raise DataError(f"none of the {len(files)} X-ray files could be read (see {out / 'problems.csv'})")
     console.print(escape(f"{count} images in {seconds:.1f} s ({report['images_per_second']:.1f} img/s): "
                          f"{out / 'predictions.csv'}, {out / 'predictions.json'}, {out / 'predictions.coco.json'}" +
                          (f", {out / 'submission.csv'}" if config.submission else "") +

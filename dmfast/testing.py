@@ -61,7 +61,7 @@ def shared_data(name: str) -> Path:
 def phantom_with_cache(folder, count: int, size: int, seed: int) -> tuple:
     """A phantom dataset and its image cache in ``folder``: (data folder, cache folder)."""
     from .data.cache import prepare
-    from .data.phantom import synthesize
+    from .phantom import synthesize
 
     data = synthesize(Path(folder) / "data", count=count, size=size, seed=seed)
     return data, prepare(data, Path(folder) / "cache", size=size, workers=2)

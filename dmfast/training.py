@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import DataError, SettingsError
+
 
 def weighted_bce(logits: Tensor, targets: Tensor, counts: tuple | None = None) -> Tensor:
     """The paper's Eq. 10: binary cross-entropy with per-batch, per-class weights against label imbalance,
@@ -23,8 +25,8 @@ def weighted_bce(logits: Tensor, targets: Tensor, counts: tuple | None = None) -
             losses (what data parallel's gradient averaging takes) is the global batch's loss.
     """
     if logits.shape != targets.shape or logits.dim() != 2:
-        raise ValueError(f"weighted_bce: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must both "
-                         "be [B, C]")
+        raise SettingsError(f"weighted_bce: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must both "
+                            "be [B, C]")
     y = targets.to(logits.dtype)
     positive, negative = (y == 1).to(logits.dtype), (y == 0).to(logits.dtype)
     positives, negatives, share = counts if counts is not None else (positive.sum(0), negative.sum(0), None)
@@ -56,7 +58,7 @@ def optimizer(name: str, parameters, lr: float, momentum: float = 0.9) -> torch.
         return torch.optim.Adam(parameters, lr=lr)
     if name == "sgd":
         return torch.optim.SGD(parameters, lr=lr, momentum=momentum)
-    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
+    raise SettingsError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
 
 
 def epoch_batches(images: int, batch: int, max_steps: int | None, seed: int, epoch: int) -> list:
@@ -64,7 +66,7 @@ def epoch_batches(images: int, batch: int, max_steps: int | None, seed: int, epo
     ``max_steps`` of them; an error when not even one batch fits."""
     steps = min(images // batch, max_steps or images)
     if steps == 0:
-        raise ValueError(f"{images} training images are fewer than one batch of {batch}")
+        raise DataError(f"{images} training images are fewer than one batch of {batch}")
     order = torch.randperm(images, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
     return [order[step * batch:(step + 1) * batch] for step in range(steps)]
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dmfast import ops, reference
+from dmfast.errors import SettingsError
 from dmfast.testing import FLOAT_DTYPES, REDUCED_DTYPES, cuda_available, needs_cuda, tolerance
 
 THETA_KINDS = ["identity", "rotation", "scale", "shift", "out_of_frame", "generic"]
@@ -386,7 +387,7 @@ def test_bad_input_errors(device, name, args, message, gen):
 def test_bad_pool_type_and_device_mismatch(gen):
     images = rand_images((1, 1, 16, 16), gen, torch.float64, "cpu")
     theta = make_theta("identity", 1, gen)
-    with pytest.raises(TypeError, match="pool must be an int"):
+    with pytest.raises(SettingsError, match="pool must be an int"):
         ops.affine_smooth(images, theta, 4.0)
     if cuda_available():
         with pytest.raises(RuntimeError, match="same device"):

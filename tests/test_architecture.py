@@ -70,15 +70,111 @@ def test_no_import_cycle():
         visit(module)
 
 
+def _stage_of(module: str) -> str | None:
+    """The stage a module belongs to: the stage's module, or a module of the stage's package (``dmfast.eval.*``)."""
+    return next((s for s in STAGES if module == s or module.startswith(s + ".")), None)
+
+
 @pytest.mark.parametrize("module", sorted(FILES))
 def test_modules_depend_only_downward(module):
     imported = GRAPH[module]
     if module.startswith("dmfast.cli"):
         return
     above = PIPELINE | {m for m in FILES if m.startswith("dmfast.cli")}
+    stages = {m for m in FILES if _stage_of(m) is not None and _stage_of(m) != _stage_of(module)}  # other stages'
     if module in PIPELINE:
         assert not imported & above, f"{module} imports {sorted(imported & above)}"
-    elif module in STAGES:
-        assert not imported & (STAGES | above), f"stage {module} imports {sorted(imported & (STAGES | above))}"
     else:
-        assert not imported & (STAGES | above), f"library module {module} imports {sorted(imported & (STAGES | above))}"
+        kind = "stage" if _stage_of(module) else "library"
+        assert not imported & (stages | above), f"{kind} module {module} imports {sorted(imported & (stages | above))}"
+
+
+def test_a_stage_package_is_seen_as_its_stage():
+    assert _stage_of("dmfast.eval.scoring") == "dmfast.eval" and _stage_of("dmfast.evaluation") is None
+    assert "dmfast.eval.scoring" in GRAPH["dmfast.eval"]
+
+
+# Raises that are not about a user's input, each with why: internal signals caught nearby, Python protocols, the
+# extension's own state.
+INTERNAL_RAISES = {
+    ("dmfast.data.dataset", "ValueError"),  # LabelPolicy.value: a cell it cannot read, caught by each reader
+    ("dmfast.data.cache", "KeyError"),  # ImageCache.batch: names the caller took from the cache itself
+    ("dmfast.ops", "RuntimeError"),  # double backward: unsupported, as torch says of its own ops
+    ("dmfast", "AttributeError"),  # the module's __getattr__ protocol
+    ("dmfast.cpu_variants", "ImportError"),  # no kernels for this CPU or DMFAST_CPU_VARIANT: the import fails
+}
+OS_ERRORS = {"OSError", "FileNotFoundError", "PermissionError", "FileExistsError"}
+
+
+def test_every_raise_is_a_dmfast_error():
+    """What dmfast raises on purpose is a :class:`dmfast.errors.Error` (the CLI prints it as ``error: ...`` and
+    treats anything else as a bug), an OSError (the file system's answer) or one of the internal raises above."""
+    import dmfast.errors
+
+    ours = {name for name, value in vars(dmfast.errors).items() if isinstance(value, type)
+            and issubclass(value, dmfast.errors.Error)}
+    found = []
+    for module, path in FILES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Raise) or node.exc is None:
+                continue
+            call = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            name = call.attr if isinstance(call, ast.Attribute) else getattr(call, "id", None)
+            if name is None or not name[0].isupper():  # re-raising a caught error (``raise error``)
+                continue
+            if name not in ours | OS_ERRORS and (module, name) not in INTERNAL_RAISES and \
+                    not name.startswith(("click.", "Bad", "Usage", "Abort", "Exit")):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: raise {name}")
+    assert not found, "raises that are not dmfast errors:\n" + "\n".join(found)
+
+
+def _cpp_constant(header: str, name: str) -> float:
+    import re
+
+    found = re.search(rf"constexpr\s+\w+\s+{name}\s*=\s*([0-9.eE+-]+)\s*;", (ROOT / "csrc" / header).read_text())
+    assert found, f"csrc/{header}: no constexpr {name}"
+    return float(found.group(1))
+
+
+@pytest.mark.parametrize("header, cpp, python", [("checks.h", "kMaxBoxes", "MAX_BOXES"),
+                                                  ("checks.h", "kMaxSide", "OP_MAX_SIDE"),
+                                                  ("affine_smooth.h", "kThetaLimit", "THETA_LIMIT")])
+def test_the_kernels_limits_are_pythons(header, cpp, python):
+    """The limits the C++ kernels check are dmfast.limits' (the one Python owner, which config, the CLI and the
+    ops' wrappers read)."""
+    from dmfast import limits
+
+    assert _cpp_constant(header, cpp) == getattr(limits, python)
+
+
+# Folders and the modules each may import (besides its own folder's): data/ is below config, the stages and
+# everything that draws or computes on images; the leaves import nothing of dmfast.
+LEAVES = {"dmfast.errors", "dmfast.limits"}
+FOLDER_MAY_IMPORT = {"dmfast.data": LEAVES | {"dmfast.io"}}
+
+
+def test_leaves_import_no_dmfast_module_but_each_other():
+    for leaf in LEAVES:
+        assert GRAPH[leaf] <= LEAVES, f"{leaf} imports {sorted(GRAPH[leaf] - LEAVES)}"
+
+
+@pytest.mark.parametrize("folder", sorted(FOLDER_MAY_IMPORT))
+def test_folders_depend_only_downward(folder):
+    """A folder's modules import its own modules and the ones listed: so no loop runs through a folder (config
+    imports data/, so nothing in data/ imports config; the phantom generator, which draws with the ops and the
+    anatomy, lives beside them, not in data/)."""
+    allowed = FOLDER_MAY_IMPORT[folder]
+    for module in (m for m in FILES if m == folder or m.startswith(folder + ".")):
+        outside = {m for m in GRAPH[module] if not m.startswith(folder + ".") and m != folder} - allowed
+        assert not outside, f"{module} imports {sorted(outside)}"
+
+
+def test_setup_builds_the_cpu_variants_dmfast_loads():
+    """setup.py's variants are dmfast.cpu_variants' (read from that file: the list is written once)."""
+    from dmfast import cpu_variants
+
+    source = (ROOT / "setup.py").read_text()
+    namespace = {"__file__": str(ROOT / "setup.py")}
+    exec(compile(source.split("\ndef cpu_variants")[0], "setup.py", "exec"), namespace)  # up to the build itself
+    assert namespace["X86_VARIANTS"] == cpu_variants.COMPILE_FLAGS and tuple(cpu_variants.COMPILE_FLAGS) == \
+        cpu_variants.VARIANTS

@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import dmfast
 from cli.main import main
 from dmfast import checkpoints, ops
 from dmfast.testing import phantom_with_cache
@@ -629,19 +630,37 @@ def test_train_skip_problems_finishes_a_cache_left_incomplete(world, tmp_path):
     assert (tmp_path / "run" / "model.pt").is_file()
 
 
-def test_an_unforeseen_error_saves_its_traceback(monkeypatch, tmp_path):
-    import dmfast.data.phantom
+@pytest.mark.parametrize("kind", [RuntimeError, ValueError, KeyError])
+def test_an_unforeseen_error_saves_its_traceback(monkeypatch, tmp_path, kind):
+    """Anything but dmfast's errors (and the system's OSError) is a bug, wherever it is raised: a ValueError from
+    dmfast's own code too (no guessing from the traceback)."""
+    import dmfast.phantom
 
     def broken(*args, **kwargs):
-        raise RuntimeError("something nobody foresaw")
+        raise kind("something nobody foresaw")
 
-    monkeypatch.setattr(dmfast.data.phantom, "synthesize", broken)
+    broken.__code__ = broken.__code__.replace(co_filename=dmfast.phantom.__file__)  # as if raised in dmfast
+    monkeypatch.setattr(dmfast.phantom, "synthesize", broken)
     monkeypatch.setattr("cli.main.synthesize", broken)
     result = invoke("synth", tmp_path / "x")
     assert result.code == 1 and "Traceback" not in result.output
-    assert "unexpected RuntimeError: something nobody foresaw" in result.output
+    assert f"unexpected {kind.__name__}: " in result.output and "something nobody foresaw" in result.output
     saved = Path(result.output.split("the traceback is in ")[1].split(")")[0])
     assert "Traceback" in saved.read_text() and "something nobody foresaw" in saved.read_text()
+
+
+@pytest.mark.parametrize("kind", [dmfast.errors.SettingsError, dmfast.errors.DataError, dmfast.errors.ImageError,
+                                  dmfast.errors.DicomError, dmfast.errors.ModelFileError])
+def test_dmfast_errors_are_one_line_wherever_raised(monkeypatch, tmp_path, kind):
+    """Every kind of dmfast.Error is about the input: ``error: ...`` and exit 1, raised from any module."""
+    assert issubclass(kind, dmfast.Error)
+
+    def refused(*args, **kwargs):
+        raise kind("x.png: what is wrong with it")
+
+    monkeypatch.setattr("cli.main.synthesize", refused)
+    result = invoke("synth", tmp_path / "x")
+    assert result.code == 1 and result.output.strip() == "error: x.png: what is wrong with it"
 
 
 # --- ops: every argument error names the argument ------------------------------------------------------------------

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from dmfast import checkpoints
+from dmfast.errors import ModelFileError
 
 
 def test_a_file_reads_back_with_its_format_tag(tmp_path):
@@ -32,7 +33,7 @@ def test_wrong_kind_newer_version_and_missing_keys_are_named(tmp_path):
     torch.save({"model": {}}, tmp_path / "half.pt")
     with pytest.raises(ValueError, match="half.pt: not a dmfast classifier checkpoint .*'config'"):
         checkpoints.load(tmp_path / "half.pt", checkpoints.CLASSIFIER)
-    with pytest.raises(FileNotFoundError, match="masks file .*nowhere.pt not found"):
+    with pytest.raises(ModelFileError, match="masks file .*nowhere.pt not found"):
         checkpoints.load(tmp_path / "nowhere.pt", checkpoints.MASKS)
     masks = torch.zeros(14, 8, 8)
     masks[3, 2, 2] = float("nan")

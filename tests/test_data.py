@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dmfast.data import phantom
+from dmfast import phantom
 from dmfast.data.cache import ImageCache, prepare
 from dmfast.data.dataset import FINDINGS, DataError
 from dmfast.data.formats import open_dataset
@@ -261,7 +261,7 @@ def test_phantom_warp_moves_boxes_with_the_image():
 
 
 def test_boxes_come_from_the_release_space_or_the_images_own(tmp_path):
-    from dmfast.data.phantom import synthesize
+    from dmfast.phantom import synthesize
 
     dataset = open_dataset(synthesize(tmp_path / "ph", count=12, size=64, seed=4))
     box = dataset.boxes[0]

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from dmfast.figures import BLACK, WHITE, draw, draw_tiles, grid, heat_colors, heat_overlay
+from dmfast.errors import SettingsError
 from dmfast.io import png_bytes, save_png
 
 
@@ -25,7 +26,7 @@ def test_save_png_writes_gray_and_rgb_and_refuses_what_it_cannot(tmp_path):
     assert np.array_equal(np.asarray(Image.open(save_png(tmp_path / "a.png", rgb))), rgb.permute(1, 2, 0).numpy())
     gray = rgb[0]
     assert np.array_equal(np.asarray(Image.open(save_png(tmp_path / "b.png", gray))), gray.numpy())
-    with pytest.raises(TypeError, match="uint8"):
+    with pytest.raises(SettingsError, match="uint8"):
         save_png(tmp_path / "c.png", rgb.float())
     with pytest.raises(ValueError, match="empty"):
         save_png(tmp_path / "d.png", rgb[:, :0])

@@ -10,7 +10,7 @@ from dmfast.data.dataset import FINDINGS
 from dmfast.anatomy import HEART, LUNGS, anatomy, pseudo_masks
 from dmfast.checkpoints import MASK_SIZE
 from dmfast.config import MasksConfig
-from dmfast.data.phantom import draw_image
+from dmfast.phantom import draw_image
 from dmfast.inference import Prediction
 from dmfast.masks import disease_masks
 
@@ -127,7 +127,7 @@ def test_masks_command_needs_a_checkpoint_or_pseudo(tmp_path):
 
 
 def test_masks_command_names_a_bad_anchor(tmp_path):
-    from dmfast.data.phantom import synthesize
+    from dmfast.phantom import synthesize
 
     data = synthesize(tmp_path / "data", count=12, size=64, seed=5, console=Console(quiet=True))
     (tmp_path / "anchor.pt").write_bytes(b"junk")

@@ -16,6 +16,7 @@ from rich.console import Console
 from dmfast import align, checkpoints, train
 from dmfast.cli.main import main
 from dmfast.config import AlignConfig, TrainConfig
+from dmfast.errors import ModelFileError
 from dmfast.data.formats import open_dataset
 from dmfast.eval import training_overlap
 from dmfast.inference import Classifier, export_model, load_classifier, load_model
@@ -105,7 +106,7 @@ def test_every_kind_of_path_gives_the_same_classifier(world, gen, tmp_path):
     shutil.copy(world.kinds["checkpoint"], tmp_path / "unfinished" / "checkpoint.pt")
     assert Classifier(tmp_path / "unfinished", "cpu").path.name == "checkpoint.pt"  # else its checkpoint.pt
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="a folder without model.pt or checkpoint.pt"):
+    with pytest.raises(ModelFileError, match="a folder without model.pt or checkpoint.pt"):
         Classifier(tmp_path / "empty")
     with pytest.raises(ValueError, match="that is SOURCE itself.*or SOURCE .*checkpoint.pt to write it again"):
         export_model(world.kinds["model"], world.kinds["model"], overwrite=True)

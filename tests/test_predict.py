@@ -16,6 +16,7 @@ from PIL import Image
 import dmfast
 from dmfast import train
 from dmfast.cli.main import main
+from dmfast.errors import DataError, ModelFileError
 from dmfast.config import TrainConfig
 from dmfast.data.dataset import FINDINGS
 from dmfast.data.dicom import DicomError, read_dicom, window
@@ -155,7 +156,7 @@ def test_load_model_reads_model_files_run_folders_and_checkpoints(run, tmp_path)
     assert torch.equal(both[1], want.heatmap("Mass", scale=0.5)) and torch.equal(both[0], want.heatmap("Edema", 0.5))
     checkpoint = dmfast.load_model(folder / "checkpoint.pt", "cpu")  # the same weights, from the training checkpoint
     assert checkpoint.predict(xray, min_probability=0)[0].probabilities == want.probabilities
-    with pytest.raises(FileNotFoundError, match="a folder without model.pt"):
+    with pytest.raises(ModelFileError, match="a folder without model.pt"):
         dmfast.load_model(tmp_path, "cpu")
     with pytest.raises(ValueError, match="min_probability must be a finite number in"):
         dmfast.load_model(folder, "cpu").predict(xray, min_probability=2)
@@ -276,7 +277,7 @@ def test_list_xrays_searches_folders_and_takes_named_files_as_they_are(tmp_path)
     assert output_names(files, roots) == ["b/1.2.840.113619.2", "b/y", "b/z", "x", "odd"]
     names = [Path("p/x-2.png"), Path("p/x.jpg"), Path("p/X.png")]
     assert output_names(names, names) == ["x-2", "x", "X-3"]  # never the same file name, whatever the case
-    with pytest.raises(FileNotFoundError, match="nowhere: no such file or folder"):
+    with pytest.raises(DataError, match="nowhere: no such file or folder"):
         list_xrays([tmp_path / "nowhere"])
 
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from dmfast.cli.main import main
 from dmfast.data.dataset import FINDINGS, UNKNOWN, DataError, LabelPolicy, fuse_readers
 from dmfast.data.formats import detect_format, open_dataset
-from dmfast.data.phantom import synthesize
+from dmfast.phantom import synthesize
 from dmfast.testing import shared_data, write_dicom
 
 from . import releases

@@ -243,7 +243,7 @@ def test_compiled_training_matches_eager_and_records_its_timing(phantom, tmp_pat
 
 def test_a_run_without_cache_keeps_its_training_images_statistics(tmp_path):
     """No --cache: the run's default cache is where the model file's out-of-distribution statistics come from."""
-    from dmfast.data.phantom import synthesize
+    from dmfast.phantom import synthesize
 
     data = synthesize(tmp_path / "data", count=40, size=64, seed=2)
     checkpoint = train.run(TrainConfig(data=str(data), out=str(tmp_path / "run"), arch="resnet18", size=64, batch=8,

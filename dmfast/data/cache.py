@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from ..config import SIZE, Range
+from ..limits import DEFAULT_SIZE, SIZE, Range
 from ..io import atomic_write_json, check_outputs, kill_point, progress, writing
 from .dataset import DataError, Problems
 from .formats import open_dataset
@@ -81,7 +81,7 @@ class ImageCache:
         self.bad = dict(index.get("bad", {}))
         self.data_dir = Path(data_dir or index["data_dir"])
         self.sources = index["sources"]
-        self.paths = index.get("paths")  # each image's file relative to the data folder (older caches: none)
+        self.paths = index["paths"]  # each image's file relative to the data folder (every cache of this version)
         self.rows = {name: i for i, name in enumerate(self.names) if name not in self.bad}
         self.array = np.memmap(self.folder / "images.u8", dtype=np.uint8, mode="r",
                                shape=(len(self.names), self.size, self.size))
@@ -93,13 +93,8 @@ class ImageCache:
                                 f"since it was built ({shown}); run `dmfast prepare` again")
 
     def stale_sources(self) -> list:
-        if self.paths is not None:
-            paths = {name: self.data_dir / relative for name, relative in zip(self.names, self.paths)}
-            paths = {name: path for name, path in paths.items() if path.is_file()}
-        else:  # a cache of an older dmfast: ChestX-ray14's PNGs, found by name
-            from .chestxray14 import find_images
-
-            paths = find_images(self.data_dir)
+        paths = {name: self.data_dir / relative for name, relative in zip(self.names, self.paths)}
+        paths = {name: path for name, path in paths.items() if path.is_file()}
         stale = []
         for name, stamp in zip(self.names, self.sources):
             path = paths.get(name)
@@ -166,7 +161,7 @@ class CacheSet:
         return out
 
 
-def prepare(data_dir, cache_dir=None, size: int = 512, workers: int | None = None, skip_problems: bool = False,
+def prepare(data_dir, cache_dir=None, size: int = DEFAULT_SIZE, workers: int | None = None, skip_problems: bool = False,
             console: Console | None = None, limit_chunks: int | None = None, format: str | None = None) -> Path:
     """Build (or resume, or refresh) the cache of ``data_dir`` (a release of ``format``, default detected) at
     ``size``; returns the cache folder.
@@ -316,7 +311,7 @@ def _check_owner(folder: Path, index: dict, data_dir) -> None:
                         "another --cache (or remove that one)")
 
 
-def open_or_prepare(data_dir, cache_dir=None, size: int = 512, skip_problems: bool = False,
+def open_or_prepare(data_dir, cache_dir=None, size: int = DEFAULT_SIZE, skip_problems: bool = False,
                     console: Console | None = None, format: str | None = None) -> ImageCache:
     """The image cache of ``data_dir`` (a release of ``format``) at ``size`` px (``cache_dir``, or the default
     folder), built first if it is missing. A cache of another size is refused by name."""
@@ -328,3 +323,11 @@ def open_or_prepare(data_dir, cache_dir=None, size: int = 512, skip_problems: bo
     if found.get("version") != CACHE_VERSION or not found.get("complete"):  # missing, damaged, older or unfinished
         prepare(data_dir, folder, size=size, skip_problems=skip_problems, console=console, format=format)
     return ImageCache(folder, data_dir=data_dir)  # of this size: checked above, or just built
+
+
+def open_cache(config, size: int | None = None, console: Console | None = None) -> ImageCache:
+    """:func:`open_or_prepare` of a stage's :class:`~dmfast.config.DataConfig` (its folder, cache, skipping and
+    format) at ``size`` px (default: the config's ``size``), as :func:`~dmfast.data.formats.open_data` opens its
+    dataset."""
+    return open_or_prepare(config.data, config.cache, config.size if size is None else size, config.skip_problems,
+                           console, config.format)

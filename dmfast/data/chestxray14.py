@@ -14,7 +14,7 @@ from .dataset import (FINDINGS, Box, Dataset, DataError, LabelPolicy, Problems, 
                       read_text)
 
 NO_FINDING = "No Finding"
-PHANTOM_TRANSFORMS = "phantom_transforms.csv"  # written by dmfast synth (data.phantom) beside its release files
+PHANTOM_TRANSFORMS = "phantom_transforms.csv"  # written by dmfast synth (dmfast.phantom) beside its release files
 # BBox_List_2017.csv spells one finding differently from Data_Entry_2017.csv.
 BOX_LABEL_ALIASES = {"Infiltrate": "Infiltration"}
 
@@ -120,8 +120,11 @@ def read_list(path) -> list:
     return [line.strip() for line in read_text(path).splitlines() if line.strip()]
 
 
+MARKER = "Data_Entry_2017.csv"  # the file that tells this release (named when no release is found)
+
+
 def detect(root: Path) -> bool:
-    return (root / "Data_Entry_2017.csv").is_file()
+    return (root / MARKER).is_file()
 
 
 def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True) -> Dataset:
@@ -169,5 +172,5 @@ def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True
     # the phantom draws a box for every positive finding: its images without a box of a class have none
     phantom = (root / PHANTOM_TRANSFORMS).is_file()
     return Dataset(root, kept, paths, boxes, train_val, test, problems, "chestxray14", "release",
-                   boxes_exhaustive=phantom)
+                   boxes_exhaustive=phantom, split_lists=True)
 

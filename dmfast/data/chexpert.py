@@ -49,6 +49,8 @@ class CheXpert:
     """``train.csv`` / ``valid.csv`` in the data folder (the release's ``CheXpert-v1.0[-small]`` folder, or its
     parent). The ``Path`` column starts with the release folder's name; images are keyed by the rest."""
 
+    MARKER = "train.csv"  # named when no release is found
+
     @staticmethod
     def _folder(root: Path) -> Path | None:
         for folder in (root, *sorted(root.glob("CheXpert-v1.0*"))):
@@ -102,6 +104,7 @@ class MimicCXR:
     """MIMIC-CXR-JPG's CSV files at the top of the data folder, the images under ``files/``."""
 
     STEM = "mimic-cxr-2.0.0-"
+    MARKER = f"{STEM}chexpert.csv"  # named when no release is found
 
     def _file(self, root: Path, name: str) -> Path | None:
         for suffix in (".csv", ".csv.gz"):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DataError, SettingsError
 from .images import square_geometry
 
 # The 14 findings in the order every label vector, logit and mask uses.
@@ -40,7 +41,7 @@ BLANK_POLICIES = ("unknown", "negative")
 
 def finding_index(name: str) -> int:
     """The index in :data:`FINDINGS` of a finding named in any case, with spaces or underscores, or by a release's
-    spelling (:data:`FINDING_ALIASES`: "Infiltrate", "Pleural Effusion", ...); an unknown name is a ValueError
+    spelling (:data:`FINDING_ALIASES`: "Infiltrate", "Pleural Effusion", ...); an unknown name is a SettingsError
     listing the valid ones."""
     key = " ".join(str(name).replace("_", " ").replace("-", " ").lower().split())
     for index, finding in enumerate(FINDINGS):
@@ -48,12 +49,8 @@ def finding_index(name: str) -> int:
             return index
     if key in FINDING_ALIASES:
         return FINDINGS.index(FINDING_ALIASES[key])
-    raise ValueError(f"unknown finding {name!r}; the findings are {', '.join(FINDINGS)} (any case; also "
-                     f"{', '.join(a.title() for a in FINDING_ALIASES)})")
-
-
-class DataError(RuntimeError):
-    """The dataset has problems and the caller did not allow skipping them."""
+    raise SettingsError(f"unknown finding {name!r}; the findings are {', '.join(FINDINGS)} (any case; also "
+                        f"{', '.join(a.title() for a in FINDING_ALIASES)})")
 
 
 @dataclass
@@ -98,9 +95,9 @@ class LabelPolicy:
 
     def __post_init__(self):
         if self.uncertain not in UNCERTAIN_POLICIES:
-            raise ValueError(f"uncertain must be one of {', '.join(UNCERTAIN_POLICIES)}, got {self.uncertain!r}")
+            raise SettingsError(f"uncertain must be one of {', '.join(UNCERTAIN_POLICIES)}, got {self.uncertain!r}")
         if self.blank not in BLANK_POLICIES:
-            raise ValueError(f"blank must be one of {', '.join(BLANK_POLICIES)}, got {self.blank!r}")
+            raise SettingsError(f"blank must be one of {', '.join(BLANK_POLICIES)}, got {self.blank!r}")
 
     def value(self, cell: str) -> int:
         """A label cell (``1``, ``0``, ``-1``, ``1.0``, ... or blank) as 1, 0 or :data:`UNKNOWN`; ValueError else."""
@@ -170,6 +167,11 @@ class Dataset:
     # every image was read for boxes, so one without a box of a class has none (VinDr-CXR, RSNA); ChestX-ray14
     # drew boxes on some images only
     boxes_exhaustive: bool = False
+    split_lists: bool = False  # the official split is read from {train_val,test}_list.txt (ChestX-ray14's)
+    # A release whose images these are, under names that cannot be mapped back here (so a model trained on it may
+    # have seen them), and what would map them: e.g. RSNA Pneumonia's are ChestX-ray14's without the mapping file.
+    renamed_from: str | None = None
+    renamed_note: str | None = None
 
     @property
     def images(self) -> list:
@@ -190,7 +192,7 @@ class Dataset:
         ``names``: only the boxes of these images."""
         space = space or self.box_space
         if space not in BOX_SPACES:
-            raise ValueError(f"box space must be one of {', '.join(BOX_SPACES)}, got {space!r}")
+            raise SettingsError(f"box space must be one of {', '.join(BOX_SPACES)}, got {space!r}")
         wanted = None if names is None else set(names)
         out = {}
         for box in (b for b in self.boxes if wanted is None or b.image in wanted):

@@ -7,12 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DicomError
+
 DICOM_SUFFIXES = (".dcm", ".dicom")
 DECODERS = "pip install 'dmfast[dicom]' (pylibjpeg with its JPEG, JPEG-LS and JPEG 2000 plugins)"
-
-
-class DicomError(ValueError):
-    """A DICOM file that is not a single-frame image dmfast can show."""
 
 
 def has_dicom_marker(path) -> bool:

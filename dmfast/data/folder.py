@@ -30,8 +30,11 @@ def _finding(name: str) -> str | None:
         return None
 
 
+MARKER = "labels.csv"  # named when no release is found
+
+
 def detect(root: Path) -> bool:
-    return (root / "labels.csv").is_file()
+    return (root / MARKER).is_file()
 
 
 def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True) -> Dataset:

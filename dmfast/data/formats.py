@@ -13,9 +13,12 @@ Formats (docs/datasets.md documents each layout, label mapping and policy):
 
 from pathlib import Path
 
+from ..errors import SettingsError
 from . import chestxray14, chexpert, folder, rsna, vindr
 from .dataset import BOX_SPACES, FINDINGS, Dataset, DataError, LabelPolicy, Problems, box_inside
 
+# Each reader: detect(root), read(root, problems, policy, lists) -> Dataset, MARKER (the file that tells it);
+# adding a release is its module and one line here.
 READERS = {
     "chestxray14": chestxray14,
     "vindr": vindr,
@@ -35,9 +38,9 @@ def detect_format(root) -> str:
     if len(found) == 1:
         return found[0]
     if not found:
+        markers = [reader.MARKER for reader in READERS.values()]
         raise DataError(f"{root}: not a folder of a known release ({', '.join(FORMATS)}; see docs/datasets.md"
-                        "), e.g. no Data_Entry_2017.csv, annotations_train.csv, stage_2_train_labels.csv, "
-                        "train.csv, mimic-cxr-2.0.0-chexpert.csv or labels.csv")
+                        f"), e.g. no {', '.join(markers[:-1])} or {markers[-1]}")
     raise DataError(f"{root}: looks like several releases ({', '.join(found)}); give --format")
 
 
@@ -57,16 +60,16 @@ def open_dataset(root, format: str | None = None, *, skip_problems: bool = False
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
     if box_space not in (None, *BOX_SPACES):
-        raise ValueError(f"box space must be one of {', '.join(BOX_SPACES)}, got {box_space!r}")
+        raise SettingsError(f"box space must be one of {', '.join(BOX_SPACES)}, got {box_space!r}")
     if format is not None and format not in READERS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+        raise SettingsError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     format = format or detect_format(root)
     problems = Problems()
     dataset = READERS[format].read(root, problems, policy or LabelPolicy(), lists)
     space = box_space or dataset.box_space
     if space == "release" and dataset.box_space != "release":
-        raise ValueError(f"{root}: a {format} release draws its boxes on its own images; box space 'release' is "
-                         "ChestX-ray14's 1024 x 1024 frame")
+        raise SettingsError(f"{root}: a {format} release draws its boxes on its own images; box space 'release' is "
+                            "ChestX-ray14's 1024 x 1024 frame")
     dataset.box_space = space
     if check_boxes if check_boxes is not None else box_space is not None:
         inside, unreadable = [], set()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DataError, ImageError
 from .dicom import DICOM_SUFFIXES, DicomError, has_dicom_marker, is_dicom, read_dicom
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *DICOM_SUFFIXES)
@@ -19,10 +20,6 @@ WORD_DEPTHS = (8, 10, 12, 14, 16)  # the bit depths X-ray detectors store in 16-
 
 
 _DECODING = threading.local()  # the file each thread decodes: a library's warning about it names it
-
-
-class ImageError(RuntimeError):
-    """An image file that cannot be decoded (missing, truncated, not an image, too small to be an X-ray)."""
 
 
 def decoding_file() -> str | None:
@@ -103,8 +100,8 @@ def gray_of(array, name: str = "image") -> np.ndarray:
     (uint16 and the like, non-negative) by their significant bits (:func:`eight_bits`, as 16-bit PNGs);
     floats in [0, 1] times 255, rounded; ``[H, W, 3]`` or ``[H, W, 4]`` colour to grey by ITU-R 601 luma (alpha
     dropped, as the readers do) after the same scaling; ``[H, W, 1]`` as ``[H, W]``. Anything else (other shapes,
-    negative or non-finite values, floats outside [0, 1], a side under :data:`MIN_SIDE`) is a ValueError naming
-    ``name`` and what is expected."""
+    negative or non-finite values, floats outside [0, 1], a side under :data:`MIN_SIDE`) is an ImageError (a
+    ValueError) naming ``name`` and what is expected."""
     from PIL import Image
 
     if hasattr(array, "detach"):  # a tensor: off the graph and the device; bfloat16 has no numpy type
@@ -117,18 +114,18 @@ def gray_of(array, name: str = "image") -> np.ndarray:
         array = array[..., 0]
     if array.ndim not in (2, 3) or array.ndim == 3 and array.shape[-1] not in (3, 4) or array.dtype == bool or \
             array.dtype.kind not in "uif":
-        raise ValueError(f"{name}: {array.dtype} {tuple(array.shape)}; expected {expected}")
+        raise ImageError(f"{name}: {array.dtype} {tuple(array.shape)}; expected {expected}")
     if min(array.shape[:2]) < MIN_SIDE:
-        raise ValueError(f"{name}: {array.shape[1]} x {array.shape[0]} pixels, too small to be an X-ray; expected "
+        raise ImageError(f"{name}: {array.shape[1]} x {array.shape[0]} pixels, too small to be an X-ray; expected "
                          f"{expected}")
     if array.dtype.kind == "f":
         if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-            raise ValueError(f"{name}: float pixels from {np.nanmin(array):g} to {np.nanmax(array):g}; floats must lie "
+            raise ImageError(f"{name}: float pixels from {np.nanmin(array):g} to {np.nanmax(array):g}; floats must lie "
                              "in [0, 1] (or give the uint8/uint16 pixels)")
         array = np.round(array.astype(np.float64) * 255).astype(np.uint8)
     elif array.dtype != np.uint8:
         if array.min() < 0:
-            raise ValueError(f"{name}: negative pixel values ({array.min()}); expected {expected}")
+            raise ImageError(f"{name}: negative pixel values ({array.min()}); expected {expected}")
         array = eight_bits(array)
     if array.ndim == 3:
         array = np.asarray(Image.fromarray(np.ascontiguousarray(array[..., :3])).convert("L"))
@@ -176,7 +173,7 @@ def list_xrays(inputs, exclude=()) -> tuple:
     seen_files, seen_folders = set(), {os.path.realpath(p) for p in exclude}
     for entry in map(Path, inputs):
         if not entry.exists():
-            raise FileNotFoundError(f"{entry}: no such file or folder")
+            raise DataError(f"{entry}: no such file or folder")
         found = [entry] if not entry.is_dir() else []
         if entry.is_dir():
             def unreadable(error):

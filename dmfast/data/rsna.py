@@ -34,6 +34,9 @@ def _labels_file(root: Path) -> Path | None:
     return None
 
 
+MARKER = "stage_2_train_labels.csv"  # named when no release is found
+
+
 def detect(root: Path) -> bool:
     return _labels_file(root) is not None
 
@@ -85,15 +88,14 @@ def read(root: Path, problems: Problems, policy: LabelPolicy, lists: bool = True
                               same_as=same))
         paths[image] = files[image]
     boxes = [b for b in boxes if b.image in paths]
-    return Dataset(root, records, paths, boxes, set(paths), set(), problems, "rsna", "image", boxes_exhaustive=True)
+    unmapped = not (root / MAPPING).is_file()
+    return Dataset(root, records, paths, boxes, set(paths), set(), problems, "rsna", "image", boxes_exhaustive=True,
+                   renamed_from="chestxray14" if unmapped else None,
+                   renamed_note=f"RSNA Pneumonia's images are ChestX-ray14 images under new names; put the "
+                                f"challenge's {MAPPING} into {root} to tell which" if unmapped else None)
 
 
 CLASSES = ("Lung Opacity", "No Lung Opacity / Not Normal", "Normal")
-
-
-def mapped(dataset) -> bool:
-    """Whether an RSNA dataset knows its images' ChestX-ray14 names (the mapping file was there)."""
-    return (Path(dataset.root) / MAPPING).is_file()
 
 
 def _nih_names(path: Path) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DataError, SettingsError
 from ..io import atomic_write_json
 
 
@@ -38,8 +39,8 @@ def _patient_of(patient_of: dict | None):
     def from_name(image: str) -> int:
         prefix = image.split("_", 1)[0]
         if not prefix.isdigit():
-            raise ValueError(f"{image}: no patient ID (the name does not start with NIH's patient number); give the "
-                             "patients (the dataset's Patient ID column)")
+            raise DataError(f"{image}: no patient ID (the name does not start with NIH's patient number); give the "
+                            "patients (the dataset's Patient ID column)")
         return int(prefix)
     return from_name
 
@@ -58,7 +59,7 @@ def patient_groups(images, fraction: float, seed: int, patient_of: dict | None =
 def kfold_by_patient(images, k: int, seed: int, patient_of: dict | None = None) -> list:
     """``k`` patient-disjoint folds of ``images`` (patients shuffled with the seed, dealt round-robin)."""
     if k < 2:
-        raise ValueError(f"k-fold needs k >= 2, got {k}")
+        raise SettingsError(f"k-fold needs k >= 2, got {k}")
     patient = _patient_of(patient_of)
     patients = np.random.default_rng(seed).permutation(sorted({patient(i) for i in images})).tolist()
     fold_of = {p: n % k for n, p in enumerate(patients)}
@@ -86,7 +87,7 @@ def make_splits(dataset, val_fraction: float = 0.1, seed: int = 0, box_folds: in
     elif split == "patients":
         train_val, test = patient_groups(images, val_fraction, seed + 1, patient_of)
     else:
-        raise ValueError(f"split must be 'official' or 'patients', got {split!r}")
+        raise SettingsError(f"split must be 'official' or 'patients', got {split!r}")
     train, val = patient_groups(train_val, val_fraction, seed, patient_of)
     boxed = sorted({b.image for b in dataset.boxes})
     folds = kfold_by_patient(boxed, box_folds, seed, patient_of) if box_folds else []

@@ -52,6 +52,9 @@ def _annotations(root: Path, split: str) -> Path | None:
     return found
 
 
+MARKER = "annotations_train.csv"  # (or image_labels_*.csv) named when no release is found
+
+
 def detect(root: Path) -> bool:
     return any(_annotations(root, s) or _file(root, f"image_labels_{s}.csv") for s in SPLITS)
 
