@@ -57,7 +57,7 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data) if args.data else SAMPLE
         if not (data / "Data_Entry_2017.csv").exists():
-            from dmfast.data.phantom import synthesize
+            from dmfast.phantom import synthesize
 
             data = synthesize(Path(tmp) / "phantom", count=256, size=args.size)
         dataset = open_dataset(data, skip_problems=True)

@@ -35,7 +35,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from dmfast.data.phantom import synthesize
+from dmfast.phantom import synthesize
 from dmfast.io import atomic_write_json
 from dmfast.models import resolve_precision
 

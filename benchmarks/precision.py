@@ -14,7 +14,7 @@ import torch
 
 from dmfast import training
 from dmfast.data.images import to_model_input
-from dmfast.data.phantom import draw_image, sample_findings
+from dmfast.phantom import draw_image, sample_findings
 from dmfast.models import CAMClassifier
 
 from .common import best_median_ms, environment, parse, parser, report

@@ -21,7 +21,7 @@ from dmfast import checkpoints, predict, train
 from dmfast.config import EvalConfig, PredictConfig, TrainConfig
 from dmfast.data.cache import prepare
 from dmfast.data.formats import open_dataset
-from dmfast.data.phantom import synthesize
+from dmfast.phantom import synthesize
 
 from .common import environment, parse, parser, report
 

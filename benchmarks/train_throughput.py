@@ -17,7 +17,7 @@ from rich.console import Console
 from dmfast import ops, train
 from dmfast.config import TrainConfig
 from dmfast.data.cache import prepare
-from dmfast.data.phantom import synthesize
+from dmfast.phantom import synthesize
 from dmfast.io import atomic_write_json
 from dmfast.models import resolve_precision
 
