@@ -77,7 +77,8 @@ def heat_overlay(gray: torch.Tensor, heat: torch.Tensor | None, alpha: float = 0
         if missing.any():  # no data: the bare image, hatched
             level[missing] = (BARE + _hatching(*gray.shape)[missing]).to(torch.int32)
         level += (gray.float().clamp(0, 1) * 255).round_().to(torch.int32) * 258
-        return _blend_table(float(alpha))[level.flatten()].view(*gray.shape, 3).permute(2, 0, 1)
+        colours = np.take(_blend_table(float(alpha)).numpy(), level.numpy().ravel(), axis=0)  # numpy's: 2x torch's
+        return torch.from_numpy(colours).view(*gray.shape, 3).permute(2, 0, 1)
     rgb = gray.float().clamp(0, 1)[..., None]  # [H, W, 1], broadcast over the channels
     if heat is not None:
         colors = _HEAT_TABLE[(normalize(heat) * 255).round_().long()]  # [H, W, 3]
@@ -101,43 +102,61 @@ def draw(image: torch.Tensor, boxes=(), color=BLACK, width: int = 2, text: str |
 
 def draw_tiles(image: torch.Tensor, tiles: list, color=BLACK, width: int = 2, text_size: int | None = None,
                halo: bool = False, size: tuple | None = None) -> torch.Tensor:
-    """:func:`draw` on several tiles of one image at once (one conversion to PIL and back): ``tiles`` are
-    ``((x, y) of the tile's top left, boxes in the tile's pixels, caption or None)``, each drawn inside its tile
-    (``size``: its ``(width, height)``, default the whole image) exactly as :func:`draw` draws it alone."""
-    from PIL import Image
-
-    canvas = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
-    _draw_on(canvas, tiles, color, width, _font(text_size), halo, size or canvas.size)
-    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1)  # a view: the pixels stay interleaved (see grid)
+    """:func:`draw` on several tiles of one image at once: ``tiles`` are ``((x, y) of the tile's top left, boxes in
+    the tile's pixels, caption or None)``, each drawn inside its tile (``size``: its ``(width, height)``, default
+    the whole image) exactly as :func:`draw` draws it alone."""
+    pixels = image.permute(1, 2, 0).contiguous().numpy()
+    _draw_on(pixels, tiles, color, width, _font(text_size), halo, size or (pixels.shape[1], pixels.shape[0]))
+    return torch.from_numpy(pixels).permute(2, 0, 1)  # a view: the pixels stay interleaved (see grid)
 
 
-def _draw_on(canvas, tiles: list, color, width: int, font, halo: bool, size: tuple) -> None:
-    """:func:`draw_tiles` on a PIL image, in place. A tile whose drawing stays inside it is drawn on the canvas
-    itself; one reaching its edge is drawn on a crop, so that nothing spills into the next tile."""
-    from PIL import ImageDraw
+def _draw_on(pixels: np.ndarray, tiles: list, color, width: int, font, halo: bool, size: tuple) -> None:
+    """:func:`draw_tiles` on ``[H, W, 3]`` uint8 pixels, in place, each tile clipped to itself. The pictures are
+    PIL's (ImageDraw's rectangles and text), without taking the whole figure through PIL: an outline is two bands
+    of rows and two of columns, at PIL's corners (truncated to ints); the captions, and outlines thinner than
+    twice their line (which PIL draws its own way), are drawn by PIL on a crop from the tile's corner."""
+    from PIL import Image, ImageDraw
 
-    canvas_pen = ImageDraw.Draw(canvas)
+    def with_pil(tile: np.ndarray, right: int, bottom: int, paint) -> None:  # PIL on tile[:bottom, :right]
+        right, bottom = min(right, tile.shape[1]), min(bottom, tile.shape[0])
+        if right > 0 and bottom > 0:
+            crop = Image.fromarray(np.ascontiguousarray(tile[:bottom, :right]))
+            paint(ImageDraw.Draw(crop))
+            tile[:bottom, :right] = np.asarray(crop)
+
     for (x, y), boxes, text in tiles:
-        shapes = []  # (corners in the tile, outline or None, fill or None, line width)
+        tile = pixels[y:y + size[1], x:x + size[0]]
         for x0, y0, x1, y1 in boxes:
             corners = [float(x0), float(y0), max(float(x1) - 1, float(x0)), max(float(y1) - 1, float(y0))]
             if halo:
-                shapes.append(([corners[0] - 1, corners[1] - 1, corners[2] + 1, corners[3] + 1], BLACK, None,
-                               width + 2))
-            shapes.append((corners, color, None, width))
+                _outline(tile, [corners[0] - 1, corners[1] - 1, corners[2] + 1, corners[3] + 1], BLACK, width + 2,
+                         with_pil)
+            _outline(tile, corners, color, width, with_pil)
         if text:
-            left, top, right, bottom = canvas_pen.textbbox((3, 2), text, font=font)
-            shapes.append(([left - 2, top - 1, right + 2, bottom + 1], None, BLACK, 1))
-        inside = all(c[0] >= 0 and c[1] >= 0 and c[2] < size[0] and c[3] < size[1] for c, *_ in shapes)
-        tile = canvas if inside else canvas.crop((x, y, x + size[0], y + size[1]))
-        dx, dy = (x, y) if inside else (0, 0)
-        pen = canvas_pen if inside else ImageDraw.Draw(tile)
-        for (c0, c1, c2, c3), outline, fill, line in shapes:
-            pen.rectangle([c0 + dx, c1 + dy, c2 + dx, c3 + dy], outline=outline, fill=fill, width=line)
-        if text:
-            pen.text((3 + dx, 2 + dy), text, fill=WHITE, font=font)
-        if not inside:
-            canvas.paste(tile, (x, y))
+            left, top, right, bottom = font.getbbox(text)
+            left, top, right, bottom = left + 3, top + 2, right + 3, bottom + 2  # textbbox at (3, 2)
+
+            def caption(pen, box=(left - 2, top - 1, right + 2, bottom + 1)):
+                pen.rectangle(box, fill=BLACK)
+                pen.text((3, 2), text, fill=WHITE, font=font)
+            with_pil(tile, right + 3, bottom + 2, caption)
+
+
+def _outline(tile: np.ndarray, corners: list, color, width: int, with_pil) -> None:
+    """PIL's ``rectangle(corners, outline=color, width=width)`` on a tile (clipped to it)."""
+    x0, y0, x1, y1 = (int(c) for c in corners)  # PIL truncates float corners towards zero
+    if x1 - x0 < 2 * width or y1 - y0 < 2 * width:  # thinner than its two lines: PIL's own way, whose inner
+        reach = width + 1  # lines may end a line's width past the corners
+        with_pil(tile, max(x0, x1) + reach, max(y0, y1) + reach,
+                 lambda pen: pen.rectangle(corners, outline=color, width=width))
+        return
+    height, breadth = tile.shape[:2]
+    rgb = np.array(color, dtype=np.uint8)
+    for top, bottom, left, right in ((y0, y0 + width - 1, x0, x1), (y1 - width + 1, y1, x0, x1),
+                                     (y0, y1, x0, x0 + width - 1), (y0, y1, x1 - width + 1, x1)):
+        top, left, bottom, right = max(top, 0), max(left, 0), min(bottom, height - 1), min(right, breadth - 1)
+        if top <= bottom and left <= right:
+            tile[top:bottom + 1, left:right + 1] = rgb
 
 
 def _bar_pixels(height: int, width: int, text_size: int) -> np.ndarray:
@@ -171,8 +190,8 @@ def finding_panels(gray: torch.Tensor, panels: list, columns: int = 4, scale: tu
     """One X-ray ``[H, W]`` (in [0, 1]) shown once per panel ``(caption, heat [H, W] or None, boxes)``: the heat
     blended over it (on the fixed range ``scale``, else min-max per panel; NaN: no data, hatched), the boxes in
     white with a black halo, the caption written on it over the boxes; panels in rows of ``columns`` with a colour
-    bar of the heat at the right labelled ``bar`` (low, high), and ``title`` above them all. Drawn on one canvas
-    with one conversion to PIL and back (a 14-panel 512-px figure is 13 MB)."""
+    bar of the heat at the right labelled ``bar`` (low, high), and ``title`` above them all. Drawn on one canvas,
+    only its text through PIL (a 14-panel 512-px figure is 13 MB)."""
     from PIL import Image, ImageDraw
 
     size = max(12, min(28, max(gray.shape) // 24))
@@ -188,16 +207,25 @@ def finding_panels(gray: torch.Tensor, panels: list, columns: int = 4, scale: tu
         y, x = top + k // columns * step_y, k % columns * step_x
         pixels[y:y + height, x:x + width] = heat_overlay(gray, heat, scale=scale).permute(1, 2, 0)
     canvas[top:, grid_width + 4:] = _bar_pixels(grid_height, 5 * size, size)
-    image = Image.fromarray(canvas)
     font = _font(size)
-    _draw_on(image, [((k % columns * step_x, top + k // columns * step_y), boxes, caption)
-                     for k, (caption, _, boxes) in enumerate(panels)], WHITE, max(2, size // 8), font, True,
+    _draw_on(canvas, [((k % columns * step_x, top + k // columns * step_y), boxes, caption)
+                      for k, (caption, _, boxes) in enumerate(panels)], WHITE, max(2, size // 8), font, True,
              (width, height))
-    pen = ImageDraw.Draw(image)
-    _label_bar(pen, grid_width + 4, top, grid_height, bar[0], bar[1], font, size)
-    if title is not None:
-        pen.text((4, 4), title, fill=BLACK, font=font)
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    _label_bar_pixels(canvas[top:, grid_width + 4:], bar, font, size)
+    if title is not None:  # on its strip, clipped to it
+        strip = Image.fromarray(canvas[:top])
+        ImageDraw.Draw(strip).text((4, 4), title, fill=BLACK, font=font)
+        canvas[:top] = np.asarray(strip)
+    return torch.from_numpy(canvas).permute(2, 0, 1)
+
+
+def _label_bar_pixels(column: np.ndarray, bar: tuple, font, text_size: int) -> None:
+    """:func:`_label_bar` on the pixels of a colour bar, in place."""
+    from PIL import Image, ImageDraw
+
+    image = Image.fromarray(np.ascontiguousarray(column))
+    _label_bar(ImageDraw.Draw(image), 0, 0, column.shape[0], bar[0], bar[1], font, text_size)
+    column[:] = np.asarray(image)
 
 
 def grid(tiles: list, columns: int, gap: int = GRID_GAP) -> torch.Tensor:

@@ -400,16 +400,21 @@ def _deflater():
 
 
 def zlib_stream(data, level: int = PNG_LEVEL) -> bytes:
-    """``zlib.compress(data, level)``'s format, faster on several cores: above :data:`PNG_SLICE` bytes the data is cut
-    into slices deflated in threads, each ending on a byte boundary (a sync flush, the last one final), and joined
-    between a zlib header and the Adler-32 of the whole, as pigz does: one stream any inflater reads. Each slice
-    starts without the previous one's window, which costs a few bytes per megabyte."""
+    """:func:`zlib_parts` joined."""
+    return b"".join(zlib_parts(data, level))
+
+
+def zlib_parts(data, level: int = PNG_LEVEL) -> list:
+    """``zlib.compress(data, level)``'s stream as parts to join or write in order, faster on several cores: above
+    :data:`PNG_SLICE` bytes the data is cut into slices deflated in threads, each ending on a byte boundary (a sync
+    flush, the last one final), between a zlib header and the Adler-32 of the whole, as pigz does: one stream any
+    inflater reads. Each slice starts without the previous one's window, which costs a few bytes per megabyte."""
     global _deflaters
     deflater = _deflater()
     view = memoryview(data).cast("B")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if len(view) <= PNG_SLICE or cores < 2:
-        return deflater.compress(view, level)
+        return [deflater.compress(view, level)]
     if _deflaters is None:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -422,12 +427,17 @@ def zlib_stream(data, level: int = PNG_LEVEL) -> bytes:
         return raw.compress(view[start:start + PNG_SLICE]) + raw.flush(
             deflater.Z_FINISH if last else deflater.Z_SYNC_FLUSH)
 
-    # one join (the figures are megabytes): header (deflate, 32 KiB window), the slices, the Adler-32 of the whole
-    return b"".join([b"\x78\x01", *_deflaters.map(deflate, starts), struct.pack(">I", deflater.adler32(view))])
+    # header (deflate, 32 KiB window), the slices, the Adler-32 of the whole: left unjoined (figures are megabytes)
+    return [b"\x78\x01", *_deflaters.map(deflate, starts), struct.pack(">I", deflater.adler32(view))]
 
 
 def png_bytes(array: np.ndarray, level: int = PNG_LEVEL) -> bytes:
-    """A uint8 ``[H, W]`` (gray) or ``[H, W, 3]`` (RGB) array as PNG bytes. Every row uses PNG's "Up" filter
+    """:func:`png_parts` joined."""
+    return b"".join(png_parts(array, level))
+
+
+def png_parts(array: np.ndarray, level: int = PNG_LEVEL) -> list:
+    """A uint8 ``[H, W]`` (gray) or ``[H, W, 3]`` (RGB) array as the parts of a PNG file, in order. Every row uses PNG's "Up" filter
     (the difference to the row above, vectorised) and zlib at ``level`` (:func:`zlib_stream`, on every core): PIL's
     per-row adaptive filter costs more than the compression on large figures, and gains little on them."""
     height, width = array.shape[:2]
@@ -440,16 +450,19 @@ def png_bytes(array: np.ndarray, level: int = PNG_LEVEL) -> bytes:
 
     crc32 = _deflater().crc32
 
-    def chunk(kind: bytes, body: bytes) -> list:
-        return [struct.pack(">I", len(body)), kind, body, struct.pack(">I", crc32(body, crc32(kind)))]
+    def chunk(kind: bytes, body: list) -> list:
+        crc = crc32(kind)
+        for part in body:
+            crc = crc32(part, crc)
+        return [struct.pack(">I", sum(map(len, body))), kind, *body, struct.pack(">I", crc)]
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0 if channels == 1 else 2, 0, 0, 0)
-    return b"".join([b"\x89PNG\r\n\x1a\n", *chunk(b"IHDR", header), *chunk(b"IDAT", zlib_stream(filtered, level)),
-                     *chunk(b"IEND", b"")])
+    return [b"\x89PNG\r\n\x1a\n", *chunk(b"IHDR", [header]), *chunk(b"IDAT", zlib_parts(filtered, level)),
+            *chunk(b"IEND", [])]
 
 
 def save_png(path, image: torch.Tensor, durable: bool = True) -> Path:
-    """Save a uint8 image ``[H, W]`` or ``[C, H, W]`` (C = 1 or 3) as PNG (:func:`png_bytes`), atomically (see
+    """Save a uint8 image ``[H, W]`` or ``[C, H, W]`` (C = 1 or 3) as PNG (:func:`png_parts`), atomically (see
     :func:`atomic_file` for ``durable``)."""
     if image.dtype != torch.uint8:
         raise SettingsError(f"save_png: expected a uint8 image, got {image.dtype}")
@@ -460,7 +473,9 @@ def save_png(path, image: torch.Tensor, durable: bool = True) -> Path:
     if 0 in image.shape:
         raise SettingsError(f"save_png: an empty image {tuple(image.shape)}")
     array = image.permute(1, 2, 0).contiguous().numpy()
-    return atomic_write_bytes(path, png_bytes(array[:, :, 0] if array.shape[2] == 1 else array), durable)
+    with atomic_file(path, durable) as f:
+        f.writelines(png_parts(array[:, :, 0] if array.shape[2] == 1 else array))
+    return Path(path)
 
 
 LOSS_AND_RATE = "loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} img/s"  # the training stages' fields

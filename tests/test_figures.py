@@ -66,6 +66,47 @@ def test_drawing_all_tiles_at_once_equals_drawing_each():
     assert not torch.equal(draw(tiles[0], boxes[0], BLACK), tiles[0])
 
 
+def _pil_drawn(image: torch.Tensor, boxes, color, width: int, text, text_size: int, halo: bool) -> torch.Tensor:
+    """What drawing the whole image with PIL's ImageDraw gives: the pictures dmfast's drawing must equal."""
+    from PIL import ImageDraw, ImageFont
+
+    canvas = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    pen, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=text_size)
+    for x0, y0, x1, y1 in boxes:
+        corners = [float(x0), float(y0), max(float(x1) - 1, float(x0)), max(float(y1) - 1, float(y0))]
+        if halo:
+            pen.rectangle([corners[0] - 1, corners[1] - 1, corners[2] + 1, corners[3] + 1], outline=BLACK,
+                          width=width + 2)
+        pen.rectangle(corners, outline=color, width=width)
+    if text:
+        left, top, right, bottom = pen.textbbox((3, 2), text, font=font)
+        pen.rectangle([left - 2, top - 1, right + 2, bottom + 1], fill=BLACK)
+        pen.text((3, 2), text, fill=WHITE, font=font)
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1)
+
+
+def test_drawing_equals_pils_on_random_boxes_and_captions():
+    """Outlines are drawn as bands of pixels (PIL only for captions and outlines thinner than their lines): the
+    pictures are PIL's on boxes of every kind: float and integer corners, tiny, degenerate, partly or wholly
+    outside the image, each line width, with and without a halo; captions longer than the image."""
+    rng = np.random.default_rng(11)
+    for case in range(300):
+        image = torch.from_numpy(rng.integers(0, 256, (3, 45, 70), dtype=np.uint8))
+        boxes = []
+        for _ in range(int(rng.integers(0, 4))):
+            x0, y0 = rng.uniform(-15, 80), rng.uniform(-15, 55)
+            w, h = (rng.uniform(0, 6), rng.uniform(0, 6)) if rng.random() < 0.4 else (rng.uniform(0, 60),
+                                                                                        rng.uniform(0, 40))
+            if rng.random() < 0.3:
+                x0, y0, w, h = (float(round(v)) for v in (x0, y0, w, h))
+            boxes.append((x0, y0, x0 + w, y0 + h))
+        width, halo = int(rng.integers(1, 5)), bool(rng.random() < 0.5)
+        text = [None, "Edema  p = 0.42", "a caption much longer than the image is wide"][case % 3]
+        color = tuple(int(v) for v in rng.integers(0, 256, 3))
+        expected = _pil_drawn(image, boxes, color, width, text, 12, halo)
+        assert torch.equal(draw(image, boxes, color, width, text, 12, halo), expected), (boxes, width, halo, text)
+
+
 def test_round_ticks_by_hand():
     """Steps of 1, 2 or 5 times a power of ten, at most 6 ticks, inside the range (the validation AUROC axis of
     an earlier training.png read 0.797, 0.857, ...)."""
