@@ -103,7 +103,7 @@ if "--inplace" in sys.argv or "-i" in sys.argv:
             os.remove(stale)
 
 setup(
-    packages=["dmfast", "dmfast.data", "dmfast.cli"],
+    packages=["dmfast", "dmfast.data", "dmfast.eval", "dmfast.cli"],  # tests/test_architecture.py checks the list
     package_dir={"dmfast": "dmfast", "dmfast.cli": "cli"},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

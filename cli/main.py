@@ -374,7 +374,7 @@ BOX_FLOOR = ("box_floor", {"help": "Classes of an image with at least this proba
          ("froc_iou", {"help": "A detection hits a ground-truth box of its class at IoU >= this (FROC)."}),
          ("overlays", {"help": "Overlay images per class (0: none)."}), "batch", CACHE, SKIP,
          OVERWRITE, ("split", {"help": "Which of DATA_DIR's images to score [default: the checkpoint's test split when "
-                            "DATA_DIR  is its training data, else DATA_DIR's test_list.txt]."}),
+                            "DATA_DIR is its training data, else DATA_DIR's test_list.txt]."}),
          ("images", {"type": FILE, "help": "A file of image names (one per line) to score instead."}),
          ("strict", {"help": "Stop when it cannot be told whether evaluation images share a patient with the "
                              "training images (their data is not here)."}),

@@ -45,9 +45,9 @@ class Backbone:
     head: tuple = ()
 
 
-def _pretrained_error(arch: str, error: Exception) -> ValueError:
-    return ValueError(f"--pretrained: the ImageNet weights of {arch} could not be fetched ({type(error).__name__}: "
-                      f"{error}); download them where there is a network and pass them with --weights FILE")
+def _pretrained_error(arch: str, error: Exception) -> SettingsError:
+    return SettingsError(f"--pretrained: the ImageNet weights of {arch} could not be fetched ({type(error).__name__}: "
+                         f"{error}); download them where there is a network and pass them with --weights FILE")
 
 
 def _dilate_last_stage(layer: nn.Sequential) -> None:

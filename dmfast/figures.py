@@ -105,7 +105,9 @@ def draw_tiles(image: torch.Tensor, tiles: list, color=BLACK, width: int = 2, te
     """:func:`draw` on several tiles of one image at once: ``tiles`` are ``((x, y) of the tile's top left, boxes in
     the tile's pixels, caption or None)``, each drawn inside its tile (``size``: its ``(width, height)``, default
     the whole image) exactly as :func:`draw` draws it alone."""
-    pixels = image.permute(1, 2, 0).contiguous().numpy()
+    pixels = image.permute(1, 2, 0).numpy().copy()  # a copy: the caller's image stays as it is
+    if any(x < 0 or y < 0 for (x, y), _, _ in tiles):
+        raise SettingsError(f"draw_tiles: a tile's top left must lie in the image, got {[xy for xy, _, _ in tiles]}")
     _draw_on(pixels, tiles, color, width, _font(text_size), halo, size or (pixels.shape[1], pixels.shape[0]))
     return torch.from_numpy(pixels).permute(2, 0, 1)  # a view: the pixels stay interleaved (see grid)
 
@@ -115,7 +117,10 @@ def _draw_on(pixels: np.ndarray, tiles: list, color, width: int, font, halo: boo
     PIL's (ImageDraw's rectangles and text), without taking the whole figure through PIL: an outline is two bands
     of rows and two of columns, at PIL's corners (truncated to ints); the captions, and outlines thinner than
     twice their line (which PIL draws its own way), are drawn by PIL on a crop from the tile's corner."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageColor, ImageDraw
+
+    color = ImageColor.getrgb(color) if isinstance(color, str) else color  # PIL's colour names and "#rrggbb" too
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))  # text extents as PIL's drawing measures them
 
     def with_pil(tile: np.ndarray, right: int, bottom: int, paint) -> None:  # PIL on tile[:bottom, :right]
         right, bottom = min(right, tile.shape[1]), min(bottom, tile.shape[0])
@@ -133,8 +138,7 @@ def _draw_on(pixels: np.ndarray, tiles: list, color, width: int, font, halo: boo
                          with_pil)
             _outline(tile, corners, color, width, with_pil)
         if text:
-            left, top, right, bottom = font.getbbox(text)
-            left, top, right, bottom = left + 3, top + 2, right + 3, bottom + 2  # textbbox at (3, 2)
+            left, top, right, bottom = measure.textbbox((3, 2), text, font=font)
 
             def caption(pen, box=(left - 2, top - 1, right + 2, bottom + 1)):
                 pen.rectangle(box, fill=BLACK)
@@ -194,6 +198,8 @@ def finding_panels(gray: torch.Tensor, panels: list, columns: int = 4, scale: tu
     only its text through PIL (a 14-panel 512-px figure is 13 MB)."""
     from PIL import Image, ImageDraw
 
+    if not panels:
+        raise SettingsError("finding_panels: no panels")
     size = max(12, min(28, max(gray.shape) // 24))
     columns = min(columns, len(panels))
     height, width = gray.shape

@@ -388,9 +388,12 @@ PNG_SLICE = 1 << 20  # bytes of a large figure's rows deflated apart, in paralle
 _deflaters = None  # the threads that deflate the slices (both deflaters release the GIL while they compress)
 
 
-def _deflater():
-    """ISA-L's deflate (the ``isal`` package) where installed, else zlib: the same format, 3-4x faster at level 1 and
-    a few percent smaller on the figures (a 14-panel 512-px overlay: 34 ms against 123 ms on one core)."""
+def _deflater(level: int = PNG_LEVEL):
+    """ISA-L's deflate (the ``isal`` package) where installed, for ``level`` 1-3 (its levels), else zlib: the same
+    format, 3-4x faster at level 1 and a few percent smaller on the figures (a 14-panel 512-px overlay: 34 ms against
+    123 ms on one core)."""
+    if not 1 <= level <= 3:  # zlib's 0 stores, 4-9 compress harder: ISA-L has neither
+        return zlib
     try:
         from isal import isal_zlib
 
@@ -410,7 +413,7 @@ def zlib_parts(data, level: int = PNG_LEVEL) -> list:
     flush, the last one final), between a zlib header and the Adler-32 of the whole, as pigz does: one stream any
     inflater reads. Each slice starts without the previous one's window, which costs a few bytes per megabyte."""
     global _deflaters
-    deflater = _deflater()
+    deflater = _deflater(level)
     view = memoryview(data).cast("B")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if len(view) <= PNG_SLICE or cores < 2:

@@ -142,7 +142,7 @@ def _run(config: MasksConfig, console: Console | None) -> Path:
         cells = classifier.config.size // classifier.config.cam_stride
         if cells < MIN_CAM_CELLS:
             raise ModelFileError(f"{config.checkpoint}: its CAMs are {cells} x {cells} ({classifier.config.size} px, "
-                                 f"CAM  stride {classifier.config.cam_stride}); masks need at least {MIN_CAM_CELLS} x "
+                                 f"CAM stride {classifier.config.cam_stride}); masks need at least {MIN_CAM_CELLS} x "
                                  f"{MIN_CAM_CELLS}: train at a larger --size or with --cam-stride 16")
     given = checkpoints.load_anchor(config.anchor) if config.anchor else None  # read before any cache is built
     size = classifier.config.size if classifier else (config.size or SplitConfig.size)

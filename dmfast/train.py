@@ -370,7 +370,7 @@ def _training_data(config: TrainConfig, state: dict | None, rank: int, world: in
         (f"; {kept_apart} mixed images left out: their patients are in the validation or test split" if kept_apart
          else ""))
     for m in (m for m in mixed if m.renamed_from == dataset.format):
-        console.print(f"[yellow]warning: {m.renamed_note}: else some may be test images of {config.data}")
+        console.print(f"[yellow]warning: {m.renamed_note}; until then some may be test images of {config.data}")
     train_names = [n for n in splits.train if n in cache]
     val_names = [n for n in splits.val if n in cache]
     if not train_names:

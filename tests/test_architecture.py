@@ -113,19 +113,26 @@ def test_every_raise_is_a_dmfast_error():
 
     ours = {name for name, value in vars(dmfast.errors).items() if isinstance(value, type)
             and issubclass(value, dmfast.errors.Error)}
+    import builtins
+
+    python_errors = {name for name, value in vars(builtins).items() if isinstance(value, type)
+                     and issubclass(value, Exception)} - OS_ERRORS
     found = []
     for module, path in FILES.items():
         for node in ast.walk(ast.parse(path.read_text())):
-            if not isinstance(node, ast.Raise) or node.exc is None:
-                continue
-            call = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
-            name = call.attr if isinstance(call, ast.Attribute) else getattr(call, "id", None)
-            if name is None or not name[0].isupper():  # re-raising a caught error (``raise error``)
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                call = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+                name = call.attr if isinstance(call, ast.Attribute) else getattr(call, "id", None)
+                if name is None or not name[0].isupper():  # re-raising a caught error, or a helper's (below)
+                    continue
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in python_errors:
+                name = node.func.id  # an error built anywhere (a helper returning it to be raised)
+            else:
                 continue
             if name not in ours | OS_ERRORS and (module, name) not in INTERNAL_RAISES and \
                     not name.startswith(("click.", "Bad", "Usage", "Abort", "Exit")):
-                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: raise {name}")
-    assert not found, "raises that are not dmfast errors:\n" + "\n".join(found)
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}")
+    assert not found, "errors raised or built that are not dmfast errors:\n" + "\n".join(found)
 
 
 def _cpp_constant(header: str, name: str) -> float:
@@ -178,3 +185,15 @@ def test_setup_builds_the_cpu_variants_dmfast_loads():
     exec(compile(source.split("\ndef cpu_variants")[0], "setup.py", "exec"), namespace)  # up to the build itself
     assert namespace["X86_VARIANTS"] == cpu_variants.COMPILE_FLAGS and tuple(cpu_variants.COMPILE_FLAGS) == \
         cpu_variants.VARIANTS
+
+
+def test_setup_installs_every_package():
+    """setup.py's package list names every folder of dmfast/ with an __init__.py (an editable install would hide
+    one left out: a wheel would lack it)."""
+    import re
+
+    listed = set(re.search(r"packages=\[([^\]]*)\]", (ROOT / "setup.py").read_text()).group(1).replace('"', "")
+                 .replace(" ", "").split(","))
+    folders = {".".join(("dmfast", *p.parent.relative_to(ROOT / "dmfast").parts)) for p in (ROOT / "dmfast").rglob(
+        "__init__.py")}
+    assert folders <= listed and "dmfast.cli" in listed, sorted(folders - listed)

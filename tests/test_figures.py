@@ -107,6 +107,21 @@ def test_drawing_equals_pils_on_random_boxes_and_captions():
         assert torch.equal(draw(image, boxes, color, width, text, 12, halo), expected), (boxes, width, halo, text)
 
 
+def test_drawing_leaves_its_input_and_takes_pils_colours_and_lines():
+    image = grid([heat_overlay(torch.rand(30, 40), torch.rand(4, 5))], columns=1)  # interleaved, as figures are
+    before = image.clone()
+    drawn = draw(image, [(5, 5, 30, 25)], "red", width=2, text="Edema\np = 0.42", text_size=12, halo=True)
+    assert torch.equal(image, before) and not torch.equal(drawn, before)
+    assert torch.equal(drawn, draw(image, [(5, 5, 30, 25)], (255, 0, 0), 2, "Edema\np = 0.42", 12, True))
+    assert torch.equal(drawn, _pil_drawn(image, [(5, 5, 30, 25)], (255, 0, 0), 2, "Edema\np = 0.42", 12, True))
+    with pytest.raises(SettingsError, match="top left must lie in the image"):
+        draw_tiles(image, [((-1, 0), [], "a")], size=(10, 10))
+    from dmfast.figures import finding_panels
+
+    with pytest.raises(SettingsError, match="no panels"):
+        finding_panels(torch.rand(30, 40), [])
+
+
 def test_round_ticks_by_hand():
     """Steps of 1, 2 or 5 times a power of ten, at most 6 ticks, inside the range (the validation AUROC axis of
     an earlier training.png read 0.797, 0.857, ...)."""

@@ -53,6 +53,9 @@ def test_parallel_deflate_is_one_zlib_stream(monkeypatch, extra, deflater):
         monkeypatch.setitem(sys.modules, "isal", None)  # as where isal is not installed: the import fails
     assert dio._deflater().__name__ == ("isal.isal_zlib" if deflater == "isal" else "zlib")
     assert zlib.decompress(dio.zlib_stream(b"short")) == b"short"
+    for level in (0, 6, 9):  # levels ISA-L does not have: zlib's, stored or harder
+        assert zlib.decompress(dio.zlib_stream(b"x" * 3000, level)) == b"x" * 3000
+    assert len(dio.zlib_stream(bytes(3000), 0)) > 3000  # 0 stores
     data = np.random.default_rng(extra).integers(0, 6, 3 * dio.PNG_SLICE + extra, dtype=np.uint8)
     stream = dio.zlib_stream(data.tobytes())
     assert zlib.decompress(stream) == data.tobytes()
