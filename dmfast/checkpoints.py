@@ -5,11 +5,11 @@ file (``dmfast masks``: ``masks [14, MASK_SIZE, MASK_SIZE]`` in {0, 1}, ``averag
 the portable model file (``dmfast export``, and ``model.pt`` of every ``dmfast train`` run): weights only, read with
 ``torch.load(weights_only=True)``, self-contained: ``classes``, ``size``, ``normalisation``, ``classifier`` (``arch``,
 ``cam_stride``, ``state`` with the disease masks when trained with them), ``aligner`` (``input_size``, ``state``,
-``anchor``) or None, ``half`` and ``written_by`` (the versions of dmfast, torch, Python and numpy); nothing is read from a path. For
-``dmfast eval``'s check of test images against the training images wherever the file travels, it also keeps
-(optional fields: files written before them read as None) its training run's settings ``config`` (the
-TrainConfig as a dict, its paths a record only, ``format`` as detected), its ``splits`` (``train``, ``val``,
-``test`` image names, ``seed``, ``val_fraction``, ``folds``), ``patients``: the patient IDs (str) of its training
+``anchor``) or None, ``half`` and ``written_by`` (the versions of dmfast, torch, Python and numpy); nothing is
+read from a path. For ``dmfast eval``'s check of test images against the training images wherever the file
+travels, it also keeps (optional fields: files written before them read as None) its training run's settings
+``config`` (the TrainConfig as a dict, its paths a record only, ``format`` as detected), its ``splits`` (``train``,
+``val``, ``test`` image names, ``seed``, ``val_fraction``, ``folds``), ``patients``: the patient IDs (str) of its training
 and validation images, None when the training data was not readable at export, and ``ood``: the training images'
 pooled feature statistics (``mean``, ``std`` per channel, ``threshold`` calibrated on the validation images; see
 :func:`dmfast.inference.feature_statistics`), None when its image cache was not readable at export.

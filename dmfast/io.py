@@ -440,9 +440,10 @@ def png_bytes(array: np.ndarray, level: int = PNG_LEVEL) -> bytes:
 
 
 def png_parts(array: np.ndarray, level: int = PNG_LEVEL) -> list:
-    """A uint8 ``[H, W]`` (gray) or ``[H, W, 3]`` (RGB) array as the parts of a PNG file, in order. Every row uses PNG's "Up" filter
-    (the difference to the row above, vectorised) and zlib at ``level`` (:func:`zlib_stream`, on every core): PIL's
-    per-row adaptive filter costs more than the compression on large figures, and gains little on them."""
+    """A uint8 ``[H, W]`` (gray) or ``[H, W, 3]`` (RGB) array as the parts of a PNG file, in order. Every row uses
+    PNG's "Up" filter (the difference to the row above, vectorised), deflated at ``level`` (:func:`zlib_parts`, on
+    every core): PIL's per-row adaptive filter costs more than the compression on large figures, and gains little on
+    them."""
     height, width = array.shape[:2]
     channels = 1 if array.ndim == 2 else array.shape[2]
     rows = np.ascontiguousarray(array).reshape(height, width * channels)
