@@ -9,8 +9,8 @@ the portable model file (``dmfast export``, and ``model.pt`` of every ``dmfast t
 read from a path. For ``dmfast eval``'s check of test images against the training images wherever the file
 travels, it also keeps (optional fields: files written before them read as None) its training run's settings
 ``config`` (the TrainConfig as a dict, its paths a record only, ``format`` as detected), its ``splits`` (``train``,
-``val``, ``test`` image names, ``seed``, ``val_fraction``, ``folds``), ``patients``: the patient IDs (str) of its training
-and validation images, None when the training data was not readable at export, and ``ood``: the training images'
+``val``, ``test`` image names, ``seed``, ``val_fraction``, ``folds``), ``patients``: the patient IDs (str) of its
+training and validation images, None when the training data was not readable at export, and ``ood``: the training images'
 pooled feature statistics (``mean``, ``std`` per channel, ``threshold`` calibrated on the validation images; see
 :func:`dmfast.inference.feature_statistics`), None when its image cache was not readable at export.
 
