@@ -10,9 +10,9 @@ read from a path. For ``dmfast eval``'s check of test images against the trainin
 travels, it also keeps (optional fields: files written before them read as None) its training run's settings
 ``config`` (the TrainConfig as a dict, its paths a record only, ``format`` as detected), its ``splits`` (``train``,
 ``val``, ``test`` image names, ``seed``, ``val_fraction``, ``folds``), ``patients``: the patient IDs (str) of its
-training and validation images, None when the training data was not readable at export, and ``ood``: the training images'
-pooled feature statistics (``mean``, ``std`` per channel, ``threshold`` calibrated on the validation images; see
-:func:`dmfast.inference.feature_statistics`), None when its image cache was not readable at export.
+training and validation images, None when the training data was not readable at export, and ``ood``: the training
+images' pooled feature statistics (``mean``, ``std`` per channel, ``threshold`` calibrated on the validation images;
+see :func:`dmfast.inference.feature_statistics`), None when its image cache was not readable at export.
 
 Each is a dict saved atomically with a ``format`` tag, a format ``version`` and a ``seal``: a digest of each
 setting the weights cannot show (architecture, CAM stride, image size, classes, the alignment network's input size)
