@@ -121,38 +121,41 @@ def _draw_on(pixels: np.ndarray, tiles: list, color, width: int, font, halo: boo
 
     color = ImageColor.getrgb(color) if isinstance(color, str) else color  # PIL's colour names and "#rrggbb" too
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))  # text extents as PIL's drawing measures them
-
-    def with_pil(tile: np.ndarray, right: int, bottom: int, paint) -> None:  # PIL on tile[:bottom, :right]
-        right, bottom = min(right, tile.shape[1]), min(bottom, tile.shape[0])
-        if right > 0 and bottom > 0:
-            crop = Image.fromarray(np.ascontiguousarray(tile[:bottom, :right]))
-            paint(ImageDraw.Draw(crop))
-            tile[:bottom, :right] = np.asarray(crop)
-
     for (x, y), boxes, text in tiles:
         tile = pixels[y:y + size[1], x:x + size[0]]
         for x0, y0, x1, y1 in boxes:
             corners = [float(x0), float(y0), max(float(x1) - 1, float(x0)), max(float(y1) - 1, float(y0))]
             if halo:
-                _outline(tile, [corners[0] - 1, corners[1] - 1, corners[2] + 1, corners[3] + 1], BLACK, width + 2,
-                         with_pil)
-            _outline(tile, corners, color, width, with_pil)
+                _outline(tile, [corners[0] - 1, corners[1] - 1, corners[2] + 1, corners[3] + 1], BLACK, width + 2)
+            _outline(tile, corners, color, width)
         if text:
             left, top, right, bottom = measure.textbbox((3, 2), text, font=font)
 
             def caption(pen, box=(left - 2, top - 1, right + 2, bottom + 1)):
                 pen.rectangle(box, fill=BLACK)
                 pen.text((3, 2), text, fill=WHITE, font=font)
-            with_pil(tile, right + 3, bottom + 2, caption)
+            _paint(tile, right + 3, bottom + 2, caption)
 
 
-def _outline(tile: np.ndarray, corners: list, color, width: int, with_pil) -> None:
+def _paint(pixels: np.ndarray, right: int, bottom: int, paint) -> None:
+    """``paint(pen)`` with PIL on ``pixels[:bottom, :right]`` (``[H, W, 3]`` uint8), in place: PIL clips at that
+    region's edges as it would at an image's."""
+    from PIL import Image, ImageDraw
+
+    right, bottom = min(right, pixels.shape[1]), min(bottom, pixels.shape[0])
+    if right > 0 and bottom > 0:
+        crop = Image.fromarray(np.ascontiguousarray(pixels[:bottom, :right]))
+        paint(ImageDraw.Draw(crop))
+        pixels[:bottom, :right] = np.asarray(crop)
+
+
+def _outline(tile: np.ndarray, corners: list, color, width: int) -> None:
     """PIL's ``rectangle(corners, outline=color, width=width)`` on a tile (clipped to it)."""
     x0, y0, x1, y1 = (int(c) for c in corners)  # PIL truncates float corners towards zero
     if x1 - x0 < 2 * width or y1 - y0 < 2 * width:  # thinner than its two lines: PIL's own way, whose inner
         reach = width + 1  # lines may end a line's width past the corners
-        with_pil(tile, max(x0, x1) + reach, max(y0, y1) + reach,
-                 lambda pen: pen.rectangle(corners, outline=color, width=width))
+        _paint(tile, max(x0, x1) + reach, max(y0, y1) + reach,
+               lambda pen: pen.rectangle(corners, outline=color, width=width))
         return
     height, breadth = tile.shape[:2]
     rgb = np.array(color, dtype=np.uint8)
@@ -164,7 +167,8 @@ def _outline(tile: np.ndarray, corners: list, color, width: int, with_pil) -> No
 
 
 def _bar_pixels(height: int, width: int, text_size: int) -> np.ndarray:
-    """The colour strip of :func:`color_bar` on white, without its labels: ``[height, width, 3]`` uint8."""
+    """A vertical heat colour bar (high at the top) on white, its labels left to :func:`_label_bar`: ``[height,
+    width, 3]`` uint8."""
     margin = text_size + 6
     strip = heat_colors(torch.linspace(1, 0, max(height - 2 * margin, 2))[:, None].expand(-1, width // 3))
     out = np.full((height, width, 3), 255, dtype=np.uint8)
@@ -173,20 +177,13 @@ def _bar_pixels(height: int, width: int, text_size: int) -> np.ndarray:
     return out
 
 
-def _label_bar(pen, x: int, y: int, height: int, low: str, high: str, font, text_size: int) -> None:
-    """The labels of a colour bar whose top left is at ``(x, y)``."""
-    pen.text((x + 2, y + 1), high, fill=BLACK, font=font)
-    pen.text((x + 2, y + height - text_size - 3), low, fill=BLACK, font=font)
-
-
-def color_bar(height: int, width: int = 56, low: str = "low", high: str = "high", text_size: int = 12) -> torch.Tensor:
-    """A vertical heat colour bar (``high`` at the top) with its two labels, on white: RGB uint8 ``[3, height,
-    width]``."""
-    from PIL import Image, ImageDraw
-
-    canvas = Image.fromarray(_bar_pixels(height, width, text_size))
-    _label_bar(ImageDraw.Draw(canvas), 0, 0, height, low, high, _font(text_size), text_size)
-    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
+def _label_bar(bar: np.ndarray, low: str, high: str, font, text_size: int) -> None:
+    """The labels of a colour bar's pixels (:func:`_bar_pixels`), in place: ``high`` at its top, ``low`` at its
+    bottom."""
+    def labels(pen):
+        pen.text((2, 1), high, fill=BLACK, font=font)
+        pen.text((2, bar.shape[0] - text_size - 3), low, fill=BLACK, font=font)
+    _paint(bar, bar.shape[1], bar.shape[0], labels)
 
 
 def finding_panels(gray: torch.Tensor, panels: list, columns: int = 4, scale: tuple | None = None,
@@ -196,8 +193,6 @@ def finding_panels(gray: torch.Tensor, panels: list, columns: int = 4, scale: tu
     white with a black halo, the caption written on it over the boxes; panels in rows of ``columns`` with a colour
     bar of the heat at the right labelled ``bar`` (low, high), and ``title`` above them all. Drawn on one canvas,
     only its text through PIL (a 14-panel 512-px figure is 13 MB)."""
-    from PIL import Image, ImageDraw
-
     if not panels:
         raise SettingsError("finding_panels: no panels")
     size = max(12, min(28, max(gray.shape) // 24))
@@ -217,21 +212,10 @@ def finding_panels(gray: torch.Tensor, panels: list, columns: int = 4, scale: tu
     _draw_on(canvas, [((k % columns * step_x, top + k // columns * step_y), boxes, caption)
                       for k, (caption, _, boxes) in enumerate(panels)], WHITE, max(2, size // 8), font, True,
              (width, height))
-    _label_bar_pixels(canvas[top:, grid_width + 4:], bar, font, size)
+    _label_bar(canvas[top:, grid_width + 4:], bar[0], bar[1], font, size)
     if title is not None:  # on its strip, clipped to it
-        strip = Image.fromarray(canvas[:top])
-        ImageDraw.Draw(strip).text((4, 4), title, fill=BLACK, font=font)
-        canvas[:top] = np.asarray(strip)
+        _paint(canvas, canvas.shape[1], top, lambda pen: pen.text((4, 4), title, fill=BLACK, font=font))
     return torch.from_numpy(canvas).permute(2, 0, 1)
-
-
-def _label_bar_pixels(column: np.ndarray, bar: tuple, font, text_size: int) -> None:
-    """:func:`_label_bar` on the pixels of a colour bar, in place."""
-    from PIL import Image, ImageDraw
-
-    image = Image.fromarray(np.ascontiguousarray(column))
-    _label_bar(ImageDraw.Draw(image), 0, 0, column.shape[0], bar[0], bar[1], font, text_size)
-    column[:] = np.asarray(image)
 
 
 def grid(tiles: list, columns: int, gap: int = GRID_GAP) -> torch.Tensor:
