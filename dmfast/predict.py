@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 
 
+from . import __version__
 from .config import PredictConfig, box_levels, min_probability
 from .data.dataset import FINDINGS
 from .data.formats import open_dataset
@@ -144,7 +145,7 @@ def detection_files(out: Path, records, config: PredictConfig) -> None:
     detections = ((k, index[b["class"]], b["box"], b["score"], b["probability"]) for k, r in enumerate(records())
                   for b in r["boxes"])
     atomic_write_json_streamed(out / "predictions.coco.json", coco_predictions(
-        images, detections, {"description": f"dmfast predict with {config.model}", "version": versions()["dmfast"]}))
+        images, detections, {"description": f"dmfast predict with {config.model}", "version": __version__}))
     if config.submission:
         rows = (row for r in records() for row in SUBMISSION_ROWS[config.submission](
             [(submission_id(r["path"]), [(index[name], b["score"], b["box"]) for name, f in r["findings"].items()

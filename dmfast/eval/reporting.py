@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch.nn.functional as F
 
+from .. import __version__
 from ..data.cache import ImageCache
 from ..data.dataset import FINDINGS, image_size
 from ..detection import (DECIMALS, FROC_RATES, METRICS, METRIC_NAMES, Task, coco_ground_truth, coco_results,
@@ -130,7 +131,7 @@ def coco_files(out: Path, methods: list, task: Task, dataset) -> dict:
              else dataset.paths[n] for n in task.images}
     ground = coco_ground_truth(task.truth, task.images, sizes, files,
                                {"description": f"dmfast eval ground truth of {dataset.root}",
-                                "version": versions()["dmfast"]})
+                                "version": __version__})
     written = {"ground_truth": atomic_write_json(out / "coco" / "ground_truth.json", ground, indent=None)}
     for m in methods:
         results = coco_results(m.scored, task.images)
