@@ -36,7 +36,8 @@ def parse(p: argparse.ArgumentParser, name: str, argv=None) -> argparse.Namespac
 
 
 def cpu_facts() -> tuple:
-    """(model name, the vector instruction sets the CPU has among sse4.2/avx2/avx512f) from /proc/cpuinfo."""
+    """(model name, the vector instruction sets the CPU has among sse4.2/avx2/avx512f and the native bf16 ones,
+    which decide bf16's speed) from /proc/cpuinfo."""
     cpu, flags = platform.processor(), set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -45,7 +46,7 @@ def cpu_facts() -> tuple:
         flags = set(next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags")))
     except (OSError, StopIteration):
         pass
-    return cpu, [isa for isa in ("sse4_2", "avx2", "avx512f") if isa in flags]
+    return cpu, [isa for isa in ("sse4_2", "avx2", "avx512f", *sorted(dmfast.cpu_variants.BF16_FLAGS)) if isa in flags]
 
 
 def environment(device: str, threads: int) -> dict:

@@ -8,11 +8,27 @@ bf16's probabilities lie from float32's on the same weights and images.
 ``--precision bf16`` in dmfast means bf16 autocast in channels_last; the other two rows say what each half of that
 contributes. The network is the CAM classifier with random weights (the arithmetic does not depend on them); the
 images are phantom X-rays.
+
+With ``--models out/demo`` (the default, when ``make demo`` has written it) it also times whole passes on trained
+models, float32 against bf16 in alternating rounds: ``dmfast eval`` of the demo's four checkpoints on its test split
+(the eval loop's own rate; no bootstrap, no overlays) and ``dmfast predict`` of each on the test PNGs, and says how far
+bf16's outputs lie from float32's: the largest probability difference and the share of eval's CAM boxes at IoU >= 0.9
+with float32's.
 """
 
-import torch
+import csv
+import json
+import tempfile
+from pathlib import Path
 
-from dmfast import training
+import numpy as np
+import torch
+from rich.console import Console
+
+from dmfast import eval as eval_stage
+from dmfast import checkpoints, predict, training
+from dmfast.config import EvalConfig, PredictConfig
+from dmfast.data.formats import open_dataset
 from dmfast.data.images import to_model_input
 from dmfast.phantom import draw_image, sample_findings
 from dmfast.models import CAMClassifier
@@ -74,16 +90,112 @@ def training_step(args) -> dict:
     return best_median_ms(calls, args.threads, args.min_run_time, args.rounds)
 
 
+PASS_PRECISIONS = ("fp32", "bf16")
+
+
+def _eval_outputs(folder: Path) -> tuple:
+    """{(image, method): probabilities} and {(image, class, method): box} of an eval output folder."""
+    with open(folder / "predictions.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    classes = [name for name in rows[0][2:] if not name.endswith(" label")]
+    probabilities = {(r[0], r[1]): np.array(r[2:2 + len(classes)], float) for r in rows[1:]}
+    with open(folder / "boxes.csv", newline="") as f:
+        boxes = {(r["image"], r["class"], r["method"]): [float(r[k]) for k in ("x0", "y0", "x1", "y1")]
+                 for r in csv.DictReader(f)}
+    return probabilities, boxes
+
+
+def _box_iou(a: list, b: list) -> float:
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - width * height
+    return width * height / union if union > 0 else 1.0
+
+
+def _agreement(reference: tuple, other: tuple, methods: list) -> dict:
+    """Per method: the largest probability difference and the share of boxes at IoU >= 0.9 (a box only one of
+    the two drew counts as a miss)."""
+    agreement = {}
+    for method in methods:
+        pairs = [(p, other[0][key]) for key, p in reference[0].items() if key[1] == method]
+        keys = {k for k in (*reference[1], *other[1]) if k[2] == method}
+        close = sum(k in reference[1] and k in other[1] and _box_iou(reference[1][k], other[1][k]) >= 0.9
+                    for k in keys)
+        agreement[method] = {"max_probability_difference": max(float(np.abs(a - b).max()) for a, b in pairs),
+                             "boxes": len(keys), "boxes_iou_0.9": close / max(len(keys), 1)}
+    return agreement
+
+
+def trained_passes(args, folder: Path) -> dict:
+    """Whole eval and predict passes of the demo's trained models in each of :data:`PASS_PRECISIONS`."""
+    demo = json.loads((Path(args.models) / "demo.json").read_text())["config"]
+    models = [tuple(pair) for pair in demo["checkpoints"]]
+    data, cache = demo["data"], demo["cache"]
+    dataset = open_dataset(data)
+    test = checkpoints.load(models[0][1], checkpoints.CLASSIFIER)["splits"]["test"]
+    pngs = [str(dataset.paths[n]) for n in test]
+    quiet = Console(quiet=True)
+
+    def run_eval(precision: str) -> dict:
+        report = eval_stage.run(EvalConfig(data=data, out=str(folder / f"eval-{precision}"), cache=cache,
+                                           checkpoints=models, batch=args.pass_batch, overlays=0, bootstrap=0,
+                                           precision=precision, overwrite=True), console=quiet)
+        return {name: report["methods"][name]["images_per_second"] for name, _ in models}
+
+    def run_predict(precision: str) -> dict:
+        rates = {}
+        for name, checkpoint in models:
+            rates[name] = predict.run(PredictConfig(
+                model=checkpoint, inputs=pngs, out=str(folder / f"predict-{precision}-{name}"), batch=args.pass_batch,
+                min_probability=0.0, precision=precision, overwrite=True), console=quiet)["images_per_second"]
+        return rates
+
+    rounds = {(stage, p): [] for stage in ("eval", "predict") for p in PASS_PRECISIONS}
+    for k in range(args.rounds):  # alternating which precision goes first
+        for p in PASS_PRECISIONS[k % 2:] + PASS_PRECISIONS[:k % 2]:
+            rounds["eval", p].append(run_eval(p))
+            rounds["predict", p].append(run_predict(p))
+    rates = {f"{stage} {p}": {name: max(r[name] for r in values) for name, _ in models}
+             for (stage, p), values in rounds.items()}
+    agreement = _agreement(_eval_outputs(folder / "eval-fp32"), _eval_outputs(folder / "eval-bf16"),
+                           [name for name, _ in models])
+    for name, _ in models:
+        predicted = [np.loadtxt(folder / f"predict-{p}-{name}" / "predictions.csv", delimiter=",", skiprows=1,
+                                usecols=range(3, 17)) for p in PASS_PRECISIONS]
+        agreement[name]["predict_max_probability_difference"] = float(np.abs(predicted[0] - predicted[1]).max())
+    return {"models": models, "test_images": len(test), "batch": args.pass_batch, "images_per_second": rates,
+            "rounds": {f"{stage} {p}": values for (stage, p), values in rounds.items()}, "agreement": agreement}
+
+
 def run(args) -> dict:
     infer, deviation = inference(args)
     train = training_step(args)
     cases = {f"inference {args.arch} {args.size}px batch {args.batch}": infer,
              f"training step {args.train_arch} {args.train_size}px batch {args.train_batch}": train}
+    passes = None
+    if args.models and (Path(args.models) / "demo.json").is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            passes = trained_passes(args, Path(tmp))
+        for name, _ in passes["models"]:
+            rate = {k: v[name] for k, v in passes["images_per_second"].items()}
+            agree = passes["agreement"][name]
+            worst = max(agree["max_probability_difference"], agree["predict_max_probability_difference"])
+            print(f"{name}: eval {rate['eval fp32']:.1f} -> {rate['eval bf16']:.1f} images/s "
+                  f"({rate['eval bf16'] / rate['eval fp32']:.2f}x), predict {rate['predict fp32']:.1f} -> "
+                  f"{rate['predict bf16']:.1f} ({rate['predict bf16'] / rate['predict fp32']:.2f}x); bf16 against "
+                  f"fp32: probabilities within {worst:.4f}, {agree['boxes_iou_0.9']:.1%} of {agree['boxes']} boxes "
+                  f"at IoU >= 0.9")
+            for stage in ("eval", "predict"):  # dmfast's bf16 is bf16 autocast in channels_last
+                cases[f"{stage} of the demo's {name}, ms per image"] = {
+                    "fp32": 1e3 / rate[f"{stage} fp32"], "bf16 + channels_last": 1e3 / rate[f"{stage} bf16"]}
+    elif args.models:
+        print(f"no trained models at {args.models} (run `make demo` first): whole passes not measured")
     for name in VARIANTS:
         print(f"{name}: inference {args.batch / infer[name] * 1e3:.1f} images/s (max |p - p_fp32| "
               f"{deviation[name]:.4f}), training {args.train_batch / train[name] * 1e3:.1f} images/s")
     config = {k: getattr(args, k) for k in ("arch", "size", "batch", "train_arch", "train_size", "train_batch")}
     config["max_probability_difference"] = deviation
+    config["trained_passes"] = passes
     config["images_per_second"] = {"inference": {k: args.batch / v * 1e3 for k, v in infer.items()},
                                    "training": {k: args.train_batch / v * 1e3 for k, v in train.items()}}
     return report("classifier precision and layout (ms per batch)", cases, "bf16 + channels_last",
@@ -99,6 +211,8 @@ def parse_args(argv=None):
     p.add_argument("--train-arch", default="resnet18")
     p.add_argument("--train-size", type=int, default=128)
     p.add_argument("--train-batch", type=int, default=32)
+    p.add_argument("--models", default="out/demo", help="a `dmfast demo` output folder ('' to skip its passes)")
+    p.add_argument("--pass-batch", type=int, default=16, help="batch of the whole eval and predict passes")
     return parse(p, "precision", argv)
 
 
