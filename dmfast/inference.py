@@ -23,7 +23,7 @@ from .data.images import NORMALISATION, Square, gray_of, load_gray, to_model_inp
 from .data.splits import Splits
 from .errors import DataError, ImageError, ModelFileError, SettingsError
 from .io import check_outputs, versions, writing
-from .models import AlignmentNet, CAMClassifier, autocast_dtype, compiled, resolve_precision
+from .models import AlignmentNet, CAMClassifier, autocast_dtype, compiled, convolutions_stored_in, resolve_precision
 
 
 RUN_FILES = ("model.pt", "checkpoint.pt")  # what a run folder stands for, the first there
@@ -194,9 +194,8 @@ class Model:
         self.precision = resolve_precision(precision, self.device)  # "auto" resolved: what runs
         self.low_precision = autocast_dtype(self.precision, self.device)
         if self.low_precision is not None:  # the layout the low-precision convolution kernels are fastest in
-            self.model.to(memory_format=torch.channels_last)
-            if aligner is not None:
-                aligner.to(memory_format=torch.channels_last)
+            for network in (self.model, aligner) if aligner is not None else (self.model,):
+                convolutions_stored_in(network.to(memory_format=torch.channels_last), self.low_precision)
         self.network = compiled(self.model) if compile else self.model  # compile: under torch.compile
         self.cam_method = CAM_METHODS[0]  # the maps of every call by default (:mod:`dmfast.cam_methods`)
         self.ood = None  # the training images' feature statistics (feature_statistics), from a model file
@@ -315,26 +314,38 @@ class Model:
                                                         box_score)
         probabilities, cams = prediction.probabilities.cpu(), prediction.cams.cpu()
         theta = prediction.theta.cpu() if prediction.theta is not None else None
+        found = [{} for _ in squares]
+        if rows:  # every box at once (per-box tensor work cost more than the network's bf16 pass)
+            for (b, c), kept in zip(rows, _in_images(boxes.numpy(), scores.numpy(), counts.numpy(), max_boxes,
+                                                     [squares[b] for b, _ in rows])):
+                found[b][FINDINGS[c]] = kept
         results = []
         for b, square in enumerate(squares):
-            offset = torch.tensor([square.pad_x, square.pad_y] * 2, dtype=torch.float64)
-            limit = torch.tensor([square.width, square.height] * 2, dtype=torch.float64)
-            found = {}
-            for i in (i for i, row in enumerate(rows) if row[0] == b):
-                kept = (boxes[i, :min(int(counts[i]), max_boxes)].double() * square.scale - offset)
-                kept = kept.clamp(min=0).minimum(limit)
-                inside = (kept[:, 2] > kept[:, 0]) & (kept[:, 3] > kept[:, 1])  # not wholly in the padding
-                found[FINDINGS[rows[i][1]]] = [box + [score] for box, score in
-                                               zip(kept[inside].tolist(), scores[i, :len(kept)][inside].tolist())]
+            found_b = found[b]
             p = dict(zip(FINDINGS, probabilities[b].tolist()))
             results.append(ImagePrediction(square.width, square.height, p,
-                                           {c: v for c, v in found.items() if p[c] >= min_probability},
+                                           {c: v for c, v in found_b.items() if p[c] >= min_probability},
                                            cams[b], None if theta is None else theta[b], self.size,
                                            (square.side, square.pad_x, square.pad_y),
-                                           {c: v for c, v in found.items() if p[c] >= box_floor},
+                                           {c: v for c, v in found_b.items() if p[c] >= box_floor},
                                            None if prediction.ood is None else float(prediction.ood[b]),
                                            None if self.ood is None else self.ood["threshold"]))
         return results
+
+
+def _in_images(boxes: np.ndarray, scores: np.ndarray, counts: np.ndarray, max_boxes: int, squares: list) -> list:
+    """Per map ``i``: its first ``min(counts[i], max_boxes)`` boxes (in the model input's pixels) in the pixels of
+    the X-ray of ``squares[i]`` as ``[x0, y0, x1, y1, score]`` lists, clipped to the image, those wholly in the
+    padding left out."""
+    boxes, scores = boxes[:, :max_boxes].astype(np.float64), scores[:, :max_boxes]
+    scale = np.array([s.scale for s in squares], np.float64)[:, None, None]
+    offset = np.array([[s.pad_x, s.pad_y] * 2 for s in squares], np.float64)[:, None]
+    limit = np.array([[s.width, s.height] * 2 for s in squares], np.float64)[:, None]
+    kept = np.minimum(np.maximum(boxes * scale - offset, 0.0), limit)
+    keep = (np.arange(kept.shape[1])[None] < np.minimum(counts, max_boxes)[:, None]) \
+        & (kept[..., 2] > kept[..., 0]) & (kept[..., 3] > kept[..., 1])  # shown, and not wholly in the padding
+    rows = np.concatenate([kept, scores[..., None].astype(np.float64)], -1).tolist()
+    return [[box for box, k in zip(map_rows, map_keep) if k] for map_rows, map_keep in zip(rows, keep.tolist())]
 
 
 @dataclass

@@ -332,7 +332,10 @@ def finite(value):
 
 def json_text(value, indent: int | None = None) -> str:
     """Strict JSON: NaN and infinities become ``null`` (bare ``NaN`` is not JSON and strict readers reject it)."""
-    return json.dumps(finite(value), indent=indent, allow_nan=False)
+    try:  # most values have none: the walk that replaces them costs more than the encoding
+        return json.dumps(value, indent=indent, allow_nan=False)
+    except ValueError:
+        return json.dumps(finite(value), indent=indent, allow_nan=False)
 
 
 def atomic_write_json(path, value, indent: int | None = 1) -> Path:

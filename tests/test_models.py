@@ -184,3 +184,32 @@ def test_compiled_classifier_matches_eager(monkeypatch, gen):
     torch.testing.assert_close(c_cams, cams, rtol=1e-5, atol=1e-5)
     for g, c in zip(grads, c_grads):
         torch.testing.assert_close(c, g, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_inference_stores_the_convolution_weights_once_with_the_same_results():
+    """Model keeps the plain convolutions' weights in bf16 rather than letting autocast cast them at every call:
+    the classifier's and the alignment network's outputs are bit-identical to autocast over float32 weights; the
+    CAM head, BatchNorm and convolutions that transform their weights first (timm's StdConv) keep float32."""
+    from dmfast.models import AlignmentNet, convolutions_stored_in
+
+    class WeightStandardised(torch.nn.Conv2d):
+        def forward(self, x):
+            weight = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std() + 1e-5)
+            return torch.nn.functional.conv2d(x, weight, self.bias, self.stride, self.padding)
+
+    torch.manual_seed(0)
+    classifier, aligner = CAMClassifier("resnet18", 14, cam_stride=16).eval(), AlignmentNet(64).eval()
+    torch.nn.init.normal_(aligner.head.weight, std=0.05)  # not the identity, so the angle depends on the weights
+    classifier.stem[0] = WeightStandardised(3, 64, 7, 2, 3, bias=False)
+    images = (torch.rand(4, 1, 64, 64) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    def outputs(net):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return (*net[0](images, cams=True), net[1].parameters_of(images))
+
+    before = outputs((classifier, aligner))
+    after = outputs([convolutions_stored_in(n, torch.bfloat16) for n in (classifier, aligner)])
+    for a, b in zip(before, after):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    assert classifier.layer1[0].conv1.weight.dtype == aligner.body.layer4[0].downsample[0].weight.dtype == torch.bfloat16
+    assert classifier.fc.weight.dtype == classifier.stem[1].weight.dtype == aligner.head.weight.dtype == torch.float32
+    assert classifier.stem[0].weight.dtype == torch.float32
