@@ -13,7 +13,10 @@ With ``--models out/demo`` (the default, when ``make demo`` has written it) it a
 models, float32 against bf16 in alternating rounds: ``dmfast eval`` of the demo's four checkpoints on its test split
 (the eval loop's own rate; no bootstrap, no overlays) and ``dmfast predict`` of each on the test PNGs, and says how far
 bf16's outputs lie from float32's: the largest probability difference and the share of eval's CAM boxes at IoU >= 0.9
-with float32's.
+with float32's. With ``--train-seeds K`` (default 4) it trains the demo's base classifier again K times in each
+precision (seeds 0..K-1, each seed's two runs from the same initial weights and validation split) and compares
+their validation AUROC after the demo's epochs and their test AUROC (eval in float32), with the seed-paired mean
+difference and its 95% t-interval, and their training images/s.
 """
 
 import csv
@@ -26,8 +29,8 @@ import torch
 from rich.console import Console
 
 from dmfast import eval as eval_stage
-from dmfast import checkpoints, predict, training
-from dmfast.config import EvalConfig, PredictConfig
+from dmfast import checkpoints, predict, train, training
+from dmfast.config import EvalConfig, PredictConfig, TrainConfig, from_dict
 from dmfast.data.formats import open_dataset
 from dmfast.data.images import to_model_input
 from dmfast.phantom import draw_image, sample_findings
@@ -151,7 +154,7 @@ def trained_passes(args, folder: Path) -> dict:
         return rates
 
     rounds = {(stage, p): [] for stage in ("eval", "predict") for p in PASS_PRECISIONS}
-    for k in range(args.rounds):  # alternating which precision goes first
+    for k in range(args.pass_rounds):  # alternating which precision goes first
         for p in PASS_PRECISIONS[k % 2:] + PASS_PRECISIONS[:k % 2]:
             rounds["eval", p].append(run_eval(p))
             rounds["predict", p].append(run_predict(p))
@@ -167,13 +170,51 @@ def trained_passes(args, folder: Path) -> dict:
             "rounds": {f"{stage} {p}": values for (stage, p), values in rounds.items()}, "agreement": agreement}
 
 
+def _paired(first: list, second: list) -> dict:
+    """Mean of ``second - first`` over seeds with its 95% t-interval, and each side's mean and spread."""
+    from scipy import stats
+
+    difference = np.subtract(second, first)
+    half = stats.t.ppf(0.975, len(difference) - 1) * difference.std(ddof=1) / np.sqrt(len(difference)) \
+        if len(difference) > 1 else float("nan")
+    return {"first": list(first), "second": list(second), "first_mean": float(np.mean(first)),
+            "first_sd": float(np.std(first, ddof=1)) if len(first) > 1 else float("nan"),
+            "second_mean": float(np.mean(second)), "difference": float(difference.mean()),
+            "interval": [float(difference.mean() - half), float(difference.mean() + half)]}
+
+
+def training_runs(args, folder: Path) -> dict:
+    """The demo's base classifier trained again with seeds 0..K-1 in float32 and in bf16: validation AUROC of the
+    last epoch, test AUROC (one float32 eval of every run) and training images/s (epochs after the first)."""
+    demo = json.loads((Path(args.models) / "demo.json").read_text())["config"]
+    base = checkpoints.load(demo["checkpoints"][0][1], checkpoints.CLASSIFIER)["config"]
+    runs, validation, speed = [], {p: [] for p in PASS_PRECISIONS}, {p: [] for p in PASS_PRECISIONS}
+    for seed in range(args.train_seeds):
+        for p in PASS_PRECISIONS:
+            out = folder / f"train-{p}-{seed}"
+            checkpoint = train.run(from_dict(TrainConfig, {**base, "out": str(out), "precision": p, "seed": seed,
+                                                           "overwrite": True}), console=Console(quiet=True))
+            epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            validation[p].append(epochs[-1]["mean_auroc"])
+            speed[p] += [e["images_per_second"] for e in epochs[1:]]
+            runs.append((f"{p} seed {seed}", str(checkpoint)))
+    report = eval_stage.run(EvalConfig(data=demo["data"], out=str(folder / "eval-training"), cache=demo["cache"],
+                                       checkpoints=runs, batch=args.pass_batch, overlays=0, bootstrap=0,
+                                       precision="fp32", overwrite=True), console=Console(quiet=True))
+    test = {p: [report["methods"][f"{p} seed {s}"]["mean_auroc"] for s in range(args.train_seeds)]
+            for p in PASS_PRECISIONS}
+    return {"config": {k: base[k] for k in ("arch", "size", "batch", "epochs", "lr", "cam_stride")},
+            "validation_auroc": _paired(*validation.values()), "test_auroc": _paired(*test.values()),
+            "images_per_second": {p: float(np.mean(v)) for p, v in speed.items()}}
+
+
 def run(args) -> dict:
     infer, deviation = inference(args)
-    train = training_step(args)
+    steps = training_step(args)
     cases = {f"inference {args.arch} {args.size}px batch {args.batch}": infer,
-             f"training step {args.train_arch} {args.train_size}px batch {args.train_batch}": train}
-    passes = None
-    if args.models and (Path(args.models) / "demo.json").is_file():
+             f"training step {args.train_arch} {args.train_size}px batch {args.train_batch}": steps}
+    passes, demo = None, args.models and (Path(args.models) / "demo.json").is_file()
+    if demo and args.pass_rounds:
         with tempfile.TemporaryDirectory() as tmp:
             passes = trained_passes(args, Path(tmp))
         for name, _ in passes["models"]:
@@ -188,16 +229,29 @@ def run(args) -> dict:
             for stage in ("eval", "predict"):  # dmfast's bf16 is bf16 autocast in channels_last
                 cases[f"{stage} of the demo's {name}, ms per image"] = {
                     "fp32": 1e3 / rate[f"{stage} fp32"], "bf16 + channels_last": 1e3 / rate[f"{stage} bf16"]}
-    elif args.models:
+    runs = None
+    if demo and args.train_seeds:
+        with tempfile.TemporaryDirectory() as tmp:
+            runs = training_runs(args, Path(tmp))
+        rate = runs["images_per_second"]
+        print(f"training the demo's base classifier, {args.train_seeds} seeds: {rate['fp32']:.1f} -> "
+              f"{rate['bf16']:.1f} images/s ({rate['bf16'] / rate['fp32']:.2f}x)")
+        for name in ("validation_auroc", "test_auroc"):
+            r = runs[name]
+            print(f"  {name.replace('_', ' ')}: fp32 {r['first_mean']:.3f} (seed sd {r['first_sd']:.3f}), bf16 "
+                  f"{r['second_mean']:.3f}; bf16 - fp32 {r['difference']:+.3f} [{r['interval'][0]:+.3f}, "
+                  f"{r['interval'][1]:+.3f}]")
+    if args.models and not demo:
         print(f"no trained models at {args.models} (run `make demo` first): whole passes not measured")
     for name in VARIANTS:
         print(f"{name}: inference {args.batch / infer[name] * 1e3:.1f} images/s (max |p - p_fp32| "
-              f"{deviation[name]:.4f}), training {args.train_batch / train[name] * 1e3:.1f} images/s")
+              f"{deviation[name]:.4f}), training {args.train_batch / steps[name] * 1e3:.1f} images/s")
     config = {k: getattr(args, k) for k in ("arch", "size", "batch", "train_arch", "train_size", "train_batch")}
     config["max_probability_difference"] = deviation
     config["trained_passes"] = passes
+    config["training_runs"] = runs
     config["images_per_second"] = {"inference": {k: args.batch / v * 1e3 for k, v in infer.items()},
-                                   "training": {k: args.train_batch / v * 1e3 for k, v in train.items()}}
+                                   "training": {k: args.train_batch / v * 1e3 for k, v in steps.items()}}
     return report("classifier precision and layout (ms per batch)", cases, "bf16 + channels_last",
                   environment("cpu", args.threads),
                   config, args.out)
@@ -213,6 +267,8 @@ def parse_args(argv=None):
     p.add_argument("--train-batch", type=int, default=32)
     p.add_argument("--models", default="out/demo", help="a `dmfast demo` output folder ('' to skip its passes)")
     p.add_argument("--pass-batch", type=int, default=16, help="batch of the whole eval and predict passes")
+    p.add_argument("--pass-rounds", type=int, default=2, help="rounds of the whole passes (0: none)")
+    p.add_argument("--train-seeds", type=int, default=4, help="trainings of the demo's base model per precision")
     return parse(p, "precision", argv)
 
 
