@@ -6,7 +6,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 
 from . import backbones, cpu_variants, ops
