@@ -192,8 +192,10 @@ def training_runs(args, folder: Path) -> dict:
     for seed in range(args.train_seeds):
         for p in PASS_PRECISIONS:
             out = folder / f"train-{p}-{seed}"
-            checkpoint = train.run(from_dict(TrainConfig, {**base, "out": str(out), "precision": p, "seed": seed,
-                                                           "overwrite": True}), console=Console(quiet=True))
+            settings = {**base, "out": str(out), "precision": p, "seed": seed, "overwrite": True}
+            if args.train_steps:
+                settings["max_steps"] = args.train_steps
+            checkpoint = train.run(from_dict(TrainConfig, settings), console=Console(quiet=True))
             epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             validation[p].append(epochs[-1]["mean_auroc"])
             speed[p] += [e["images_per_second"] for e in epochs[1:]]
@@ -269,6 +271,7 @@ def parse_args(argv=None):
     p.add_argument("--pass-batch", type=int, default=16, help="batch of the whole eval and predict passes")
     p.add_argument("--pass-rounds", type=int, default=2, help="rounds of the whole passes (0: none)")
     p.add_argument("--train-seeds", type=int, default=4, help="trainings of the demo's base model per precision")
+    p.add_argument("--train-steps", type=int, default=None, help="steps per epoch of those (default: all)")
     return parse(p, "precision", argv)
 
 

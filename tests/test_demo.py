@@ -245,3 +245,29 @@ def test_model_files_and_checkpoints_evaluate_alike_from_anywhere(demo, tmp_path
         assert result.exit_code == 1 and "share a name" in result.output, result.output
     finally:
         shutil.move(tmp_path / "moved", out / "phantom")
+
+
+def test_precision_benchmark_compares_the_demo_models_and_trainings_in_both_precisions(demo, tmp_path):
+    """benchmarks.precision on a demo's folder: whole eval and predict passes of its four models in float32 and
+    bf16 (the two stages compare the same outputs, so their largest probability differences agree), and the base
+    classifier trained twice per precision, paired by seed."""
+    from benchmarks.precision import main as bench_main
+
+    out = tmp_path / "bench.json"
+    bench_main(["--arch", "resnet18", "--size", "32", "--batch", "2", "--train-size", "32", "--train-batch", "2",
+                "--min-run-time", "0.01", "--rounds", "1", "--models", str(demo[0]), "--pass-rounds", "1",
+                "--train-seeds", "2", "--train-steps", "2", "--out", str(out)])
+    config = json.loads(out.read_text())["config"]
+    passes, runs = config["trained_passes"], config["training_runs"]
+    assert [name for name, _ in passes["models"]] == ["base", "+align", "+DM", "+PDM"]
+    assert set(passes["images_per_second"]) == {"eval fp32", "eval bf16", "predict fp32", "predict bf16"}
+    for name, agreement in passes["agreement"].items():
+        assert 0 < agreement["max_probability_difference"] < 0.1, name
+        assert abs(agreement["max_probability_difference"] - agreement["predict_max_probability_difference"]) < 1e-5
+        assert agreement["boxes"] == 14 * passes["test_images"] and 0.8 <= agreement["boxes_iou_0.9"] <= 1
+    for name in ("validation_auroc", "test_auroc"):
+        paired = runs[name]
+        assert len(paired["first"]) == len(paired["second"]) == 2
+        assert paired["difference"] == pytest.approx(np.mean(paired["second"]) - np.mean(paired["first"]))
+        assert paired["interval"][0] <= paired["difference"] <= paired["interval"][1]
+    assert runs["images_per_second"]["fp32"] > 0 and runs["images_per_second"]["bf16"] > 0
