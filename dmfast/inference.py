@@ -536,8 +536,9 @@ def feature_statistics(classifier: "Classifier", cache_folder, splits: Splits, b
             features.append(model(images, cams=True, pooled=True)[2].cpu())
         return torch.cat(features)
 
-    try:
-        with torch.no_grad():
+    try:  # a low-precision Model's convolutions hold bf16/fp16 weights: they run under its autocast
+        with torch.no_grad(), torch.autocast(classifier.device.type, dtype=classifier.low_precision,
+                                             enabled=classifier.low_precision is not None):
             seen = pooled(train)
             # channels (nearly) silent on the training images would turn any activation into a huge z-score
             mean, std = seen.mean(0), seen.std(0).clamp_min(float(seen.std(0).median()) * 1e-2 + 1e-6)
