@@ -31,9 +31,11 @@ from rich.console import Console
 from dmfast import eval as eval_stage
 from dmfast import checkpoints, predict, train, training
 from dmfast.config import EvalConfig, PredictConfig, TrainConfig, from_dict
+from dmfast.data.dataset import FINDINGS
 from dmfast.data.formats import open_dataset
 from dmfast.data.images import to_model_input
 from dmfast.phantom import draw_image, sample_findings
+from dmfast.metrics import box_overlap
 from dmfast.models import CAMClassifier
 
 from .common import best_median_ms, environment, parse, parser, report
@@ -108,13 +110,6 @@ def _eval_outputs(folder: Path) -> tuple:
     return probabilities, boxes
 
 
-def _box_iou(a: list, b: list) -> float:
-    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - width * height
-    return width * height / union if union > 0 else 1.0
-
-
 def _agreement(reference: tuple, other: tuple, methods: list) -> dict:
     """Per method: the largest probability difference and the share of boxes at IoU >= 0.9 (a box only one of
     the two drew counts as a miss)."""
@@ -122,16 +117,21 @@ def _agreement(reference: tuple, other: tuple, methods: list) -> dict:
     for method in methods:
         pairs = [(p, other[0][key]) for key, p in reference[0].items() if key[1] == method]
         keys = {k for k in (*reference[1], *other[1]) if k[2] == method}
-        close = sum(k in reference[1] and k in other[1] and _box_iou(reference[1][k], other[1][k]) >= 0.9
+        close = sum(k in reference[1] and k in other[1] and box_overlap([reference[1][k]], [other[1][k]])[0, 0] >= 0.9
                     for k in keys)
         agreement[method] = {"max_probability_difference": max(float(np.abs(a - b).max()) for a, b in pairs),
                              "boxes": len(keys), "boxes_iou_0.9": close / max(len(keys), 1)}
     return agreement
 
 
+def _demo_eval_config(args) -> dict:
+    """The settings of the demo's eval (its data, cache and four checkpoints), from ``--models``' demo.json."""
+    return json.loads((Path(args.models) / "demo.json").read_text())["config"]
+
+
 def trained_passes(args, folder: Path) -> dict:
     """Whole eval and predict passes of the demo's trained models in each of :data:`PASS_PRECISIONS`."""
-    demo = json.loads((Path(args.models) / "demo.json").read_text())["config"]
+    demo = _demo_eval_config(args)
     models = [tuple(pair) for pair in demo["checkpoints"]]
     data, cache = demo["data"], demo["cache"]
     dataset = open_dataset(data)
@@ -166,7 +166,7 @@ def trained_passes(args, folder: Path) -> dict:
         predicted = []
         for p in PASS_PRECISIONS:  # path, width, height, then the classes
             with open(folder / f"predict-{p}-{name}" / "predictions.csv", newline="") as f:
-                predicted.append(np.array([row[3:17] for row in list(csv.reader(f))[1:]], float))
+                predicted.append(np.array([row[3:3 + len(FINDINGS)] for row in list(csv.reader(f))[1:]], float))
         agreement[name]["predict_max_probability_difference"] = float(np.abs(predicted[0] - predicted[1]).max())
     return {"models": models, "test_images": len(test), "batch": args.pass_batch, "images_per_second": rates,
             "rounds": {f"{stage} {p}": values for (stage, p), values in rounds.items()}, "agreement": agreement}
@@ -188,7 +188,7 @@ def _paired(first: list, second: list) -> dict:
 def training_runs(args, folder: Path) -> dict:
     """The demo's base classifier trained again with seeds 0..K-1 in float32 and in bf16: validation AUROC of the
     last epoch, test AUROC (one float32 eval of every run) and training images/s (epochs after the first)."""
-    demo = json.loads((Path(args.models) / "demo.json").read_text())["config"]
+    demo = _demo_eval_config(args)
     base = checkpoints.load(demo["checkpoints"][0][1], checkpoints.CLASSIFIER)["config"]
     runs, validation, speed = [], {p: [] for p in PASS_PRECISIONS}, {p: [] for p in PASS_PRECISIONS}
     for seed in range(args.train_seeds):

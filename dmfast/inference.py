@@ -321,13 +321,12 @@ class Model:
                 found[b][FINDINGS[c]] = kept
         results = []
         for b, square in enumerate(squares):
-            found_b = found[b]
             p = dict(zip(FINDINGS, probabilities[b].tolist()))
             results.append(ImagePrediction(square.width, square.height, p,
-                                           {c: v for c, v in found_b.items() if p[c] >= min_probability},
+                                           {c: v for c, v in found[b].items() if p[c] >= min_probability},
                                            cams[b], None if theta is None else theta[b], self.size,
                                            (square.side, square.pad_x, square.pad_y),
-                                           {c: v for c, v in found_b.items() if p[c] >= box_floor},
+                                           {c: v for c, v in found[b].items() if p[c] >= box_floor},
                                            None if prediction.ood is None else float(prediction.ood[b]),
                                            None if self.ood is None else self.ood["threshold"]))
         return results
