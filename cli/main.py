@@ -190,7 +190,7 @@ OVERWRITE = ("overwrite", {"help": "Replace the outputs of an earlier run in --o
 PRECISION = ("precision", {"type": click.Choice(PRECISIONS),
                             "help": "The classifier's arithmetic: fp32, or its backbone in bf16 (CPUs with AMX or "
                                     "AVX512-BF16, GPUs) or fp16 (GPUs) under autocast, channels_last; auto: bf16 on "
-                                    "GPUs and on CPUs with native bf16, else fp32."})
+                                    "GPUs (fp16 before Ampere) and on CPUs with native bf16, else fp32."})
 COMPILE = ("compile", {"help": "Run the classifier under torch.compile: its first batch of each shape compiles "
                                "(minutes), later ones run faster where the compiler helps (GPUs)."})
 TRAINING_PRECISION = ("precision", {"type": click.Choice(PRECISIONS),
