@@ -16,9 +16,12 @@ bf16's outputs lie from float32's: the largest probability difference and the sh
 with float32's. With ``--train-seeds K`` (default 4) it trains the demo's base classifier again K times in each
 precision (seeds 0..K-1, each seed's two runs from the same initial weights and validation split) and compares
 their validation AUROC after the demo's epochs and their test AUROC (eval in float32), with the seed-paired mean
-difference and its 95% t-interval, and their training images/s.
+difference and its 95% t-interval, and their training images/s (``--train-init`` starts them from a trained
+classifier instead of random weights). It also says how far one training step's gradients in bf16 lie from float32's,
+per stage, at random weights and at the demo's trained base classifier's.
 """
 
+import copy
 import csv
 import json
 import tempfile
@@ -93,6 +96,37 @@ def training_step(args) -> dict:
             optimizer.step()
         calls[name] = step
     return best_median_ms(calls, args.threads, args.min_run_time, args.rounds)
+
+
+def _stage_gradients(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, dtype) -> dict:
+    """One training step's gradients of a copy of ``model`` (float32, or dmfast's bf16: autocast in channels_last),
+    concatenated per top-level stage (stem, layer1..4, fc)."""
+    net, x = _prepared(copy.deepcopy(model), images, dtype is not None)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        training.weighted_bce(net(x).float(), targets).backward()
+    stages = {}
+    for name, parameter in net.named_parameters():
+        stages.setdefault(name.split(".")[0], []).append(parameter.grad.flatten())
+    return {stage: torch.cat(grads) for stage, grads in stages.items()}
+
+
+def gradient_error(args, trained: str | None) -> dict:
+    """Relative error ``|g_bf16 - g_fp32| / |g_fp32|`` per stage of one training step's gradients (the training
+    classifier on phantom images, seeded random labels) at random weights and, given a trained classifier's
+    checkpoint, at its weights: where bf16 training departs from float32's."""
+    cases = {"random weights": (CAMClassifier(args.train_arch, cam_stride=16), args.train_size)}
+    if trained:
+        state = checkpoints.load(trained, checkpoints.CLASSIFIER)
+        model = CAMClassifier(state["config"]["arch"], cam_stride=state["config"]["cam_stride"])
+        model.load_state_dict(state["model"])
+        cases["trained weights"] = (model, state["config"]["size"])
+    targets = (torch.rand(args.train_batch, 14, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    errors = {}
+    for case, (model, size) in cases.items():
+        images = phantom_batch(args.train_batch, size)
+        full, low = (_stage_gradients(model.train(), images, targets, dtype) for dtype in (None, torch.bfloat16))
+        errors[case] = {stage: float((low[stage] - g).norm() / g.norm()) for stage, g in full.items()}
+    return errors
 
 
 PASS_PRECISIONS = ("fp32", "bf16")
@@ -186,8 +220,9 @@ def _paired(first: list, second: list) -> dict:
 
 
 def training_runs(args, folder: Path) -> dict:
-    """The demo's base classifier trained again with seeds 0..K-1 in float32 and in bf16: validation AUROC of the
-    last epoch, test AUROC (one float32 eval of every run) and training images/s (epochs after the first)."""
+    """The demo's base classifier trained again with seeds 0..K-1 in float32 and in bf16 (from random weights, or
+    from ``--train-init``'s): validation AUROC of the last epoch, test AUROC (one float32 eval of every run) and
+    training images/s (epochs after the first)."""
     demo = _demo_eval_config(args)
     base = checkpoints.load(demo["checkpoints"][0][1], checkpoints.CLASSIFIER)["config"]
     runs, validation, speed = [], {p: [] for p in PASS_PRECISIONS}, {p: [] for p in PASS_PRECISIONS}
@@ -197,6 +232,8 @@ def training_runs(args, folder: Path) -> dict:
             settings = {**base, "out": str(out), "precision": p, "seed": seed, "overwrite": True}
             if args.train_steps:
                 settings["max_steps"] = args.train_steps
+            if args.train_init:
+                settings["init"] = str(Path(args.train_init).resolve())
             checkpoint = train.run(from_dict(TrainConfig, settings), console=Console(quiet=True))
             epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             validation[p].append(epochs[-1]["mean_auroc"])
@@ -207,7 +244,8 @@ def training_runs(args, folder: Path) -> dict:
                                        precision="fp32", overwrite=True), console=Console(quiet=True))
     test = {p: [report["methods"][f"{p} seed {s}"]["mean_auroc"] for s in range(args.train_seeds)]
             for p in PASS_PRECISIONS}
-    return {"config": {k: base[k] for k in ("arch", "size", "batch", "epochs", "lr", "cam_stride")},
+    return {"config": {**{k: base[k] for k in ("arch", "size", "batch", "epochs", "lr", "cam_stride")},
+                       "init": args.train_init},
             "validation_auroc": _paired(*validation.values()), "test_auroc": _paired(*test.values()),
             "images_per_second": {p: float(np.mean(v)) if v else None for p, v in speed.items()}}  # epochs 2+
 
@@ -233,6 +271,11 @@ def run(args) -> dict:
             for stage in ("eval", "predict"):  # dmfast's bf16 is bf16 autocast in channels_last
                 cases[f"{stage} of the demo's {name}, ms per image"] = {
                     "fp32": 1e3 / rate[f"{stage} fp32"], "bf16 + channels_last": 1e3 / rate[f"{stage} bf16"]}
+    torch.manual_seed(0)
+    gradients = gradient_error(args, _demo_eval_config(args)["checkpoints"][0][1] if demo else None)
+    for case, errors in gradients.items():
+        print(f"bf16's training gradients at {case}, relative error per stage: "
+              + ", ".join(f"{stage} {error:.3f}" for stage, error in errors.items()))
     runs = None
     if demo and args.train_seeds:
         with tempfile.TemporaryDirectory() as tmp:
@@ -255,6 +298,7 @@ def run(args) -> dict:
     config["max_probability_difference"] = deviation
     config["trained_passes"] = passes
     config["training_runs"] = runs
+    config["gradient_error"] = gradients
     config["images_per_second"] = {"inference": {k: args.batch / v * 1e3 for k, v in infer.items()},
                                    "training": {k: args.train_batch / v * 1e3 for k, v in steps.items()}}
     return report("classifier precision and layout (ms per batch; whole passes: ms per image)", cases,
@@ -274,6 +318,8 @@ def parse_args(argv=None):
     p.add_argument("--pass-rounds", type=int, default=2, help="rounds of the whole passes (0: none)")
     p.add_argument("--train-seeds", type=int, default=4, help="trainings of the demo's base model per precision")
     p.add_argument("--train-steps", type=int, default=None, help="steps per epoch of those (default: all)")
+    p.add_argument("--train-init", default=None,
+                   help="a trained classifier (checkpoint or model file) those start from (default: random weights)")
     return parse(p, "precision", argv)
 
 

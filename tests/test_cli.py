@@ -151,6 +151,7 @@ def test_precision_benchmark_times_each_precision_and_layout(tmp_path):
                 "--min-run-time", "0.01", "--rounds", "1", "--models", "", "--out", str(out)])
     config = json.loads(out.read_text())["config"]
     assert config["trained_passes"] is None and config["training_runs"] is None  # tests/test_demo.py runs those
+    assert list(config["gradient_error"]) == ["random weights"]  # no demo model to take trained weights from
     assert set(config["images_per_second"]["inference"]) == set(VARIANTS) == set(config["max_probability_difference"])
     assert config["max_probability_difference"]["fp32"] == 0 and config["max_probability_difference"]["bf16"] < 0.1
 

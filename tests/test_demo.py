@@ -271,3 +271,23 @@ def test_precision_benchmark_compares_the_demo_models_and_trainings_in_both_prec
         assert paired["difference"] == pytest.approx(np.mean(paired["second"]) - np.mean(paired["first"]))
         assert paired["interval"][0] <= paired["difference"] <= paired["interval"][1]
     assert runs["images_per_second"]["fp32"] > 0 and runs["images_per_second"]["bf16"] > 0
+    gradients = config["gradient_error"]  # bf16's step departs from float32's, at random and trained weights
+    assert list(gradients) == ["random weights", "trained weights"]
+    for errors in gradients.values():
+        assert list(errors) == ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
+        assert all(0 < error < 2 for error in errors.values()), errors
+
+
+def test_precision_benchmark_trains_from_a_given_classifier(demo, tmp_path):
+    """--train-init starts the benchmark's trainings from a trained classifier's weights instead of random ones."""
+    from benchmarks.precision import parse_args, training_runs
+
+    def runs(*init):
+        args = parse_args(["--models", str(demo[0]), "--train-seeds", "1", "--train-steps", "1", *init])
+        return training_runs(args, tmp_path / str(len(init)))
+
+    base = str(demo[0] / "base" / "model.pt")
+    scratch, started = runs(), runs("--train-init", base)
+    assert started["config"]["init"] == base and scratch["config"]["init"] is None
+    for name in ("validation_auroc", "test_auroc"):
+        assert started[name]["first"] != scratch[name]["first"], name
