@@ -38,6 +38,7 @@ from dmfast.data.dataset import FINDINGS
 from dmfast.data.formats import open_dataset
 from dmfast.data.images import to_model_input
 from dmfast.phantom import draw_image, sample_findings
+from dmfast.inference import load_classifier
 from dmfast.metrics import box_overlap
 from dmfast.models import CAMClassifier
 
@@ -54,6 +55,11 @@ def phantom_batch(count: int, size: int) -> torch.Tensor:
     images = [draw_image(size, sample_findings(rng, 0.4), rng)[0] for _ in range(count)]
     pixels = (torch.stack(images).clamp(0, 1) * 255).round().to(torch.uint8)[:, None]
     return to_model_input(pixels)
+
+
+def random_labels(count: int, seed: int) -> torch.Tensor:
+    """Seeded multi-label targets ``[count, classes]``, each finding present with probability 0.3."""
+    return (torch.rand(count, len(FINDINGS), generator=torch.Generator().manual_seed(seed)) < 0.3).float()
 
 
 def _prepared(model: torch.nn.Module, images: torch.Tensor, last: bool) -> tuple:
@@ -84,7 +90,7 @@ def training_step(args) -> dict:
     model = CAMClassifier(args.train_arch, cam_stride=16).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-6)
     images = phantom_batch(args.train_batch, args.train_size)
-    targets = (torch.rand(args.train_batch, 14, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    targets = random_labels(args.train_batch, seed=0)
     calls = {}
     for name, (dtype, last) in VARIANTS.items():
         def step(dtype=dtype, last=last):
@@ -116,11 +122,9 @@ def gradient_error(args, trained: str | None) -> dict:
     checkpoint, at its weights: where bf16 training departs from float32's."""
     cases = {"random weights": (CAMClassifier(args.train_arch, cam_stride=16), args.train_size)}
     if trained:
-        state = checkpoints.load(trained, checkpoints.CLASSIFIER)
-        model = CAMClassifier(state["config"]["arch"], cam_stride=state["config"]["cam_stride"])
-        model.load_state_dict(state["model"])
-        cases["trained weights"] = (model, state["config"]["size"])
-    targets = (torch.rand(args.train_batch, 14, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+        model, config, _ = load_classifier(trained)
+        cases["trained weights"] = (model, config.size)
+    targets = random_labels(args.train_batch, seed=1)
     errors = {}
     for case, (model, size) in cases.items():
         images = phantom_batch(args.train_batch, size)
@@ -161,6 +165,11 @@ def _agreement(reference: tuple, other: tuple, methods: list) -> dict:
 def _demo_eval_config(args) -> dict:
     """The settings of the demo's eval (its data, cache and four checkpoints), from ``--models``' demo.json."""
     return json.loads((Path(args.models) / "demo.json").read_text())["config"]
+
+
+def _demo_base(demo: dict) -> str:
+    """The checkpoint of the demo's base classifier: the first of its eval's."""
+    return demo["checkpoints"][0][1]
 
 
 def trained_passes(args, folder: Path) -> dict:
@@ -224,7 +233,7 @@ def training_runs(args, folder: Path) -> dict:
     from ``--train-init``'s): validation AUROC of the last epoch, test AUROC (one float32 eval of every run) and
     training images/s (epochs after the first)."""
     demo = _demo_eval_config(args)
-    base = checkpoints.load(demo["checkpoints"][0][1], checkpoints.CLASSIFIER)["config"]
+    base = checkpoints.load(_demo_base(demo), checkpoints.CLASSIFIER)["config"]
     runs, validation, speed = [], {p: [] for p in PASS_PRECISIONS}, {p: [] for p in PASS_PRECISIONS}
     for seed in range(args.train_seeds):
         for p in PASS_PRECISIONS:
@@ -272,7 +281,7 @@ def run(args) -> dict:
                 cases[f"{stage} of the demo's {name}, ms per image"] = {
                     "fp32": 1e3 / rate[f"{stage} fp32"], "bf16 + channels_last": 1e3 / rate[f"{stage} bf16"]}
     torch.manual_seed(0)
-    gradients = gradient_error(args, _demo_eval_config(args)["checkpoints"][0][1] if demo else None)
+    gradients = gradient_error(args, _demo_base(_demo_eval_config(args)) if demo else None)
     for case, errors in gradients.items():
         print(f"bf16's training gradients at {case}, relative error per stage: "
               + ", ".join(f"{stage} {error:.3f}" for stage, error in errors.items()))

@@ -21,8 +21,8 @@ def resolve_precision(precision: str, device, training: bool = False, amp: bool 
     bf16 on CUDA GPUs that support it (fp16 on older ones), and on the CPU bf16 for inference where it computes in
     bf16 natively (:func:`~dmfast.cpu_variants.native_bf16`), else float32; CPU training stays in float32 (bf16 was
     2.3-2.4x as fast, but 0.011 AUROC lower over 40 seeds of the demo's training from random weights;
-    docs/performance.md). ``amp`` (train's older
-    switch) is fp16 on CUDA and float32 elsewhere; fp16 asked for by name needs CUDA."""
+    docs/performance.md). ``amp`` (train's older switch) is fp16 on CUDA and float32 elsewhere; fp16 asked for by
+    name needs CUDA."""
     if precision not in PRECISIONS:
         raise SettingsError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if amp and precision not in ("auto", "fp32", "fp16"):
