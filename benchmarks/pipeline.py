@@ -145,7 +145,8 @@ def measure(count: int, pool: Path, folder: Path, args) -> dict:
                                          cache], folder / "prepare-again.log")
     stages["train"] = run_stage(["train", data, "--out", run, *common, "--arch", args.arch, "--size", args.size,
                                  "--batch", args.batch, "--epochs", 1, "--max-steps", args.train_steps,
-                                 "--split", "official", "--precision", args.train_precision], folder / "train.log")
+                                 "--split", "official", "--precision", args.train_precision,
+                                 "--fp32-steps", 0], folder / "train.log")  # a long run's rate: no float32 start
     inference = ["--precision", args.precision]
     stages["masks"] = run_stage(["masks", data, "--checkpoint", run / "checkpoint.pt", "--out", folder / "masks",
                                  *common, "--batch", args.batch, *inference], folder / "masks.log")

@@ -17,7 +17,8 @@ with float32's. With ``--train-seeds K`` (default 4) it trains the demo's base c
 precision (seeds 0..K-1, each seed's two runs from the same initial weights and validation split) and compares
 their validation AUROC after the demo's epochs and their test AUROC (eval in float32), with the seed-paired mean
 difference and its 95% t-interval, and their training images/s (``--train-init`` starts them from a trained
-classifier instead of random weights). It also says how far one training step's gradients in bf16 lie from float32's,
+classifier instead of random weights; ``--train-fp32-steps``, by default train's, runs the bf16 ones' first steps
+in float32). It also says how far one training step's gradients in bf16 lie from float32's,
 per stage, at random weights and at the demo's trained base classifier's.
 """
 
@@ -243,6 +244,8 @@ def training_runs(args, folder: Path) -> dict:
                 settings["max_steps"] = args.train_steps
             if args.train_init:
                 settings["init"] = str(Path(args.train_init).resolve())
+            if p != "fp32":
+                settings["fp32_steps"] = args.train_fp32_steps
             checkpoint = train.run(from_dict(TrainConfig, settings), console=Console(quiet=True))
             epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             validation[p].append(epochs[-1]["mean_auroc"])
@@ -254,7 +257,7 @@ def training_runs(args, folder: Path) -> dict:
     test = {p: [report["methods"][f"{p} seed {s}"]["mean_auroc"] for s in range(args.train_seeds)]
             for p in PASS_PRECISIONS}
     return {"config": {**{k: base[k] for k in ("arch", "size", "batch", "epochs", "lr", "cam_stride")},
-                       "init": args.train_init},
+                       "init": args.train_init, "fp32_steps": args.train_fp32_steps},
             "validation_auroc": _paired(*validation.values()), "test_auroc": _paired(*test.values()),
             "images_per_second": {p: float(np.mean(v)) if v else None for p, v in speed.items()}}  # epochs 2+
 
@@ -329,6 +332,8 @@ def parse_args(argv=None):
     p.add_argument("--train-steps", type=int, default=None, help="steps per epoch of those (default: all)")
     p.add_argument("--train-init", default=None,
                    help="a trained classifier (checkpoint or model file) those start from (default: random weights)")
+    p.add_argument("--train-fp32-steps", type=int, default=TrainConfig.fp32_steps,
+                   help="the bf16 trainings' first steps in float32 (train --fp32-steps; default: train's)")
     return parse(p, "precision", argv)
 
 

@@ -32,7 +32,8 @@ def run(args) -> dict:
         cache = prepare(data, Path(tmp) / "cache", size=args.size, console=quiet)
         train.run(TrainConfig(data=str(data), out=str(Path(tmp) / "run"), cache=str(cache), arch=args.arch,
                               size=args.size, batch=args.batch, epochs=1, max_steps=args.steps, split="official",
-                              precision=args.precision, compile=args.compile), console=quiet)
+                              precision=args.precision, compile=args.compile, fp32_steps=0),  # steady state
+                  console=quiet)
         epoch = json.loads((Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     waiting = epoch["data_wait_seconds"] / epoch["step_seconds"]
     result = {"images_per_second": epoch["images_per_second"], "step_seconds": epoch["step_seconds"],

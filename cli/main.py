@@ -232,7 +232,9 @@ def prepare(data_dir, **kwargs):
          ("weights", {"type": FILE, "help": "torchvision-format state dict."}),
          ("pretrained", {"help": "Ask torchvision for ImageNet weights (needs a network)."}),
          ("amp", {"help": "Mixed precision: the same as --precision fp16 (CUDA; no effect on the CPU)."}),
-         TRAINING_PRECISION, COMPILE,
+         TRAINING_PRECISION,
+         ("fp32_steps", {"help": "Train the first N steps in float32 before bf16 / fp16 take over (a fresh "
+                                 "network's gradients are the ones they blur; docs/performance.md)."}), COMPILE,
          ("aligned", {"type": FILE, "help": "Alignment checkpoint."}),
          ("init", {"type": TRAINED, "help": f"Start from the weights of a trained classifier: {TRAINED_HELP}."}),
          ("masks", {"type": FILE, "help": "Disease masks: attention retraining."}),

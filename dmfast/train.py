@@ -165,6 +165,8 @@ def _improved(metrics: dict, best: dict | None) -> bool:
 OUTPUTS = ("checkpoint.pt", "best.pt", "model.pt", "metrics.jsonl", "splits.json", "training.png", "tensorboard")
 # The settings a resumed run takes from the command line; every other one comes from its checkpoint.
 RESUME_SETTINGS = ("data", "out", "cache", "skip_problems", "overwrite", "tensorboard")
+# settings younger than runs that may be resumed: what those runs did before the setting existed
+BEFORE_THEIR_TIME = {"fp32_steps": 0}
 
 
 # The settings that name files or folders: stored resolved, so the run's files work from any working directory.
@@ -208,6 +210,7 @@ def _resumed_config(config: TrainConfig, saved: dict, path: Path, done: int, giv
     default = defaults(TrainConfig)
     if not isinstance(saved, dict):
         raise SettingsError(f"--resume: {path}: its settings are not a dict")
+    saved = {**BEFORE_THEIR_TIME, **saved}
     from_python = given is None  # a config built in Python: its epochs count, other settings when not defaults
     given = {n for n in default if getattr(config, n) != default[n]} | {"epochs"} if from_python else set(given)
     for name in sorted(given - set(RESUME_SETTINGS) - {"epochs"}):
@@ -444,12 +447,13 @@ def _train_epoch(config: TrainConfig, data: TrainingData, epoch: int, step, alig
                                           for chosen in batches], data.label_of, device)
         # the loss stays on the device, read at the progress bar's pace: no host synchronisation per step
         total_loss, shown_at, rate = torch.zeros((), dtype=torch.float64, device=device), 0.0, 0.0
+        done = epoch * steps  # steps of the earlier epochs (each has as many)
         started = time.perf_counter()
         for k, (pixels, targets) in enumerate(loader):
             images = model_input(pixels, aligner)
             if low is not None:
                 images = images.contiguous(memory_format=torch.channels_last)
-            total_loss += step(images, targets)
+            total_loss += step(images, targets, low=low if done + k >= config.fp32_steps else None)
             now = time.perf_counter()
             if k + 1 == steps or now - shown_at >= PROGRESS_SECONDS:
                 shown_at, rate = now, (k + 1) * config.batch / (now - started)

@@ -9,7 +9,7 @@ from rich.console import Console
 
 from dmfast.cli.main import main
 import dmfast.demo
-from dmfast.config import DemoConfig
+from dmfast.config import DemoConfig, TrainConfig
 from dmfast.demo import mean_accuracy, verdict
 from dmfast.testing import shared_data
 
@@ -289,5 +289,6 @@ def test_precision_benchmark_trains_from_a_given_classifier(demo, tmp_path):
     base = str(demo[0] / "base" / "model.pt")
     scratch, started = runs(), runs("--train-init", base)
     assert started["config"]["init"] == base and scratch["config"]["init"] is None
+    assert scratch["config"]["fp32_steps"] == TrainConfig.fp32_steps  # the bf16 runs' float32 start is train's
     for name in ("validation_auroc", "test_auroc"):
         assert started[name]["first"] != scratch[name]["first"], name

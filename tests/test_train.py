@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import shutil
 import socket
@@ -239,6 +240,29 @@ def test_compiled_training_matches_eager_and_records_its_timing(phantom, tmp_pat
     metrics = runs["compiled"]["metrics"]
     assert metrics["step_seconds"] > 0 and 0 <= metrics["data_wait_seconds"] <= metrics["step_seconds"]
     assert metrics["validation_seconds"] > 0 and metrics["mean_auroc"] == metrics["mean_auroc"]
+
+
+def test_fp32_steps_leave_autocast_off_for_the_first_steps_across_epochs_and_a_resume(phantom, tmp_path,
+                                                                                     monkeypatch):
+    """--fp32-steps N: a bf16 run's first N optimisation steps run in float32, counted across epochs and kept by a
+    resume; the steps after run under bf16 autocast."""
+    from dmfast import training
+
+    seen, loss = [], training.weighted_bce
+
+    def spy(logits, *args, **kwargs):
+        if logits.requires_grad:  # a training step's loss, not validation's
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return loss(logits, *args, **kwargs)
+
+    monkeypatch.setattr(training, "weighted_bce", spy)
+    train.run(config(phantom, tmp_path / "a", precision="bf16", fp32_steps=3, epochs=1))  # 2 steps per epoch
+    train.run(config(phantom, tmp_path / "a", precision="bf16", fp32_steps=3), resume=True)
+    assert seen == [None, None, None, torch.bfloat16]
+    older = {k: v for k, v in dataclasses.asdict(config(phantom, tmp_path / "b", precision="bf16")).items()
+             if k != "fp32_steps"}  # a run from before --fp32-steps resumes as it began: bf16 from its first step
+    assert train._resumed_config(config(phantom, tmp_path / "b"), older, tmp_path, 1).fp32_steps == 0
+    assert TrainConfig.fp32_steps > 0  # a new run's default
 
 
 def test_a_run_without_cache_keeps_its_training_images_statistics(tmp_path):
