@@ -277,7 +277,7 @@ def _run(config: TrainConfig, resume: bool, console: Console | None, given) -> P
         data.splits.save(out / "splits.json")
     writer = _tensorboard(out) if config.tensorboard and rank == 0 else None
 
-    step = partial(_step, forward, optimizer, scaler, low=low, world=world)  # step(images, targets) -> its loss
+    step = partial(_step, forward, optimizer, scaler, low=low, world=world)  # step(images, targets[, low]) -> loss
     for epoch in range(start_epoch, config.epochs):
         set_train_mode(model, config.freeze_bn)
         mean_loss, rate, seconds, waited = _train_epoch(config, data, epoch, step, aligner, low, device, rank, world,
@@ -437,8 +437,9 @@ def _step(forward, optimizer, scaler, images: torch.Tensor, targets: torch.Tenso
 
 def _train_epoch(config: TrainConfig, data: TrainingData, epoch: int, step, aligner, low, device, rank: int,
                  world: int, console: Console) -> tuple:
-    """One epoch of ``step(images, targets)`` over this rank's share of each batch, with a progress bar: returns the
-    mean loss, images/s, the seconds of its steps and those spent waiting for batches."""
+    """One epoch of ``step(images, targets, low)`` over this rank's share of each batch (float32 for the run's first
+    ``config.fp32_steps``), with a progress bar: returns the mean loss, images/s, the seconds of its steps and those
+    spent waiting for batches."""
     batches = training.epoch_batches(len(data.train_names), config.batch, config.max_steps, config.seed, epoch)
     steps, per_rank = len(batches), config.batch // world
     with progress("epoch {task.fields[epoch]}", console, LOSS_AND_RATE, disable=rank != 0) as bar:

@@ -256,7 +256,7 @@ def test_precision_benchmark_compares_the_demo_models_and_trainings_in_both_prec
     out = tmp_path / "bench.json"
     bench_main(["--arch", "resnet18", "--size", "32", "--batch", "2", "--train-size", "32", "--train-batch", "2",
                 "--min-run-time", "0.01", "--rounds", "1", "--models", str(demo[0]), "--pass-rounds", "1",
-                "--train-seeds", "2", "--train-steps", "2", "--out", str(out)])
+                "--train-seeds", "2", "--train-steps", "2", "--train-fp32-steps", "1", "--out", str(out)])
     config = json.loads(out.read_text())["config"]
     passes, runs = config["trained_passes"], config["training_runs"]
     assert [name for name, _ in passes["models"]] == ["base", "+align", "+DM", "+PDM"]
@@ -281,6 +281,7 @@ def test_precision_benchmark_compares_the_demo_models_and_trainings_in_both_prec
 def test_precision_benchmark_trains_from_a_given_classifier(demo, tmp_path):
     """--train-init starts the benchmark's trainings from a trained classifier's weights instead of random ones."""
     from benchmarks.precision import parse_args, training_runs
+    from dmfast import checkpoints
 
     def runs(*init):
         args = parse_args(["--models", str(demo[0]), "--train-seeds", "1", "--train-steps", "1", *init])
@@ -290,5 +291,7 @@ def test_precision_benchmark_trains_from_a_given_classifier(demo, tmp_path):
     scratch, started = runs(), runs("--train-init", base)
     assert started["config"]["init"] == base and scratch["config"]["init"] is None
     assert scratch["config"]["fp32_steps"] == TrainConfig.fp32_steps  # the bf16 runs' float32 start is train's
+    ran = checkpoints.load(tmp_path / "0" / "train-bf16-0" / "checkpoint.pt", checkpoints.CLASSIFIER)["config"]
+    assert ran["precision"] == "bf16" and ran["fp32_steps"] == TrainConfig.fp32_steps
     for name in ("validation_auroc", "test_auroc"):
         assert started[name]["first"] != scratch[name]["first"], name
