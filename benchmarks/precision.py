@@ -18,8 +18,8 @@ precision (seeds 0..K-1, each seed's two runs from the same initial weights and 
 their validation AUROC after the demo's epochs and their test AUROC (eval in float32), with the seed-paired mean
 difference and its 95% t-interval, and their training images/s (``--train-init`` starts them from a trained
 classifier instead of random weights; ``--train-fp32-steps``, by default train's, runs the bf16 ones' first steps
-in float32). It also says how far one training step's gradients in bf16 lie from float32's,
-per stage, at random weights and at the demo's trained base classifier's.
+in float32). It also says how far one training step's gradients in bf16 lie from float32's, per stage, at random
+weights and at the demo's trained base classifier's.
 """
 
 import copy

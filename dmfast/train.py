@@ -277,7 +277,7 @@ def _run(config: TrainConfig, resume: bool, console: Console | None, given) -> P
         data.splits.save(out / "splits.json")
     writer = _tensorboard(out) if config.tensorboard and rank == 0 else None
 
-    step = partial(_step, forward, optimizer, scaler, low=low, world=world)  # step(images, targets[, low]) -> loss
+    step = partial(_step, forward, optimizer, scaler, world=world)  # step(images, targets, low) -> its loss
     for epoch in range(start_epoch, config.epochs):
         set_train_mode(model, config.freeze_bn)
         mean_loss, rate, seconds, waited = _train_epoch(config, data, epoch, step, aligner, low, device, rank, world,
