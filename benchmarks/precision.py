@@ -11,21 +11,25 @@ images are phantom X-rays.
 
 With ``--models out/demo`` (the default, when ``make demo`` has written it) it also times whole passes on trained
 models, float32 against bf16 in alternating rounds: ``dmfast eval`` of the demo's four checkpoints on its test split
-(the eval loop's own rate; no bootstrap, no overlays) and ``dmfast predict`` of each on the test PNGs, and says how far
-bf16's outputs lie from float32's: the largest probability difference and the share of eval's CAM boxes at IoU >= 0.9
-with float32's. With ``--train-seeds K`` (default 4) it trains the demo's base classifier again K times in each
-precision (seeds 0..K-1, each seed's two runs from the same initial weights and validation split) and compares
-their validation AUROC after the demo's epochs and their test AUROC (eval in float32), with the seed-paired mean
-difference and its 95% t-interval, and their training images/s (``--train-init`` starts them from a trained
-classifier instead of random weights; ``--train-fp32-steps``, by default train's, runs the bf16 ones' first steps
-in float32). It also says how far one training step's gradients in bf16 lie from float32's, per stage, at random
-weights and at the demo's trained base classifier's.
+(the eval loop's own rate; no bootstrap, no overlays) and ``dmfast predict`` of each on the test PNGs, and says how
+far bf16's outputs lie from float32's: the largest probability difference and the share of eval's CAM boxes at IoU
+>= 0.9 with float32's. With ``--train-seeds K`` (default 4) it trains the demo's base classifier again K times in
+each precision (seeds S..S+K-1, S = ``--train-first-seed``, default 0, so that separate runs can be pooled; each
+seed's two runs from the same initial weights and validation split) and compares their validation AUROC after the
+demo's epochs and their test AUROC (eval in float32), with the seed-paired mean difference and its 95% t-interval,
+and their training images/s (``--train-init`` starts them from a trained classifier instead of random weights;
+``--train-fp32-steps``, by default train's, runs the bf16 ones' first steps in float32). It also says how far one
+training step's gradients in bf16 lie from float32's, per stage, at random weights and at the demo's trained base
+classifier's. With ``--align-seeds K`` (default 2) it trains the demo's alignment module K times in each precision
+(the same seeds; no float32 start, align has none) and compares their validation loss (each in its own precision)
+and the known misalignment they leave on a phantom's held-out images (in float32).
 """
 
 import copy
 import csv
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +37,8 @@ import torch
 from rich.console import Console
 
 from dmfast import eval as eval_stage
-from dmfast import checkpoints, predict, train, training
-from dmfast.config import EvalConfig, PredictConfig, TrainConfig, from_dict
+from dmfast import align, checkpoints, predict, train, training
+from dmfast.config import AlignConfig, EvalConfig, PredictConfig, TrainConfig, from_dict
 from dmfast.data.dataset import FINDINGS
 from dmfast.data.formats import open_dataset
 from dmfast.data.images import to_model_input
@@ -173,6 +177,11 @@ def _demo_base(demo: dict) -> str:
     return demo["checkpoints"][0][1]
 
 
+def _demo_alignment(demo: dict) -> str:
+    """The demo's alignment checkpoint: the one its "+align" classifier (the second of its eval's) trained on."""
+    return checkpoints.load(demo["checkpoints"][1][1], checkpoints.CLASSIFIER)["config"]["aligned"]
+
+
 def trained_passes(args, folder: Path) -> dict:
     """Whole eval and predict passes of the demo's trained models in each of :data:`PASS_PRECISIONS`."""
     demo = _demo_eval_config(args)
@@ -230,13 +239,14 @@ def _paired(first: list, second: list) -> dict:
 
 
 def training_runs(args, folder: Path) -> dict:
-    """The demo's base classifier trained again with seeds 0..K-1 in float32 and in bf16 (from random weights, or
+    """The demo's base classifier trained again with seeds S..S+K-1 in float32 and in bf16 (from random weights, or
     from ``--train-init``'s): validation AUROC of the last epoch, test AUROC (one float32 eval of every run) and
     training images/s (epochs after the first)."""
     demo = _demo_eval_config(args)
     base = checkpoints.load(_demo_base(demo), checkpoints.CLASSIFIER)["config"]
     runs, validation, speed = [], {p: [] for p in PASS_PRECISIONS}, {p: [] for p in PASS_PRECISIONS}
-    for seed in range(args.train_seeds):
+    seeds = range(args.train_first_seed, args.train_first_seed + args.train_seeds)
+    for seed in seeds:
         for p in PASS_PRECISIONS:
             out = folder / f"train-{p}-{seed}"
             settings = {**base, "out": str(out), "precision": p, "seed": seed, "overwrite": True}
@@ -254,12 +264,43 @@ def training_runs(args, folder: Path) -> dict:
     report = eval_stage.run(EvalConfig(data=demo["data"], out=str(folder / "eval-training"), cache=demo["cache"],
                                        checkpoints=runs, batch=args.pass_batch, overlays=0, bootstrap=0,
                                        precision="fp32", overwrite=True), console=Console(quiet=True))
-    test = {p: [report["methods"][f"{p} seed {s}"]["mean_auroc"] for s in range(args.train_seeds)]
-            for p in PASS_PRECISIONS}
+    test = {p: [report["methods"][f"{p} seed {s}"]["mean_auroc"] for s in seeds] for p in PASS_PRECISIONS}
     return {"config": {**{k: base[k] for k in ("arch", "size", "batch", "epochs", "lr", "cam_stride")},
-                       "init": args.train_init, "fp32_steps": args.train_fp32_steps},
+                       "max_steps": args.train_steps or base["max_steps"], "init": args.train_init,
+                       "fp32_steps": args.train_fp32_steps, "seeds": list(seeds)},
             "validation_auroc": _paired(*validation.values()), "test_auroc": _paired(*test.values()),
             "images_per_second": {p: float(np.mean(v)) if v else None for p, v in speed.items()}}  # epochs 2+
+
+
+def alignment_runs(args, folder: Path) -> dict:
+    """The demo's alignment module trained again with seeds S..S+K-1 in float32 and in bf16 (no float32 start: align
+    has none), with the demo's settings: each run's validation loss (in its own precision, as align computes it) and,
+    on a phantom, the known misalignment left on its held-out images (measured in float32); the seconds per whole run
+    (the two precisions' order alternates with the seed) and which warp each run kept."""
+    base = checkpoints.load(_demo_alignment(_demo_eval_config(args)), checkpoints.ALIGNMENT)["config"]
+    loss, error, seconds = ({p: [] for p in PASS_PRECISIONS} for _ in range(3))
+    runs = []
+    seeds = range(args.train_first_seed, args.train_first_seed + args.align_seeds)
+    for seed in seeds:
+        for p in PASS_PRECISIONS[::(-1) ** seed]:  # neither precision always pays the first run's warm-up
+            out = folder / f"align-{p}-{seed}"
+            settings = {**base, "out": str(out), "precision": p, "seed": seed, "overwrite": True}
+            if args.train_steps:
+                settings["max_steps"] = args.train_steps
+            started = time.perf_counter()
+            checkpoint = align.run(from_dict(AlignConfig, settings), console=Console(quiet=True))
+            seconds[p].append(time.perf_counter() - started)
+            stats = json.loads((out / "alignment_stats.json").read_text())
+            loss[p].append(stats["validation"]["learned"])
+            if "misalignment_error" in stats:  # a phantom's known transforms
+                error[p].append(stats["misalignment_error"]["after"])
+            ran = checkpoints.load(checkpoint, checkpoints.ALIGNMENT)["config"]
+            runs.append({"precision": ran["precision"], "seed": ran["seed"], "kept": stats["validation"]["kept"]})
+    return {"config": {**{k: base[k] for k in ("arch", "input_size", "batch", "epochs", "lr", "optimizer", "pool")},
+                       "max_steps": args.train_steps or base["max_steps"], "seeds": list(seeds)},
+            "validation_loss": _paired(*loss.values()),
+            "misalignment_after": _paired(*error.values()) if error["fp32"] else None,
+            "seconds_per_run": {p: float(np.mean(v)) for p, v in seconds.items()}, "runs": runs}
 
 
 def run(args) -> dict:
@@ -301,6 +342,22 @@ def run(args) -> dict:
             print(f"  {name.replace('_', ' ')}: fp32 {r['first_mean']:.3f} (seed sd {r['first_sd']:.3f}), bf16 "
                   f"{r['second_mean']:.3f}; bf16 - fp32 {r['difference']:+.3f} [{r['interval'][0]:+.3f}, "
                   f"{r['interval'][1]:+.3f}]")
+    aligns = None
+    if demo and args.align_seeds:
+        with tempfile.TemporaryDirectory() as tmp:
+            aligns = alignment_runs(args, Path(tmp))
+        took = aligns["seconds_per_run"]
+        kept = sum(r["kept"] == "learned" for r in aligns["runs"])
+        print(f"training the demo's alignment module, {args.align_seeds} seeds: {took['fp32']:.1f} -> "
+              f"{took['bf16']:.1f} s per whole run ({took['fp32'] / took['bf16']:.2f}x); {kept} of "
+              f"{len(aligns['runs'])} runs kept their learned warp")
+        for name in ("validation_loss", "misalignment_after"):
+            r = aligns[name]
+            if r is None:
+                continue
+            print(f"  {name.replace('_', ' ')}: fp32 {r['first_mean']:.4f} (seed sd {r['first_sd']:.4f}), bf16 "
+                  f"{r['second_mean']:.4f}; bf16 - fp32 {r['difference']:+.4f} [{r['interval'][0]:+.4f}, "
+                  f"{r['interval'][1]:+.4f}]")
     if args.models and not demo:
         print(f"no trained models at {args.models} (run `make demo` first): whole passes not measured")
     for name in VARIANTS:
@@ -310,6 +367,7 @@ def run(args) -> dict:
     config["max_probability_difference"] = deviation
     config["trained_passes"] = passes
     config["training_runs"] = runs
+    config["alignment_runs"] = aligns
     config["gradient_error"] = gradients
     config["images_per_second"] = {"inference": {k: args.batch / v * 1e3 for k, v in infer.items()},
                                    "training": {k: args.train_batch / v * 1e3 for k, v in steps.items()}}
@@ -329,7 +387,12 @@ def parse_args(argv=None):
     p.add_argument("--pass-batch", type=int, default=16, help="batch of the whole eval and predict passes")
     p.add_argument("--pass-rounds", type=int, default=2, help="rounds of the whole passes (0: none)")
     p.add_argument("--train-seeds", type=int, default=4, help="trainings of the demo's base model per precision")
-    p.add_argument("--train-steps", type=int, default=None, help="steps per epoch of those (default: all)")
+    p.add_argument("--train-first-seed", type=int, default=0,
+                   help="the first seed of those trainings (and the alignment's)")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="steps per epoch of those and the alignment's (default: all)")
+    p.add_argument("--align-seeds", type=int, default=2,
+                   help="trainings of the demo's alignment module per precision (from --train-first-seed)")
     p.add_argument("--train-init", default=None,
                    help="a trained classifier (checkpoint or model file) those start from (default: random weights)")
     p.add_argument("--train-fp32-steps", type=int, default=TrainConfig.fp32_steps,

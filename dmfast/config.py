@@ -137,7 +137,8 @@ class TrainConfig(SplitConfig):
     # the backbone's arithmetic: float32, or bf16 / fp16 under autocast in channels_last (see PRECISIONS)
     precision: str = chosen("auto", PRECISIONS)
     # the first steps in float32 before bf16 / fp16 take over: a fresh network's gradients are the ones they blur
-    # (32: about the demo's first epoch; bf16's AUROC deficit 0.011 -> 0.007 over 40 seeds, docs/performance.md)
+    # (32: about the demo's first epoch; bf16's AUROC against float32's: -0.011 over 40 seeds without it, +0.001
+    # [-0.009, +0.010] over 68 with it; docs/performance.md)
     fp32_steps: int = ranged(32, 0, 10**9)
     compile: bool = False  # run the classifier under torch.compile (dmfast.models.compiled)
     aligned: str | None = None  # alignment checkpoint: train on aligned images

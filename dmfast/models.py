@@ -20,9 +20,10 @@ def resolve_precision(precision: str, device, training: bool = False, amp: bool 
     """fp32, bf16 or fp16: what ``precision`` (:data:`~dmfast.config.PRECISIONS`) means on ``device``. "auto" is
     bf16 on CUDA GPUs that support it (fp16 on older ones), and on the CPU bf16 for inference where it computes in
     bf16 natively (:func:`~dmfast.cpu_variants.native_bf16`), else float32; CPU training stays in float32 (bf16 was
-    2.3-2.4x as fast, but 0.007 AUROC lower [-0.016, +0.002] over 40 seeds of the demo's training from random
-    weights, even with its first steps in float32, TrainConfig.fp32_steps; docs/performance.md). ``amp`` (train's
-    older switch) is fp16 on CUDA and float32 elsewhere; fp16 asked for by name needs CUDA."""
+    2.4-2.5x as fast past its float32 start, TrainConfig.fp32_steps, and +0.001 AUROC [-0.009, +0.010] against
+    float32 over 68 seeds of the demo's training from random weights; but measured on one CPU model, and a
+    training's result would then depend on the CPU it ran on; docs/performance.md). ``amp`` (train's older switch)
+    is fp16 on CUDA and float32 elsewhere; fp16 asked for by name needs CUDA."""
     if precision not in PRECISIONS:
         raise SettingsError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if amp and precision not in ("auto", "fp32", "fp16"):

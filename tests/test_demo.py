@@ -249,14 +249,15 @@ def test_model_files_and_checkpoints_evaluate_alike_from_anywhere(demo, tmp_path
 
 def test_precision_benchmark_compares_the_demo_models_and_trainings_in_both_precisions(demo, tmp_path):
     """benchmarks.precision on a demo's folder: whole eval and predict passes of its four models in float32 and
-    bf16 (the two stages compare the same outputs, so their largest probability differences agree), and the base
-    classifier trained twice per precision, paired by seed."""
+    bf16 (the two stages compare the same outputs, so their largest probability differences agree), the base
+    classifier trained twice per precision, paired by seed, and the alignment module once per precision."""
     from benchmarks.precision import main as bench_main
 
     out = tmp_path / "bench.json"
     bench_main(["--arch", "resnet18", "--size", "32", "--batch", "2", "--train-size", "32", "--train-batch", "2",
                 "--min-run-time", "0.01", "--rounds", "1", "--models", str(demo[0]), "--pass-rounds", "1",
-                "--train-seeds", "2", "--train-steps", "2", "--train-fp32-steps", "1", "--out", str(out)])
+                "--train-seeds", "2", "--train-steps", "2", "--train-fp32-steps", "1", "--align-seeds", "1",
+                "--out", str(out)])
     config = json.loads(out.read_text())["config"]
     passes, runs = config["trained_passes"], config["training_runs"]
     assert [name for name, _ in passes["models"]] == ["base", "+align", "+DM", "+PDM"]
@@ -271,6 +272,16 @@ def test_precision_benchmark_compares_the_demo_models_and_trainings_in_both_prec
         assert paired["difference"] == pytest.approx(np.mean(paired["second"]) - np.mean(paired["first"]))
         assert paired["interval"][0] <= paired["difference"] <= paired["interval"][1]
     assert runs["images_per_second"]["fp32"] > 0 and runs["images_per_second"]["bf16"] > 0
+    aligns = config["alignment_runs"]
+    assert aligns["config"]["seeds"] == [0] and aligns["config"]["epochs"] == 1  # the demo's align_epochs
+    assert aligns["config"]["max_steps"] == 2
+    assert [(r["precision"], r["seed"]) for r in aligns["runs"]] == [("fp32", 0), ("bf16", 0)]  # as saved
+    assert all(r["kept"] in ("learned", "identity") for r in aligns["runs"])
+    for name in ("validation_loss", "misalignment_after"):  # the phantom has its known misalignment
+        paired = aligns[name]
+        assert len(paired["first"]) == len(paired["second"]) == 1
+        assert all(0 < value < 1 for value in paired["first"] + paired["second"]), name
+    assert aligns["seconds_per_run"]["fp32"] > 0 and aligns["seconds_per_run"]["bf16"] > 0
     gradients = config["gradient_error"]  # bf16's step departs from float32's, at random and trained weights
     assert list(gradients) == ["random weights", "trained weights"]
     for errors in gradients.values():
@@ -279,19 +290,26 @@ def test_precision_benchmark_compares_the_demo_models_and_trainings_in_both_prec
 
 
 def test_precision_benchmark_trains_from_a_given_classifier(demo, tmp_path):
-    """--train-init starts the benchmark's trainings from a trained classifier's weights instead of random ones."""
+    """--train-init starts the benchmark's trainings from a trained classifier's weights instead of random ones;
+    --train-first-seed runs later seeds (to pool with earlier runs: each seed's runs do not depend on the others)."""
     from benchmarks.precision import parse_args, training_runs
     from dmfast import checkpoints
 
-    def runs(*init):
-        args = parse_args(["--models", str(demo[0]), "--train-seeds", "1", "--train-steps", "1", *init])
-        return training_runs(args, tmp_path / str(len(init)))
+    def runs(folder, *options):
+        args = parse_args(["--models", str(demo[0]), "--train-seeds", "1", "--train-steps", "1", *options])
+        return training_runs(args, tmp_path / folder)
+
+    def settings(folder, run):
+        return checkpoints.load(tmp_path / folder / run / "checkpoint.pt", checkpoints.CLASSIFIER)["config"]
 
     base = str(demo[0] / "base" / "model.pt")
-    scratch, started = runs(), runs("--train-init", base)
+    scratch, started = runs("scratch"), runs("started", "--train-init", base)
     assert started["config"]["init"] == base and scratch["config"]["init"] is None
     assert scratch["config"]["fp32_steps"] == TrainConfig.fp32_steps  # the bf16 runs' float32 start is train's
-    ran = checkpoints.load(tmp_path / "0" / "train-bf16-0" / "checkpoint.pt", checkpoints.CLASSIFIER)["config"]
+    ran = settings("scratch", "train-bf16-0")
     assert ran["precision"] == "bf16" and ran["fp32_steps"] == TrainConfig.fp32_steps
     for name in ("validation_auroc", "test_auroc"):
         assert started[name]["first"] != scratch[name]["first"], name
+    later = runs("later", "--train-first-seed", "3")
+    assert scratch["config"]["seeds"] == [0] and later["config"]["seeds"] == [3]
+    assert settings("later", "train-fp32-3")["seed"] == settings("later", "train-bf16-3")["seed"] == 3
