@@ -238,6 +238,20 @@ def _paired(first: list, second: list) -> dict:
             "interval": [float(difference.mean() - half), float(difference.mean() + half)]}
 
 
+def _seeds(args, count: int) -> range:
+    """The seeds of ``count`` re-trainings: from ``--train-first-seed`` on."""
+    return range(args.train_first_seed, args.train_first_seed + count)
+
+
+def _rerun_settings(base: dict, out: Path, precision: str, seed: int, args) -> dict:
+    """A demo stage's recorded settings ``base`` for one re-training: into ``out``, in ``precision``, with ``seed``
+    and ``--train-steps``' cap."""
+    settings = {**base, "out": str(out), "precision": precision, "seed": seed, "overwrite": True}
+    if args.train_steps:
+        settings["max_steps"] = args.train_steps
+    return settings
+
+
 def training_runs(args, folder: Path) -> dict:
     """The demo's base classifier trained again with seeds S..S+K-1 in float32 and in bf16 (from random weights, or
     from ``--train-init``'s): validation AUROC of the last epoch, test AUROC (one float32 eval of every run) and
@@ -245,13 +259,11 @@ def training_runs(args, folder: Path) -> dict:
     demo = _demo_eval_config(args)
     base = checkpoints.load(_demo_base(demo), checkpoints.CLASSIFIER)["config"]
     runs, validation, speed = [], {p: [] for p in PASS_PRECISIONS}, {p: [] for p in PASS_PRECISIONS}
-    seeds = range(args.train_first_seed, args.train_first_seed + args.train_seeds)
+    seeds = _seeds(args, args.train_seeds)
     for seed in seeds:
         for p in PASS_PRECISIONS:
             out = folder / f"train-{p}-{seed}"
-            settings = {**base, "out": str(out), "precision": p, "seed": seed, "overwrite": True}
-            if args.train_steps:
-                settings["max_steps"] = args.train_steps
+            settings = _rerun_settings(base, out, p, seed, args)
             if args.train_init:
                 settings["init"] = str(Path(args.train_init).resolve())
             if p != "fp32":
@@ -280,15 +292,13 @@ def alignment_runs(args, folder: Path) -> dict:
     base = checkpoints.load(_demo_alignment(_demo_eval_config(args)), checkpoints.ALIGNMENT)["config"]
     loss, error, seconds = ({p: [] for p in PASS_PRECISIONS} for _ in range(3))
     runs = []
-    seeds = range(args.train_first_seed, args.train_first_seed + args.align_seeds)
+    seeds = _seeds(args, args.align_seeds)
     for seed in seeds:
         for p in PASS_PRECISIONS[::(-1) ** seed]:  # neither precision always pays the first run's warm-up
             out = folder / f"align-{p}-{seed}"
-            settings = {**base, "out": str(out), "precision": p, "seed": seed, "overwrite": True}
-            if args.train_steps:
-                settings["max_steps"] = args.train_steps
             started = time.perf_counter()
-            checkpoint = align.run(from_dict(AlignConfig, settings), console=Console(quiet=True))
+            checkpoint = align.run(from_dict(AlignConfig, _rerun_settings(base, out, p, seed, args)),
+                                   console=Console(quiet=True))
             seconds[p].append(time.perf_counter() - started)
             stats = json.loads((out / "alignment_stats.json").read_text())
             loss[p].append(stats["validation"]["learned"])
@@ -301,6 +311,13 @@ def alignment_runs(args, folder: Path) -> dict:
             "validation_loss": _paired(*loss.values()),
             "misalignment_after": _paired(*error.values()) if error["fp32"] else None,
             "seconds_per_run": {p: float(np.mean(v)) for p, v in seconds.items()}, "runs": runs}
+
+
+def _print_paired(name: str, r: dict, digits: int) -> None:
+    """One line of a :func:`_paired` comparison of float32 (first) and bf16 (second) runs."""
+    print(f"  {name.replace('_', ' ')}: fp32 {r['first_mean']:.{digits}f} (seed sd {r['first_sd']:.{digits}f}), bf16 "
+          f"{r['second_mean']:.{digits}f}; bf16 - fp32 {r['difference']:+.{digits}f} [{r['interval'][0]:+.{digits}f}, "
+          f"{r['interval'][1]:+.{digits}f}]")
 
 
 def run(args) -> dict:
@@ -338,10 +355,7 @@ def run(args) -> dict:
             print(f"training the demo's base classifier, {args.train_seeds} seeds: {rate['fp32']:.1f} -> "
                   f"{rate['bf16']:.1f} images/s ({rate['bf16'] / rate['fp32']:.2f}x)")
         for name in ("validation_auroc", "test_auroc"):
-            r = runs[name]
-            print(f"  {name.replace('_', ' ')}: fp32 {r['first_mean']:.3f} (seed sd {r['first_sd']:.3f}), bf16 "
-                  f"{r['second_mean']:.3f}; bf16 - fp32 {r['difference']:+.3f} [{r['interval'][0]:+.3f}, "
-                  f"{r['interval'][1]:+.3f}]")
+            _print_paired(name, runs[name], 3)
     aligns = None
     if demo and args.align_seeds:
         with tempfile.TemporaryDirectory() as tmp:
@@ -352,12 +366,8 @@ def run(args) -> dict:
               f"{took['bf16']:.1f} s per whole run ({took['fp32'] / took['bf16']:.2f}x); {kept} of "
               f"{len(aligns['runs'])} runs kept their learned warp")
         for name in ("validation_loss", "misalignment_after"):
-            r = aligns[name]
-            if r is None:
-                continue
-            print(f"  {name.replace('_', ' ')}: fp32 {r['first_mean']:.4f} (seed sd {r['first_sd']:.4f}), bf16 "
-                  f"{r['second_mean']:.4f}; bf16 - fp32 {r['difference']:+.4f} [{r['interval'][0]:+.4f}, "
-                  f"{r['interval'][1]:+.4f}]")
+            if aligns[name] is not None:  # no known misalignment outside a phantom
+                _print_paired(name, aligns[name], 4)
     if args.models and not demo:
         print(f"no trained models at {args.models} (run `make demo` first): whole passes not measured")
     for name in VARIANTS:
